@@ -1,0 +1,422 @@
+"""Ensemble checkpoints: drt-fast's own file, and import of Cohen/DRT checkpoints.
+
+A drt-fast ensemble file (``torch.save`` of plain containers, read back with
+``torch.load(weights_only=True)``)::
+
+    {"format": "drt-fast-ensemble", "version": 1,
+     "arch": str, "dataset": str, "num_classes": int, "input_shape": [C, H, W],
+     "normalization": {"means": [C floats], "sds": [C floats]},
+     "members": [state_dict of Sequential(NormalizeLayer, model), ...],
+     "weights": [M floats], "mode": str, "sigma": float | None, "train_config": dict}
+
+A Cohen/DRT checkpoint is ``{"arch": str, "state_dict": ..., ["epoch", "optimizer"]}``
+holding one ``Sequential(NormalizeLayer, model)`` whose NormalizeLayer kept its means/sds
+out of the state dict, possibly inside ``DataParallel`` (``module.`` anywhere in the keys).
+It imports as one member; the dataset (and so the normalization) is inferred from the
+architecture unless given. The DRT code saves one such file per member: `load_members`
+(or `load_ensemble` with a list of paths) joins them into one ensemble.
+
+Every member is rebuilt as ``with_normalization(create(arch, num_classes), means, sds)``
+and its state dict loaded strictly, so a file that does not match its architecture never
+loads silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import data, models
+from .ensemble import Ensemble, as_ensemble
+from .errors import DrtFastError
+from .models.normalize import NormalizeLayer
+
+FORMAT = "drt-fast-ensemble"
+VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------------------ save
+
+def save_ensemble(path: PathLike, ensemble: nn.Module, *, arch: str, dataset: str,
+                  num_classes: int, input_shape: Sequence[int] | None = None,
+                  normalization=None, sigma: float | None = None,
+                  train_config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``ensemble`` (an `Ensemble`, or one module) as a drt-fast ensemble file.
+
+    Members are either ``with_normalization(model, ...)`` (their NormalizeLayer is saved as
+    is) or bare ``arch`` models (the NormalizeLayer is added from ``normalization``).
+    ``input_shape`` defaults to the architecture's, ``normalization`` (``(means, sds)`` or
+    ``{"means", "sds"}``) to the members' NormalizeLayer or else the dataset's. Every
+    member is checked against ``arch`` before anything is written. The write is atomic
+    (temporary file in the same folder, then ``os.replace``). Returns the path.
+    """
+    ensemble = as_ensemble(ensemble)
+    input_shape = tuple(int(v) for v in (input_shape or models.input_shape(arch)))
+    if len(input_shape) != 3:
+        raise DrtFastError(f"input_shape must be (C, H, W), got {input_shape}")
+    means, sds = _normalization_of(ensemble, normalization, dataset)
+    if len(means) != input_shape[0]:
+        raise DrtFastError(f"normalization has {len(means)} channels but input_shape "
+                           f"{input_shape} has {input_shape[0]}")
+    if sigma is not None and not (math.isfinite(float(sigma)) and float(sigma) > 0):
+        raise DrtFastError(f"sigma must be a positive number or None, got {sigma!r}")
+
+    expected = _new_member(arch, num_classes, means, sds).state_dict()
+    members = []
+    for i, member in enumerate(ensemble.members):
+        state = _member_state(member, means, sds, what=f"member {i}")
+        _check_state_dict(state, expected, arch, num_classes, what=f"member {i}")
+        members.append(state)
+
+    payload = {
+        "format": FORMAT, "version": VERSION,
+        "arch": arch, "dataset": dataset, "num_classes": int(num_classes),
+        "input_shape": list(input_shape),
+        "normalization": {"means": list(means), "sds": list(sds)},
+        "members": members,
+        "weights": [float(w) for w in ensemble.weights.tolist()],
+        "mode": ensemble.mode,
+        "sigma": None if sigma is None else float(sigma),
+        "train_config": dict(train_config or {}),
+    }
+    return _atomic_save(payload, Path(path))
+
+
+def _normalization_of(ensemble: Ensemble, normalization, dataset: str):
+    """(means, sds) as tuples of floats, from the argument, the first member's
+    NormalizeLayer, or the dataset, in that order."""
+    if isinstance(normalization, Mapping):
+        normalization = (normalization.get("means"), normalization.get("sds"))
+    if normalization is None:
+        first = ensemble.members[0]
+        if isinstance(first, nn.Sequential) and isinstance(first[0], NormalizeLayer):
+            normalization = (_floats(first[0].means), _floats(first[0].sds))
+        else:
+            normalization = data.normalization(dataset)
+    try:
+        means, sds = normalization
+        means = tuple(float(v) for v in means)
+        sds = tuple(float(v) for v in sds)
+    except (TypeError, ValueError):
+        raise DrtFastError(f"normalization must be (means, sds), got {normalization!r}") from None
+    if not means or len(means) != len(sds) or min(sds) <= 0:
+        raise DrtFastError(f"normalization needs equally many means and positive sds, got "
+                           f"means={list(means)} sds={list(sds)}")
+    return means, sds
+
+
+def _member_state(member: nn.Module, means, sds, what: str) -> dict[str, torch.Tensor]:
+    """CPU state dict in the ``Sequential(NormalizeLayer, model)`` layout."""
+    if isinstance(member, nn.Sequential) and len(member) == 2 and isinstance(member[0], NormalizeLayer):
+        own = (_floats(member[0].means), _floats(member[0].sds))
+        if not (len(own[0]) == len(means) and all(
+                math.isclose(a, b, rel_tol=1e-6) for a, b in zip(own[0] + own[1], means + sds))):
+            raise DrtFastError(f"{what}'s NormalizeLayer has means {list(own[0])}, sds "
+                               f"{list(own[1])}; the file would say {list(means)}, {list(sds)}")
+        state = member.state_dict()
+    else:
+        state = {f"1.{k}": v for k, v in member.state_dict().items()}
+        state["0.means"] = torch.tensor(means, dtype=torch.float32).view(-1, 1, 1)
+        state["0.sds"] = torch.tensor(sds, dtype=torch.float32).view(-1, 1, 1)
+    # clone: a view would save its whole underlying storage.
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def _atomic_save(payload: dict, path: Path) -> Path:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise DrtFastError(f"cannot write checkpoint {path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DrtFastError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise DrtFastError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------ load
+
+def load_ensemble(path: PathLike | Sequence[PathLike], mode: str | None = None,
+                  map_location="cpu", dataset: str | None = None):
+    """Load a drt-fast ensemble file or a Cohen/DRT checkpoint (one member); a list of
+    paths joins their members (see `load_members`).
+
+    Returns ``(Ensemble in eval mode, meta)``; meta holds ``arch``, ``archs`` (one per
+    member), ``dataset``, ``num_classes``, ``input_shape`` (C, H, W), ``normalization``
+    ``(means, sds)``, ``sigma`` (None when unknown; for Cohen files read from a
+    ``noise_<sigma>`` folder in the path when there is one), ``train_config``, ``format``
+    (``"drt-fast"`` or ``"cohen"``), ``mode``, ``weights``, ``members`` (M), ``paths`` and
+    ``sha256`` (of the file; with several files, of their hashes in order). ``mode``
+    overrides the file's; ``dataset`` overrides the one a Cohen file's arch implies.
+    """
+    if isinstance(path, (list, tuple)):
+        return load_members(path, mode=mode, map_location=map_location, dataset=dataset)
+    parts, meta = _read_members(Path(path), map_location, dataset)
+    ensemble = Ensemble(parts, mode=mode or meta["mode"], weights=meta["weights"])
+    meta["mode"] = ensemble.mode
+    return ensemble.eval(), meta
+
+
+def load_members(paths: Sequence[PathLike], mode: str | None = None, weights=None,
+                 map_location="cpu", dataset: str | None = None):
+    """One ensemble from several checkpoint files (Cohen/DRT members, or drt-fast files),
+    members in the order given. They must agree on classes, input shape and dataset.
+    Weights: the argument, else each file's member weights (uniform for Cohen files)
+    rescaled by its number of members, i.e. every member counts equally by default.
+    Returns ``(Ensemble, meta)`` as `load_ensemble`."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DrtFastError("expected at least one checkpoint path, got none")
+    members, metas = [], []
+    for p in paths:
+        parts, meta = _read_members(p, map_location, dataset)
+        members += parts
+        metas.append(meta)
+    first = metas[0]
+    for p, meta in zip(paths[1:], metas[1:]):
+        for key in ("num_classes", "input_shape", "dataset"):
+            if meta[key] != first[key]:
+                raise DrtFastError(f"checkpoints disagree on {key}: {paths[0]} has "
+                                   f"{first[key]}, {p} has {meta[key]}")
+    if weights is None and len(metas) > 1:
+        # Each file's weights sum to 1; scale by its member count so members count equally.
+        weights = [w * m["members"] for m in metas for w in m["weights"]]
+    elif weights is None:
+        weights = first["weights"]
+    ensemble = Ensemble(members, mode=mode or first["mode"], weights=weights)
+    archs = [a for m in metas for a in m["archs"]]
+    meta = dict(first)
+    meta.update(
+        arch=archs[0] if len(set(archs)) == 1 else ",".join(dict.fromkeys(archs)),
+        archs=archs, mode=ensemble.mode, weights=ensemble.weights.tolist(),
+        members=len(members), paths=[str(p) for p in paths],
+        format=first["format"] if len({m["format"] for m in metas}) == 1 else "mixed",
+        sha256=first["sha256"] if len(metas) == 1 else hashlib.sha256(
+            "".join(m["sha256"] for m in metas).encode()).hexdigest(),
+        sigma=first["sigma"] if len({m["sigma"] for m in metas}) == 1 else None,
+    )
+    return ensemble.eval(), meta
+
+
+def _read_members(path: Path, map_location, dataset: str | None):
+    """(list of member modules, meta) of one file."""
+    checkpoint, sha = _torch_load(path, map_location)
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+        parts, meta = _from_drt_fast(checkpoint, path)
+    elif isinstance(checkpoint, dict) and "arch" in checkpoint and "state_dict" in checkpoint:
+        parts, meta = _from_cohen(checkpoint, path, dataset)
+    else:
+        keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise DrtFastError(f"{path} is neither a drt-fast ensemble file nor a Cohen/DRT "
+                           f"checkpoint ({{'arch', 'state_dict'}}); it holds {keys}")
+    meta.update(sha256=sha, paths=[str(path)], members=len(parts))
+    return parts, meta
+
+
+def _torch_load(path: Path, map_location):
+    if not path.exists():
+        raise DrtFastError(f"checkpoint {path.name} not found in {path.parent.resolve()}")
+    if not path.is_file():
+        raise DrtFastError(f"checkpoint {path} is not a file")
+    try:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:   # torch raises many types for truncated/foreign files
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DrtFastError(f"cannot read checkpoint {path} (corrupt, truncated or not a "
+                           f"torch file): {first_line}") from None
+    return checkpoint, sha.hexdigest()
+
+
+def _from_drt_fast(ckpt: dict, path: Path):
+    version = ckpt.get("version")
+    if version != VERSION:
+        raise DrtFastError(f"{path}: drt-fast ensemble file version {version!r}; this "
+                           f"drt-fast reads version {VERSION}")
+    try:
+        arch, dataset = str(ckpt["arch"]), str(ckpt["dataset"])
+        num_classes = int(ckpt["num_classes"])
+        input_shape = tuple(int(v) for v in ckpt["input_shape"])
+        means = tuple(float(v) for v in ckpt["normalization"]["means"])
+        sds = tuple(float(v) for v in ckpt["normalization"]["sds"])
+        states = list(ckpt["members"])
+        weights = [float(w) for w in ckpt["weights"]]
+        mode = str(ckpt["mode"])
+        sigma = None if ckpt.get("sigma") is None else float(ckpt["sigma"])
+        train_config = dict(ckpt.get("train_config") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DrtFastError(f"{path}: malformed drt-fast ensemble file ({type(exc).__name__}: "
+                           f"{exc})") from None
+    if not states:
+        raise DrtFastError(f"{path}: the ensemble file holds no members")
+    if len(weights) != len(states):
+        raise DrtFastError(f"{path}: {len(states)} members but {len(weights)} weights")
+    if len(input_shape) != 3 or input_shape[0] != len(means):
+        raise DrtFastError(f"{path}: input_shape {list(input_shape)} does not match the "
+                           f"{len(means)}-channel normalization")
+    parts = [_build_member(state, arch, num_classes, means, sds, f"{path} member {i}")
+             for i, state in enumerate(states)]
+    meta = dict(arch=arch, archs=[arch] * len(parts), dataset=dataset,
+                num_classes=num_classes, input_shape=input_shape,
+                normalization=(means, sds), sigma=sigma, train_config=train_config,
+                format="drt-fast", version=VERSION, mode=mode, weights=weights)
+    return parts, meta
+
+
+def _from_cohen(ckpt: dict, path: Path, dataset: str | None):
+    arch = str(ckpt["arch"])
+    dataset = dataset or models.default_dataset(arch)   # also rejects unknown archs
+    means, sds = data.normalization(dataset)
+    channels = models.input_shape(arch)[0]
+    if len(means) != channels:
+        raise DrtFastError(f"{path}: {arch} takes {channels}-channel inputs but dataset "
+                           f"{dataset!r} has {len(means)} channel(s)")
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DrtFastError(f"{path}: 'state_dict' must map names to tensors")
+    state = _cohen_layout(state)
+    num_classes = _classifier_outputs(state, arch, path)
+    # Cohen's NormalizeLayer kept means/sds as attributes: fill them from the dataset.
+    state.setdefault("0.means", torch.tensor(means, dtype=torch.float32).view(-1, 1, 1))
+    state.setdefault("0.sds", torch.tensor(sds, dtype=torch.float32).view(-1, 1, 1))
+    member = _build_member(state, arch, num_classes, means, sds, str(path))
+    means, sds = _floats(member[0].means), _floats(member[0].sds)
+    meta = dict(arch=arch, archs=[arch], dataset=dataset, num_classes=num_classes,
+                input_shape=models.input_shape(arch), normalization=(means, sds),
+                sigma=_sigma_from_path(path), format="cohen", version=None, mode="we",
+                weights=[1.0],
+                train_config={k: ckpt[k] for k in ("epoch",) if k in ckpt})
+    return [member], meta
+
+
+def _cohen_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module`` (DataParallel/DDP) wherever it sits in a key; a bare model's state
+    dict (no ``0.``/``1.`` prefix) is put under ``1.``."""
+    out = {".".join(p for p in key.split(".") if p != "module"): v for key, v in state.items()}
+    if not any(k.startswith(("0.", "1.")) for k in out):
+        out = {f"1.{k}": v for k, v in out.items()}
+    for key in ("0.means", "0.sds"):   # codebases whose NormalizeLayer has [C] buffers
+        if key in out and out[key].dim() == 1:
+            out[key] = out[key].view(-1, 1, 1)
+    return out
+
+
+def _classifier_outputs(state: Mapping[str, torch.Tensor], arch: str, path: Path) -> int:
+    """num_classes = rows of the architecture's final linear layer in ``state``."""
+    key = f"1.{models.classifier_name(arch)}.weight"
+    if key not in state or state[key].dim() != 2:
+        raise DrtFastError(f"{path}: state dict has no 2-d {key!r} (the classifier of "
+                           f"{arch}); is the arch right?")
+    return int(state[key].shape[0])
+
+
+def _sigma_from_path(path: Path) -> float | None:
+    """Cohen's released models live in ``.../noise_0.25/checkpoint.pth.tar``."""
+    for part in reversed(path.resolve().parts):
+        match = re.fullmatch(r"noise_(\d+(?:\.\d+)?)", part)
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _floats(buffer: torch.Tensor) -> tuple[float, ...]:
+    """A float32 buffer as the shortest decimals that round-trip (0.3052, not
+    0.30520001053810120)."""
+    return tuple(float(str(v)) for v in buffer.detach().cpu().flatten().numpy())
+
+
+def _check_state_dict(state, expected, arch: str, num_classes: int, what: str) -> None:
+    """DrtFastError unless ``state`` has exactly the keys and shapes of ``expected`` (the
+    state dict of a fresh ``arch`` member), with a message naming the differences."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape {_few(wrong)}")
+    if problems:
+        raise DrtFastError(f"{what} does not match architecture {arch} with {num_classes} "
+                           f"classes: {'; '.join(problems)}")
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _new_member(arch: str, num_classes: int, means, sds) -> nn.Sequential:
+    return models.with_normalization(models.create(arch, num_classes), means, sds)
+
+
+def _build_member(state, arch, num_classes, means, sds, what: str) -> nn.Sequential:
+    """A member rebuilt from ``state``, checked key by key and loaded strictly."""
+    if not isinstance(state, Mapping):
+        raise DrtFastError(f"{what}: expected a state dict, got {type(state).__name__}")
+    member = _new_member(arch, num_classes, means, sds)
+    _check_state_dict(state, member.state_dict(), arch, num_classes, what)
+    member.load_state_dict(state, strict=True)   # copies, casting to the member's float32
+    return member.eval()
+
+
+# -------------------------------------------------------------------------- describe
+
+def describe(path: PathLike | Sequence[PathLike]) -> str:
+    """A human-readable summary of a checkpoint, for ``drt-fast info``."""
+    ensemble, meta = load_ensemble(path)
+    counts = [sum(p.numel() for p in m.parameters()) for m in ensemble.members]
+    means, sds = meta["normalization"]
+    shape = "x".join(str(v) for v in meta["input_shape"])
+    lines = [
+        f"file           {', '.join(meta['paths'])}",
+        f"sha256         {meta['sha256']}",
+        f"format         {meta['format']}" + (f" (version {meta['version']})" if meta.get("version") else ""),
+        f"arch           {meta['arch']}",
+        f"dataset        {meta['dataset']}",
+        f"classes        {meta['num_classes']}",
+        f"input shape    {shape}",
+        f"normalization  means {list(means)}, sds {list(sds)}",
+        f"members        {meta['members']}",
+    ]
+    for i, (arch, count) in enumerate(zip(meta["archs"], counts)):
+        lines.append(f"  member {i}     {arch}, {count:,} parameters")
+    lines += [
+        f"weights        {[round(w, 4) for w in meta['weights']]}",
+        f"mode           {meta['mode']}",
+        f"sigma          {'unknown' if meta['sigma'] is None else meta['sigma']}",
+    ]
+    config = meta.get("train_config") or {}
+    if config:
+        lines.append("training       " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    else:
+        lines.append("training       (no configuration recorded)")
+    return "\n".join(lines)

@@ -1,0 +1,328 @@
+"""Ensemble checkpoints: drt-fast files round trip; Cohen/DRT checkpoints import; every
+bad file is a one-line DrtFastError."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from drt_fast import checkpoint, data, models
+from drt_fast.checkpoint import describe, load_ensemble, load_members, save_ensemble
+from drt_fast.ensemble import Ensemble
+from drt_fast.errors import DrtFastError
+from drt_fast.models import with_normalization
+
+DIGITS_NORM = data.normalization("digits")
+CIFAR_NORM = data.normalization("cifar10")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small models run many times slower with 2 OpenMP threads when the 2 cores are
+    # shared with other processes (spin-waiting); one thread is as fast when idle.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def digits_members(k=3, seed=0):
+    torch.manual_seed(seed)
+    return [with_normalization(models.create("digits_cnn", 10), *DIGITS_NORM) for _ in range(k)]
+
+
+def save_digits(path, members=None, **kw):
+    ens = Ensemble(members or digits_members(), mode=kw.pop("mode", "we"),
+                   weights=kw.pop("weights", None))
+    args = dict(arch="digits_cnn", dataset="digits", num_classes=10, input_shape=(1, 8, 8),
+                normalization=DIGITS_NORM, sigma=0.25, train_config={"rho1": 0.5, "epochs": 3})
+    args.update(kw)
+    return ens, save_ensemble(path, ens, **args)
+
+
+def cohen_state(model):
+    """A state dict as Cohen's code saves it: NormalizeLayer without state, so only the
+    ``1.`` keys of Sequential(NormalizeLayer, model)."""
+    return {f"1.{k}": v.clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------- drt-fast files
+
+def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
+    ens, path = save_digits(tmp_path / "ens.pt", mode="mme", weights=[1, 2, 1])
+    loaded, meta = load_ensemble(path)
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(ens.eval()(x), loaded(x))
+    assert not loaded.training and all(not m.training for m in loaded.modules())
+    assert loaded.mode == "mme" and torch.allclose(loaded.weights, torch.tensor([0.25, 0.5, 0.25]))
+    assert meta["arch"] == "digits_cnn" and meta["archs"] == ["digits_cnn"] * 3
+    assert meta["dataset"] == "digits" and meta["num_classes"] == 10
+    assert meta["input_shape"] == (1, 8, 8) and meta["normalization"] == DIGITS_NORM
+    assert meta["sigma"] == 0.25 and meta["train_config"] == {"rho1": 0.5, "epochs": 3}
+    assert meta["format"] == "drt-fast" and meta["members"] == 3
+    import hashlib
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # the file is plain containers: weights_only loading works, and the layout is as documented
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "drt-fast-ensemble" and raw["version"] == 1
+    assert set(raw["members"][0]) == set(ens.members[0].state_dict())
+    assert raw["normalization"] == {"means": [0.3052], "sds": [0.376]}
+    # the mode can be overridden at load time
+    assert load_ensemble(path, mode="mv")[0].mode == "mv"
+    with pytest.raises(DrtFastError, match="mode"):
+        load_ensemble(path, mode="median")
+
+
+def test_bare_members_get_the_normalization_layer(tmp_path):
+    torch.manual_seed(1)
+    bare = [models.create("digits_cnn", 10) for _ in range(2)]
+    save_ensemble(tmp_path / "bare.pt", Ensemble(bare), arch="digits_cnn", dataset="digits",
+                  num_classes=10, input_shape=None, normalization=None, sigma=None,
+                  train_config=None)
+    loaded, meta = load_ensemble(tmp_path / "bare.pt")
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = torch.stack([with_normalization(m, *DIGITS_NORM).eval()(x) for m in bare])
+        torch.testing.assert_close(loaded(x), expected)
+    assert meta["normalization"] == DIGITS_NORM and meta["sigma"] is None
+    # a single module is a one-member ensemble
+    save_ensemble(tmp_path / "one.pt", bare[0], arch="digits_cnn", dataset="digits", num_classes=10)
+    assert len(load_ensemble(tmp_path / "one.pt")[0]) == 1
+
+
+def test_save_is_atomic_and_checks_before_writing(tmp_path):
+    _, path = save_digits(tmp_path / "ens.pt")
+    before = path.read_bytes()
+    # a member that is not the declared arch: refused, old file untouched, no temp files
+    with pytest.raises(DrtFastError, match="does not match architecture lenet"):
+        save_digits(path, arch="lenet", input_shape=(1, 28, 28))
+    with pytest.raises(DrtFastError, match="does not match architecture digits_cnn with 5 classes"):
+        save_digits(path, num_classes=5)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ens.pt"]
+    # overwriting works and leaves no temp file
+    save_digits(path, members=digits_members(seed=5))
+    assert path.read_bytes() != before and sorted(os.listdir(tmp_path)) == ["ens.pt"]
+    with pytest.raises(DrtFastError, match="folder .* does not exist"):
+        save_digits(tmp_path / "missing" / "ens.pt")
+    with pytest.raises(DrtFastError, match="sigma"):
+        save_digits(tmp_path / "x.pt", sigma=-1.0)
+    with pytest.raises(DrtFastError, match="channels"):
+        save_digits(tmp_path / "x.pt", input_shape=(3, 8, 8))
+    with pytest.raises(DrtFastError, match="member 0's NormalizeLayer has means"):
+        save_digits(tmp_path / "x.pt", normalization=((0.5,), (0.5,)))
+    assert sorted(os.listdir(tmp_path)) == ["ens.pt"]
+
+
+def test_save_to_unwritable_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(DrtFastError, match="cannot write checkpoint"):
+            save_digits(folder / "ens.pt")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_describe_says_what_the_file_holds(tmp_path):
+    _, path = save_digits(tmp_path / "ens.pt", mode="mme")
+    text = describe(path)
+    for expected in ("digits_cnn", "digits", "1x8x8", "members        3", "6,202 parameters",
+                     "mme", "0.25", "rho1=0.5", checkpoint.load_ensemble(path)[1]["sha256"]):
+        assert expected in text, expected
+
+
+# ----------------------------------------------------------------- Cohen/DRT checkpoints
+
+@pytest.mark.parametrize("prefix", ["1.module.", "module.1.", "1."])
+def test_cohen_cifar_checkpoint_loads_as_one_member(tmp_path, prefix):
+    torch.manual_seed(0)
+    model = models.create("cifar_resnet20", 10)
+    # give BatchNorm non-trivial statistics, so that loading them matters
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, 32, 32))
+    model.eval()
+    state = {k.replace("1.", prefix, 1): v for k, v in cohen_state(model).items()}
+    folder = tmp_path / "cifar10" / "resnet20" / "noise_0.50"
+    folder.mkdir(parents=True)
+    path = folder / "checkpoint.pth.tar"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"epoch": 90, "arch": "cifar_resnet20", "state_dict": state,
+                "optimizer": optimizer.state_dict()}, path)
+
+    ens, meta = load_ensemble(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model((x - torch.tensor(CIFAR_NORM[0]).view(3, 1, 1))
+                          / torch.tensor(CIFAR_NORM[1]).view(3, 1, 1))
+        torch.testing.assert_close(ens(x)[0], reference)
+    assert meta["format"] == "cohen" and meta["dataset"] == "cifar10"
+    assert meta["normalization"] == CIFAR_NORM and meta["num_classes"] == 10
+    assert meta["input_shape"] == (3, 32, 32) and meta["sigma"] == 0.5
+    assert meta["train_config"] == {"epoch": 90} and ens.mode == "we"
+    # another dataset's normalization can be asked for, if its channels fit
+    assert load_ensemble(path, dataset="imagenet")[1]["normalization"] == data.normalization("imagenet")
+    with pytest.raises(DrtFastError, match="3-channel inputs but dataset 'mnist' has 1"):
+        load_ensemble(path, dataset="mnist")
+
+
+def test_legacy_serialization_and_mnist_lenet_with_identity_normalization(tmp_path):
+    torch.manual_seed(0)
+    model = models.create("lenet", 10).eval()
+    path = tmp_path / "lenet.pth.tar"
+    # old torch versions wrote the non-zip format
+    torch.save({"arch": "lenet", "state_dict": cohen_state(model)}, path,
+               _use_new_zipfile_serialization=False)
+    ens, meta = load_ensemble(path)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x)[0], model(x))   # the DRT code's MNIST layer is Identity
+    assert meta["dataset"] == "mnist" and meta["sigma"] is None and meta["normalization"] == ((0.0,), (1.0,))
+
+
+def test_imagenet_resnet50_dataparallel_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = models.create("resnet50", 1000).eval()
+    state = {f"1.module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"arch": "resnet50", "state_dict": state}, tmp_path / "r50.pth.tar")
+    ens, meta = load_ensemble(tmp_path / "r50.pth.tar")
+    assert meta["dataset"] == "imagenet" and meta["num_classes"] == 1000
+    assert meta["normalization"] == data.normalization("imagenet")
+    x = torch.rand(1, 3, 64, 64)
+    mean = torch.tensor(meta["normalization"][0]).view(3, 1, 1)
+    sd = torch.tensor(meta["normalization"][1]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x)[0], model((x - mean) / sd))
+
+
+def test_load_members_joins_one_file_per_member(tmp_path):
+    torch.manual_seed(0)
+    nets = [models.create("cifar_resnet20", 10).eval() for _ in range(3)]
+    paths = []
+    for i, net in enumerate(nets):
+        paths.append(tmp_path / f"m{i}.pth.tar")
+        torch.save({"arch": "cifar_resnet20", "state_dict": cohen_state(net)}, paths[-1])
+    ens, meta = load_members(paths, mode="mme")
+    same, meta2 = load_ensemble([str(p) for p in paths])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ens(x)
+        assert out.shape == (3, 2, 10)
+        assert torch.equal(out, same(x))
+        norm = with_normalization(nets[2], *CIFAR_NORM).eval()
+        torch.testing.assert_close(out[2], norm(x))
+    assert ens.mode == "mme" and meta["members"] == 3 and len(meta["paths"]) == 3
+    torch.testing.assert_close(ens.weights, torch.full((3,), 1 / 3))
+    assert meta["sha256"] == meta2["sha256"] and meta["format"] == "cohen"
+    # a drt-fast file and a Cohen file of another dataset do not mix
+    _, digits_path = save_digits(tmp_path / "d.pt")
+    with pytest.raises(DrtFastError, match="disagree on num_classes|disagree on input_shape"):
+        load_members([paths[0], digits_path])
+    # mixing two drt-fast files: every member counts equally
+    _, one = save_digits(tmp_path / "one.pt", members=digits_members(1))
+    joined, meta3 = load_members([digits_path, one])
+    assert len(joined) == 4
+    torch.testing.assert_close(joined.weights, torch.full((4,), 0.25))
+
+
+# --------------------------------------------------------------------------- bad files
+
+def test_missing_truncated_and_garbage_files(tmp_path):
+    with pytest.raises(DrtFastError, match="checkpoint nope.pt not found in"):
+        load_ensemble(tmp_path / "nope.pt")
+    with pytest.raises(DrtFastError, match="is not a file"):
+        load_ensemble(tmp_path)
+    _, path = save_digits(tmp_path / "ens.pt")
+    raw = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"hello, I am not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("cut.pt", "junk.pt", "empty.pt"):
+        with pytest.raises(DrtFastError, match="cannot read checkpoint") as err:
+            load_ensemble(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"arch": "lenet", "state_dict": Payload()}, f, protocol=2)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(DrtFastError, match="cannot read checkpoint"):
+            load_ensemble(tmp_path / "evil.pt")
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_format_and_unknown_arch(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(DrtFastError, match="neither a drt-fast ensemble file nor a Cohen"):
+        load_ensemble(tmp_path / "list.pt")
+    torch.save({"model": {}}, tmp_path / "dict.pt")
+    with pytest.raises(DrtFastError, match=r"it holds \['model'\]"):
+        load_ensemble(tmp_path / "dict.pt")
+    torch.save({"arch": "cifar_densenet40", "state_dict": {}}, tmp_path / "dense.pt")
+    with pytest.raises(DrtFastError, match="unknown architecture 'cifar_densenet40'"):
+        load_ensemble(tmp_path / "dense.pt")
+    torch.save({"arch": "cifar_resnet20", "state_dict": {"fc.weight": 3}}, tmp_path / "odd.pt")
+    with pytest.raises(DrtFastError, match="must map names to tensors"):
+        load_ensemble(tmp_path / "odd.pt")
+
+
+def test_mismatched_state_dicts(tmp_path):
+    model = models.create("cifar_resnet20", 10)
+    state = cohen_state(model)
+    # the arch says ResNet-110 but the weights are a ResNet-20
+    torch.save({"arch": "cifar_resnet110", "state_dict": state}, tmp_path / "a.pt")
+    with pytest.raises(DrtFastError, match="does not match architecture cifar_resnet110.*missing"):
+        load_ensemble(tmp_path / "a.pt")
+    broken = dict(state)
+    broken["1.layer1.0.conv1.weight"] = torch.zeros(16, 16, 5, 5)
+    torch.save({"arch": "cifar_resnet20", "state_dict": broken}, tmp_path / "b.pt")
+    with pytest.raises(DrtFastError, match=r"wrong shape 1.layer1.0.conv1.weight \[16, 16, 5, 5\]"):
+        load_ensemble(tmp_path / "b.pt")
+    del broken["1.fc.weight"]
+    torch.save({"arch": "cifar_resnet20", "state_dict": broken}, tmp_path / "c.pt")
+    with pytest.raises(DrtFastError, match="no 2-d '1.fc.weight'"):
+        load_ensemble(tmp_path / "c.pt")
+    extra = dict(state)
+    extra["1.extra.weight"] = torch.zeros(1)
+    torch.save({"arch": "cifar_resnet20", "state_dict": extra}, tmp_path / "d.pt")
+    with pytest.raises(DrtFastError, match="unexpected 1.extra.weight"):
+        load_ensemble(tmp_path / "d.pt")
+
+
+def test_malformed_drt_fast_files(tmp_path):
+    _, path = save_digits(tmp_path / "ens.pt")
+    good = torch.load(path, weights_only=True)
+
+    def write(**changes):
+        bad = dict(good)
+        bad.update(changes)
+        torch.save(bad, tmp_path / "bad.pt")
+        return tmp_path / "bad.pt"
+
+    with pytest.raises(DrtFastError, match="version 2; this drt-fast reads version 1"):
+        load_ensemble(write(version=2))
+    with pytest.raises(DrtFastError, match="3 members but 2 weights"):
+        load_ensemble(write(weights=[0.5, 0.5]))
+    with pytest.raises(DrtFastError, match="holds no members"):
+        load_ensemble(write(members=[], weights=[]))
+    with pytest.raises(DrtFastError, match="malformed"):
+        load_ensemble(write(normalization=None))
+    with pytest.raises(DrtFastError, match="member 1 does not match architecture digits_cnn"):
+        members = list(good["members"])
+        members[1] = {k: v for k, v in members[1].items() if k != "1.fc.bias"}
+        load_ensemble(write(members=members))
+    with pytest.raises(DrtFastError, match="does not match the 1-channel normalization"):
+        load_ensemble(write(input_shape=[3, 8, 8]))
