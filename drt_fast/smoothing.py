@@ -1,0 +1,314 @@
+"""Randomized smoothing of an ensemble: Cohen et al.'s PREDICT and CERTIFY on fused ops.
+
+The algorithm is the one of Cohen's ``core.py`` (see paper-notes.md); the speed lives in
+``drt_fast.ops``:
+
+    noisy_draws  ->  ensemble members  ->  vote_  (counts stay on the model's device)
+
+and the counts cross to the host once per group of inputs, never once per batch.
+
+Noise is counter-based (DESIGN.md section 3): draw ``d`` of the input with key ``k`` is a
+pure function of ``(seed, k, d)``. CERTIFY selects with draws ``0 .. n0-1`` and estimates
+with draws ``n0 .. n0+n-1`` of stream ``seed``; PREDICT uses draws ``0 .. n-1`` of stream
+``seed ^ PREDICT_STREAM``. The key is the input's dataset index. So the same seed gives
+the same certificates whatever the batch size, the packing of inputs into batches or the
+order of inputs — exactly so for a model whose output for one row does not depend on the
+other rows of its batch. (Big models can differ in the last bits of their logits between
+batch sizes because BLAS/cuDNN pick different blockings; a draw whose top two aggregated
+scores are that close may then be counted for the other class.)
+"""
+import math
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import ops, stats
+from .ensemble import as_ensemble
+from .errors import DrtFastError, NonFiniteLogitsError
+
+ABSTAIN = -1
+
+# PREDICT's noise stream is seed ^ PREDICT_STREAM so that predict and certify never share
+# noise (docs/internals.md).
+PREDICT_STREAM = 0x5EED_0F_9EDC7
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """CERTIFY's answer for one input.
+
+    label: certified class, or -1 (abstain); radius: certified L2 radius in pixel units,
+    0.0 when abstaining; pA_lower: Clopper-Pearson lower bound on the top-class
+    probability; count: estimation draws that voted for the selected class; n: estimation
+    draws. The raw vote counts ``[K]`` of the selection and estimation samples ride along
+    (not compared by ``==``).
+    """
+    label: int
+    radius: float
+    pA_lower: float
+    count: int
+    n: int
+    selection_counts: np.ndarray = field(default=None, repr=False, compare=False)
+    estimation_counts: np.ndarray = field(default=None, repr=False, compare=False)
+
+    @property
+    def abstained(self):
+        return self.label == ABSTAIN
+
+
+class SmoothedClassifier:
+    """The smoothed ensemble g(x) = argmax_c P(ensemble(x + N(0, sigma^2 I)) = c).
+
+    model: a drt_fast.Ensemble or a bare nn.Module (one member) mapping ``[B, *S]`` pixels
+    to logits ``[B, num_classes]``; it is switched to eval mode (smoothing assumes a fixed
+    base classifier). sigma: noise level in pixel units. seed: noise stream, 0 <= seed < 2^63.
+    precision: "fp32" runs the model in its own dtype; "bf16"/"fp16" write the noisy draws
+    in that dtype and run the model under ``torch.autocast`` (weights stay as they are,
+    matmuls and convolutions run in the low precision). channels_last: write 4-D draws
+    channels-last and convert the model to channels-last (pays on CUDA only).
+
+    ``draws_performed`` counts the noisy draws made so far (each seen by all members).
+    """
+
+    def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=False):
+        self.model = as_ensemble(model).eval()
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        try:
+            sigma = float(sigma)
+        except (TypeError, ValueError):
+            raise DrtFastError(f"sigma must be a number > 0, got {sigma!r}") from None
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise DrtFastError(f"sigma must be a finite number > 0, got {sigma}")
+        self.sigma = sigma
+        self.seed = _int_in_range(seed, "seed", 0, 2**63)
+        if precision not in PRECISIONS:
+            raise DrtFastError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.draws_performed = 0
+        self._output_checked = False
+
+    # ----------------------------------------------------------------- Cohen's API
+    def predict(self, x, n, alpha, batch_size, key=0):
+        """PREDICT for one input x ``[*S]`` with dataset index ``key``: the top class, or -1
+        when the two-sided binomial test of the top two counts has p-value > alpha."""
+        return self.predict_many(_one(x), [key], n, alpha, batch_size)[0]
+
+    def certify(self, x, n0, n, alpha, batch_size, key=0):
+        """CERTIFY for one input x ``[*S]`` with dataset index ``key`` -> Certificate."""
+        return self.certify_many(_one(x), [key], n0, n, alpha, batch_size)[0]
+
+    def predict_many(self, xs, keys, n, alpha, batch_size):
+        """PREDICT for inputs xs ``[B, *S]`` with dataset indices ``keys`` ``[B]`` -> B labels."""
+        n = _positive_int(n, "n")
+        _check_alpha(alpha)
+        labels = []
+        for keys_g, counts in self._sample_groups(xs, keys, n, batch_size, self._predict_seed):
+            for key, c in zip(keys_g, counts[:, 0]):
+                self._check_total(c.sum(), n, key)
+                top2 = np.argsort(-c, kind="stable")[:2]         # stable: ties -> smaller class
+                nA, nB = int(c[top2[0]]), int(c[top2[1]]) if len(c) > 1 else 0
+                labels.append(ABSTAIN if stats.binom_pvalue(nA, nA + nB) > alpha
+                              else int(top2[0]))
+        return labels
+
+    def certify_many(self, xs, keys, n0, n, alpha, batch_size):
+        """CERTIFY for inputs xs ``[B, *S]`` with dataset indices ``keys`` ``[B]``.
+
+        Draws of several inputs share a batch (``batch_size // min(n0 + n, batch_size)``
+        inputs per forward); the certificates equal those of ``certify`` on each input.
+        """
+        n0, n = _positive_int(n0, "n0"), _positive_int(n, "n")
+        _check_alpha(alpha)
+        certs = []
+        for keys_g, counts in self._sample_groups(xs, keys, n0 + n, batch_size, self.seed,
+                                                  split=n0):
+            for key, (selection, estimation) in zip(keys_g, counts):
+                self._check_total(selection.sum() + estimation.sum(), n0 + n, key)
+                cA = int(selection.argmax())                   # ties -> smaller class
+                nA = int(estimation[cA])
+                pA_lower = stats.lower_confidence_bound(nA, n, alpha)
+                if pA_lower < 0.5:
+                    certs.append(Certificate(ABSTAIN, 0.0, pA_lower, nA, n, selection, estimation))
+                else:
+                    certs.append(Certificate(cA, stats.radius(self.sigma, pA_lower), pA_lower,
+                                             nA, n, selection, estimation))
+        return certs
+
+    def sample_counts(self, xs, keys, num, batch_size, first_draw=0, stream="certify"):
+        """Raw vote counts ``[B, K]`` (int64, numpy) of draws ``first_draw .. first_draw+num-1``
+        of each input, from the certify stream (``seed``) or the predict stream."""
+        if stream not in ("certify", "predict"):
+            raise DrtFastError(f"stream must be 'certify' or 'predict', got {stream!r}")
+        seed = self.seed if stream == "certify" else self._predict_seed
+        num = _positive_int(num, "num")
+        first_draw = _int_in_range(first_draw, "first_draw", 0, None)
+        groups = self._sample_groups(xs, keys, num, batch_size, seed, first_draw=first_draw)
+        return np.concatenate([np.zeros((0, self.num_classes), dtype=np.int64)]
+                              + [counts[:, 0] for _, counts in groups])
+
+    # ----------------------------------------------------------------- the hot path
+    @property
+    def _predict_seed(self):
+        return self.seed ^ PREDICT_STREAM
+
+    def _sample_groups(self, xs, keys, num, batch_size, seed, split=None, first_draw=0):
+        """Yield ``(keys of the group, counts [G, P, K] numpy int64)`` group by group.
+
+        Each input gets draws ``first_draw .. first_draw+num-1``; with ``split`` the draws
+        below it count into part 0 (selection) and the rest into part 1 (estimation), P = 2,
+        else P = 1. A group holds ``batch_size // reps`` inputs with ``reps =
+        min(num, batch_size)`` draws each per forward; its counts cross to the host once.
+        """
+        batch_size = _positive_int(batch_size, "batch_size")
+        if first_draw + num > 2**32:
+            raise DrtFastError(f"draw indices must stay below 2^32, got draws up to "
+                               f"{first_draw + num - 1}")
+        xs, keys = self._inputs(xs, keys)
+        reps = min(num, batch_size)
+        per_group = max(1, batch_size // reps)
+        device = self._model_device
+        for start in range(0, xs.shape[0], per_group):
+            group = slice(start, start + per_group)
+            # Inputs move to the device a group at a time (a whole dataset may not fit there).
+            xs_g = xs[group].to(device=device, dtype=torch.float32).contiguous()
+            counts = self._count(xs_g, keys[group].to(device), first_draw, num, reps, seed, split)
+            yield keys[group].tolist(), counts.cpu().numpy()       # the group's one transfer
+
+    def _count(self, xs, keys, first_draw, num, reps, seed, split):
+        """Counts ``[G, P, K]`` (on the model's device) of draws ``first_draw ..
+        first_draw+num-1`` of inputs xs ``[G, *S]``, ``reps`` draws per input per forward."""
+        G, K = xs.shape[0], self.num_classes
+        parts = 1 if split is None else 2
+        device = xs.device
+        counts = torch.zeros(G * parts, K, dtype=torch.int64, device=device)
+        weights = self.model.weights.to(device=device, dtype=torch.float32)
+        group_rows = torch.arange(G, device=device)[:, None] * parts          # [G, 1]
+        draw_dtype, model_dtype = self._draw_dtype, self._model_dtype
+        channels_last = self._draws_channels_last(xs)
+        with torch.inference_mode():
+            for done in range(0, num, reps):
+                r = min(reps, num - done)
+                first = first_draw + done
+                batch = ops.noisy_draws(xs, keys, torch.full((G,), first, device=device), r,
+                                        self.sigma, seed, out_dtype=draw_dtype,
+                                        channels_last=channels_last)
+                logits = self._forward(batch, model_dtype)
+                # Row of counts each draw votes into: its input's selection or estimation part.
+                if split is None:
+                    rows = group_rows.expand(G, r)
+                else:
+                    draws = torch.arange(first, first + r, device=device)
+                    rows = group_rows + (draws >= split).to(torch.int64)[None, :]
+                ops.vote_(logits, rows.reshape(-1).contiguous(), counts, self.model.mode, weights)
+                self.draws_performed += G * r
+        return counts.view(G, parts, K)
+
+    def _forward(self, batch, model_dtype):
+        """Noisy draws ``[R, *S]`` -> member logits ``[M, R, K]`` in a dtype ``vote_`` takes."""
+        try:
+            if self.precision == "fp32":
+                logits = self.model(batch.to(model_dtype))
+            else:
+                with torch.autocast(device_type=batch.device.type,
+                                    dtype=PRECISIONS[self.precision]):
+                    logits = self.model(batch)
+        except RuntimeError as err:
+            if self._output_checked:
+                raise
+            # The first forward is where inputs of the wrong shape for the model show up.
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise DrtFastError(f"the model failed on noisy inputs of shape "
+                               f"{list(batch.shape)}: {first_line}") from err
+        if logits.dtype not in _LOGIT_DTYPES:
+            logits = logits.float()                            # e.g. a float64 model
+        if not self._output_checked:
+            if logits.dim() != 3 or logits.shape[1:] != (batch.shape[0], self.num_classes):
+                raise DrtFastError(
+                    f"model output does not match num_classes={self.num_classes}: expected "
+                    f"logits [{batch.shape[0]}, {self.num_classes}] per member, got "
+                    f"{list(logits.shape[1:])}")
+            self._output_checked = True
+        return logits.contiguous()
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def _model_device(self):
+        for tensor in self.model.members.parameters():
+            return tensor.device
+        return self.model.weights.device
+
+    @property
+    def _model_dtype(self):
+        for tensor in self.model.members.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
+
+    @property
+    def _draw_dtype(self):
+        if self.precision == "fp32":
+            # The noise is computed in fp32; a float64 model gets the fp32 draws cast up.
+            return self._model_dtype if self._model_dtype in _LOGIT_DTYPES else torch.float32
+        return PRECISIONS[self.precision]
+
+    def _draws_channels_last(self, xs):
+        return self.channels_last and xs.dim() == 4
+
+    def _inputs(self, xs, keys):
+        """Validated inputs ``[B, *S]`` (floating, where they are) and keys ``[B]`` (int64, CPU)."""
+        xs = torch.as_tensor(xs)
+        if not xs.is_floating_point():
+            raise DrtFastError(f"inputs must be floating-point pixels, got dtype {xs.dtype}")
+        if xs.dim() < 2:
+            raise DrtFastError(f"inputs must have shape [B, *S], got {list(xs.shape)}")
+        keys = torch.as_tensor(keys).cpu().reshape(-1)
+        if keys.is_floating_point() or keys.dtype == torch.bool or keys.numel() != xs.shape[0]:
+            raise DrtFastError(
+                f"expected {xs.shape[0]} integer keys (one dataset index per input), got "
+                f"{keys.numel()} of dtype {keys.dtype}")
+        if keys.numel() and (keys.min() < 0):
+            raise DrtFastError(f"keys (dataset indices) must be >= 0, got {keys.min().item()}")
+        return xs, keys.to(torch.int64)
+
+    @staticmethod
+    def _check_total(counted, expected, key):
+        # vote_ casts no vote for a draw with a non-finite logit: missing votes are NaN/inf.
+        counted = int(counted)
+        if counted != expected:
+            raise NonFiniteLogitsError(
+                f"model produced NaN/inf logits on {expected - counted} of {expected} noisy "
+                f"draws of input {key}")
+
+
+def _one(x):
+    x = torch.as_tensor(x)
+    return x.unsqueeze(0)
+
+
+def _positive_int(value, name):
+    return _int_in_range(value, name, 1, None)
+
+
+def _int_in_range(value, name, low, high):
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise DrtFastError(f"{name} must be an integer, got {value!r}") from None
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise DrtFastError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_alpha(alpha):
+    if not 0.0 < float(alpha) < 1.0:
+        raise DrtFastError(f"alpha must lie in (0, 1), got {alpha}")
