@@ -1,0 +1,107 @@
+"""Certified accuracy and ACR from results files, as tables and plots.
+
+Definitions (Cohen et al.; paper-notes.md): the certified accuracy at radius r is the
+fraction of inputs certified *correctly* with radius >= r; the ACR is the mean certified
+radius with 0 for wrong or abstained inputs. Radii come from the TSV, i.e. rounded to 3
+significant digits the way Cohen's files store them.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from . import stats
+from .errors import DrtFastError
+from .io import Results, read_results
+
+
+def certified_accuracy(results: Results, r):
+    """Fraction of inputs certified correctly with radius >= ``r`` (a float, or an array for
+    an array of radii); 0 for an empty file."""
+    return stats.certified_accuracy(results.radius, results.correct, r)
+
+
+def acr(results: Results) -> float:
+    """Average certified radius: mean of radius over inputs, 0 where wrong or abstained."""
+    return stats.acr(results.radius, results.correct)
+
+
+def abstain_rate(results: Results) -> float:
+    """Fraction of inputs where the smoothed classifier abstained (predict = -1)."""
+    if len(results) == 0:
+        return 0.0
+    return sum(1 for p in results.predict if p < 0) / len(results)
+
+
+def default_radii(largest: float, step: float = 0.25) -> list[float]:
+    """0, step, 2*step, ... up to ``largest`` (inclusive), at least [0.0]."""
+    count = int(math.floor(largest / step + 1e-9)) if largest > 0 else 0
+    return [round(i * step, 10) for i in range(count + 1)]
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Short column names: base names, or the paths as given when base names collide."""
+    names = [os.path.basename(p) for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def table(results: list[Results], radii: list[float]) -> str:
+    """Side-by-side text table: one column per results file, certified accuracy (%) per radius.
+
+    Ends with rows for the number of inputs, the abstain rate (%) and the ACR.
+    """
+    labels = _labels([r.path for r in results])
+    rows = [["radius", *labels]]
+    for r in radii:
+        rows.append([f"{r:g}", *(f"{100 * certified_accuracy(res, r):.1f}" for res in results)])
+    rows.append(["ACR", *(f"{acr(res):.3f}" for res in results)])
+    rows.append(["abstain %", *(f"{100 * abstain_rate(res):.1f}" for res in results)])
+    rows.append(["inputs", *(str(len(res)) for res in results)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["certified accuracy (%) at radius r"]
+    for k, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0 or k == len(radii):
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(results: list[Results], out: str) -> None:
+    """Write a PNG of certified accuracy against radius, one line per results file."""
+    try:
+        # A bare Figure draws with Agg and leaves pyplot's global backend alone.
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DrtFastError("--plot needs matplotlib, which is not installed "
+                           "(pip install matplotlib)") from None
+
+    largest = max((max(res.radius, default=0.0) for res in results), default=0.0)
+    grid = [largest * 1.05 * i / 400 for i in range(401)] if largest > 0 else [0.0]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for label, res in zip(_labels([r.path for r in results]), results):
+        ax.plot(grid, certified_accuracy(res, grid), label=label)
+    ax.set_xlabel("radius (L2)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(out, format="png", dpi=120)
+    except OSError as e:
+        raise DrtFastError(f"cannot write the plot to {out!r}: {e.strerror or e}") from None
+
+
+def analyze(paths: list[str], radii: list[float] | None = None, plot_path: str | None = None) -> str:
+    """Read results files and return the table (and write the plot when ``plot_path`` is given)."""
+    results = [read_results(p) for p in paths]
+    if radii is None:
+        radii = default_radii(max((max(r.radius, default=0.0) for r in results), default=0.0))
+    bad = [r for r in radii if not (r >= 0 and math.isfinite(r))]
+    if bad:
+        raise DrtFastError(f"--radii must be finite and >= 0, got {bad[0]}")
+    if plot_path is not None:
+        plot(results, plot_path)
+    return table(results, sorted(radii))

@@ -1,0 +1,527 @@
+"""The ``drt-fast`` command: certify, predict, analyze, info (and train, diagnose).
+
+The CLI only parses, checks, calls the API and prints: the statistics live in
+``smoothing.py`` / ``stats.py``, the file formats in ``io.py``, the tables in
+``analyze.py``, multi-process plumbing in ``distributed.py``. Every problem a user can
+cause ends as one line ``drt-fast: error: <message>`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import DrtFastError
+
+DATASETS = ("digits", "mnist", "cifar10", "imagenet", "npz")
+MODES = ("we", "logit", "mme", "mv")
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Certify packs the draws of several inputs into one batch (certify_many) when n is small;
+# this caps a group so that rows (and the progress bar) still advance often.
+_MAX_GROUP = 32
+
+
+# ----------------------------------------------------------------------------- parser
+
+_SMOOTHING_EPILOG = (
+    "Without --out nothing is written and only the summary is printed. Rows go to the "
+    "--out TSV in Cohen's format (idx label predict radius correct time, then extra "
+    "columns), the configuration to <out>.json; --resume continues a stopped run. "
+    "Several processes (GPUs): torchrun --nproc_per_node P -m drt_fast -- certify ... "
+    "(the -- keeps torchrun from reading --n as its own option) writes one merged file.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drt-fast",
+        description="Certify and train robust ensembles with randomized smoothing (DRT, ICLR 2022).")
+    parser.add_argument("--version", action="version", version=f"drt-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for task, doc in (("certify", "Cohen's CERTIFY: certified radius of the smoothed ensemble per input"),
+                      ("predict", "Cohen's PREDICT: prediction of the smoothed ensemble per input")):
+        p = sub.add_parser(task, help=doc, description=doc, epilog=_SMOOTHING_EPILOG)
+        _add_smoothing_options(p, task)
+        p.set_defaults(func=lambda args, task=task: run_smoothing(args, task))
+
+    p = sub.add_parser("analyze", help="certified-accuracy table (and plot) of results files",
+                       description="Certified accuracy at chosen radii and ACR, one column per results file.")
+    p.add_argument("files", nargs="+", metavar="results.tsv", help="certify results (drt-fast or Cohen format)")
+    p.add_argument("--radii", type=float, nargs="+", metavar="R",
+                   help="radii of the table rows (default 0, 0.25, ... up to the largest radius)")
+    p.add_argument("--plot", metavar="out.png", help="also write a PNG of certified accuracy vs radius")
+    p.set_defaults(func=run_analyze)
+
+    p = sub.add_parser("info", help="what a checkpoint holds", description="Describe a checkpoint.")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="*",
+                   help="a checkpoint, or several member files that form one ensemble "
+                        "(default: the embedded digits ensemble)")
+    p.set_defaults(func=run_info)
+
+    # train and diagnose live with the training code; the CLI works without it.
+    if importlib.util.find_spec("drt_fast.train.cli") is not None:
+        from .train import cli as train_cli
+
+        train_cli.register(sub)
+    return parser
+
+
+def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
+    p.add_argument("--model", metavar="CKPT", nargs="+",
+                   help="drt-fast ensemble or Cohen/DRT checkpoint, or several member files that form "
+                        "one ensemble, as the DRT code saves them (default: the embedded digits ensemble)")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--sigma", type=float, help="noise level (default: the checkpoint's training sigma)")
+    if task == "certify":
+        p.add_argument("--n0", type=int, default=100, help="selection draws (default: 100)")
+    p.add_argument("--n", type=int, default=100_000, help="estimation draws (default: 100000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
+    p.add_argument("--batch", type=int, default=1000, help="noisy draws per forward pass (default: 1000)")
+    p.add_argument("--skip", type=int, help="certify every skip-th input (default: 1)")
+    # A count of inputs: Cohen's certify.py stops at *index* max, which with --skip is
+    # easy to get wrong (and never triggers unless max is a multiple of skip).
+    p.add_argument("--max", type=int, help="at most this many of the selected inputs (default: all)")
+    p.add_argument("--mode", choices=MODES, help="ensemble aggregation (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="precision of the noisy draws and the forward pass (default: fp32)")
+    p.add_argument("--out", metavar="results.tsv", help="write rows here (and the configuration to <out>.json)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --out file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``drt-fast`` and ``python -m drt_fast``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:
+        # `torchrun ... -m drt_fast -- certify --n ...`: the `--` shields our options from
+        # torchrun's parser (it would take --n for its --nnodes); some Pythons pass it on.
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args) or 0
+    except DrtFastError as e:
+        print(f"drt-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("drt-fast: interrupted", file=sys.stderr)
+        return 130
+    except ImportError as e:  # e.g. the compiled kernels were never built: an install problem
+        print(f"drt-fast: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- info, analyze
+
+def run_info(args) -> int:
+    from . import checkpoint
+
+    paths = args.checkpoint or [_embedded_default()["model"]]
+    for path in paths:
+        _require_file(path, "checkpoint")
+    print(checkpoint.describe(_one_or_many(paths)))
+    return 0
+
+
+def run_analyze(args) -> int:
+    from .analyze import analyze
+
+    print(analyze(args.files, args.radii, args.plot))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- certify, predict
+
+@dataclass
+class Job:
+    """Everything a certify/predict run needs, resolved from the arguments and the checkpoint."""
+
+    task: str
+    smoothed: object  # SmoothedClassifier
+    x: object  # [N, C, H, W] float32 in [0, 1] (a tensor, or data.LazyImages for image folders)
+    y: list  # [N] labels
+    keys: list  # [N] dataset index of each input: the TSV idx and the noise key
+    positions: list  # selected positions in x, in order
+    config: dict  # the sidecar
+    draws_per_input: int
+
+
+def run_smoothing(args, task: str) -> int:
+    """``drt-fast certify`` / ``drt-fast predict``."""
+    _check_numbers(args, task)  # before importing torch: bad numbers fail at once
+    from . import distributed
+
+    group = distributed.from_env()
+    device = distributed.init(group, _resolve_device(args.device))
+    try:
+        job = _prepare(args, task, device)
+        _run(args, job, group)
+    finally:
+        distributed.shutdown(group)
+    return 0
+
+
+def _check_numbers(args, task: str) -> None:
+    """Refuse bad numbers before loading anything."""
+    if task == "certify" and args.n0 < 1:
+        raise DrtFastError(f"--n0 must be >= 1, got {args.n0}")
+    if args.n < 1:
+        raise DrtFastError(f"--n must be >= 1, got {args.n}")
+    if not 0.0 < args.alpha < 1.0:
+        raise DrtFastError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if args.sigma is not None and not (0.0 < args.sigma < math.inf):
+        raise DrtFastError(f"--sigma must be > 0 and finite, got {args.sigma}")
+    if args.batch < 1:
+        raise DrtFastError(f"--batch must be >= 1, got {args.batch}")
+    if args.skip is not None and args.skip < 1:
+        raise DrtFastError(f"--skip must be >= 1, got {args.skip}")
+    if args.max is not None and args.max < 1:
+        raise DrtFastError(f"--max must be >= 1, got {args.max}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise DrtFastError(f"--seed must lie in [0, 2^63), got {args.seed}")
+    if args.resume and not args.out:
+        raise DrtFastError("--resume needs --out (the results file to continue)")
+    if args.out:
+        from .io import check_writable
+
+        check_writable(args.out, args.resume)
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DrtFastError("--device cuda was asked for, but no CUDA device is available "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    return torch.device(name)
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise DrtFastError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise DrtFastError(f"{what} {path!r} is a directory, expected a file")
+
+
+def _embedded_default() -> dict:
+    """The embedded default's description (assets/default.json), paths made absolute."""
+    path = ASSETS / "default.json"
+    if not path.exists():
+        raise DrtFastError(f"no checkpoint given and the embedded default model is not installed "
+                           f"({path} is missing); pass --model CKPT")
+    with open(path) as f:
+        spec = json.load(f)
+    spec["model"] = str(ASSETS / spec["model"])
+    spec["data"] = str(ASSETS / spec["data"])
+    return spec
+
+
+def _prepare(args, task: str, device) -> Job:
+    """Load model and data, check they fit together, choose the inputs, build the sidecar."""
+    import torch
+
+    from . import checkpoint, data
+    from .io import sha256_file
+    from .smoothing import SmoothedClassifier
+
+    default = _embedded_default() if args.model is None else None
+    model_paths = [default["model"]] if default else args.model
+    for path in model_paths:
+        _require_file(path, "checkpoint")
+    model_path = _one_or_many(model_paths)  # what load_ensemble takes, and error messages show
+    try:
+        # A Cohen/DRT file's normalization follows the dataset (its arch's by default).
+        cohen_dataset = args.dataset if args.dataset not in (None, "npz") else None
+        ensemble, meta = checkpoint.load_ensemble(model_path, mode=args.mode, dataset=cohen_dataset)
+    except DrtFastError:
+        raise
+    except Exception as e:  # a format the loader did not anticipate is still the user's file
+        raise DrtFastError(f"cannot load checkpoint {model_path!r}: {_first_line(e)}") from None
+    meta = meta or {}
+
+    # The data: explicit --dataset, else the embedded default's test file, else the checkpoint's.
+    if args.dataset is not None:
+        dataset_name, data_dir = args.dataset, args.data_dir
+    elif default is not None:
+        dataset_name, data_dir = "npz", args.data_dir or default["data"]
+    elif meta.get("dataset"):
+        dataset_name, data_dir = meta["dataset"], args.data_dir
+    else:
+        raise DrtFastError(f"checkpoint {model_path!r} does not say which dataset it was trained on; "
+                           f"pass --dataset ({'|'.join(DATASETS)})")
+    if dataset_name not in DATASETS:
+        raise DrtFastError(f"unknown dataset {dataset_name!r} (from the checkpoint); "
+                           f"expected one of {', '.join(DATASETS)}: pass --dataset")
+    if dataset_name == "npz" and data_dir is None:
+        raise DrtFastError("--dataset npz needs --data-dir FILE.npz")
+    try:
+        ds = data.load(dataset_name, split=args.split, data_dir=data_dir)
+    except DrtFastError:
+        raise
+    except Exception as e:
+        raise DrtFastError(f"cannot read the {dataset_name} data at {data_dir!r}: {_first_line(e)}") from None
+    # The dataset index of each row (an npz may hold a subset): TSV idx and noise key.
+    keys = [int(k) for k in ds.idx.tolist()]
+
+    sigma = args.sigma
+    if sigma is None:
+        sigma = default["sigma"] if default else meta.get("sigma")
+    if sigma is None:
+        raise DrtFastError(f"checkpoint {model_path!r} has no training sigma; pass --sigma")
+    sigma = float(sigma)
+    skip = args.skip if args.skip is not None else (default.get("skip", 1) if default else 1)
+    max_inputs = args.max if args.max is not None else (default.get("max") if default else None)
+
+    ensemble = ensemble.to(device).eval()
+    _check_model_fits(ensemble, meta, ds.x, ds.num_classes, model_path, dataset_name, device)
+
+    positions = list(range(0, len(keys), skip))
+    if max_inputs is not None:
+        positions = positions[:max_inputs]
+    mode = args.mode or getattr(ensemble, "mode", None) or meta.get("mode")
+    config = {
+        "task": task,
+        "command": "drt-fast " + shlex.join(args.argv),
+        "model": _one_or_many([os.path.abspath(p) for p in model_paths]),
+        "model_sha256": meta.get("sha256") or sha256_file(model_paths[0]),
+        "dataset": dataset_name,
+        "data": os.path.abspath(data_dir) if data_dir else None,
+        "split": args.split,
+        "sigma": sigma,
+        "n0": args.n0 if task == "certify" else None,
+        "n": args.n,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "mode": mode,
+        "precision": args.precision,
+        "batch": args.batch,
+        "skip": skip,
+        "max": max_inputs,
+        "drt_fast_version": __version__,
+        "torch_version": torch.__version__,
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+    }
+    smoothed = SmoothedClassifier(ensemble, num_classes=ds.num_classes, sigma=sigma, seed=args.seed,
+                                  precision=args.precision)
+    y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
+    draws = args.n0 + args.n if task == "certify" else args.n
+    return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
+
+
+def _check_model_fits(ensemble, meta, x, num_classes, model_path, dataset_name, device) -> None:
+    """Classes and input shape of the checkpoint must match the data: one clean forward pass."""
+    import torch
+
+    shape = tuple(x.shape[1:])
+    if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
+        raise DrtFastError(f"checkpoint {model_path!r} has {meta['num_classes']} classes, "
+                           f"the {dataset_name} data has {num_classes}")
+    if meta.get("input_shape") is not None and tuple(meta["input_shape"]) != shape:
+        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {tuple(meta['input_shape'])}, "
+                           f"the {dataset_name} data has shape {shape}")
+    try:
+        with torch.inference_mode():
+            logits = ensemble(x[:1].to(device=device, dtype=torch.float32))
+    except RuntimeError as e:
+        raise DrtFastError(f"checkpoint {model_path!r} cannot take the {dataset_name} inputs of shape "
+                           f"{shape}: {_first_line(e)}") from None
+    if logits.shape[-1] != num_classes:
+        raise DrtFastError(f"checkpoint {model_path!r} outputs {logits.shape[-1]} classes, "
+                           f"the {dataset_name} data has {num_classes}")
+
+
+def _one_or_many(paths: list):
+    """A single path as itself, several as the list (checkpoint.load_ensemble takes both)."""
+    return paths[0] if len(paths) == 1 else list(paths)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _run(args, job: Job, group) -> None:
+    """Certify/predict the selected inputs not yet in the results file; write rows, print summary.
+
+    Under torchrun, each round every rank handles a round-robin share of the next inputs and
+    rank 0 writes all rows of the round in idx order.
+    """
+    from . import distributed
+    from . import io
+
+    results = None  # the open results file (rank 0 with --out only)
+
+    def open_output():
+        nonlocal results
+        if not args.out:
+            return set()
+        if args.resume and os.path.exists(args.out):
+            old = io.read_sidecar(args.out)
+            if old is None:
+                raise DrtFastError(f"cannot resume {args.out!r}: its metadata file "
+                                   f"{io.sidecar_path(args.out)!r} is missing, so its configuration is unknown")
+            io.check_resume_compatible(old, job.config, args.out)
+        try:
+            # Sidecar first: a run killed in between leaves no rows without their configuration.
+            io.write_json_atomic(io.sidecar_path(args.out), job.config)
+            results = io.open_results(args.out, job.task, args.resume)
+        except OSError as e:
+            raise DrtFastError(f"cannot write results to {args.out!r}: {e.strerror or e}") from None
+        return results.done
+
+    done = distributed.run_on_main(group, open_output)
+    todo = [p for p in job.positions if job.keys[p] not in done]
+    per_rank = _group_size(args, job)
+    round_size = per_rank * group.world_size
+    records = []  # (idx, label, predict, radius, correct) of this run, for the summary
+
+    progress = _progress_bar(len(todo), args.quiet or not group.is_main)
+    start = time.perf_counter()
+    try:
+        for first in range(0, len(todo), round_size):
+            chunk = todo[first:first + round_size]
+            mine = chunk[group.rank::group.world_size]
+            try:
+                payload = ("ok", _work(job, mine))
+            except DrtFastError as e:
+                payload = ("error", str(e), mine[0] if mine else None)
+            gathered = distributed.gather(group, payload)
+            rows = sorted((r for p in gathered if p[0] == "ok" for r in p[1]), key=lambda r: r[0])
+            errors = [p for p in gathered if p[0] == "error"]
+            if errors:
+                # Keep only rows before the first failed input: the file stays a prefix of a full run.
+                first_bad = min(p[2] for p in errors)
+                rows = [r for r in rows if r[0] < first_bad]
+            for _, line, record in rows:
+                if results is not None:
+                    results.append(line)
+                records.append(record)
+            if results is not None and rows:
+                results.sync()
+            progress.update(len(rows))
+            if errors:
+                raise DrtFastError(errors[0][1])
+    except KeyboardInterrupt:
+        if results is not None:
+            print(f"drt-fast: {len(records)} new rows kept in {args.out}; continue with --resume",
+                  file=sys.stderr)
+        raise
+    finally:
+        progress.close()
+        if results is not None:
+            results.close()
+    elapsed = time.perf_counter() - start
+    if group.is_main:
+        print(_summary(args, job, records, len(done), elapsed))
+
+
+def _group_size(args, job: Job) -> int:
+    """Inputs per engine call: with small n, the draws of several inputs share one batch of
+    about --batch draws (the engine packs them); with large n, one input at a time."""
+    return max(1, min(_MAX_GROUP, args.batch // job.draws_per_input))
+
+
+def _work(job: Job, positions: list) -> list:
+    """Certify or predict the inputs at ``positions``; returns (position, TSV line, record) each."""
+    from . import io
+
+    if not positions:
+        return []
+    cfg = job.config
+    out = []
+    if job.task == "certify":
+        t0 = time.perf_counter()
+        certs = job.smoothed.certify_many(job.x[positions], [job.keys[p] for p in positions],
+                                          n0=cfg["n0"], n=cfg["n"], alpha=cfg["alpha"], batch_size=cfg["batch"])
+        # Inputs certified together share the time: each row gets its share.
+        seconds = (time.perf_counter() - t0) / len(positions)
+        for p, cert in zip(positions, certs):
+            idx, label = job.keys[p], job.y[p]
+            line = io.certify_row(idx, label, cert, seconds)
+            # The summary uses the radius as the file stores it (3 significant digits).
+            out.append((p, line, (idx, label, cert.label, float(f"{cert.radius:.3}"), int(cert.label == label))))
+    else:
+        t0 = time.perf_counter()
+        predictions = job.smoothed.predict_many(job.x[positions], [job.keys[p] for p in positions],
+                                                n=cfg["n"], alpha=cfg["alpha"], batch_size=cfg["batch"])
+        seconds = (time.perf_counter() - t0) / len(positions)
+        for p, prediction in zip(positions, predictions):
+            idx, label = job.keys[p], job.y[p]
+            line = io.predict_row(idx, label, prediction, seconds)
+            out.append((p, line, (idx, label, prediction, 0.0, int(prediction == label))))
+    return out
+
+
+class _NoBar:
+    def update(self, n): pass
+    def close(self): pass
+
+
+def _progress_bar(total: int, quiet: bool):
+    """tqdm on stderr, only when stderr is a terminal and not --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="input", file=sys.stderr, dynamic_ncols=True)
+
+
+def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str:
+    """The final report on stdout: accuracy (certified at several radii), abstains, ACR, speed."""
+    from . import io, stats
+    from .analyze import abstain_rate, default_radii
+
+    cfg = job.config
+    if args.out:
+        results = io.read_results(args.out, job.task)  # all rows, resumed ones included
+    else:
+        columns = [list(c) for c in zip(*records)] if records else [[] for _ in range(5)]
+        results = io.Results("this run", *columns)  # idx, label, predict, radius, correct
+    count = len(results)
+    source = os.path.basename(cfg["data"]) if cfg["dataset"] == "npz" else f"{cfg['dataset']} ({cfg['split']})"
+    lines = [f"drt-fast {job.task}: {count} inputs of {source}, sigma={cfg['sigma']:g}, "
+             f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}n={cfg['n']}, alpha={cfg['alpha']:g}, "
+             f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
+    if job.task == "certify":
+        radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
+        acc = stats.certified_accuracy(results.radius, results.correct, radii)
+        header = "radius               " + "".join(f"{r:>7.2f}" for r in radii)
+        values = "certified accuracy % " + "".join(f"{100 * a:>7.1f}" for a in acc)
+        lines += [header, values,
+                  f"abstain rate {100 * abstain_rate(results):.1f} %, "
+                  f"ACR {stats.acr(results.radius, results.correct):.3f}"]
+    else:
+        accuracy = sum(results.correct) / count if count else 0.0
+        lines.append(f"accuracy {100 * accuracy:.1f} %, abstain rate {100 * abstain_rate(results):.1f} %")
+    new = len(records)
+    if new and elapsed > 0:
+        speed = f"{new / elapsed:.2f} inputs/s, {new * job.draws_per_input / elapsed:,.0f} draws/s"
+    else:
+        speed = "nothing left to do"
+    lines.append(f"this run: {new} inputs in {io.format_time(elapsed)} ({speed})"
+                 + (f"; {resumed} rows were already in the file" if resumed else ""))
+    if args.out:
+        lines.append(f"rows written to {args.out} (configuration in {io.sidecar_path(args.out)})")
+    else:
+        lines.append("rows not saved: pass --out results.tsv to keep them")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""drt-fast analyze: certified-accuracy tables and plots from results files."""
+import pytest
+
+from drt_fast.analyze import analyze, default_radii
+from drt_fast.cli import main
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tpA_lower\tcount\tn\n"
+
+# (predict, label, radius): 5 rows, radii as a file stores them.
+ROWS_A = [(1, 1, 0.3), (2, 2, 1.1), (3, 4, 0.9), (-1, 5, 0.0), (6, 6, 0.6)]
+ROWS_B = [(1, 1, 0.2), (2, 2, 0.2), (3, 3, 0.8), (4, 4, 0.5)]
+
+
+def _write(path, rows, cohen=False):
+    lines = [HEADER if not cohen else "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"]
+    for i, (pred, label, radius) in enumerate(rows):
+        row = f"{i}\t{label}\t{pred}\t{radius:.3}\t{int(pred == label)}\t0:00:00.5"
+        lines.append(row + ("" if cohen else "\t0.9\t90\t100") + "\n")
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def _table_values(text):
+    """{row name: [values per file]} from the printed table."""
+    values = {}
+    for line in text.splitlines()[2:]:
+        if not line.startswith("-"):
+            name, *cells = line.rsplit(None, 2)  # two files: the last two cells
+            values[name.strip()] = cells
+    return values
+
+
+def test_table_values_by_hand(tmp_path):
+    a = _write(tmp_path / "a.tsv", ROWS_A)
+    b = _write(tmp_path / "b.tsv", ROWS_B, cohen=True)  # Cohen's file: no extra columns
+    text = analyze([a, b], radii=[0.0, 0.25, 0.5, 1.0])
+    v = _table_values(text)
+    # a: correct rows with radii 0.3, 1.1, 0.6 of 5 -> 60, 60, 40, 20 %; ACR (0.3+1.1+0.6)/5
+    # b: all correct, radii 0.2, 0.2, 0.8, 0.5 of 4 -> 100, 50, 50, 0 %; ACR 1.7/4
+    assert v["0"] == ["60.0", "100.0"]
+    assert v["0.25"] == ["60.0", "50.0"]
+    assert v["0.5"] == ["40.0", "50.0"]
+    assert v["1"] == ["20.0", "0.0"]
+    assert v["ACR"] == ["0.400", "0.425"]
+    assert v["abstain %"] == ["20.0", "0.0"]
+    assert v["inputs"] == ["5", "4"]
+    assert text.splitlines()[1].split() == ["radius", "a.tsv", "b.tsv"]
+
+
+def test_default_radii_reach_the_largest_radius(tmp_path):
+    assert default_radii(0.8) == [0.0, 0.25, 0.5, 0.75]
+    assert default_radii(0.0) == [0.0]
+    a = _write(tmp_path / "a.tsv", ROWS_A)
+    assert [line.split()[0] for line in analyze([a]).splitlines()[3:8]] == ["0", "0.25", "0.5", "0.75", "1"]
+
+
+def test_cli_analyze_and_plot(tmp_path, capsys):
+    a = _write(tmp_path / "a.tsv", ROWS_A)
+    png = tmp_path / "plot.png"
+    assert main(["analyze", a, "--radii", "0", "0.5", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "ACR" in out and "0.400" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0:00:01\n", "radius"),
+    ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tbig\t1\t0:00:01\n", "line 2"),
+])
+def test_cli_analyze_bad_files_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "r.tsv"
+    if content is not None:
+        path.write_text(content)
+    assert main(["analyze", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("drt-fast: error:") and message in err[0]
+
+
+def test_cli_analyze_negative_radius(tmp_path, capsys):
+    a = _write(tmp_path / "a.tsv", ROWS_A)
+    assert main(["analyze", a, "--radii", "-1"]) == 2
+    assert ">= 0" in capsys.readouterr().err
+
+
+def test_leading_double_dash_is_ignored(tmp_path, capsys):
+    """``torchrun ... -m drt_fast -- certify ...`` may pass the ``--`` on to us."""
+    a = _write(tmp_path / "a.tsv", ROWS_A)
+    assert main(["--", "analyze", a]) == 0
+    assert "ACR" in capsys.readouterr().out

@@ -1,0 +1,463 @@
+"""drt-fast certify / predict / info end to end, through main(argv) and a few subprocesses."""
+import io as io_module
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from drt_fast import checkpoint, data, io
+from drt_fast.cli import ASSETS, main
+from drt_fast.errors import NonFiniteLogitsError
+from drt_fast.smoothing import SmoothedClassifier
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli_fixtures as fx  # noqa: E402
+from cli_fixtures import one_thread  # noqa: E402,F401 (autouse)
+
+# Small runs: 30 of the 450 digits test inputs, n = 200.
+RUN = ["--n", "200", "--skip", "15", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return fx.digits_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def reference_tsv(ckpt, tmp_path_factory):
+    """An uninterrupted certify run that the resume tests compare against."""
+    out = str(tmp_path_factory.mktemp("ref") / "ref.tsv")
+    with fx.single_thread():
+        assert main(["certify", "--model", ckpt, *RUN, "--out", out]) == 0
+    return out
+
+
+def _error_line(capsys):
+    """The single stderr line of a failed command (asserting there is exactly one)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("drt-fast: error: ")
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- certify, predict
+
+def test_certify_writes_cohen_rows_equal_to_the_api(ckpt, reference_tsv):
+    with open(reference_tsv) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tpA_lower\tcount\tn"
+    rows = [line.split("\t") for line in lines[1:]]
+    test = data.load("digits", "test")
+    assert [int(r[0]) for r in rows] == list(range(0, 450, 15))
+    for r in rows:
+        assert int(r[1]) == int(test.y[int(r[0])])
+        assert r[3] == f"{float(r[3]):.3}"  # Cohen's 3 significant digits
+        assert re.fullmatch(r"\d+:\d\d:\d\d(\.\d{6})?", r[5])
+        assert int(r[4]) == int(r[1] == r[2]) and r[8] == "200"
+    # The trained model certifies most inputs: the run is meaningful.
+    assert sum(int(r[4]) for r in rows) >= 20
+    # Same certificates as the API with key = dataset index.
+    ens, _ = checkpoint.load_ensemble(ckpt)
+    smooth = SmoothedClassifier(ens, num_classes=10, sigma=fx.SIGMA, seed=0)
+    picks = [0, 7, 29]
+    certs = smooth.certify_many(test.x[[15 * i for i in picks]], [15 * i for i in picks],
+                                n0=100, n=200, alpha=0.001, batch_size=1000)
+    for i, cert in zip(picks, certs):
+        assert rows[i][2] == str(cert.label) and rows[i][7] == str(cert.count)
+        assert rows[i][6] == f"{cert.pA_lower:.6g}"
+
+    meta = json.load(open(reference_tsv + ".json"))
+    for key, value in {"task": "certify", "sigma": 0.25, "n0": 100, "n": 200, "alpha": 0.001, "seed": 0,
+                       "mode": "we", "precision": "fp32", "skip": 15, "max": None, "dataset": "digits",
+                       "split": "test", "batch": 1000, "device": "cpu"}.items():
+        assert meta[key] == value, key
+    assert meta["model_sha256"] == io.sha256_file(ckpt)
+    assert meta["torch_version"] == torch.__version__ and "drt_fast_version" in meta
+
+
+def test_certify_without_out_prints_summary_and_writes_nothing(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["certify", "--model", ckpt, *RUN, "--max", "4"]) == 0
+    out = capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
+    assert "rows not saved: pass --out" in out
+    assert "certified accuracy" in out and "ACR" in out and "abstain rate" in out
+    assert "inputs/s" in out and "draws/s" in out and "on cpu" in out
+    # Radii up to the largest certifiable one, sigma * Phi^-1(alpha^(1/n)) = 0.456 here.
+    assert re.search(r"^radius\s+0\.00\s+0\.25$", out, re.M)
+
+
+class _FakeTerminal(io_module.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bar_on_a_terminal_unless_quiet(ckpt, monkeypatch, capsys, quiet):
+    capsys.readouterr()
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["certify", "--model", ckpt, "--n", "200", "--skip", "90", *(["--quiet"] if quiet else [])]) == 0
+    assert ("5/5" in terminal.getvalue()) != quiet
+    assert "5/5" not in capsys.readouterr().out  # the bar never goes to stdout
+
+
+def test_predict_rows_are_cohen_predict_layout(ckpt, tmp_path, capsys):
+    out = str(tmp_path / "p.tsv")
+    # No --quiet: stderr is not a terminal here, so there is no progress bar either.
+    assert main(["predict", "--model", ckpt, "--n", "100", "--skip", "45", "--out", out]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and "accuracy" in printed.out and "10 inputs" in printed.out
+    lines = open(out).read().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [int(r[0]) for r in rows] == list(range(0, 450, 45))
+    ens, _ = checkpoint.load_ensemble(ckpt)
+    test = data.load("digits", "test")
+    labels = SmoothedClassifier(ens, 10, fx.SIGMA, seed=0).predict_many(
+        test.x[0:450:45], list(range(0, 450, 45)), n=100, alpha=0.001, batch_size=1000)
+    assert [int(r[2]) for r in rows] == labels
+    assert all(int(r[3]) == int(r[1] == r[2]) for r in rows)
+    assert sum(int(r[3]) for r in rows) >= 7
+
+
+def test_resume_after_a_cut_equals_an_uninterrupted_run(ckpt, reference_tsv, tmp_path, capsys):
+    out = str(tmp_path / "r.tsv")
+    with open(reference_tsv) as f:
+        lines = f.readlines()
+    # A run killed mid-write: 8 whole rows, then half a row.
+    with open(out, "w") as f:
+        f.writelines(lines[:9])
+        f.write(lines[9][:7])
+    with open(reference_tsv + ".json") as f:
+        meta = json.load(f)
+    io.write_json_atomic(out + ".json", meta)
+    # A different batch size is fine: results do not depend on it.
+    assert main(["certify", "--model", ckpt, *RUN, "--batch", "700", "--out", out, "--resume"]) == 0
+    assert "8 rows were already in the file" in capsys.readouterr().out
+    assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
+    # Resuming a finished file does nothing.
+    assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 0
+    assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
+
+
+def test_resume_with_larger_max_extends_the_file(ckpt, reference_tsv, tmp_path):
+    out = str(tmp_path / "r.tsv")
+    assert main(["certify", "--model", ckpt, *RUN, "--max", "5", "--out", out]) == 0
+    assert len(fx.rows_without_time(out)) == 6
+    assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 0
+    assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
+
+
+def test_existing_out_or_other_configuration_is_refused_and_kept(ckpt, reference_tsv, tmp_path, capsys):
+    out = str(tmp_path / "r.tsv")
+    with open(reference_tsv) as f:
+        content = f.read()
+    with open(out, "w") as f:
+        f.write(content)
+    with open(reference_tsv + ".json") as f:
+        sidecar = f.read()
+    with open(out + ".json", "w") as f:
+        f.write(sidecar)
+    assert main(["certify", "--model", ckpt, *RUN, "--out", out]) == 2
+    assert "already exists" in _error_line(capsys)
+    assert main(["certify", "--model", ckpt, *RUN, "--sigma", "0.5", "--out", out, "--resume"]) == 2
+    assert "sigma: 0.25 in the file, 0.5 now" in _error_line(capsys)
+    assert main(["predict", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 2
+    assert "task" in _error_line(capsys)
+    os.remove(out + ".json")
+    assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 2
+    assert "metadata file" in _error_line(capsys)
+    assert open(out).read() == content
+
+
+def test_sigkill_mid_run_then_resume_gives_the_same_rows(ckpt, tmp_path):
+    args = ["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", fx.digits_npz(), "--n", "4000",
+            "--batch", "500", "--skip", "30", "--quiet"]
+    killed = str(tmp_path / "killed.tsv")
+    env = dict(os.environ, PYTHONPATH=fx.REPO, OMP_NUM_THREADS="1")  # see cli_fixtures.one_thread
+    proc = subprocess.Popen([sys.executable, "-m", "drt_fast", *args, "--out", killed],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(killed) and open(killed).read().count("\n") >= 4:  # header + 3 rows
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    cut = len(fx.rows_without_time(killed)) - 1
+    assert 3 <= cut < 15
+    assert main([*args, "--out", killed, "--resume"]) == 0
+    full = str(tmp_path / "full.tsv")
+    assert main([*args, "--out", full]) == 0
+    assert fx.rows_without_time(killed) == fx.rows_without_time(full)
+    assert len(fx.rows_without_time(full)) == 16
+
+
+# ----------------------------------------------------------------------------- other models and data files
+
+def test_cohen_checkpoint_certifies_like_the_same_member(ckpt, tmp_path):
+    member = fx.digits_members()[0]
+    # Cohen's layout: Sequential(NormalizeLayer, model) under DataParallel, means/sds not in the state dict.
+    state = {f"module.{k}": v for k, v in member.state_dict().items() if not k.startswith("0.")}
+    cohen = str(tmp_path / "noise_0.25" / "checkpoint.pth.tar")
+    os.makedirs(os.path.dirname(cohen))
+    torch.save({"arch": "digits_cnn", "state_dict": state, "epoch": 90}, cohen)
+    ours = fx.save(tmp_path / "one.pt", [member], "digits_cnn", "digits", 10, (1, 8, 8),
+                   data.normalization("digits"))
+    a, b = str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")
+    assert main(["certify", "--model", cohen, "--dataset", "digits", *RUN, "--max", "8", "--out", a]) == 0
+    assert main(["certify", "--model", ours, *RUN, "--max", "8", "--out", b]) == 0
+    assert fx.rows_without_time(a) == fx.rows_without_time(b)
+    assert json.load(open(a + ".json"))["sigma"] == 0.25  # from the noise_0.25 folder
+
+
+def test_drt_member_files_form_one_ensemble(ckpt, reference_tsv, tmp_path, capsys):
+    # The DRT code saves one Cohen-format file per member.
+    paths = []
+    for i, member in enumerate(fx.digits_members()):
+        paths.append(str(tmp_path / f"member{i}.pth.tar"))
+        torch.save({"arch": "digits_cnn", "state_dict": member.state_dict()}, paths[-1])
+    out = str(tmp_path / "m.tsv")
+    assert main(["certify", "--model", *paths, "--sigma", "0.25", *RUN, "--max", "8", "--out", out]) == 0
+    assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)[:9]
+    assert json.load(open(out + ".json"))["model"] == paths
+    capsys.readouterr()
+    assert main(["info", *paths]) == 0
+    assert "members        2" in capsys.readouterr().out
+
+
+def _random_images(n, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def test_mnist_idx_files(tmp_path):
+    folder = fx.write_mnist(tmp_path / "mnist", _random_images(4, (28, 28)), np.array([1, 2, 3, 4], np.uint8))
+    model = fx.save(tmp_path / "lenet.pt", fx.members("lenet", 10, (0.0,), (1.0,), 1), "lenet", "mnist", 10,
+                    (1, 28, 28), ((0.0,), (1.0,)))
+    out = str(tmp_path / "m.tsv")
+    assert main(["certify", "--model", model, "--data-dir", folder, "--n0", "10", "--n", "20",
+                 "--quiet", "--out", out]) == 0
+    rows = fx.rows_without_time(out)[1:]
+    assert [r[:2] for r in rows] == [["0", "1"], ["1", "2"], ["2", "3"], ["3", "4"]]
+
+
+def test_cifar_pickle(tmp_path):
+    folder = fx.write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", _random_images(2, (3, 32, 32)), [7, 9])
+    model = fx.save(tmp_path / "r20.pt", fx.members("cifar_resnet20", 10, *data.normalization("cifar10"), 1),
+                    "cifar_resnet20", "cifar10", 10, (3, 32, 32), data.normalization("cifar10"), sigma=0.5)
+    out = str(tmp_path / "c.tsv")
+    assert main(["certify", "--model", model, "--data-dir", str(tmp_path / "cifar"), "--n0", "8", "--n", "16",
+                 "--batch", "24", "--quiet", "--out", out]) == 0
+    assert [r[:2] for r in fx.rows_without_time(out)[1:]] == [["0", "7"], ["1", "9"]]
+    assert json.load(open(out + ".json"))["sigma"] == 0.5  # the checkpoint's training sigma
+
+
+def test_npz_with_idx_uses_the_dataset_index(ckpt, reference_tsv, tmp_path):
+    test = data.load("digits", "test")
+    rows = [30, 60, 90]
+    npz = fx.write_npz(tmp_path / "subset.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                       num_classes=10)
+    out = str(tmp_path / "s.tsv")
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", npz, "--n", "200", "--quiet",
+                 "--out", out]) == 0
+    ours = fx.rows_without_time(out)[1:]
+    ref = {r[0]: r for r in fx.rows_without_time(reference_tsv)[1:]}
+    assert [r[0] for r in ours] == ["30", "60", "90"]
+    assert ours == [ref[r[0]] for r in ours]  # same noise: the key is the dataset index
+
+
+def test_info(ckpt, capsys):
+    assert main(["info", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "digits_cnn" in out and "members        2" in out
+
+
+def test_default_model_and_data_come_from_the_assets_folder(ckpt, tmp_path, monkeypatch, capsys):
+    """The resolution logic, on a stand-in assets folder (the real one is tested below)."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    test = data.load("digits", "test")
+    rows = list(range(100, 120))
+    fx.write_npz(assets / "test.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                 num_classes=10)
+    with open(ckpt, "rb") as src, open(assets / "m.pt", "wb") as dst:
+        dst.write(src.read())
+    (assets / "default.json").write_text(json.dumps(
+        {"model": "m.pt", "data": "test.npz", "sigma": 0.5, "skip": 4, "max": 3, "recipe": "drt-fast train ..."}))
+    monkeypatch.setattr("drt_fast.cli.ASSETS", assets)
+    out = str(tmp_path / "d.tsv")
+    assert main(["certify", "--n", "100", "--quiet", "--out", out]) == 0
+    assert [r[0] for r in fx.rows_without_time(out)[1:]] == ["100", "104", "108"]
+    meta = json.load(open(out + ".json"))
+    assert (meta["sigma"], meta["skip"], meta["max"], meta["dataset"]) == (0.5, 4, 3, "npz")
+    # Explicit options win over the defaults.
+    out2 = str(tmp_path / "d2.tsv")
+    assert main(["certify", "--n", "100", "--quiet", "--skip", "10", "--max", "5", "--sigma", "0.25",
+                 "--out", out2]) == 0
+    assert [r[0] for r in fx.rows_without_time(out2)[1:]] == ["100", "110"]
+    assert json.load(open(out2 + ".json"))["sigma"] == 0.25
+    capsys.readouterr()
+    monkeypatch.setattr("drt_fast.cli.ASSETS", tmp_path / "empty")
+    assert main(["certify", "--n", "100"]) == 2
+    assert "--model" in _error_line(capsys)
+
+
+@pytest.mark.skipif(not (ASSETS / "default.json").exists(), reason="embedded default not built yet")
+def test_embedded_default_runs_without_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["certify", "--n", "100", "--max", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "3 inputs" in out and "rows not saved" in out
+    assert os.listdir(tmp_path) == []
+    assert main(["info"]) == 0
+    assert "default.pt" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--n", "0", "--n must be >= 1"),
+    ("--n0", "0", "--n0 must be >= 1"),
+    ("--alpha", "0", "--alpha must lie in (0, 1)"),
+    ("--alpha", "1.5", "--alpha must lie in (0, 1)"),
+    ("--alpha", "nan", "--alpha must lie in (0, 1)"),
+    ("--sigma", "0", "--sigma must be > 0"),
+    ("--sigma", "-0.25", "--sigma must be > 0"),
+    ("--batch", "0", "--batch must be >= 1"),
+    ("--skip", "0", "--skip must be >= 1"),
+    ("--max", "0", "--max must be >= 1"),
+    ("--seed", "-1", "--seed must lie in"),
+])
+def test_bad_numbers_one_line_before_any_work(flag, value, message, capsys):
+    # The model does not exist: the numbers are checked first.
+    assert main(["certify", "--model", "/nonexistent.pt", flag, value]) == 2
+    assert message in _error_line(capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--mode", "avg"), ("--dataset", "svhn"), ("--device", "tpu"),
+                                         ("--precision", "fp8")])
+def test_unknown_choices_are_argparse_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["certify", flag, value])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(ckpt, capsys):
+    assert main(["certify", "--model", ckpt, "--device", "cuda", *RUN]) == 2
+    assert "no CUDA device" in _error_line(capsys)
+
+
+def test_bad_checkpoints(ckpt, tmp_path, capsys):
+    assert main(["certify", "--model", str(tmp_path / "missing.pt"), *RUN]) == 2
+    assert "does not exist" in _error_line(capsys)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(os.urandom(2000))
+    assert main(["certify", "--model", str(corrupt), *RUN]) == 2
+    assert "corrupt.pt" in _error_line(capsys)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(ckpt, "rb").read()[:5000])
+    assert main(["certify", "--model", str(truncated), *RUN]) == 2
+    assert "truncated.pt" in _error_line(capsys)
+    assert main(["info", str(corrupt)]) == 2
+    assert "corrupt.pt" in _error_line(capsys)
+
+
+def test_checkpoint_that_does_not_fit_the_data(ckpt, tmp_path, capsys):
+    test = data.load("digits", "test")
+    three = fx.write_npz(tmp_path / "three.npz", test.x[:6].numpy(), np.arange(6) % 3)
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", three, *RUN]) == 2
+    assert "10 classes" in _error_line(capsys)
+    big = fx.write_npz(tmp_path / "big.npz", np.zeros((2, 1, 28, 28), np.float32), np.array([0, 9]))
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", big, *RUN]) == 2
+    assert "shape" in _error_line(capsys)
+
+
+def test_data_in_the_wrong_format(ckpt, tmp_path, capsys):
+    text = tmp_path / "notes.npz"
+    text.write_text("not a numpy archive")
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", str(text), *RUN]) == 2
+    assert "notes.npz" in _error_line(capsys)
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01garbage")
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01garbage")
+    assert main(["certify", "--model", ckpt, "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"),
+                 *RUN]) == 2
+    assert "idx" in _error_line(capsys)
+    assert main(["certify", "--model", ckpt, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"),
+                 *RUN]) == 2
+    assert "nowhere" in _error_line(capsys)
+
+
+def test_unwritable_output_fails_before_any_work(ckpt, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    assert main(["certify", "--model", ckpt, *RUN, "--out", str(blocker / "r.tsv")]) == 2
+    assert "cannot write" in _error_line(capsys)
+    assert main(["certify", "--model", ckpt, *RUN, "--out", str(tmp_path / "no" / "r.tsv")]) == 2
+    assert "cannot write" in _error_line(capsys)
+    assert main(["certify", "--model", ckpt, *RUN, "--resume"]) == 2
+    assert "--resume needs --out" in _error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["file"] and blocker.read_text() == "keep"
+
+
+def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
+    real = SmoothedClassifier.certify_many
+
+    def nan_at_idx_90(self, xs, keys, *args, **kw):
+        if 90 in list(keys):
+            raise NonFiniteLogitsError("model produced NaN/inf logits on 300 of 300 noisy draws of input 90")
+        return real(self, xs, keys, *args, **kw)
+
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", nan_at_idx_90)
+    out = str(tmp_path / "r.tsv")
+    assert main(["certify", "--model", ckpt, *RUN, "--batch", "300", "--out", out]) == 2
+    assert "NaN/inf logits" in _error_line(capsys)
+    assert [r[0] for r in fx.rows_without_time(out)[1:]] == ["0", "15", "30", "45", "60", "75"]
+
+
+def test_keyboard_interrupt_exits_130_and_keeps_rows(ckpt, tmp_path, monkeypatch, capsys):
+    real = SmoothedClassifier.certify_many
+
+    def interrupt_at_idx_45(self, xs, keys, *args, **kw):
+        if 45 in list(keys):
+            raise KeyboardInterrupt
+        return real(self, xs, keys, *args, **kw)
+
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", interrupt_at_idx_45)
+    out = str(tmp_path / "r.tsv")
+    assert main(["certify", "--model", ckpt, *RUN, "--batch", "300", "--out", out]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert [r[0] for r in fx.rows_without_time(out)[1:]] == ["0", "15", "30"]
+
+
+def test_real_nan_model_in_a_subprocess_one_line_no_traceback(tmp_path):
+    member = fx.members("digits_cnn", 10, *data.normalization("digits"), 1)[0]
+    with torch.no_grad():
+        member[1].fc.bias.fill_(float("nan"))
+    model = fx.save(tmp_path / "nan.pt", [member], "digits_cnn", "digits", 10, (1, 8, 8),
+                    data.normalization("digits"))
+    out = tmp_path / "r.tsv"
+    proc = fx.run_cli("certify", "--model", model, "--dataset", "npz", "--data-dir", fx.digits_npz(), *RUN,
+                      "--out", out)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("drt-fast: error: ") and "NaN" in proc.stderr
+    assert out.read_text().startswith("idx\tlabel")  # header kept, nothing lost
+
+
+def test_subprocess_bad_number_exit_code():
+    proc = fx.run_cli("certify", "--n", "0")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "drt-fast: error: --n must be >= 1, got 0\n"

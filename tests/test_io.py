@@ -1,0 +1,111 @@
+"""Results TSV rows, sidecar and resume bookkeeping (drt_fast.io)."""
+import json
+import os
+import re
+
+import pytest
+
+from drt_fast import io
+from drt_fast.errors import DrtFastError
+from drt_fast.smoothing import Certificate
+
+
+def test_certify_row_is_cohen_format_with_extra_columns():
+    cert = Certificate(label=3, radius=0.123456, pA_lower=0.7312345678, count=912, n=1000)
+    row = io.certify_row(17, 3, cert, seconds=1.5)
+    fields = row.rstrip("\n").split("\t")
+    assert row.endswith("\n") and len(fields) == len(io.CERTIFY_COLUMNS)
+    # Cohen: "{}\t{}\t{}\t{:.3}\t{}\t{}".format(i, label, prediction, radius, correct, time)
+    assert fields[:6] == ["17", "3", "3", "0.123", "1", "0:00:01.500000"]
+    assert fields[6:] == ["0.731235", "912", "1000"]
+
+
+def test_abstain_and_wrong_rows_are_not_correct():
+    abstain = Certificate(label=-1, radius=0.0, pA_lower=0.3, count=300, n=1000)
+    fields = io.certify_row(5, 2, abstain, 0.25).split("\t")
+    assert fields[2:5] == ["-1", "0.0", "0"]
+    wrong = Certificate(label=1, radius=2.0, pA_lower=0.99, count=999, n=1000)
+    assert io.certify_row(5, 2, wrong, 0.25).split("\t")[4] == "0"
+
+
+def test_predict_row_is_cohen_predict_layout():
+    assert io.predict_row(4, 7, 7, 0.0).split("\t") == ["4", "7", "7", "1", "0:00:00\n"]
+    assert io.predict_row(4, 7, -1, 2.25).rstrip("\n").split("\t") == ["4", "7", "-1", "0", "0:00:02.250000"]
+
+
+def test_time_format_is_str_of_timedelta():
+    assert io.format_time(3723.000001) == "1:02:03.000001"
+    assert re.fullmatch(r"\d+:\d\d:\d\d(\.\d{6})?", io.format_time(0.1234567))
+
+
+def test_open_results_writes_header_and_resume_drops_partial_line(tmp_path):
+    out = str(tmp_path / "r.tsv")
+    f = io.open_results(out, "certify", resume=False)
+    cert = Certificate(1, 0.5, 0.9, 90, 100)
+    f.append(io.certify_row(0, 1, cert, 0.1))
+    f.append(io.certify_row(3, 1, cert, 0.1))
+    f.close()
+    with open(out, "a") as g:
+        g.write("6\t1\t1\t0.")  # a row cut short by SIGKILL
+    f = io.open_results(out, "certify", resume=True)
+    assert f.done == {0, 3}
+    f.close()
+    with open(out) as g:
+        lines = g.read().splitlines()
+    assert lines[0] == "\t".join(io.CERTIFY_COLUMNS) and len(lines) == 3
+
+
+def test_resume_refuses_a_file_of_the_other_task(tmp_path):
+    out = str(tmp_path / "r.tsv")
+    io.open_results(out, "predict", resume=False).close()
+    with pytest.raises(DrtFastError, match="header"):
+        io.open_results(out, "certify", resume=True)
+
+
+def test_resume_compatibility_ignores_batch_device_and_max():
+    old = {k: 1 for k in io.RESUME_KEYS} | {"batch": 1000, "device": "cpu", "max": 10}
+    io.check_resume_compatible(old, old | {"batch": 7, "device": "cuda:0", "max": 20}, "r.tsv")
+    with pytest.raises(DrtFastError, match=r"sigma: 1 in the file, 0.5 now"):
+        io.check_resume_compatible(old, old | {"sigma": 0.5}, "r.tsv")
+
+
+def test_check_writable_refuses_existing_and_unwritable(tmp_path):
+    out = tmp_path / "r.tsv"
+    io.check_writable(str(out), resume=False)
+    assert os.listdir(tmp_path) == []  # the probe leaves nothing behind
+    out.write_text("x")
+    with pytest.raises(DrtFastError, match="already exists"):
+        io.check_writable(str(out), resume=False)
+    io.check_writable(str(out), resume=True)
+    with pytest.raises(DrtFastError, match="cannot write"):
+        io.check_writable(str(out / "inside-a-file.tsv"), resume=False)
+    with pytest.raises(DrtFastError, match="cannot write"):
+        io.check_writable(str(tmp_path / "no" / "such" / "dir.tsv"), resume=False)
+    assert out.read_text() == "x"
+
+
+def test_sidecar_written_atomically(tmp_path):
+    out = str(tmp_path / "r.tsv")
+    io.write_json_atomic(io.sidecar_path(out), {"sigma": 0.25})
+    io.write_json_atomic(io.sidecar_path(out), {"sigma": 0.5})
+    assert io.read_sidecar(out) == {"sigma": 0.5}
+    assert sorted(os.listdir(tmp_path)) == ["r.tsv.json"]  # no temp file left
+    (tmp_path / "r.tsv.json").write_text("{not json")
+    with pytest.raises(DrtFastError, match="cannot read"):
+        io.read_sidecar(out)
+
+
+def test_read_results_by_column_name(tmp_path):
+    p = tmp_path / "cohen.tsv"
+    p.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+                 "0\t1\t1\t0.52\t1\t0:00:01.1\n"
+                 "10\t2\t-1\t0.0\t0\t0:00:01.2\n")
+    r = io.read_results(str(p))
+    assert (r.idx, r.radius, r.correct, r.predict) == ([0, 10], [0.52, 0.0], [1, 0], [1, -1])
+    p.write_text("idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0:00:01\n")
+    with pytest.raises(DrtFastError, match="radius"):
+        io.read_results(str(p))
+    p.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\tone\t0.5\t1\t0:00:01\n")
+    with pytest.raises(DrtFastError, match="line 2"):
+        io.read_results(str(p))
+    json.dumps(r.__dict__)  # plain Python values
