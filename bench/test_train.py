@@ -1,0 +1,94 @@
+"""DRT training step vs Gaussian-augmentation step, 3 members, same batch and m.
+
+The DRT step adds the double backward of GD (input gradients built with create_graph=True,
+then differentiated again); the issue asks for a DRT/Gaussian step-time ratio of at most 4.
+Both steps run in the same process on the same members and batch, timed alternately round
+by round; the ratio uses the fastest round of each. Peak memory: GPU cases record
+torch.cuda.max_memory_allocated per step kind; on CPU it is not measured (VmHWM is a
+process-wide high-water mark and cannot be attributed to one step kind in one process).
+
+    PYTHONPATH=. python -m pytest bench/test_train.py --benchmark-only -s
+"""
+import contextlib
+import os
+import time
+
+import pytest
+import torch
+
+from drt_fast import data as df_data
+from drt_fast import models as df_models
+from drt_fast.train.trainer import TrainConfig, _Step
+
+ENFORCE = os.environ.get("DRT_BENCH_ENFORCE") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+CASES = [  # arch, inputs per step, m, device
+    pytest.param("digits_cnn", 64, 4, "cpu", id="digits_cnn-cpu"),
+    pytest.param("cifar_resnet20", 8, 2, "cpu", id="resnet20-cpu"),
+    pytest.param("cifar_resnet110", 64, 2, "cuda", id="resnet110-cuda",
+                 marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
+]
+
+
+def make_step(trainer, arch, batch, m, device):
+    """A closure doing one full optimizer step of ``trainer`` on 3 random ``arch`` members."""
+    torch.manual_seed(0)
+    means, sds = df_data.normalization(df_models.default_dataset(arch))
+    members = [df_models.with_normalization(df_models.create(arch, 10), means, sds).to(device).train()
+               for _ in range(3)]
+    config = TrainConfig(trainer=trainer, arch=arch, sigma=0.25, rho1=0.5, rho2=2.0, m=m)
+    step = _Step(config, members)
+    params = [p for f in members for p in f.parameters()]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    x = torch.rand((batch, *df_models.input_shape(arch)), device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    # the trainer's AMP on CUDA (bf16 autocast); plain fp32 on CPU
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
+                else contextlib.nullcontext)
+
+    def run():
+        loss, _ = step(x, y, gen, autocast)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def fastest(fn, rounds, per_round):
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        best = min(best, (time.perf_counter() - t) / per_round)
+    return best
+
+
+@pytest.mark.parametrize("arch, batch, m, device", CASES)
+def test_drt_step_over_gaussian_step(benchmark, arch, batch, m, device):
+    drt = make_step("drt", arch, batch, m, device)
+    gauss = make_step("gaussian", arch, batch, m, device)
+    peak = {}
+    for name, fn in (("gaussian", gauss), ("drt", drt)):
+        fn()                                             # warm-up (and CUDA peak memory)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            peak[name] = torch.cuda.max_memory_allocated() / 2**20
+    t_gauss, t_drt = [], []
+    for _ in range(5):                                   # alternate so both see the same load
+        t_gauss.append(fastest(gauss, 1, 3))
+        t_drt.append(fastest(drt, 1, 3))
+    ratio = min(t_drt) / min(t_gauss)
+    benchmark.extra_info.update({"drt_s": min(t_drt), "gaussian_s": min(t_gauss),
+                                 "ratio_drt_over_gaussian": ratio, "device": device,
+                                 "peak_MiB": peak or "not measured on CPU"})
+    benchmark.pedantic(drt, rounds=3, iterations=1)
+    print(f"\n{arch} {device}: gaussian {1e3 * min(t_gauss):.1f} ms, drt {1e3 * min(t_drt):.1f} ms, "
+          f"ratio {ratio:.2f}" + (f", peak MiB {peak}" if peak else ""))
+    if ENFORCE:
+        assert ratio <= 4.0

@@ -1,0 +1,105 @@
+"""``drt-fast train`` and ``drt-fast diagnose``: parse, call drt_fast.train, print."""
+from __future__ import annotations
+
+import os
+import shlex
+
+from ..errors import DrtFastError
+from .losses import GD_NORMS
+from .trainer import LR_SCHEDULES, TRAINERS, TrainConfig
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` and ``diagnose`` sub-commands to the ``drt-fast`` parser."""
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train", help="train an ensemble: Gaussian, SmoothAdv, DRT, DRT-SmoothAdv",
+        description="Train M members jointly; loss = sum_i CE_i (+ rho1*GD - rho2*CM for DRT) on "
+                    "noisy inputs. Writes a drt-fast ensemble checkpoint after every epoch.")
+    p.add_argument("--dataset", default=d.dataset, help=f"dataset name (default: {d.dataset})")
+    p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
+    p.add_argument("--arch", default=d.arch, help=f"member architecture (default: {d.arch})")
+    p.add_argument("--members", type=int, default=d.members, help=f"ensemble size (default: {d.members})")
+    p.add_argument("--sigma", type=float, required=True, help="training noise level, pixels")
+    p.add_argument("--trainer", choices=TRAINERS, default=d.trainer, help=f"default: {d.trainer}")
+    p.add_argument("--rho1", type=float, default=d.rho1, help="weight of GD (default: 0)")
+    p.add_argument("--rho2", type=float, default=d.rho2, help="weight of CM (default: 0)")
+    p.add_argument("--gd-norm", choices=GD_NORMS, default=d.gd_norm,
+                   help="GD as ||g_i+g_j|| (l2, the paper) or its square (sq, the public code)")
+    p.add_argument("--m", type=int, default=d.m, help="noise vectors per input (default: 1)")
+    p.add_argument("--eps", type=float, default=d.eps, help="SmoothAdv L2 radius, pixels (default: 0.25)")
+    p.add_argument("--steps", type=int, default=d.steps, help="SmoothAdv PGD steps (default: 1)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"initial SGD learning rate (default: {d.lr})")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="step: x0.1 at 50%% and 75%% of the epochs; cosine (default: step)")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"inputs per step (default: {d.batch})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default: {d.weight_decay}")
+    p.add_argument("--init", metavar="CKPT", help="start from this drt-fast ensemble (e.g. Gaussian base)")
+    p.add_argument("--out", metavar="CKPT", required=True, help="output ensemble checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run that wrote --out")
+    p.add_argument("--seed", type=int, default=d.seed, help="default: 0")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:i (default: auto)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")
+    p.add_argument("--log", metavar="FILE", help="append one JSON line per epoch here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser(
+        "diagnose", help="member gradient cosines and margins on noisy inputs",
+        description="Per member pair the mean cosine of margin input-gradients, per member and "
+                    "for the ensemble the mean confidence margin and accuracy, on noisy inputs.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--dataset", help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
+    p.add_argument("--split", default="test", help="default: test")
+    p.add_argument("--sigma", type=float, help="default: the checkpoint's training sigma")
+    p.add_argument("--n-inputs", type=int, default=500, help="first N inputs of the split (default: 500)")
+    p.add_argument("--noise-draws", type=int, default=8, help="noise vectors per input (default: 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:i (default: cpu)")
+    p.set_defaults(func=run_diagnose)
+
+
+def run_train(args) -> int:
+    from .trainer import train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    values = {k: v for k, v in vars(args).items() if k in fields and k != "command"}
+    argv = getattr(args, "argv", None)
+    values["command"] = "drt-fast " + shlex.join(argv) if argv is not None else None
+    path = train(TrainConfig(**values))
+    if not args.quiet:
+        print(f"wrote {path}")
+    return 0
+
+
+def run_diagnose(args) -> int:
+    import torch
+
+    from .. import data
+    from ..checkpoint import load_ensemble
+    from .diagnose import diagnose, format_table
+
+    if args.n_inputs < 1 or args.noise_draws < 1:
+        raise DrtFastError(f"--n-inputs and --noise-draws must be >= 1, got {args.n_inputs} and "
+                           f"{args.noise_draws}")
+    if not os.path.isfile(args.checkpoint):
+        raise DrtFastError(f"checkpoint {args.checkpoint} does not exist")
+    ensemble, meta = load_ensemble(args.checkpoint)
+    dataset = args.dataset or meta.get("dataset")
+    sigma = args.sigma if args.sigma is not None else meta.get("sigma")
+    if dataset is None:
+        raise DrtFastError(f"checkpoint {args.checkpoint} does not name its dataset; pass --dataset")
+    if sigma is None or not sigma > 0:
+        raise DrtFastError(f"need a noise level sigma > 0 (pass --sigma), got {sigma!r}")
+    ds = data.load(dataset, args.split, args.data_dir)
+    device = torch.device(args.device)
+    members = [f.to(device) for f in ensemble.members]
+    n = min(args.n_inputs, len(ds))
+    x, y = ds.x[:n].to(device), ds.y[:n].to(device)
+    result = diagnose(members, x, y, float(sigma), noise_draws=args.noise_draws, seed=args.seed)
+    print(f"{args.checkpoint}: {len(members)} members, {dataset} {args.split} "
+          f"(first {n} inputs), sigma {sigma}")
+    print(format_table(result))
+    return 0

@@ -1,0 +1,432 @@
+"""The training loop behind ``drt-fast train``: Gaussian, SmoothAdv, DRT, DRT-SmoothAdv.
+
+All members train jointly in one loop over the same batches:
+
+* ``gaussian``  — Cohen: sum_i CE(f_i(x + eps_i), y), each member with its own noise;
+* ``smoothadv`` — Salman: per member, PGD on that member's smoothed soft classifier with m
+  noise draws, then CE on the adversarial point plus the same draws;
+* ``drt``       — sum_i CE(f_i(x + eps), y) + rho1 * GD - rho2 * CM on m noisy copies per
+  input shared by all members (GD compares the members at the same points);
+* ``drt-smoothadv`` — as ``drt``, on PGD points of the smoothed *ensemble* (average of the
+  members' softmax over the m draws) so that all members are regularized at one point.
+
+Determinism: the data order and all noise of epoch e come from generators seeded by
+(seed, e) (and the rank under torchrun), the learning rate is a pure function of the epoch,
+and the checkpoint written at the end of each epoch holds the weights and the optimizer's
+momentum. So ``--resume`` after any finished epoch gives the weights of an uninterrupted run
+(bit-identical on CPU).
+
+Files: ``out`` is a drt-fast ensemble checkpoint (``checkpoint.save_ensemble``), rewritten
+atomically after every epoch; ``out + ".state.pt"`` holds what resuming needs (epoch,
+optimizer, config); ``log`` gets one JSON line per epoch.
+
+Multi-process (``torchrun``, gloo on CPU / nccl on CUDA): every rank takes a disjoint share
+of each batch with its own noise, and the gradients are averaged with ``all_reduce`` after
+``backward``. (DistributedDataParallel is not used: its hooks do not support the double
+backward of GD.) Rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DrtFastError
+from .losses import GD_NORMS, drt_terms_from_logits, gaussian_loss, member_forward
+from .smoothadv import pgd_smoothed
+
+TRAINERS = ("gaussian", "smoothadv", "drt", "drt-smoothadv")
+LR_SCHEDULES = ("step", "cosine")
+
+# Config fields that may differ between a run and its resumption (they do not change the
+# weights); every other field must match the checkpoint being resumed.
+_RESUME_FREE = ("out", "resume", "quiet", "log", "device", "data_dir", "command", "amp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the CLI's flags; see ``drt-fast train -h``)."""
+
+    dataset: str = "digits"
+    arch: str = "digits_cnn"
+    members: int = 3
+    sigma: float = 0.25              # noise level (pixels)
+    trainer: str = "gaussian"
+    rho1: float = 0.0                # weight of GD
+    rho2: float = 0.0                # weight of CM
+    gd_norm: str = "l2"
+    m: int = 1                       # noise vectors per input
+    eps: float = 0.25                # SmoothAdv L2 radius (pixels)
+    steps: int = 1                   # SmoothAdv PGD steps
+    epochs: int = 10
+    lr: float = 0.1
+    lr_schedule: str = "step"        # step: x0.1 at 50 % and 75 % of the epochs
+    batch: int = 64                  # inputs per step (each gives m noisy copies)
+    weight_decay: float = 1e-4
+    init: str | None = None          # drt-fast ensemble to start from
+    out: str = "ensemble.pt"
+    data_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    log: str | None = None
+    quiet: bool = False
+    amp: bool = True                 # autocast on CUDA (bf16 where supported, else fp16)
+    command: str | None = None       # the command line, for the record
+
+    def validate(self) -> None:
+        """Raise DrtFastError on any value a run cannot use (before anything is written)."""
+        def bad(what, value):
+            raise DrtFastError(f"{what}, got {value!r}")
+
+        if self.trainer not in TRAINERS:
+            bad(f"--trainer must be one of {', '.join(TRAINERS)}", self.trainer)
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
+            bad("--sigma must be a finite number > 0", self.sigma)
+        for name in ("rho1", "rho2", "weight_decay", "eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                bad(f"--{name.replace('_', '-')} must be a finite number >= 0", v)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("--lr must be a finite number > 0", self.lr)
+        for name in ("members", "m", "epochs", "batch", "steps"):
+            if getattr(self, name) < 1:
+                bad(f"--{name} must be >= 1", getattr(self, name))
+        if self.trainer.startswith("drt") and self.members < 2:
+            bad("the DRT trainers compare members and need --members >= 2", self.members)
+        if self.gd_norm not in GD_NORMS:
+            bad(f"--gd-norm must be one of {', '.join(GD_NORMS)}", self.gd_norm)
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        if self.seed < 0:
+            bad("--seed must be >= 0", self.seed)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad("--device must be auto, cpu or cuda[:i]", self.device)
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of (0-based) ``epoch``: a pure function, so resuming needs no scheduler state."""
+    if config.lr_schedule == "cosine":
+        return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+    drops = sum(epoch >= math.ceil(f * config.epochs) for f in (0.5, 0.75))
+    return config.lr * 0.1 ** drops
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed for (seed, epoch, rank): independent streams, no arithmetic collisions."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def state_path(out: str) -> str:
+    """Where the resumable training state of ``out`` lives."""
+    return out + ".state.pt"
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DrtFastError(f"--device {name} asked for CUDA, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _check_writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise DrtFastError(f"output directory {directory} does not exist (for {path})")
+    if not os.access(directory, os.W_OK):
+        raise DrtFastError(f"output directory {directory} is not writable (for {path})")
+    if os.path.isdir(path):
+        raise DrtFastError(f"output {path} is a directory; expected a file path")
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _RESUME_FREE}
+
+
+def build_members(config: TrainConfig, num_classes: int, normalization) -> list[nn.Module]:
+    """M fresh members ``Sequential(NormalizeLayer, arch)``, initialized from ``config.seed``."""
+    from .. import models
+
+    torch.manual_seed(config.seed)
+    means, sds = normalization
+    return [models.with_normalization(models.create(config.arch, num_classes), means, sds)
+            for _ in range(config.members)]
+
+
+def _load_init(config: TrainConfig, members: list[nn.Module]) -> None:
+    """Copy the weights of the ``--init`` ensemble into ``members`` (same arch, dataset, M)."""
+    from ..checkpoint import load_ensemble
+
+    if not os.path.isfile(config.init):
+        raise DrtFastError(f"--init checkpoint {config.init} does not exist")
+    ens, meta = load_ensemble(config.init)
+    for key in ("arch", "dataset"):
+        if meta.get(key) != getattr(config, key):
+            raise DrtFastError(f"--init {config.init} has {key} {meta.get(key)!r}, "
+                               f"this run has {getattr(config, key)!r}")
+    if len(ens.members) != len(members):
+        raise DrtFastError(f"--init {config.init} has {len(ens.members)} members, "
+                           f"this run has --members {len(members)}")
+    for dst, src in zip(members, ens.members):
+        dst.load_state_dict(src.state_dict())
+
+
+@torch.no_grad()
+def clean_accuracy(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                   batch: int = 1000) -> float:
+    """Accuracy of the clean WE ensemble (mean of member softmax) on x [N, *S], y [N]."""
+    modes = [f.training for f in members]
+    for f in members:
+        f.eval()
+    correct = 0
+    for s in range(0, len(x), batch):
+        xb = x[s:s + batch]
+        p = torch.stack([torch.softmax(f(xb).float(), 1) for f in members]).mean(0)
+        correct += int((p.argmax(1) == y[s:s + batch]).sum())
+    for f, mode in zip(members, modes):
+        f.train(mode)
+    return correct / max(1, len(x))
+
+
+class _Step:
+    """One optimization step's loss for the configured trainer (returns loss and statistics)."""
+
+    def __init__(self, config: TrainConfig, members: list[nn.Module]):
+        self.c = config
+        self.members = members
+
+    def _set_train(self, mode: bool) -> None:
+        for f in self.members:
+            f.train(mode)
+
+    def __call__(self, x, y, gen, autocast):
+        c, M = self.c, len(self.members)
+        y_rep = y.repeat_interleave(c.m)
+        x_rep = x.repeat_interleave(c.m, dim=0)
+
+        def noise():
+            return c.sigma * torch.randn(x_rep.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+        stats = {"gd": 0.0, "cm": 0.0}
+        if c.trainer in ("gaussian", "smoothadv"):
+            ce_total, correct = 0.0, 0
+            loss = 0.0
+            for f in self.members:
+                if c.trainer == "smoothadv":
+                    eps_i = noise()
+                    self._set_train(False)
+                    x_adv = pgd_smoothed([f], x, y, eps_i, c.m, c.eps, c.steps)
+                    self._set_train(True)
+                    with autocast():
+                        logits = f(x_adv.repeat_interleave(c.m, dim=0) + eps_i)
+                        ce = F.cross_entropy(logits.float(), y_rep)
+                else:
+                    with autocast():
+                        ce, logits = gaussian_loss(f, x_rep, y_rep, c.sigma, gen)
+                loss = loss + ce
+                ce_total += ce.item()
+                correct += int((logits.argmax(1) == y_rep).sum())
+            stats.update(ce=ce_total / M, acc=correct / (M * len(y_rep)))
+            return loss, stats
+
+        # DRT: the same noisy copies for every member
+        eps = noise()
+        if c.trainer == "drt-smoothadv":
+            self._set_train(False)
+            x_adv = pgd_smoothed(self.members, x, y, eps, c.m, c.eps, c.steps)
+            self._set_train(True)
+            x_noisy = x_adv.repeat_interleave(c.m, dim=0) + eps
+        else:
+            x_noisy = x_rep + eps
+        with autocast():
+            views, logits = member_forward(self.members, x_noisy)
+            logits = [z.float() for z in logits]
+            ces = [F.cross_entropy(z, y_rep) for z in logits]
+            need_terms = c.rho1 > 0 or c.rho2 > 0
+            if need_terms:
+                gd, cm = drt_terms_from_logits(views, logits, y_rep, c.gd_norm,
+                                               compute_gd=c.rho1 > 0)
+            loss = torch.stack(ces).sum()
+            if need_terms:
+                loss = loss + c.rho1 * gd - c.rho2 * cm
+                stats.update(gd=gd.item(), cm=cm.item())
+        correct = sum(int((z.argmax(1) == y_rep).sum()) for z in logits)
+        stats.update(ce=float(torch.stack(ces).detach().mean()), acc=correct / (M * len(y_rep)))
+        return loss, stats
+
+
+def _log_line(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig) -> str:
+    """Train (or resume) the ensemble ``config`` describes; return the checkpoint path.
+
+    Everything a user can get wrong is checked before the first file is written.
+    """
+    from .. import data as data_mod
+    from .. import distributed, models
+    from ..checkpoint import save_ensemble
+    from ..ensemble import Ensemble
+
+    config.validate()
+    models.input_shape(config.arch)                       # unknown arch -> DrtFastError
+    group = distributed.from_env()
+    device = distributed.init(group, _resolve_device(config.device))
+    _check_writable(config.out)
+    if config.log:
+        _check_writable(config.log)
+
+    train_set = data_mod.load(config.dataset, "train", config.data_dir)
+    test_set = data_mod.load(config.dataset, "test", config.data_dir)
+    if not isinstance(train_set.x, torch.Tensor):
+        raise DrtFastError(f"training needs a dataset held in memory; {config.dataset} is read "
+                           f"lazily from image folders (convert it to an .npz and use --dataset npz)")
+    expected = tuple(models.input_shape(config.arch))
+    if tuple(train_set.x.shape[1:]) != expected:
+        raise DrtFastError(f"--arch {config.arch} expects inputs of shape {list(expected)}, "
+                           f"dataset {config.dataset} has {list(train_set.x.shape[1:])}")
+    members = build_members(config, train_set.num_classes, train_set.normalization)
+
+    params = [p for f in members for p in f.parameters()]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
+                                weight_decay=config.weight_decay)
+    record = dataclasses.asdict(config)
+    start_epoch = 0
+    if config.resume:
+        path = state_path(config.out)
+        if not os.path.isfile(path):
+            raise DrtFastError(f"--resume: no training state {path} next to {config.out}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = state["config"]
+        except Exception as e:  # a corrupt or foreign file
+            raise DrtFastError(f"--resume: cannot read training state {path}: {e}") from None
+        diff = {k: (saved.get(k), v) for k, v in _comparable(record).items() if saved.get(k) != v}
+        if diff:
+            shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise DrtFastError(f"--resume: {path} was written by a different run ({shown})")
+        for f, sd in zip(members, state["members"]):
+            f.load_state_dict(sd)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+    elif config.init:
+        _load_init(config, members)
+
+    for f in members:
+        f.to(device).train()
+    x_train, y_train = train_set.x.to(device), train_set.y.to(device)
+    x_test, y_test = test_set.x.to(device), test_set.y.to(device)
+    step = _Step(config, members)
+    autocast = _autocast_factory(config, device)
+
+    def save(epoch: int) -> None:
+        cpu_members = [{k: v.detach().cpu() for k, v in f.state_dict().items()} for f in members]
+        _atomic_torch_save({"config": record, "epoch": epoch, "members": cpu_members,
+                            "optimizer": optimizer.state_dict()}, state_path(config.out))
+        ensemble = Ensemble([_cpu_copy(f) for f in members])
+        save_ensemble(config.out, ensemble, arch=config.arch, dataset=config.dataset,
+                      num_classes=train_set.num_classes, input_shape=list(expected),
+                      normalization=train_set.normalization, sigma=config.sigma,
+                      train_config={**record, "epochs_done": epoch})
+
+    n_train = len(y_train)
+    per_rank = -(-config.batch // group.world_size)
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.time()
+        lr = lr_at(config, epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(epoch_seed(config.seed, epoch, group.rank))   # anything on the global RNG
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
+            epoch_seed(config.seed, epoch))).to(device)
+        gen = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch, group.rank + 1))
+        totals = {"ce": 0.0, "gd": 0.0, "cm": 0.0, "acc": 0.0}
+        n_steps = 0
+        # under torchrun a last partial batch could leave a rank without inputs: drop it
+        last = n_train - config.batch + 1 if group.active else n_train
+        batches = range(0, max(1, last), config.batch)
+        bar = _progress(batches, config, group, epoch)
+        for s in bar:
+            idx = order[s:s + config.batch][group.rank * per_rank:(group.rank + 1) * per_rank]
+            loss, stats = step(x_train[idx], y_train[idx], gen, autocast)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            if group.active:
+                _all_reduce_mean([p.grad for p in params])
+            optimizer.step()
+            for k in totals:
+                totals[k] += stats.get(k, 0.0)
+            n_steps += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(ce=f"{stats['ce']:.3f}", gd=f"{stats['gd']:.3f}", cm=f"{stats['cm']:.3f}")
+        means = {k: v / max(1, n_steps) for k, v in totals.items()}
+        entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
+                 "train_acc": means["acc"], "test_acc": clean_accuracy(members, x_test, y_test),
+                 "lr": lr, "time": round(time.time() - t0, 3)}
+        if group.is_main:
+            save(epoch + 1)
+            _log_line(config.log, entry)
+            if not config.quiet:
+                print(json.dumps(entry), file=sys.stderr)
+    if start_epoch >= config.epochs and group.is_main and not os.path.exists(config.out):
+        save(config.epochs)
+    return config.out
+
+
+def _cpu_copy(f: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(f).cpu().eval()
+
+
+def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _autocast_factory(config: TrainConfig, device: torch.device):
+    import contextlib
+
+    if device.type != "cuda" or not config.amp:
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # fp16 would need loss scaling for the double backward; bf16 (Ampere and later) does not
+    if dtype == torch.float16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+def _progress(batches, config: TrainConfig, group, epoch: int):
+    if config.quiet or not group.is_main or not sys.stderr.isatty():
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, file=sys.stderr)

@@ -1,0 +1,112 @@
+"""drt-fast diagnose: gradient cosines and margins against closed-form linear members."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from drt_fast import cli
+from drt_fast.train.diagnose import diagnose, format_table
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription when the suite runs in parallel."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Linear(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float64))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T
+
+
+def closed_form(ws, xs, y):
+    """Per member margins, correctness and margin gradients of linear members (numpy)."""
+    out = []
+    for w in ws:
+        z = xs @ w.T
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        m, g = [], []
+        for b in range(len(xs)):
+            others = [c for c in range(w.shape[0]) if c != y[b]]
+            r = others[int(np.argmax(p[b, others]))]
+            wbar = p[b] @ w
+            m.append(p[b, y[b]] - p[b, r])
+            g.append(p[b, y[b]] * (w[y[b]] - wbar) - p[b, r] * (w[r] - wbar))
+        out.append((np.array(m), np.argmax(z, 1) == y, np.array(g), p))
+    return out
+
+
+def test_matches_closed_form_for_linear_members():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 6))
+    ws = [base + 0.7 * rng.normal(size=(4, 6)) for _ in range(3)]
+    x = rng.normal(size=(30, 6))
+    y = np.argmax(x @ base.T, 1)
+    sigma, draws, seed = 0.3, 3, 7
+    members = [Linear(w) for w in ws]
+    d = diagnose(members, torch.tensor(x), torch.tensor(y), sigma, noise_draws=draws, seed=seed)
+
+    gen = torch.Generator().manual_seed(seed)            # the same noise, drawn the same way
+    noisy = [x + sigma * torch.randn(x.shape, generator=gen, dtype=torch.float64).numpy()
+             for _ in range(draws)]
+    per_draw = [closed_form(ws, xn, y) for xn in noisy]
+    margin = [np.mean([pd[i][0] for pd in per_draw]) for i in range(3)]
+    acc = [np.mean([pd[i][1] for pd in per_draw]) for i in range(3)]
+    cos = {}
+    for i, j in itertools.combinations(range(3), 2):
+        vals = [np.sum(pd[i][2] * pd[j][2], 1)
+                / (np.linalg.norm(pd[i][2], axis=1) * np.linalg.norm(pd[j][2], axis=1))
+                for pd in per_draw]
+        cos[(i, j)] = np.mean(vals)
+    ens_p = [np.mean([pd[i][3] for i in range(3)], 0) for pd in per_draw]
+    ens_acc = np.mean([np.argmax(p, 1) == y for p in ens_p])
+
+    assert d.num_samples == 90
+    assert d.member_margin == pytest.approx(margin, rel=1e-9)
+    assert d.member_accuracy == pytest.approx(acc)
+    assert d.pair_cosine.keys() == cos.keys()
+    for k in cos:
+        assert d.pair_cosine[k] == pytest.approx(cos[k], rel=1e-9)
+    assert d.ensemble_accuracy == pytest.approx(ens_acc)
+    assert 0 < min(acc) and max(acc) < 1                  # a non-trivial case
+
+
+def test_identical_members_have_cosine_one_and_modes_are_restored():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    d = diagnose([net, net], x, y, sigma=0.5, noise_draws=2, batch=16)
+    assert d.pair_cosine[(0, 1)] == pytest.approx(1.0, abs=1e-5)
+    assert d.member_margin[0] == d.member_margin[1]
+    assert net.training and all(p.grad is None for p in net.parameters())
+    table = format_table(d)
+    assert "gradient cosine" in table and "ensemble (WE)" in table
+
+
+def test_cli_prints_the_table(tmp_path, capsys):
+    from drt_fast.checkpoint import save_ensemble
+    from drt_fast import Ensemble, data, models
+
+    ds = data.load("digits", "test")
+    torch.manual_seed(0)
+    members = [models.with_normalization(models.create("digits_cnn", 10), *ds.normalization)
+               for _ in range(2)]
+    path = tmp_path / "e.pt"
+    save_ensemble(path, Ensemble(members), arch="digits_cnn", dataset="digits", num_classes=10,
+                  input_shape=[1, 8, 8], normalization=ds.normalization, sigma=0.25, train_config={})
+    assert cli.main(["diagnose", str(path), "--n-inputs", "20", "--noise-draws", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "noisy samples: 40" in out and "0,1" in out
+    assert cli.main(["diagnose", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["diagnose", str(path), "--noise-draws", "0"]) == 2
