@@ -1,0 +1,70 @@
+"""Shared benchmark helpers: run drt-fast and a reference in the same process, report ratios.
+
+Use the ``compare`` fixture in a benchmark test::
+
+    def test_something(compare):
+        ratio = compare("noisy_draws 1000x(3,32,32) fp32", ours_fn, ref_fn, rounds=20)
+
+It warms both sides up, runs them alternately ``rounds`` times (pytest-benchmark times
+``ours_fn``; ``ref_fn`` is timed in the round's setup), stores ``case``, ``ratio``
+(reference time / drt-fast time over the fastest round of each side), ``ref_min_s`` and
+``ours_min_s`` in ``benchmark.extra_info`` (so they land in ``--benchmark-json``), prints one
+``[ratio]`` line and returns the ratio. One ``compare`` per test (pytest-benchmark allows one
+timing per test). Pass ``sync=torch.cuda.synchronize`` for CUDA work.
+
+At the end of the session a table lists every benchmark whose ``extra_info`` holds ``case``
+and ``ratio`` -- also those recorded by other helpers (bench/test_certify.py's ``record``).
+"""
+import os
+import time
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def compare(benchmark):
+    def run(name, ours_fn, ref_fn, rounds=20, sync=None, warmup=2):
+        sync = sync or (lambda: None)
+        for _ in range(warmup):  # lazy initialisation, allocator, caches
+            ref_fn()
+            ours_fn()
+        sync()
+        ref_times, ours_times = [], []
+
+        def timed(fn, times):
+            def call():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+            return call
+
+        benchmark.pedantic(timed(ours_fn, ours_times), setup=timed(ref_fn, ref_times), rounds=rounds,
+                           iterations=1, warmup_rounds=0)
+        ref_s, ours_s = min(ref_times), min(ours_times)
+        ratio = ref_s / ours_s
+        benchmark.extra_info.update(case=name, ratio=ratio, ref_min_s=ref_s, ours_min_s=ours_s,
+                                    threads=torch.get_num_threads(), loadavg_1min=os.getloadavg()[0])
+        print(f"\n[ratio] {name}: reference {ref_s * 1e3:.3f} ms / drt-fast {ours_s * 1e3:.3f} ms = {ratio:.2f}x")
+        return ratio
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    rows = [bench.extra_info for bench in getattr(session, "benchmarks", None) or []
+            if "ratio" in bench.extra_info and "case" in bench.extra_info]
+    if not rows:
+        return
+    width = max(len(str(row["case"])) for row in rows)
+    terminalreporter.section("drt-fast / reference ratios (reference time / drt-fast time, fastest rounds)")
+    terminalreporter.write_line(f"{'case':<{width}}  {'ratio':>8}  {'reference':>12}  {'drt-fast':>12}")
+    for row in rows:
+        ref_s, ours_s = row.get("ref_min_s"), row.get("ours_min_s")
+        times = (f"{ref_s * 1e3:>10.3f}ms  {ours_s * 1e3:>10.3f}ms" if ref_s is not None and ours_s is not None
+                 else f"{'':>12}  {'':>12}")
+        terminalreporter.write_line(f"{row['case']:<{width}}  {row['ratio']:>7.2f}x  {times}")
+    terminalreporter.write_line(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")

@@ -1,0 +1,106 @@
+// pybind11 modules drt_fast._C (CPU kernels) and drt_fast._C_cuda (CUDA kernels, built when
+// nvcc is found). Pointers arrive as integers from drt_fast/ops.py, which has checked device,
+// dtype, shape and contiguity and keeps the tensors alive across the call. No libtorch.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "kernels.h"
+#include "philox.h"
+#ifdef DRT_FAST_CUDA_MODULE
+#include "cuda/cuda_kernels.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+drt::NoisyDrawsArgs noisy_args(uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch,
+                               int64_t num_elements, int64_t reps, float sigma, uint64_t seed, int out_dtype,
+                               bool channels_last, int64_t channels, int64_t spatial) {
+  if (out_dtype < drt::kFloat32 || out_dtype > drt::kFloat16) throw std::invalid_argument("bad out_dtype code");
+  return drt::NoisyDrawsArgs{ptr<const float>(x), ptr<const int64_t>(keys), ptr<const int64_t>(first_draw),
+                             ptr<void>(out), batch, num_elements, reps, sigma, seed, out_dtype, channels_last,
+                             channels, spatial};
+}
+
+drt::VoteArgs vote_args(uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes,
+                        uintptr_t rows, uintptr_t counts, int64_t batch, int agg, uintptr_t weights) {
+  if (dtype < drt::kFloat32 || dtype > drt::kFloat16) throw std::invalid_argument("bad logits dtype code");
+  if (agg < drt::kWeightedSoftmax || agg > drt::kMajorityVote) throw std::invalid_argument("bad aggregation code");
+  return drt::VoteArgs{ptr<const void>(logits), dtype, members, draws, classes, ptr<const int64_t>(rows),
+                       ptr<int64_t>(counts), batch, agg, ptr<const float>(weights)};
+}
+
+}  // namespace
+
+#ifndef DRT_FAST_CUDA_MODULE
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "drt-fast CPU kernels (raw pointers; call through drt_fast.ops only)";
+  m.def(
+      "noisy_draws",
+      [](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
+         int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
+         int64_t spatial) {
+        const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
+                                     channels_last, channels, spatial);
+        py::gil_scoped_release release;
+        drt::noisy_draws_cpu(args);
+      });
+  m.def(
+      "vote",
+      [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
+         uintptr_t counts, int64_t batch, int agg, uintptr_t weights) {
+        const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
+        py::gil_scoped_release release;
+        return drt::vote_cpu(args);
+      },
+      "Returns -1, or the first draw whose row is out of range (counts untouched then).");
+  m.def("cpu_isa", &drt::cpu_isa, "The CPU kernel build in use: baseline, avx2 or avx512.");
+  m.def("set_cpu_isa", &drt::set_cpu_isa, "Force a CPU kernel build (tests); raises when unsupported.");
+  // Test hooks: the raw generator, for the Random123 known-answer tests and noise parity.
+  m.def(
+      "philox4x32_10",
+      [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+        const drt::Philox4 r = drt::philox4x32_10(c0, c1, c2, c3, k0, k1);
+        return py::make_tuple(r.w[0], r.w[1], r.w[2], r.w[3]);
+      });
+  m.def("box_muller", [](uint32_t a, uint32_t b) {
+    float z0, z1;
+    drt::box_muller(a, b, &z0, &z1);
+    return py::make_tuple(z0, z1);
+  });
+}
+
+#else
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "drt-fast CUDA kernels (raw pointers and streams; call through drt_fast.ops only)";
+  m.def("device_count", &drt::cuda_device_count);
+  m.def(
+      "noisy_draws",
+      [](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
+         int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
+         int64_t spatial, int device, uintptr_t stream) {
+        const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
+                                     channels_last, channels, spatial);
+        py::gil_scoped_release release;
+        drt::noisy_draws_cuda(args, device, stream);
+      });
+  m.def(
+      "vote",
+      [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
+         uintptr_t counts, int64_t batch, int agg, uintptr_t weights, int device, uintptr_t stream) {
+        const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
+        py::gil_scoped_release release;
+        drt::vote_cuda(args, device, stream);
+      });
+}
+
+#endif

@@ -1,0 +1,299 @@
+// vote_ on the CPU: OpenMP over draws. Each draw aggregates its members and picks a label;
+// the counts are then added serially in draw order, so they are deterministic.
+//
+// Compiled once per ISA (CMakeLists.txt, dispatch.cpp) with -fno-math-errno
+// -fassociative-math -fno-signed-zeros -fno-trapping-math, so that the passes over classes
+// vectorize. Non-finite logits are detected exactly (an exponent-bits test, unaffected by
+// those flags): such a draw casts no vote. No STL templates here: a TU built for AVX-512 must not lend an
+// out-of-line copy of anything to the baseline build.
+#include <math.h>
+#include <stdlib.h>
+
+#include "../kernels.h"
+#include "convert.h"
+
+namespace drt {
+namespace DRT_ISA_NAMESPACE {
+namespace {
+
+constexpr int64_t kMinParallelLogits = 1 << 15;  // below that a parallel region costs more than it saves
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), relative error ~2e-7; branch-free
+// so that the loops calling it vectorize (torch's softmax is vectorized too).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // n = round(x / ln 2) by truncating toward zero (x <= 0); not the 1.5 * 2^23 trick, which
+  // -fassociative-math would fold away
+  const int32_t n_int = (int32_t)(x * 1.44269504f - 0.5f);
+  const float n = (float)n_int;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // Cody-Waite, |r| <= ln2 / 2
+  float p = 1.9875691500e-4f;                                      // Cephes expf polynomial
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * float_of((uint32_t)(n_int + 127) << 23);  // n in [-126, 0]: a normal exponent
+}
+
+// Maximum of v[0 .. k) read as a row of `width` >= k floats (the padding is ignored).
+inline float max_of(const float* v, int64_t k, int64_t width) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < width; ++i) m = (i < k && v[i] > m) ? v[i] : m;
+  return m;
+}
+
+// Index of the first maximum of v[0 .. k) (ties -> smaller class index): a vectorized max,
+// then a search (which stops inside the row: the maximum is there).
+inline int64_t argmax_first(const float* v, int64_t k, int64_t width, float* max_out) {
+  const float m = max_of(v, k, width);
+  int64_t i = 0;
+  while (v[i] != m) ++i;
+  *max_out = m;
+  return i;
+}
+
+// Draws are processed in blocks of about kBlockLogits logits per member: the conversion and
+// the finiteness test run as one long vectorized loop, then each draw's row is reduced. Up to
+// kSmallK classes, rows are padded to exactly kSmallK floats (-inf: exp gives ~1e-38), so
+// that the per-row loops have a compile-time length and become a few vector instructions
+// (10 classes is the common case: digits, MNIST, CIFAR-10).
+constexpr int64_t kBlockLogits = 1024;  // the block's scratch stays in L1
+constexpr int kSmallK = 16;
+
+// Per-thread scratch for one block of draws, freed at scope exit.
+struct Scratch {
+  Scratch(int64_t block_draws, int64_t width, int64_t members) {
+    const int64_t n = block_draws * width;
+    raw = alloc<float>(n + kSmallK);
+    for (int64_t i = 0; i < n + kSmallK; ++i) raw[i] = 0.0f;  // the slack is read, never used
+    vals = alloc<float>(n);
+    exps = alloc<float>(n);
+    score = alloc<float>(n);
+    bad = alloc<uint8_t>(block_draws);
+    best_margin = alloc<float>(block_draws);
+    mme_label = alloc<int64_t>(block_draws);
+    distinct = alloc<int64_t>(block_draws);
+    mv_labels = alloc<int64_t>(block_draws * members);
+    mv_votes = alloc<double>(block_draws * members);
+  }
+  ~Scratch() {
+    void* all[] = {raw, vals, exps, score, bad, best_margin, mme_label, distinct, mv_labels, mv_votes};
+    for (void* ptr : all) free(ptr);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <typename T>
+  static T* alloc(int64_t n) {
+    return static_cast<T*>(malloc(sizeof(T) * (size_t)(n > 0 ? n : 1)));
+  }
+  float* raw;                             // [block_draws * K + kSmallK]: converted, unpadded
+  float *vals, *exps, *score;             // [block_draws * row width]
+  uint8_t* bad;                           // [block_draws]: a non-finite logit was seen
+  float* best_margin;  // mme: per draw, the best member margin so far and its label
+  int64_t* mme_label;
+  int64_t* distinct;  // mv: number of distinct member labels of each draw
+  int64_t* mv_labels;  // [block_draws, members]: distinct member labels and their summed weights
+  double* mv_votes;
+};
+
+// Convert one block of draws' logits (rows of k) to fp32 rows of `width` (padding -inf) in
+// `vals`, through `raw` (rows * k + kSmallK floats) when padding; returns whether any logit is
+// not finite (all exponent bits set: an integer test that vectorizes).
+template <typename T, typename ToFloat>
+inline bool load(const T* src, int64_t rows, int64_t k, int64_t width, ToFloat to_float, float* raw, float* vals) {
+  float* dst = width == k ? vals : raw;
+  uint32_t non_finite = 0;
+#pragma omp simd reduction(| : non_finite)
+  for (int64_t i = 0; i < rows * k; ++i) {
+    dst[i] = to_float(src[i]);
+    non_finite |= (bits_of(dst[i]) & 0x7F800000u) == 0x7F800000u;
+  }
+  if (width != k) {  // a fixed-width select per row (reads past k land in the next row or the slack)
+    for (int64_t j = 0; j < rows; ++j) {
+      for (int64_t i = 0; i < width; ++i) vals[j * width + i] = i < k ? raw[j * k + i] : -INFINITY;
+    }
+  }
+  return non_finite != 0;
+}
+
+inline bool any_non_finite(const float* v, int64_t k) {
+  uint32_t non_finite = 0;
+#pragma omp simd reduction(| : non_finite)
+  for (int64_t i = 0; i < k; ++i) non_finite |= (bits_of(v[i]) & 0x7F800000u) == 0x7F800000u;
+  return non_finite != 0;
+}
+
+// e[i] = exp(v[i] - top1) over one row; returns their sum.
+inline float row_exps(const float* v, float top1, int64_t width, float* e) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < width; ++i) {
+    e[i] = exp_nonpositive(v[i] - top1);
+    sum += e[i];
+  }
+  return sum;
+}
+
+inline void fill(float* dst, float value, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) dst[i] = value;
+}
+
+// Labels of draws [r0, r0 + nb) into labels[0 .. nb) (-1: a logit was not finite). Rows are
+// kFixed floats wide when kFixed > 0 (K <= kFixed, padded), else K.
+template <int kFixed, typename T, typename ToFloat>
+void block_labels(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, Scratch& s, int64_t* labels) {
+  const int64_t k = p.classes;
+  const int64_t width = kFixed > 0 ? kFixed : k;
+  const int64_t n = nb * width;
+  const T* logits = static_cast<const T*>(p.logits);
+  float top1_value;
+  for (int64_t j = 0; j < nb; ++j) {
+    s.bad[j] = 0;
+    s.best_margin[j] = -1.0f;
+    s.mme_label[j] = 0;
+    s.distinct[j] = 0;
+  }
+  if (p.members == 1 && p.weights[0] > 0.0f) {
+    // one member: every mode picks its argmax (softmax is monotone)
+    const bool some_bad = load(logits + r0 * k, nb, k, width, to_float, s.raw, s.vals);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* row = s.vals + j * width;
+      labels[j] = (some_bad && any_non_finite(row, k)) ? -1 : argmax_first(row, k, width, &top1_value);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) s.score[i] = 0.0f;
+  for (int64_t m = 0; m < p.members; ++m) {
+    const float w = p.weights[m];
+    if (load(logits + (m * p.draws + r0) * k, nb, k, width, to_float, s.raw, s.vals)) {
+      for (int64_t j = 0; j < nb; ++j) {
+        if (any_non_finite(s.vals + j * width, k)) {
+          s.bad[j] = 1;
+          fill(s.vals + j * width, 0.0f, k);  // keep the arithmetic below finite; the draw is dropped
+        }
+      }
+    }
+    if (p.agg == kLogit) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) s.score[i] += w * s.vals[i];
+      continue;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      if (p.agg == kWeightedSoftmax) {  // score += w * softmax(row); needs the max, not its index
+        float* exps = s.exps + j * width;
+        const float scale = w / row_exps(s.vals + j * width, max_of(s.vals + j * width, k, width), width, exps);
+        float* score = s.score + j * width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) score[i] += exps[i] * scale;
+        continue;
+      }
+      const int64_t top1 = argmax_first(s.vals + j * width, k, width, &top1_value);
+      if (p.agg == kMaxMargin) {
+        // top-1 minus top-2 softmax probability = (1 - exp(l2 - l1)) / sum exp(l - l1)
+        float* row = s.vals + j * width;
+        const float sum = row_exps(row, top1_value, width, s.exps + j * width);
+        row[top1] = -INFINITY;  // our copy: mask the top-1 to find the top-2
+        const float top2_value = k > 1 ? max_of(row, k, width) : top1_value;
+        const float numerator = k > 1 ? 1.0f - exp_nonpositive(top2_value - top1_value) : 1.0f;
+        const float margin = numerator / sum;
+        if (margin > s.best_margin[j]) {  // strict: ties keep the smaller member index
+          s.best_margin[j] = margin;
+          s.mme_label[j] = top1;
+        }
+      } else {  // kMajorityVote: weights summed in double, in member order
+        int64_t* labels_j = s.mv_labels + j * p.members;
+        double* votes_j = s.mv_votes + j * p.members;
+        int64_t d = 0;
+        while (d < s.distinct[j] && labels_j[d] != top1) ++d;
+        if (d == s.distinct[j]) {
+          labels_j[d] = top1;
+          votes_j[d] = 0.0;
+          ++s.distinct[j];
+        }
+        votes_j[d] += (double)w;
+      }
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    if (s.bad[j]) {
+      labels[j] = -1;
+    } else if (p.agg == kMaxMargin) {
+      labels[j] = s.mme_label[j];
+    } else if (p.agg == kMajorityVote) {
+      const int64_t* labels_j = s.mv_labels + j * p.members;
+      const double* votes_j = s.mv_votes + j * p.members;
+      int64_t best = 0;
+      for (int64_t d = 1; d < s.distinct[j]; ++d) {
+        if (votes_j[d] > votes_j[best] || (votes_j[d] == votes_j[best] && labels_j[d] < labels_j[best])) best = d;
+      }
+      labels[j] = labels_j[best];
+    } else {
+      labels[j] = argmax_first(s.score + j * width, k, width, &top1_value);
+    }
+  }
+}
+
+template <typename T, typename ToFloat>
+void vote_labels(const VoteArgs& p, ToFloat to_float, int64_t* labels) {
+  const bool small = p.classes <= kSmallK;
+  const int64_t width = small ? kSmallK : p.classes;
+  const int64_t block = width >= kBlockLogits ? 1 : kBlockLogits / width;
+  const int64_t blocks = (p.draws + block - 1) / block;
+  const bool parallel = p.members * p.draws * p.classes >= kMinParallelLogits;
+#pragma omp parallel if (parallel)
+  {
+    Scratch scratch(block, width, p.members);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * block;
+      const int64_t nb = p.draws - r0 < block ? p.draws - r0 : block;
+      if (small) {
+        block_labels<kSmallK, T>(p, to_float, r0, nb, scratch, labels + r0);
+      } else {
+        block_labels<0, T>(p, to_float, r0, nb, scratch, labels + r0);
+      }
+    }
+  }
+}
+
+// Logit loaders: functors (not function pointers) so that the conversion inlines and vectorizes.
+struct FromFloat32 {
+  float operator()(float v) const { return v; }
+};
+struct FromBFloat16 {
+  float operator()(uint16_t v) const { return bf16_to_float(v); }
+};
+struct FromFloat16 {
+  float operator()(uint16_t v) const { return fp16_to_float(v); }
+};
+
+}  // namespace
+
+int64_t vote_cpu(const VoteArgs& p) {
+  for (int64_t r = 0; r < p.draws; ++r) {
+    if (p.rows[r] < 0 || p.rows[r] >= p.batch) return r;
+  }
+  int64_t* labels = static_cast<int64_t*>(malloc(sizeof(int64_t) * (size_t)(p.draws > 0 ? p.draws : 1)));
+  switch (p.logits_dtype) {
+    case kFloat32:
+      vote_labels<float>(p, FromFloat32{}, labels);
+      break;
+    case kBFloat16:
+      vote_labels<uint16_t>(p, FromBFloat16{}, labels);
+      break;
+    case kFloat16:
+      vote_labels<uint16_t>(p, FromFloat16{}, labels);
+      break;
+  }
+  for (int64_t r = 0; r < p.draws; ++r) {
+    if (labels[r] >= 0) p.counts[p.rows[r] * p.classes + labels[r]] += 1;
+  }
+  free(labels);
+  return -1;
+}
+
+}  // namespace DRT_ISA_NAMESPACE
+}  // namespace drt

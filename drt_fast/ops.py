@@ -1,0 +1,452 @@
+"""The fused sampling hot path as torch custom ops, and their pure-torch references.
+
+Two ops, registered under ``torch.ops.drt_fast`` (contracts in docs/internals.md):
+
+* ``noisy_draws(x[B,*S], keys[B], first_draw[B], reps, sigma, seed, out_dtype=None,
+  channels_last=False) -> [B*reps, *S]``: row ``b*reps + r`` is
+  ``x[b] + sigma * noise(seed, keys[b], first_draw[b] + r, element)``.
+* ``vote_(logits[M,R,K], rows[R], counts[B,K], agg, weights[M]) -> None``: per draw ``r``,
+  aggregate the M members' logits (``agg`` in we/logit/mme/mv), take the argmax and add one
+  to ``counts[rows[r], label]`` in place. Draws with any non-finite logit are not counted.
+
+The noise is Philox4x32-10 (key = seed, counter = (element // 4, draw, input key)) followed
+by Box-Muller computed with IEEE basic operations only, so the C++ kernel, the CUDA kernel
+and :func:`reference_noisy_draws` below produce bit-identical fp32 noise.
+
+This module is the only caller of the compiled ``_C`` / ``_C_cuda`` modules: every check on
+device, dtype, shape and contiguity happens here, before a pointer crosses into C++.
+"""
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import DrtFastError
+
+try:  # the CPU kernels; the source tree has none until `pip install .` (or -e .) built it
+    from . import _C
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    _C_IMPORT_ERROR = exc
+
+try:  # the CUDA kernels, only built where nvcc was found
+    from . import _C_cuda
+except ImportError:
+    _C_cuda = None
+
+__all__ = [
+    "noisy_draws",
+    "vote_",
+    "reference_noisy_draws",
+    "reference_vote_",
+    "cuda_available",
+    "AGGREGATIONS",
+    "NOISE_DTYPES",
+    "LOGIT_DTYPES",
+]
+
+AGGREGATIONS = ("we", "logit", "mme", "mv")
+NOISE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what noisy_draws writes
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what vote_ reads
+_INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# dtype codes shared with csrc/bindings.cpp
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_AGG_CODE = {name: i for i, name in enumerate(AGGREGATIONS)}
+
+
+# ----------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------
+_cuda_ok = None
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels were built and a CUDA driver answers with at least one device.
+
+    Never raises: a build without CUDA or a machine without a driver just gives False.
+    """
+    global _cuda_ok
+    if _cuda_ok is None:
+        try:
+            _cuda_ok = _C_cuda is not None and _C_cuda.device_count() > 0
+        except Exception:  # a broken driver must not break `import drt_fast`
+            _cuda_ok = False
+    return _cuda_ok
+
+
+def _require_cpu_kernels():
+    if _C is None:
+        raise ImportError(
+            "drt_fast._C (the compiled CPU kernels) is missing: drt_fast must be built and "
+            "installed with `pip install .` (or `pip install -e .` for development) before "
+            f"its ops run on the CPU; importing it failed with: {_C_IMPORT_ERROR}"
+        )
+    return _C
+
+
+_warned_cuda_fallback = False
+
+
+def _warn_cuda_fallback():
+    global _warned_cuda_fallback
+    if not _warned_cuda_fallback:
+        _warned_cuda_fallback = True
+        warnings.warn(
+            "drt_fast was built without CUDA kernels (or no CUDA driver answers); CUDA tensors "
+            "use the slower pure-torch reference implementation. Rebuild with nvcc on the PATH "
+            "(DRT_FAST_CUDA=1 pip install .) for the fused kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks (shared by the real kernels, the fake kernels and the references)
+# ----------------------------------------------------------------------------------------
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def _check_index_vector(name: str, t: Tensor, length: int, device: torch.device):
+    if not isinstance(t, Tensor):
+        raise DrtFastError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise DrtFastError(f"{name} must be int64, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise DrtFastError(f"{name} must have shape [{length}], got {_shape(t)}")
+    if t.device != device:
+        raise DrtFastError(f"{name} must be on the same device as the other tensors ({device}), got {t.device}")
+
+
+def _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last):
+    """Validate noisy_draws' arguments; returns the output dtype (``out_dtype`` resolved)."""
+    if not isinstance(x, Tensor):
+        raise DrtFastError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES:
+        raise DrtFastError(f"x must be a floating tensor (float32, float64, bfloat16, float16), got {x.dtype}")
+    if x.dim() < 1:
+        raise DrtFastError(f"x must have shape [B, *S] with a batch dimension, got a 0-d tensor")
+    batch = x.shape[0]
+    _check_index_vector("keys", keys, batch, x.device)
+    _check_index_vector("first_draw", first_draw, batch, x.device)
+    if reps < 1:
+        raise DrtFastError(f"reps must be >= 1, got {reps}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise DrtFastError(f"sigma must be a finite number >= 0, got {sigma}")
+    if not 0 <= seed < 2**63:
+        raise DrtFastError(f"seed must be in [0, 2**63), got {seed}")
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype in NOISE_DTYPES else torch.float32
+    if out_dtype not in NOISE_DTYPES:
+        raise DrtFastError(f"out_dtype must be one of float32, bfloat16, float16 or None, got {out_dtype}")
+    if channels_last and x.dim() != 4:
+        raise DrtFastError(f"channels_last output needs a 4-d input [B, C, H, W], got shape {_shape(x)}")
+    return out_dtype
+
+
+def _check_vote_args(logits, rows, counts, agg, weights):
+    if not isinstance(logits, Tensor):
+        raise DrtFastError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise DrtFastError(f"logits must have shape [M, R, K] (members, draws, classes), got {_shape(logits)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise DrtFastError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    members, draws, classes = logits.shape
+    if members < 1 or classes < 1:
+        raise DrtFastError(f"logits must have at least one member and one class, got shape {_shape(logits)}")
+    device = logits.device
+    _check_index_vector("rows", rows, draws, device)
+    if not isinstance(counts, Tensor):
+        raise DrtFastError(f"counts must be a torch.Tensor, got {type(counts).__name__}")
+    if counts.dtype != torch.int64:
+        raise DrtFastError(f"counts must be int64, got {counts.dtype}")
+    if counts.dim() != 2 or counts.shape[1] != classes:
+        raise DrtFastError(f"counts must have shape [B, {classes}] (K from logits), got {_shape(counts)}")
+    if not counts.is_contiguous():
+        raise DrtFastError("counts must be contiguous (it is updated in place), got a non-contiguous tensor")
+    if counts.device != device:
+        raise DrtFastError(f"counts must be on the same device as logits ({device}), got {counts.device}")
+    if agg not in AGGREGATIONS:
+        raise DrtFastError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+    if not isinstance(weights, Tensor):
+        raise DrtFastError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    if weights.dtype != torch.float32 or weights.dim() != 1 or weights.shape[0] != members:
+        raise DrtFastError(f"weights must be float32 with shape [{members}], got {weights.dtype} {_shape(weights)}")
+    if weights.device != device:
+        raise DrtFastError(f"weights must be on the same device as logits ({device}), got {weights.device}")
+
+
+def _check_rows_in_range(rows: Tensor, batch: int):
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
+        raise DrtFastError(
+            f"rows must index counts' first dimension, in [0, {batch}), got values in "
+            f"[{int(rows.min())}, {int(rows.max())}]"
+        )
+
+
+def _empty_output(x: Tensor, reps: int, out_dtype, channels_last: bool) -> Tensor:
+    shape = (x.shape[0] * reps, *x.shape[1:])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=out_dtype, device=x.device, memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------------------------
+# Pure-torch reference: Philox4x32-10 + Box-Muller, bit-identical to csrc/philox.h
+# ----------------------------------------------------------------------------------------
+# Philox4x32 multipliers and Weyl key increments (Salmon et al., SC'11; Random123)
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+# fp32 constants, written as hex so that Python and C++ hold exactly the same values
+_SQRT2 = float.fromhex("0x1.6a09e6p+0")
+_LN2 = float.fromhex("0x1.62e430p-1")
+_ATANH = [float.fromhex(h) for h in ("0x1.555556p-2", "0x1.99999ap-3", "0x1.24924ap-3", "0x1.c71c72p-4")]  # 1/3 1/5 1/7 1/9
+_SIN = [float.fromhex(h) for h in ("-0x1.555556p-3", "0x1.111112p-7", "-0x1.a01a02p-13", "0x1.71de3ap-19")]
+_COS = [float.fromhex(h) for h in ("-0x1p-1", "0x1.555556p-5", "-0x1.6c16c2p-10", "0x1.a01a02p-16", "-0x1.27e4fcp-22")]
+_HALF_PI_STEP = float.fromhex("0x1.921fb6p-22")  # (pi/2) / 2^22: one step of the angle grid
+
+
+def _mulhilo32(m: int, c: Tensor):
+    """(hi, lo) 32-bit halves of the 64-bit product ``m * c``; c int64 in [0, 2^32).
+
+    int64 cannot hold the full product, so c is split into 16-bit halves (each partial
+    product stays below 2^48).
+    """
+    p_lo = m * (c & 0xFFFF)
+    p_hi = m * (c >> 16)
+    low = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (low >> 32), low & _MASK32
+
+
+def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int):
+    """Philox4x32-10 on int64 tensors holding uint32 words (broadcasting); returns 4 words."""
+    for round_ in range(10):
+        if round_:
+            k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _horner(t: Tensor, coeffs) -> Tensor:
+    """coeffs[0] + t*(coeffs[1] + t*(...)) with one rounding per operation, as in philox.h."""
+    acc = t * coeffs[-1]
+    for c in reversed(coeffs[:-1]):
+        acc = acc + c
+        acc = acc * t
+    return acc  # = t * (c0 + t * (c1 + ...)), the constant term is added by the caller
+
+
+def _log_u24(k: Tensor) -> Tensor:
+    """ln(k * 2^-24) in fp32 for int64 k in [1, 2^24] (a uniform in (0, 1])."""
+    bits = k.to(torch.float32).view(torch.int32).to(torch.int64)  # k is exact in fp32
+    e = (bits >> 23) - (127 + 24)
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(torch.int32).view(torch.float32)  # [1, 2)
+    big = m > _SQRT2  # centre the mantissa on 1 so that the series below converges fast
+    m = torch.where(big, m * 0.5, m)
+    e = e + big.to(torch.int64)
+    s = (m - 1.0) / (m + 1.0)  # ln m = 2 atanh(s), |s| <= 0.172
+    s2 = s * s
+    atanh = _horner(s2, _ATANH) * s + s
+    return e.to(torch.float32) * _LN2 + 2.0 * atanh
+
+
+def _sin_cos_quadrant(m: Tensor):
+    """sin and cos of the angle 2*pi * m / 2^24 in fp32, m int64 in [0, 2^24)."""
+    quadrant = m >> 22
+    rem = m & 0x3FFFFF
+    upper = rem >= (1 << 21)  # upper half of the quadrant: use the complementary angle
+    steps = torch.where(upper, (1 << 22) - rem, rem)
+    a = steps.to(torch.float32) * _HALF_PI_STEP  # in [0, pi/4]
+    a2 = a * a
+    sin_a = _horner(a2, _SIN) * a + a
+    cos_a = _horner(a2, _COS) + 1.0
+    sin_phi = torch.where(upper, cos_a, sin_a)
+    cos_phi = torch.where(upper, sin_a, cos_a)
+    cos_t = torch.where(quadrant == 0, cos_phi, torch.where(quadrant == 1, -sin_phi,
+                        torch.where(quadrant == 2, -cos_phi, sin_phi)))
+    sin_t = torch.where(quadrant == 0, sin_phi, torch.where(quadrant == 1, cos_phi,
+                        torch.where(quadrant == 2, -sin_phi, -cos_phi)))
+    return sin_t, cos_t
+
+
+def _box_muller(a: Tensor, b: Tensor):
+    """Two standard normals from two uint32 words (int64 tensors), as philox.h's box_muller."""
+    # torch.sqrt on fp32 CPU tensors is not correctly rounded (about 0.6 % of values are one ulp
+    # off); sqrt in float64 rounded to fp32 is (53 >= 2 * 24 + 2 bits), as the kernels' sqrtf.
+    radius = torch.sqrt((_log_u24((a >> 8) + 1) * -2.0).to(torch.float64)).to(torch.float32)
+    sin_t, cos_t = _sin_cos_quadrant(b >> 8)
+    return radius * cos_t, radius * sin_t
+
+
+def reference_normals(keys: Tensor, draws: Tensor, num_elements: int, seed: int) -> Tensor:
+    """Standard normal noise ``[N, num_elements]`` fp32 for the draws ``draws[N]`` of inputs ``keys[N]``.
+
+    Pure torch; element ``e`` of row ``n`` is noise(seed, keys[n], draws[n], e).
+    """
+    quads = (num_elements + 3) // 4
+    device = keys.device
+    q = torch.arange(quads, dtype=torch.int64, device=device)[None, :]
+    d = (draws & _MASK32)[:, None]
+    k_lo, k_hi = (keys & _MASK32)[:, None], ((keys >> 32) & _MASK32)[:, None]  # as the kernels' uint64 key
+    w0, w1, w2, w3 = philox4x32_10(q, d, k_lo, k_hi, seed & _MASK32, seed >> 32)
+    z0, z1 = _box_muller(w0, w1)
+    z2, z3 = _box_muller(w2, w3)
+    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(keys.shape[0], quads * 4)
+    return z[:, :num_elements]
+
+
+def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int, sigma: float, seed: int,
+                          out_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> Tensor:
+    """Pure-torch :func:`noisy_draws`: same arguments, bit-identical result, any device."""
+    out_dtype = _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
+    batch, elem_shape = x.shape[0], x.shape[1:]
+    num_elements = math.prod(elem_shape)
+    r = torch.arange(reps, dtype=torch.int64, device=x.device)
+    draws = (first_draw[:, None] + r[None, :]).reshape(-1)  # row b*reps + r
+    row_keys = keys.repeat_interleave(reps)
+    z = reference_normals(row_keys, draws, num_elements, seed)
+    x_rows = x.to(torch.float32).reshape(batch, 1, num_elements).expand(batch, reps, num_elements)
+    sigma32 = torch.tensor(sigma, dtype=torch.float32, device=x.device)
+    out = (x_rows.reshape(batch * reps, num_elements) + sigma32 * z).to(out_dtype)
+    # the kernels' output layout exactly (channels-last strides are ambiguous when C == 1)
+    return _empty_output(x, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
+
+
+def reference_vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tensor) -> None:
+    """Pure-torch :func:`vote_` (aggregation in float64; same tie-breaking), any device."""
+    _check_vote_args(logits, rows, counts, agg, weights)
+    _check_rows_in_range(rows, counts.shape[0])
+    members, draws, classes = logits.shape
+    if draws == 0:
+        return
+    z = logits.to(torch.float64)
+    finite = torch.isfinite(z).all(dim=2).all(dim=0)  # [R]
+    z = torch.where(finite[None, :, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+    w = weights.to(torch.float64)[:, None, None]
+    if agg == "we":
+        score = (w * torch.softmax(z, dim=2)).sum(0)
+    elif agg == "logit":
+        score = (w * z).sum(0)
+    elif agg == "mme":
+        probs = torch.softmax(z, dim=2)
+        top = probs.topk(min(2, classes), dim=2).values
+        margin = top[..., 0] - top[..., 1] if classes > 1 else top[..., 0]  # [M, R]
+        decider = margin.argmax(dim=0)  # first (smallest) member index on ties
+        score = z[decider, torch.arange(draws, device=z.device)]  # the decider's logits [R, K]
+    else:  # mv
+        member_labels = z.argmax(dim=2)  # [M, R]
+        score = torch.zeros(draws, classes, dtype=z.dtype, device=z.device)
+        for m in range(members):  # member order, as the kernels add
+            score[torch.arange(draws, device=z.device), member_labels[m]] += w[m, 0, 0]
+    labels = score.argmax(dim=1)  # torch.argmax returns the first maximum: ties -> smaller class
+    ones = torch.ones(int(finite.sum()), dtype=counts.dtype, device=counts.device)
+    counts.index_put_((rows[finite], labels[finite]), ones, accumulate=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The custom ops
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("drt_fast::noisy_draws", mutates_args=())
+def noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int, sigma: float, seed: int,
+                out_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> Tensor:
+    """Noisy copies of each input: ``[B*reps, *S]``, row ``b*reps + r`` = ``x[b] + sigma * noise``.
+
+    Args:
+        x: ``[B, *S]`` inputs (pixel space), any float dtype; the sum is computed in fp32.
+        keys: ``[B]`` int64 input keys (the dataset index of each input), in [0, 2^63).
+        first_draw: ``[B]`` int64 index of the first draw of each input (draws below 2^32).
+        reps: draws per input. sigma: noise level. seed: in [0, 2^63).
+        out_dtype: float32, bfloat16 or float16 (``None``: x's dtype, or float32 for float64).
+        channels_last: write a channels-last ``[B*reps, C, H, W]`` output (4-d x only).
+    """
+    out_dtype = _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
+    if x.is_cuda and not cuda_available():
+        _warn_cuda_fallback()
+        return reference_noisy_draws(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
+    out = _empty_output(x, reps, out_dtype, channels_last)
+    # keep every tensor whose pointer crosses into C++ referenced until the call returns
+    x32 = x.to(torch.float32).contiguous()
+    keys_c, first_c = keys.contiguous(), first_draw.contiguous()
+    batch = x.shape[0]
+    num_elements = math.prod(x.shape[1:])
+    channels, spatial = (x.shape[1], x.shape[2] * x.shape[3]) if channels_last else (1, num_elements)
+    args = (x32.data_ptr(), keys_c.data_ptr(), first_c.data_ptr(), out.data_ptr(), batch, num_elements, reps,
+            float(sigma), seed, _DTYPE_CODE[out_dtype], bool(channels_last), channels, spatial)
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            _C_cuda.noisy_draws(*args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+    elif x.device.type == "cpu":
+        _require_cpu_kernels().noisy_draws(*args)
+    else:
+        raise DrtFastError(f"noisy_draws runs on cpu or cuda tensors, got device {x.device}")
+    return out
+
+
+@noisy_draws.register_fake
+def _(x, keys, first_draw, reps, sigma, seed, out_dtype=None, channels_last=False):
+    out_dtype = _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
+    return _empty_output(x, reps, out_dtype, channels_last)
+
+
+def _noisy_draws_setup_context(ctx, inputs, output):
+    x, _, _, reps, *_ = inputs
+    ctx.reps, ctx.x_shape, ctx.x_dtype = reps, x.shape, x.dtype
+
+
+def _noisy_draws_backward(ctx, grad):
+    # out[b*reps + r] = x[b] + noise, so dx[b] is the sum of the output gradient over r
+    grad_x = grad.reshape(ctx.x_shape[0], ctx.reps, *ctx.x_shape[1:]).sum(dim=1, dtype=torch.float32)
+    return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None
+
+
+noisy_draws.register_autograd(_noisy_draws_backward, setup_context=_noisy_draws_setup_context)
+
+
+@torch.library.custom_op("drt_fast::vote_", mutates_args=("counts",))
+def vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tensor) -> None:
+    """Per draw, aggregate the members and add one vote for the winning class, in place.
+
+    Args:
+        logits: ``[M, R, K]`` float32/bfloat16/float16, M members' logits on R noise draws.
+        rows: ``[R]`` int64, the row of ``counts`` each draw votes in (its input).
+        counts: ``[B, K]`` int64, contiguous, updated in place.
+        agg: ``"we"`` weighted softmax average, ``"logit"`` weighted logit average,
+            ``"mme"`` the member with the largest softmax top-1 minus top-2 margin decides,
+            ``"mv"`` weighted majority vote of member argmaxes.
+        weights: ``[M]`` float32 member weights.
+
+    Ties go to the smaller class index (and, in ``mme``, the smaller member index). A draw with
+    any non-finite logit casts no vote. On CUDA, ``rows`` is not range-checked (that would
+    synchronize with the host).
+    """
+    _check_vote_args(logits, rows, counts, agg, weights)
+    if logits.is_cuda and not cuda_available():
+        _warn_cuda_fallback()
+        reference_vote_(logits, rows, counts, agg, weights)
+        return
+    members, draws, classes = logits.shape
+    if draws == 0:
+        return
+    logits_c, rows_c, weights_c = logits.contiguous(), rows.contiguous(), weights.contiguous()
+    args = (logits_c.data_ptr(), _DTYPE_CODE[logits.dtype], members, draws, classes, rows_c.data_ptr(),
+            counts.data_ptr(), counts.shape[0], _AGG_CODE[agg], weights_c.data_ptr())
+    if logits.is_cuda:
+        with torch.cuda.device(logits.device):
+            _C_cuda.vote(*args, logits.device.index, torch.cuda.current_stream(logits.device).cuda_stream)
+    elif logits.device.type == "cpu":
+        bad_row = _require_cpu_kernels().vote(*args)
+        if bad_row >= 0:  # checked before any count changed
+            _check_rows_in_range(rows, counts.shape[0])
+    else:
+        raise DrtFastError(f"vote_ runs on cpu or cuda tensors, got device {logits.device}")
+
+
+@vote_.register_fake
+def _(logits, rows, counts, agg, weights):
+    _check_vote_args(logits, rows, counts, agg, weights)

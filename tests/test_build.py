@@ -1,0 +1,58 @@
+"""The build: compiled modules present and torch-free, packaging metadata as DESIGN.md fixes it."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import drt_fast
+from drt_fast import _C, ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_module_is_the_compiled_extension_next_to_the_package():
+    module = Path(_C.__file__)
+    assert module.parent == Path(drt_fast.__file__).parent
+    assert module.suffix in (".so", ".pyd")
+    assert _C.cpu_isa() in ("baseline", "avx2", "avx512")
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf")
+@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+def test_modules_link_neither_libtorch_nor_shared_cudart(name):
+    module = getattr(ops, name)
+    if module is None:
+        pytest.skip(f"drt_fast.{name} was not built")
+    needed = subprocess.run(["readelf", "-d", module.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libtorch" not in needed and "libc10" not in needed
+    assert "libcudart" not in needed  # cudart is linked statically
+
+
+def test_cuda_module_imports_and_answers_without_a_driver():
+    if ops._C_cuda is None:
+        pytest.skip("built without CUDA kernels")
+    count = ops._C_cuda.device_count()  # 0, not a crash, where no driver answers
+    assert isinstance(count, int) and count >= 0
+    assert drt_fast.cuda_available() == (count > 0)
+
+
+def test_import_needs_no_cuda_driver_in_a_fresh_interpreter():
+    code = "import drt_fast, drt_fast.ops as o; print(drt_fast.cuda_available(), o._C is not None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.split()[1] == "True"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib")
+def test_pyproject_requirements():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build_requires = " ".join(meta["build-system"]["requires"]).lower()
+    assert "torch" not in build_requires
+    for needed in ("setuptools", "pybind11", "cmake", "ninja"):
+        assert needed in build_requires
+    torch_dep = [d for d in meta["project"]["dependencies"] if d.startswith("torch")]
+    assert torch_dep == ["torch>=2.4"]  # a range, never a pin
+    assert meta["project"]["scripts"]["drt-fast"] == "drt_fast.cli:main"
