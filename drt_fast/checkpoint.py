@@ -14,7 +14,7 @@ holding one ``Sequential(NormalizeLayer, model)`` whose NormalizeLayer kept its 
 out of the state dict, possibly inside ``DataParallel`` (``module.`` anywhere in the keys).
 It imports as one member; the dataset (and so the normalization) is inferred from the
 architecture unless given. The DRT code saves one such file per member: `load_members`
-(or `load_ensemble` with a list of paths) joins them into one ensemble.
+(or `load_checkpoint` with a list of paths) joins them into one ensemble.
 
 Every member is rebuilt as ``with_normalization(create(arch, num_classes), means, sds)``
 and its state dict loaded strictly, so a file that does not match its architecture never
@@ -158,7 +158,7 @@ def _atomic_save(payload: dict, path: Path) -> Path:
 
 # ------------------------------------------------------------------------------ load
 
-def load_ensemble(path: PathLike | Sequence[PathLike], mode: str | None = None,
+def load_checkpoint(path: PathLike | Sequence[PathLike], mode: str | None = None,
                   map_location="cpu", dataset: str | None = None):
     """Load a drt-fast ensemble file or a Cohen/DRT checkpoint (one member); a list of
     paths joins their members (see `load_members`).
@@ -179,13 +179,22 @@ def load_ensemble(path: PathLike | Sequence[PathLike], mode: str | None = None,
     return ensemble.eval(), meta
 
 
+def load_ensemble(path: PathLike | Sequence[PathLike], mode: str | None = None,
+                  map_location="cpu", dataset: str | None = None) -> Ensemble:
+    """The public loader of DESIGN.md section 4: `load_checkpoint`'s Ensemble, with its
+    metadata dict attached as ``ensemble.meta``."""
+    ensemble, meta = load_checkpoint(path, mode=mode, map_location=map_location, dataset=dataset)
+    ensemble.meta = meta
+    return ensemble
+
+
 def load_members(paths: Sequence[PathLike], mode: str | None = None, weights=None,
                  map_location="cpu", dataset: str | None = None):
     """One ensemble from several checkpoint files (Cohen/DRT members, or drt-fast files),
     members in the order given. They must agree on classes, input shape and dataset.
     Weights: the argument, else each file's member weights (uniform for Cohen files)
     rescaled by its number of members, i.e. every member counts equally by default.
-    Returns ``(Ensemble, meta)`` as `load_ensemble`."""
+    Returns ``(Ensemble, meta)`` as `load_checkpoint`."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise DrtFastError("expected at least one checkpoint path, got none")
@@ -392,7 +401,7 @@ def _build_member(state, arch, num_classes, means, sds, what: str) -> nn.Sequent
 
 def describe(path: PathLike | Sequence[PathLike]) -> str:
     """A human-readable summary of a checkpoint, for ``drt-fast info``."""
-    ensemble, meta = load_ensemble(path)
+    ensemble, meta = load_checkpoint(path)
     counts = [sum(p.numel() for p in m.parameters()) for m in ensemble.members]
     means, sds = meta["normalization"]
     shape = "x".join(str(v) for v in meta["input_shape"])

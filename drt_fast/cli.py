@@ -246,11 +246,11 @@ def _prepare(args, task: str, device) -> Job:
     model_paths = [default["model"]] if default else args.model
     for path in model_paths:
         _require_file(path, "checkpoint")
-    model_path = _one_or_many(model_paths)  # what load_ensemble takes, and error messages show
+    model_path = _one_or_many(model_paths)  # what load_checkpoint takes, and error messages show
     try:
         # A Cohen/DRT file's normalization follows the dataset (its arch's by default).
         cohen_dataset = args.dataset if args.dataset not in (None, "npz") else None
-        ensemble, meta = checkpoint.load_ensemble(model_path, mode=args.mode, dataset=cohen_dataset)
+        ensemble, meta = checkpoint.load_checkpoint(model_path, mode=args.mode, dataset=cohen_dataset)
     except DrtFastError:
         raise
     except Exception as e:  # a format the loader did not anticipate is still the user's file
@@ -349,7 +349,7 @@ def _check_model_fits(ensemble, meta, x, num_classes, model_path, dataset_name, 
 
 
 def _one_or_many(paths: list):
-    """A single path as itself, several as the list (checkpoint.load_ensemble takes both)."""
+    """A single path as itself, several as the list (checkpoint.load_checkpoint takes both)."""
     return paths[0] if len(paths) == 1 else list(paths)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drt_fast import checkpoint, data, models
-from drt_fast.checkpoint import describe, load_ensemble, load_members, save_ensemble
+from drt_fast.checkpoint import describe, load_checkpoint, load_members, save_ensemble
 from drt_fast.ensemble import Ensemble
 from drt_fast.errors import DrtFastError
 from drt_fast.models import with_normalization
@@ -50,7 +50,7 @@ def cohen_state(model):
 
 def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     ens, path = save_digits(tmp_path / "ens.pt", mode="mme", weights=[1, 2, 1])
-    loaded, meta = load_ensemble(path)
+    loaded, meta = load_checkpoint(path)
     x = torch.rand(6, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(ens.eval()(x), loaded(x))
@@ -69,9 +69,19 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     assert set(raw["members"][0]) == set(ens.members[0].state_dict())
     assert raw["normalization"] == {"means": [0.3052], "sds": [0.376]}
     # the mode can be overridden at load time
-    assert load_ensemble(path, mode="mv")[0].mode == "mv"
+    assert load_checkpoint(path, mode="mv")[0].mode == "mv"
     with pytest.raises(DrtFastError, match="mode"):
-        load_ensemble(path, mode="median")
+        load_checkpoint(path, mode="median")
+
+
+def test_load_ensemble_is_the_public_loader_with_metadata_attached(tmp_path):
+    ens, path = save_digits(tmp_path / "ens.pt", mode="mme")
+    loaded = checkpoint.load_ensemble(path)
+    assert isinstance(loaded, Ensemble) and loaded.mode == "mme" and len(loaded) == 3
+    assert loaded.meta == load_checkpoint(path)[1]
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(ens.eval()(x), loaded(x))
 
 
 def test_bare_members_get_the_normalization_layer(tmp_path):
@@ -80,7 +90,7 @@ def test_bare_members_get_the_normalization_layer(tmp_path):
     save_ensemble(tmp_path / "bare.pt", Ensemble(bare), arch="digits_cnn", dataset="digits",
                   num_classes=10, input_shape=None, normalization=None, sigma=None,
                   train_config=None)
-    loaded, meta = load_ensemble(tmp_path / "bare.pt")
+    loaded, meta = load_checkpoint(tmp_path / "bare.pt")
     x = torch.rand(3, 1, 8, 8)
     with torch.no_grad():
         expected = torch.stack([with_normalization(m, *DIGITS_NORM).eval()(x) for m in bare])
@@ -88,7 +98,7 @@ def test_bare_members_get_the_normalization_layer(tmp_path):
     assert meta["normalization"] == DIGITS_NORM and meta["sigma"] is None
     # a single module is a one-member ensemble
     save_ensemble(tmp_path / "one.pt", bare[0], arch="digits_cnn", dataset="digits", num_classes=10)
-    assert len(load_ensemble(tmp_path / "one.pt")[0]) == 1
+    assert len(load_checkpoint(tmp_path / "one.pt")[0]) == 1
 
 
 def test_save_is_atomic_and_checks_before_writing(tmp_path):
@@ -132,7 +142,7 @@ def test_describe_says_what_the_file_holds(tmp_path):
     _, path = save_digits(tmp_path / "ens.pt", mode="mme")
     text = describe(path)
     for expected in ("digits_cnn", "digits", "1x8x8", "members        3", "6,202 parameters",
-                     "mme", "0.25", "rho1=0.5", checkpoint.load_ensemble(path)[1]["sha256"]):
+                     "mme", "0.25", "rho1=0.5", checkpoint.load_checkpoint(path)[1]["sha256"]):
         assert expected in text, expected
 
 
@@ -155,7 +165,7 @@ def test_cohen_cifar_checkpoint_loads_as_one_member(tmp_path, prefix):
     torch.save({"epoch": 90, "arch": "cifar_resnet20", "state_dict": state,
                 "optimizer": optimizer.state_dict()}, path)
 
-    ens, meta = load_ensemble(path)
+    ens, meta = load_checkpoint(path)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         reference = model((x - torch.tensor(CIFAR_NORM[0]).view(3, 1, 1))
@@ -166,9 +176,9 @@ def test_cohen_cifar_checkpoint_loads_as_one_member(tmp_path, prefix):
     assert meta["input_shape"] == (3, 32, 32) and meta["sigma"] == 0.5
     assert meta["train_config"] == {"epoch": 90} and ens.mode == "we"
     # another dataset's normalization can be asked for, if its channels fit
-    assert load_ensemble(path, dataset="imagenet")[1]["normalization"] == data.normalization("imagenet")
+    assert load_checkpoint(path, dataset="imagenet")[1]["normalization"] == data.normalization("imagenet")
     with pytest.raises(DrtFastError, match="3-channel inputs but dataset 'mnist' has 1"):
-        load_ensemble(path, dataset="mnist")
+        load_checkpoint(path, dataset="mnist")
 
 
 def test_legacy_serialization_and_mnist_lenet_with_identity_normalization(tmp_path):
@@ -178,7 +188,7 @@ def test_legacy_serialization_and_mnist_lenet_with_identity_normalization(tmp_pa
     # old torch versions wrote the non-zip format
     torch.save({"arch": "lenet", "state_dict": cohen_state(model)}, path,
                _use_new_zipfile_serialization=False)
-    ens, meta = load_ensemble(path)
+    ens, meta = load_checkpoint(path)
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(ens(x)[0], model(x))   # the DRT code's MNIST layer is Identity
@@ -190,7 +200,7 @@ def test_imagenet_resnet50_dataparallel_checkpoint(tmp_path):
     model = models.create("resnet50", 1000).eval()
     state = {f"1.module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"arch": "resnet50", "state_dict": state}, tmp_path / "r50.pth.tar")
-    ens, meta = load_ensemble(tmp_path / "r50.pth.tar")
+    ens, meta = load_checkpoint(tmp_path / "r50.pth.tar")
     assert meta["dataset"] == "imagenet" and meta["num_classes"] == 1000
     assert meta["normalization"] == data.normalization("imagenet")
     x = torch.rand(1, 3, 64, 64)
@@ -208,7 +218,7 @@ def test_load_members_joins_one_file_per_member(tmp_path):
         paths.append(tmp_path / f"m{i}.pth.tar")
         torch.save({"arch": "cifar_resnet20", "state_dict": cohen_state(net)}, paths[-1])
     ens, meta = load_members(paths, mode="mme")
-    same, meta2 = load_ensemble([str(p) for p in paths])
+    same, meta2 = load_checkpoint([str(p) for p in paths])
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         out = ens(x)
@@ -234,9 +244,9 @@ def test_load_members_joins_one_file_per_member(tmp_path):
 
 def test_missing_truncated_and_garbage_files(tmp_path):
     with pytest.raises(DrtFastError, match="checkpoint nope.pt not found in"):
-        load_ensemble(tmp_path / "nope.pt")
+        load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(DrtFastError, match="is not a file"):
-        load_ensemble(tmp_path)
+        load_checkpoint(tmp_path)
     _, path = save_digits(tmp_path / "ens.pt")
     raw = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
@@ -244,7 +254,7 @@ def test_missing_truncated_and_garbage_files(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     for name in ("cut.pt", "junk.pt", "empty.pt"):
         with pytest.raises(DrtFastError, match="cannot read checkpoint") as err:
-            load_ensemble(tmp_path / name)
+            load_checkpoint(tmp_path / name)
         assert "\n" not in str(err.value)
 
 
@@ -258,7 +268,7 @@ def test_arbitrary_pickles_are_refused(tmp_path):
     os.chdir(tmp_path)
     try:
         with pytest.raises(DrtFastError, match="cannot read checkpoint"):
-            load_ensemble(tmp_path / "evil.pt")
+            load_checkpoint(tmp_path / "evil.pt")
     finally:
         os.chdir(cwd)
     assert not (tmp_path / "pwned").exists()
@@ -267,16 +277,16 @@ def test_arbitrary_pickles_are_refused(tmp_path):
 def test_wrong_format_and_unknown_arch(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(DrtFastError, match="neither a drt-fast ensemble file nor a Cohen"):
-        load_ensemble(tmp_path / "list.pt")
+        load_checkpoint(tmp_path / "list.pt")
     torch.save({"model": {}}, tmp_path / "dict.pt")
     with pytest.raises(DrtFastError, match=r"it holds \['model'\]"):
-        load_ensemble(tmp_path / "dict.pt")
+        load_checkpoint(tmp_path / "dict.pt")
     torch.save({"arch": "cifar_densenet40", "state_dict": {}}, tmp_path / "dense.pt")
     with pytest.raises(DrtFastError, match="unknown architecture 'cifar_densenet40'"):
-        load_ensemble(tmp_path / "dense.pt")
+        load_checkpoint(tmp_path / "dense.pt")
     torch.save({"arch": "cifar_resnet20", "state_dict": {"fc.weight": 3}}, tmp_path / "odd.pt")
     with pytest.raises(DrtFastError, match="must map names to tensors"):
-        load_ensemble(tmp_path / "odd.pt")
+        load_checkpoint(tmp_path / "odd.pt")
 
 
 def test_mismatched_state_dicts(tmp_path):
@@ -285,21 +295,21 @@ def test_mismatched_state_dicts(tmp_path):
     # the arch says ResNet-110 but the weights are a ResNet-20
     torch.save({"arch": "cifar_resnet110", "state_dict": state}, tmp_path / "a.pt")
     with pytest.raises(DrtFastError, match="does not match architecture cifar_resnet110.*missing"):
-        load_ensemble(tmp_path / "a.pt")
+        load_checkpoint(tmp_path / "a.pt")
     broken = dict(state)
     broken["1.layer1.0.conv1.weight"] = torch.zeros(16, 16, 5, 5)
     torch.save({"arch": "cifar_resnet20", "state_dict": broken}, tmp_path / "b.pt")
     with pytest.raises(DrtFastError, match=r"wrong shape 1.layer1.0.conv1.weight \[16, 16, 5, 5\]"):
-        load_ensemble(tmp_path / "b.pt")
+        load_checkpoint(tmp_path / "b.pt")
     del broken["1.fc.weight"]
     torch.save({"arch": "cifar_resnet20", "state_dict": broken}, tmp_path / "c.pt")
     with pytest.raises(DrtFastError, match="no 2-d '1.fc.weight'"):
-        load_ensemble(tmp_path / "c.pt")
+        load_checkpoint(tmp_path / "c.pt")
     extra = dict(state)
     extra["1.extra.weight"] = torch.zeros(1)
     torch.save({"arch": "cifar_resnet20", "state_dict": extra}, tmp_path / "d.pt")
     with pytest.raises(DrtFastError, match="unexpected 1.extra.weight"):
-        load_ensemble(tmp_path / "d.pt")
+        load_checkpoint(tmp_path / "d.pt")
 
 
 def test_malformed_drt_fast_files(tmp_path):
@@ -313,16 +323,16 @@ def test_malformed_drt_fast_files(tmp_path):
         return tmp_path / "bad.pt"
 
     with pytest.raises(DrtFastError, match="version 2; this drt-fast reads version 1"):
-        load_ensemble(write(version=2))
+        load_checkpoint(write(version=2))
     with pytest.raises(DrtFastError, match="3 members but 2 weights"):
-        load_ensemble(write(weights=[0.5, 0.5]))
+        load_checkpoint(write(weights=[0.5, 0.5]))
     with pytest.raises(DrtFastError, match="holds no members"):
-        load_ensemble(write(members=[], weights=[]))
+        load_checkpoint(write(members=[], weights=[]))
     with pytest.raises(DrtFastError, match="malformed"):
-        load_ensemble(write(normalization=None))
+        load_checkpoint(write(normalization=None))
     with pytest.raises(DrtFastError, match="member 1 does not match architecture digits_cnn"):
         members = list(good["members"])
         members[1] = {k: v for k, v in members[1].items() if k != "1.fc.bias"}
-        load_ensemble(write(members=members))
+        load_checkpoint(write(members=members))
     with pytest.raises(DrtFastError, match="does not match the 1-channel normalization"):
-        load_ensemble(write(input_shape=[3, 8, 8]))
+        load_checkpoint(write(input_shape=[3, 8, 8]))

@@ -64,7 +64,7 @@ def test_certify_writes_cohen_rows_equal_to_the_api(ckpt, reference_tsv):
     # The trained model certifies most inputs: the run is meaningful.
     assert sum(int(r[4]) for r in rows) >= 20
     # Same certificates as the API with key = dataset index.
-    ens, _ = checkpoint.load_ensemble(ckpt)
+    ens, _ = checkpoint.load_checkpoint(ckpt)
     smooth = SmoothedClassifier(ens, num_classes=10, sigma=fx.SIGMA, seed=0)
     picks = [0, 7, 29]
     certs = smooth.certify_many(test.x[[15 * i for i in picks]], [15 * i for i in picks],
@@ -119,7 +119,7 @@ def test_predict_rows_are_cohen_predict_layout(ckpt, tmp_path, capsys):
     assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime"
     rows = [line.split("\t") for line in lines[1:]]
     assert [int(r[0]) for r in rows] == list(range(0, 450, 45))
-    ens, _ = checkpoint.load_ensemble(ckpt)
+    ens, _ = checkpoint.load_checkpoint(ckpt)
     test = data.load("digits", "test")
     labels = SmoothedClassifier(ens, 10, fx.SIGMA, seed=0).predict_many(
         test.x[0:450:45], list(range(0, 450, 45)), n=100, alpha=0.001, batch_size=1000)

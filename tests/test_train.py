@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drt_fast import cli
-from drt_fast.checkpoint import load_ensemble
+from drt_fast.checkpoint import load_checkpoint
 from drt_fast.train import TrainConfig, train
 from drt_fast.train import trainer as trainer_mod
 from drt_fast.train.diagnose import diagnose
@@ -19,7 +19,7 @@ def run_cli(*argv):
 
 
 def state_dicts(path):
-    ens, _ = load_ensemble(path)
+    ens, _ = load_checkpoint(path)
     return [m.state_dict() for m in ens.members]
 
 
@@ -42,7 +42,7 @@ def base(tmp_path_factory, one_thread):
 
 
 def test_checkpoint_records_the_run(base, tmp_path):
-    ens, meta = load_ensemble(base)
+    ens, meta = load_checkpoint(base)
     assert len(ens.members) == 3 and meta["arch"] == "digits_cnn" and meta["dataset"] == "digits"
     assert meta["sigma"] == SIGMA
     cfg = meta["train_config"]
@@ -66,7 +66,7 @@ def test_drt_lowers_gradient_cosine_and_raises_margin(base, tmp_path):
     test = data.load("digits", "test")
     d = {}
     for name, path in (("gauss", gauss), ("drt", drt)):
-        ens, _ = load_ensemble(path)
+        ens, _ = load_checkpoint(path)
         d[name] = diagnose(list(ens.members), test.x, test.y, SIGMA, noise_draws=2, seed=0)
     # measured: cosine 0.67 -> 0.50, margin 0.780 -> 0.794
     assert d["drt"].mean_cosine < d["gauss"].mean_cosine - 0.1
@@ -92,7 +92,7 @@ def test_resume_gives_the_uninterrupted_weights(base, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(out=str(cut), **common))
     assert calls == [1]
-    assert load_ensemble(cut)[1]["train_config"]["epochs_done"] == 1
+    assert load_checkpoint(cut)[1]["train_config"]["epochs_done"] == 1
     train(TrainConfig(out=str(cut), resume=True, **common))
     for a, b in zip(state_dicts(whole), state_dicts(cut)):
         for k in a:
@@ -117,7 +117,7 @@ def test_pgd_increases_the_smoothed_loss(base):
     from drt_fast.train.smoothadv import pgd_smoothed, smoothed_soft_log_prob
     from drt_fast import data
 
-    ens, _ = load_ensemble(base)
+    ens, _ = load_checkpoint(base)
     f = ens.members[0].eval()
     test = data.load("digits", "test")
     x, y, m = test.x[:64], test.y[:64], 4
@@ -136,7 +136,7 @@ def test_round_trip_train_checkpoint_certify(base, tmp_path):
     pytest.importorskip("drt_fast._C")
     from drt_fast import SmoothedClassifier, data
 
-    ens, meta = load_ensemble(base)
+    ens, meta = load_checkpoint(base)
     test = data.load("digits", "test")
     smooth = SmoothedClassifier(ens, num_classes=10, sigma=meta["sigma"], seed=0)
     certs = smooth.certify_many(test.x[:20], list(range(20)), n0=50, n=500, alpha=0.001,
@@ -222,7 +222,7 @@ def test_embedded_default_is_consistent():
     spec = json.loads((assets / "default.json").read_text())
     assert spec["sigma"] == 0.25 and spec["skip"] >= 1 and spec["max"] >= 1
     assert "--trainer drt" in spec["recipe"] and "--trainer gaussian" in spec["recipe"]
-    ens, meta = load_ensemble(assets / spec["model"])
+    ens, meta = load_checkpoint(assets / spec["model"])
     assert len(ens.members) == 3 and meta["arch"] == "digits_cnn" and meta["sigma"] == 0.25
     assert meta["train_config"]["trainer"] == "drt"
     assert (assets / spec["model"]).stat().st_size < 2 * 2**20
@@ -252,5 +252,5 @@ def test_torchrun_two_cpu_processes(tmp_path):
     entries = [json.loads(l) for l in log.read_text().splitlines()]
     assert [e["epoch"] for e in entries] == [1, 2]          # one writer
     assert entries[-1]["test_acc"] > 0.8 and entries[-1]["gd"] > 0
-    ens, meta = load_ensemble(out)
+    ens, meta = load_checkpoint(out)
     assert len(ens.members) == 3 and meta["train_config"]["epochs_done"] == 2

@@ -78,7 +78,7 @@ def run_diagnose(args) -> int:
     import torch
 
     from .. import data
-    from ..checkpoint import load_ensemble
+    from ..checkpoint import load_checkpoint
     from .diagnose import diagnose, format_table
 
     if args.n_inputs < 1 or args.noise_draws < 1:
@@ -86,7 +86,7 @@ def run_diagnose(args) -> int:
                            f"{args.noise_draws}")
     if not os.path.isfile(args.checkpoint):
         raise DrtFastError(f"checkpoint {args.checkpoint} does not exist")
-    ensemble, meta = load_ensemble(args.checkpoint)
+    ensemble, meta = load_checkpoint(args.checkpoint)
     dataset = args.dataset or meta.get("dataset")
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if dataset is None:

@@ -172,11 +172,11 @@ def build_members(config: TrainConfig, num_classes: int, normalization) -> list[
 
 def _load_init(config: TrainConfig, members: list[nn.Module]) -> None:
     """Copy the weights of the ``--init`` ensemble into ``members`` (same arch, dataset, M)."""
-    from ..checkpoint import load_ensemble
+    from ..checkpoint import load_checkpoint
 
     if not os.path.isfile(config.init):
         raise DrtFastError(f"--init checkpoint {config.init} does not exist")
-    ens, meta = load_ensemble(config.init)
+    ens, meta = load_checkpoint(config.init)
     for key in ("arch", "dataset"):
         if meta.get(key) != getattr(config, key):
             raise DrtFastError(f"--init {config.init} has {key} {meta.get(key)!r}, "
