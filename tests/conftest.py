@@ -11,3 +11,16 @@ def cuda_device():
     if not (torch.cuda.is_available() and drt_fast.cuda_available()):
         pytest.skip("needs a CUDA device and drt_fast built with CUDA kernels")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run torch (and our OpenMP kernels) on one thread for a test module, then restore.
+
+    Tiny tensors gain nothing from a second thread, and when the 2 cores are shared with
+    other processes OpenMP's spin-waiting makes them many times slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,14 +16,7 @@ DIGITS_NORM = data.normalization("digits")
 CIFAR_NORM = data.normalization("cifar10")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small models run many times slower with 2 OpenMP threads when the 2 cores are
-    # shared with other processes (spin-waiting); one thread is as fast when idle.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits_members(k=3, seed=0):

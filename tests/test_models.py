@@ -8,14 +8,7 @@ from drt_fast.errors import DrtFastError
 from drt_fast.models import NormalizeLayer, with_normalization
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small models run many times slower with 2 OpenMP threads when the 2 cores are
-    # shared with other processes (spin-waiting); one thread is as fast when idle.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model):

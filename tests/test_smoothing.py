@@ -28,14 +28,7 @@ def _ops_available(monkeypatch):
         monkeypatch.setattr(ops, "vote_", ops.reference_vote_)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine every parallel op can
-    wait milliseconds at OpenMP barriers; one thread keeps this file fast everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ models

@@ -23,13 +23,7 @@ def state_dicts(path):
     return [m.state_dict() for m in ens.members]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and the seeded runs below are then bit-exact."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
