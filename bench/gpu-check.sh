@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check for a session that gets a lent GPU machine (H100/H200; no package registry there).
+# From the repository root, through the device tool:
+#     bash bench/gpu-check.sh [pytest args for bench/, e.g. -k "gpu or resnet110"]
+# (.gpu/run.sh is the same script, git-ignored.) It builds the package with the CUDA
+# kernels (no build isolation, no deps), checks what was built, runs the CUDA tests and the
+# benchmarks, and leaves logs and the benchmark JSON under $OUT (./gpu-out when unset).
+#
+# The installed package is what runs: pytest starts with `python3 -P` (no cwd on sys.path),
+# so the source tree's drt_fast, which has no compiled modules there (they are git-ignored
+# and do not travel), does not shadow it. If `pip install` fails (a missing build
+# requirement: setuptools, pybind11, cmake, ninja), the kernels are built in place instead
+# and the source tree runs.
+set -u -o pipefail
+out="${OUT:-gpu-out}"; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 CMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-90}" DRT_FAST_CUDA=1
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+python3 -c "import os; print('cpus', os.cpu_count())" | tee -a "$out/gpu.txt"
+
+py=(python3 -P)
+if python3 -m pip install -q --no-build-isolation --no-deps . > "$out/build.log" 2>&1; then
+    echo "build: pip install --no-build-isolation . (CMAKE_CUDA_ARCHITECTURES=$CMAKE_CUDA_ARCHITECTURES)" | tee -a "$out/gpu.txt"
+else
+    tail -20 "$out/build.log"
+    echo "pip install failed; building in place (python3 setup.py build_ext --inplace)" | tee -a "$out/gpu.txt"
+    python3 setup.py build_ext --inplace >> "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+    py=(python3)
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+tail -3 "$out/build.log"
+"${py[@]}" -c "import drt_fast, drt_fast.ops as o; print('drt_fast from', drt_fast.__file__); print('cuda kernels:', drt_fast.cuda_available())" 2>&1 | tee -a "$out/gpu.txt"
+
+"${py[@]}" -m pytest -q -x tests -k "cuda or gpu" -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15
+# -s: the per-case [ratio] / [abs] / [share] / [target] lines go to bench.log as well.
+"${py[@]}" -m pytest -q -s bench/ -p no:cacheprovider --benchmark-json "$out/bench.json" "$@" 2>&1 \
+    | tee "$out/bench.log" | grep -E "^\[(ratio|abs|share|target)\]|passed|failed|error" | tail -60
