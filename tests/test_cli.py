@@ -148,6 +148,15 @@ def test_resume_after_a_cut_equals_an_uninterrupted_run(ckpt, reference_tsv, tmp
     assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
 
 
+def test_channels_last_flag_certifies_the_same_inputs(ckpt, reference_tsv, tmp_path):
+    out = str(tmp_path / "cl.tsv")
+    assert main(["certify", "--model", ckpt, *RUN, "--channels-last", "--out", out]) == 0
+    rows, ref = fx.rows_without_time(out), fx.rows_without_time(reference_tsv)
+    assert [r[:3] for r in rows] == [r[:3] for r in ref]      # idx, label, predict
+    # Channels-last convolutions may round differently: counts agree to a draw or two.
+    assert all(abs(int(a[-2]) - int(b[-2])) <= 2 for a, b in zip(rows[1:], ref[1:]))
+
+
 def test_resume_with_larger_max_extends_the_file(ckpt, reference_tsv, tmp_path):
     out = str(tmp_path / "r.tsv")
     assert main(["certify", "--model", ckpt, *RUN, "--max", "5", "--out", out]) == 0
