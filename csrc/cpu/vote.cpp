@@ -16,7 +16,7 @@ namespace drt {
 namespace DRT_ISA_NAMESPACE {
 namespace {
 
-constexpr int64_t kMinParallelLogits = 1 << 15;  // below that a parallel region costs more than it saves
+constexpr int64_t kMinParallelLogits = 1 << 13;  // below that a parallel region costs more than it saves (measured: M=3, K=10, R=1000 gains 1.6x at 2 threads)
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum), relative error ~2e-7; branch-free
 // so that the loops calling it vectorize (torch's softmax is vectorized too).
