@@ -21,7 +21,23 @@ import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import drt_fast
+
+# Subprocesses must import the drt_fast this process imported (site-packages after
+# `pip install .`, the source tree after `pip install -e .`), never the bare source folder,
+# which has no compiled _C: put its parent first on PYTHONPATH and run them from a folder
+# that holds no drt_fast (for `python -m`, the working directory comes first on sys.path).
+PACKAGE_DIR = os.path.dirname(os.path.abspath(drt_fast.__file__))
+NEUTRAL_CWD = tempfile.gettempdir()
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a drt_fast subprocess: our drt_fast first, one OpenMP thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(PACKAGE_DIR),
+                                                        os.environ.get("PYTHONPATH")])))
+    env.update(extra)
+    return env
 SIGMA = 0.25
 
 _WORK = tempfile.mkdtemp(prefix="drt-fast-cli-tests-")
@@ -154,12 +170,9 @@ def write_cifar(folder, images_u8, labels) -> str:
 
 
 def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    """``python -m drt_fast ARGS`` in a subprocess, importing drt_fast from this source tree."""
-    full_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    OMP_NUM_THREADS="1")
-    full_env.update(env or {})
+    """``python -m drt_fast ARGS`` in a subprocess, importing the drt_fast under test."""
     return subprocess.run([sys.executable, "-m", "drt_fast", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=REPO)
+                          text=True, env=subprocess_env(**(env or {})), timeout=timeout, cwd=NEUTRAL_CWD)
 
 
 def rows_without_time(path) -> list:

@@ -191,9 +191,9 @@ def test_sigkill_mid_run_then_resume_gives_the_same_rows(ckpt, tmp_path):
     args = ["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", fx.digits_npz(), "--n", "4000",
             "--batch", "500", "--skip", "30", "--quiet"]
     killed = str(tmp_path / "killed.tsv")
-    env = dict(os.environ, PYTHONPATH=fx.REPO, OMP_NUM_THREADS="1")  # see cli_fixtures.one_thread
     proc = subprocess.Popen([sys.executable, "-m", "drt_fast", *args, "--out", killed],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=fx.subprocess_env(), cwd=fx.NEUTRAL_CWD,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(killed) and open(killed).read().count("\n") >= 4:  # header + 3 rows

@@ -22,10 +22,9 @@ def _torchrun(*args):
     The ``--`` keeps torchrun's own parser from reading ``--n`` / ``--max`` as abbreviations
     of its ``--nnodes`` / ``--max-restarts`` (argparse looks at every argument for that).
     """
-    env = dict(os.environ, PYTHONPATH=fx.REPO, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "drt_fast", "--", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=fx.REPO)
+                           "-m", "drt_fast", "--", *map(str, args)], capture_output=True, text=True,
+                          env=fx.subprocess_env(), timeout=300, cwd=fx.NEUTRAL_CWD)
 
 
 @pytest.fixture(scope="module")
@@ -63,4 +62,4 @@ def test_refusal_on_rank_0_stops_every_rank(single):
     assert proc.returncode != 0
     # Each rank prints the one line (torchrun then adds its own report of failed children).
     assert proc.stderr.count("drt-fast: error: output file") == 2
-    assert os.path.join(fx.REPO, "drt_fast") not in proc.stderr  # no traceback through our code
+    assert fx.PACKAGE_DIR not in proc.stderr  # no traceback through our code

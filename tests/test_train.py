@@ -1,10 +1,13 @@
 """drt-fast train: trainers, checkpoints, resume, DRT's effect, and bad input."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import cli_fixtures as fx
 from drt_fast import cli
 from drt_fast.checkpoint import load_checkpoint
 from drt_fast.train import TrainConfig, train
@@ -229,19 +232,13 @@ def test_embedded_default_is_consistent():
 
 def test_torchrun_two_cpu_processes(tmp_path):
     """torchrun with 2 gloo processes: shares batches, averages gradients, rank 0 writes once."""
-    import subprocess
-    import sys
-
     out, log = tmp_path / "ddp.pt", tmp_path / "ddp.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "drt_fast", "--", "train", "--sigma", str(SIGMA), "--trainer", "drt",
          "--rho1", "0.5", "--rho2", "1", "--m", "2", "--epochs", "2", "--batch", "64",
          "--out", str(out), "--log", str(log), "--quiet"],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=fx.subprocess_env(), capture_output=True, text=True, timeout=300, cwd=fx.NEUTRAL_CWD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     entries = [json.loads(l) for l in log.read_text().splitlines()]
     assert [e["epoch"] for e in entries] == [1, 2]          # one writer
