@@ -78,7 +78,7 @@ def default_ensemble():
 # Measurement
 # ----------------------------------------------------------------------------------------
 def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, sigma=SIGMA,
-                    num_classes=10, precision="fp32", channels_last=False, sync=None,
+                    num_classes=10, precision="fp32", channels_last=None, sync=None,
                     extra=None):
     """Time Cohen's loop and drt-fast's certify alternately; record and print the ratio.
 
@@ -89,7 +89,7 @@ def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, 
     reference = ReferenceSmooth(ensemble, num_classes, sigma)
     # channels_last converts the model in place: drt-fast gets its own copy, the reference
     # keeps the model as Cohen's code would have it.
-    smooth = SmoothedClassifier(copy.deepcopy(ensemble) if channels_last else ensemble,
+    smooth = SmoothedClassifier(copy.deepcopy(ensemble) if channels_last is not False else ensemble,
                                 num_classes, sigma, seed=0, precision=precision,
                                 channels_last=channels_last)
     sync = sync or (lambda: None)
@@ -215,19 +215,20 @@ def test_certify_digits_default_levers(benchmark, precision, batch_size):
                     batch_size=batch_size, rounds=3, sigma=sigma, precision=precision)
 
 
-@pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("fp32", True),
+@pytest.mark.parametrize("precision,channels_last", [("fp32", None), ("fp32", False),
                                                      ("bf16", True)],
-                         ids=["fp32", "fp32-channels_last", "bf16-channels_last"])
+                         ids=["fp32", "fp32-contiguous", "bf16-channels_last"])
 def test_certify_resnet20_cpu(benchmark, precision, channels_last):
-    """3x ResNet-20 at n=2000: the engine as it is (fp32), and the channels-last and bf16
-    levers (drt-fast only; the reference stays fp32 NCHW, as Cohen's code runs)."""
+    """3x ResNet-20 at n=2000: the engine as it is (fp32, its default layout: channels-last
+    for 3-channel inputs), contiguous NCHW, and bf16 (drt-fast only; the reference stays
+    fp32 NCHW, as Cohen's code runs)."""
     ensemble = random_ensemble("cifar_resnet20")
-    layout = " channels_last" if channels_last else ""
+    layout = {None: "", False: " contiguous", True: " channels_last"}[channels_last]
     ratio, *_ = compare_certify(benchmark, f"certify 3x ResNet-20 WE n=2000 b=500 drt-fast "
                                 f"{precision}{layout} (cpu)", ensemble,
                                 random_input("cifar_resnet20"), n0=100, n=2000, batch_size=500,
                                 rounds=2, precision=precision, channels_last=channels_last)
-    if precision == "fp32" and not channels_last:
+    if precision == "fp32" and channels_last is None:
         check_target("CPU no slower than the reference on 3x ResNet-20", ratio >= 1.0)
 
 

@@ -99,8 +99,8 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="precision of the noisy draws and the forward pass (default: fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="write 4-D noisy draws and run the members channels-last "
-                        "(default: on for CUDA, where cuDNN's convolutions prefer it; off on CPU)")
+                   help="write 4-D noisy draws and run the members channels-last (default: on "
+                        "for CUDA, and on the CPU for inputs of 3 or more channels)")
     p.add_argument("--out", metavar="results.tsv", help="write rows here (and the configuration to <out>.json)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -322,12 +322,11 @@ def _prepare(args, task: str, device) -> Job:
         "torch_version": torch.__version__,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
     }
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     if device.type == "cuda":
         # Fixed input shapes batch after batch: let cuDNN pick its fastest convolutions once.
         torch.backends.cudnn.benchmark = True
     smoothed = SmoothedClassifier(ensemble, num_classes=ds.num_classes, sigma=sigma, seed=args.seed,
-                                  precision=args.precision, channels_last=channels_last)
+                                  precision=args.precision, channels_last=args.channels_last)
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
     return Job(task, smoothed, ds.x, y, keys, positions, config, draws)

@@ -70,12 +70,14 @@ class SmoothedClassifier:
     precision: "fp32" runs the model in its own dtype; "bf16"/"fp16" write the noisy draws
     in that dtype and run the model under ``torch.autocast`` (weights stay as they are,
     matmuls and convolutions run in the low precision). channels_last: write 4-D draws
-    channels-last and convert the model to channels-last (pays on CUDA only).
+    channels-last and convert the model (in place) to channels-last; None (the default)
+    decides from the first 4-D inputs: on for CUDA, and on the CPU for inputs of 3 or more
+    channels (measured 1.1-1.2x on 3x ResNet-20; slower for the 1-channel digits CNN).
 
     ``draws_performed`` counts the noisy draws made so far (each seen by all members).
     """
 
-    def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=False):
+    def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=None):
         self.model = as_ensemble(model).eval()
         self.num_classes = _positive_int(num_classes, "num_classes")
         try:
@@ -90,9 +92,10 @@ class SmoothedClassifier:
             raise DrtFastError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self.channels_last = bool(channels_last)
+        self.channels_last = None if channels_last is None else bool(channels_last)
+        self._model_channels_last = False
         if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            self._to_channels_last()
         self.draws_performed = 0
         self._output_checked = False
 
@@ -261,7 +264,21 @@ class SmoothedClassifier:
         return PRECISIONS[self.precision]
 
     def _draws_channels_last(self, xs):
-        return self.channels_last and xs.dim() == 4
+        """Whether the draws of 4-D inputs xs ``[G, C, H, W]`` are written channels-last
+        (the model follows, converted once)."""
+        if xs.dim() != 4:
+            return False
+        wanted = self.channels_last
+        if wanted is None:
+            wanted = xs.device.type == "cuda" or xs.shape[1] >= 3
+        if wanted:
+            self._to_channels_last()
+        return wanted
+
+    def _to_channels_last(self):
+        if not self._model_channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self._model_channels_last = True
 
     def _inputs(self, xs, keys):
         """Validated inputs ``[B, *S]`` (floating, where they are) and keys ``[B]`` (int64, CPU)."""
