@@ -175,6 +175,9 @@ def run_smoothing(args, task: str) -> int:
     try:
         job = _prepare(args, task, device)
         _run(args, job, group)
+        # Leave together: a rank that tears its gloo connections down while rank 0 is still
+        # writing can abort ("terminate called without an active exception").
+        distributed.barrier(group)
     finally:
         distributed.shutdown(group)
     return 0

@@ -67,6 +67,14 @@ def init(group: ProcessGroup, device: torch.device) -> torch.device:
     return device
 
 
+def barrier(group: ProcessGroup) -> None:
+    """Wait until every rank gets here (no-op for a single process)."""
+    if group.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def shutdown(group: ProcessGroup) -> None:
     """Leave the process group (no-op for a single process)."""
     if group.active:

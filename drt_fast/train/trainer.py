@@ -390,6 +390,9 @@ def train(config: TrainConfig) -> str:
                 print(json.dumps(entry), file=sys.stderr)
     if start_epoch >= config.epochs and group.is_main and not os.path.exists(config.out):
         save(config.epochs)
+    # Leave together (rank 0 may still be writing the last checkpoint), then tear down.
+    distributed.barrier(group)
+    distributed.shutdown(group)
     return config.out
 
 
