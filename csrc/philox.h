@@ -93,6 +93,17 @@ DRT_HD float select(uint32_t cond, float a, float b) {
 
 DRT_HD float negate_if(uint32_t cond, float v) { return bits_as_float(float_as_bits(v) ^ (cond << 31)); }
 
+// t * (c0 + t * (c1 + ... + t * c_last)) with one rounding per operation, in the order of
+// drt_fast/ops.py's _horner (the constant term of the polynomial is added by the caller).
+DRT_HD float horner_tail(float t, float c_last) { return t * c_last; }
+
+template <typename... Rest>
+DRT_HD float horner_tail(float t, float c, Rest... rest) {
+  const float inner = horner_tail(t, rest...);
+  const float sum = inner + c;
+  return sum * t;
+}
+
 // ln(k * 2^-24) for an integer k in [1, 2^24], i.e. the log of a uniform in (0, 1].
 // Relative error about 1e-7 (atanh series to s^9 with |s| <= 0.172).
 DRT_HD float log_u24(uint32_t k) {
@@ -105,15 +116,7 @@ DRT_HD float log_u24(uint32_t k) {
   e += (int)big;
   const float s = (m - 1.0f) / (m + 1.0f);  // ln m = 2 atanh(s)
   const float s2 = s * s;
-  float p = s2 * kAtanh9;
-  p = p + kAtanh7;
-  p = p * s2;
-  p = p + kAtanh5;
-  p = p * s2;
-  p = p + kAtanh3;
-  p = p * s2;
-  p = p * s;
-  const float atanh_s = p + s;
+  const float atanh_s = horner_tail(s2, kAtanh3, kAtanh5, kAtanh7, kAtanh9) * s + s;
   const float e_ln2 = (float)e * kLn2;
   return e_ln2 + 2.0f * atanh_s;
 }
@@ -128,25 +131,8 @@ DRT_HD void sincos_u24(uint32_t m, float* sin_out, float* cos_out) {
   const uint32_t steps = upper ? (1u << 22) - rem : rem;
   const float a = (float)(int32_t)steps * kHalfPiStep;  // steps <= 2^21: exact
   const float a2 = a * a;
-  float ps = a2 * kSin9;
-  ps = ps + kSin7;
-  ps = ps * a2;
-  ps = ps + kSin5;
-  ps = ps * a2;
-  ps = ps + kSin3;
-  ps = ps * a2;
-  ps = ps * a;
-  const float sin_a = ps + a;
-  float pc = a2 * kCos10;
-  pc = pc + kCos8;
-  pc = pc * a2;
-  pc = pc + kCos6;
-  pc = pc * a2;
-  pc = pc + kCos4;
-  pc = pc * a2;
-  pc = pc + kCos2;
-  pc = pc * a2;
-  const float cos_a = pc + 1.0f;
+  const float sin_a = horner_tail(a2, kSin3, kSin5, kSin7, kSin9) * a + a;
+  const float cos_a = horner_tail(a2, kCos2, kCos4, kCos6, kCos8, kCos10) + 1.0f;
   const float sin_phi = select(upper, cos_a, sin_a);
   const float cos_phi = select(upper, sin_a, cos_a);
   // rotate by the quadrant: cos = (c, -s, -c, s)[q], sin = (s, c, -s, -c)[q]
