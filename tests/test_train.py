@@ -102,10 +102,11 @@ def test_resume_gives_the_uninterrupted_weights(base, tmp_path, monkeypatch):
 def test_smoothadv_trainers_run_and_log(trainer, base, tmp_path):
     out, log = tmp_path / "s.pt", tmp_path / "s.jsonl"
     assert run_cli("train", "--sigma", SIGMA, "--trainer", trainer, "--epochs", 1, "--m", 2,
-                   "--steps", 2, "--eps", 0.25, "--rho1", 0.5, "--rho2", 1.0, "--lr", 0.01,
-                   "--init", base, "--out", out, "--log", log, "--quiet") == 0
+                   "--steps", 2, "--eps", 0.25, "--eps-warmup", 4, "--rho1", 0.5, "--rho2", 1.0,
+                   "--lr", 0.01, "--init", base, "--out", out, "--log", log, "--quiet") == 0
     (entry,) = [json.loads(l) for l in log.read_text().splitlines()]
-    assert set(entry) == {"epoch", "ce", "gd", "cm", "train_acc", "test_acc", "lr", "time"}
+    assert set(entry) == {"epoch", "ce", "gd", "cm", "train_acc", "test_acc", "lr", "time", "eps"}
+    assert entry["eps"] == pytest.approx(0.25 / 4)      # first epoch of a 4-epoch warm-up
     assert entry["test_acc"] > 0.6                      # fine-tuning kept a working ensemble
     assert (entry["gd"] > 0) == (trainer == "drt-smoothadv")
 
@@ -155,6 +156,7 @@ def test_round_trip_train_checkpoint_certify(base, tmp_path):
     (["--members", "0"], "--members"),
     (["--trainer", "drt", "--members", "1"], "--members"),
     (["--m", "0"], "--m"),
+    (["--eps-warmup", "-1"], "--eps-warmup"),
     (["--dataset", "npz", "--data-dir", "/nonexistent/d.npz"], "d.npz"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
     (["--arch", "lenet"], "expects inputs of shape"),
@@ -205,6 +207,14 @@ def test_lr_schedules():
     cos = TrainConfig(epochs=4, lr=0.1, lr_schedule="cosine")
     assert trainer_mod.lr_at(cos, 0) == pytest.approx(0.1)
     assert trainer_mod.lr_at(cos, 2) == pytest.approx(0.05)
+
+
+def test_smoothadv_eps_warmup_schedule():
+    """Salman et al.'s warm-up: eps * (epoch + 1) / warmup, then eps; none by default."""
+    warm = TrainConfig(trainer="smoothadv", eps=0.5, eps_warmup=4, epochs=8)
+    assert [trainer_mod.eps_at(warm, e) for e in range(6)] == \
+        pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+    assert trainer_mod.eps_at(TrainConfig(eps=0.5), 0) == 0.5
 
 
 def test_embedded_default_is_consistent():

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--m", type=int, default=d.m, help="noise vectors per input (default: 1)")
     p.add_argument("--eps", type=float, default=d.eps, help="SmoothAdv L2 radius, pixels (default: 0.25)")
     p.add_argument("--steps", type=int, default=d.steps, help="SmoothAdv PGD steps (default: 1)")
+    p.add_argument("--eps-warmup", type=int, default=d.eps_warmup, metavar="EPOCHS",
+                   help="SmoothAdv: grow --eps linearly over the first EPOCHS epochs, as Salman "
+                        "et al.'s --warmup (default: 0, the full radius from the start)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"initial SGD learning rate (default: {d.lr})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,

@@ -68,6 +68,7 @@ class TrainConfig:
     m: int = 1                       # noise vectors per input
     eps: float = 0.25                # SmoothAdv L2 radius (pixels)
     steps: int = 1                   # SmoothAdv PGD steps
+    eps_warmup: int = 0              # SmoothAdv: grow eps linearly over this many epochs (0: none)
     epochs: int = 10
     lr: float = 0.1
     lr_schedule: str = "step"        # step: x0.1 at 50 % and 75 % of the epochs
@@ -102,6 +103,8 @@ class TrainConfig:
         for name in ("members", "m", "epochs", "batch", "steps"):
             if getattr(self, name) < 1:
                 bad(f"--{name} must be >= 1", getattr(self, name))
+        if self.eps_warmup < 0:
+            bad("--eps-warmup must be >= 0", self.eps_warmup)
         if self.trainer.startswith("drt") and self.members < 2:
             bad("the DRT trainers compare members and need --members >= 2", self.members)
         if self.gd_norm not in GD_NORMS:
@@ -120,6 +123,14 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
         return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
     drops = sum(epoch >= math.ceil(f * config.epochs) for f in (0.5, 0.75))
     return config.lr * 0.1 ** drops
+
+
+def eps_at(config: TrainConfig, epoch: int) -> float:
+    """SmoothAdv's attack radius in (0-based) ``epoch``: eps * (epoch + 1) / eps_warmup during
+    the warm-up, then eps (Salman et al.'s schedule); a pure function, like ``lr_at``."""
+    if config.eps_warmup <= 0:
+        return config.eps
+    return min(config.eps, config.eps * (epoch + 1) / config.eps_warmup)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -211,6 +222,7 @@ class _Step:
     def __init__(self, config: TrainConfig, members: list[nn.Module]):
         self.c = config
         self.members = members
+        self.eps = config.eps  # SmoothAdv radius of the current epoch (eps_at)
 
     def _set_train(self, mode: bool) -> None:
         for f in self.members:
@@ -232,7 +244,7 @@ class _Step:
                 if c.trainer == "smoothadv":
                     eps_i = noise()
                     self._set_train(False)
-                    x_adv = pgd_smoothed([f], x, y, eps_i, c.m, c.eps, c.steps)
+                    x_adv = pgd_smoothed([f], x, y, eps_i, c.m, self.eps, c.steps)
                     self._set_train(True)
                     with autocast():
                         logits = f(x_adv.repeat_interleave(c.m, dim=0) + eps_i)
@@ -250,7 +262,7 @@ class _Step:
         eps = noise()
         if c.trainer == "drt-smoothadv":
             self._set_train(False)
-            x_adv = pgd_smoothed(self.members, x, y, eps, c.m, c.eps, c.steps)
+            x_adv = pgd_smoothed(self.members, x, y, eps, c.m, self.eps, c.steps)
             self._set_train(True)
             x_noisy = x_adv.repeat_interleave(c.m, dim=0) + eps
         else:
@@ -356,6 +368,7 @@ def train(config: TrainConfig) -> str:
         lr = lr_at(config, epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        step.eps = eps_at(config, epoch)
         torch.manual_seed(epoch_seed(config.seed, epoch, group.rank))   # anything on the global RNG
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
             epoch_seed(config.seed, epoch))).to(device)
@@ -383,6 +396,8 @@ def train(config: TrainConfig) -> str:
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
                  "train_acc": means["acc"], "test_acc": clean_accuracy(members, x_test, y_test),
                  "lr": lr, "time": round(time.time() - t0, 3)}
+        if "smoothadv" in config.trainer:
+            entry["eps"] = step.eps
         if group.is_main:
             save(epoch + 1)
             _log_line(config.log, entry)
