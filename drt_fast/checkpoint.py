@@ -36,6 +36,7 @@ from torch import nn
 from . import data, models
 from .ensemble import Ensemble, as_ensemble
 from .errors import DrtFastError
+from .io import sha256_file
 from .models.normalize import NormalizeLayer
 
 FORMAT = "drt-fast-ensemble"
@@ -88,7 +89,7 @@ def save_ensemble(path: PathLike, ensemble: nn.Module, *, arch: str, dataset: st
         "sigma": None if sigma is None else float(sigma),
         "train_config": dict(train_config or {}),
     }
-    return _atomic_save(payload, Path(path))
+    return atomic_torch_save(payload, Path(path))
 
 
 def _normalization_of(ensemble: Ensemble, normalization, dataset: str):
@@ -131,7 +132,10 @@ def _member_state(member: nn.Module, means, sds, what: str) -> dict[str, torch.T
     return {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
-def _atomic_save(payload: dict, path: Path) -> Path:
+def atomic_torch_save(payload: dict, path: PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``:
+    a reader (or a crash) never sees half a file. Errors are DrtFastErrors."""
+    path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise DrtFastError(f"cannot write checkpoint {path}: folder {folder} does not exist")
@@ -250,16 +254,13 @@ def _torch_load(path: Path, map_location):
     if not path.is_file():
         raise DrtFastError(f"checkpoint {path} is not a file")
     try:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
+        sha = sha256_file(path)
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:   # torch raises many types for truncated/foreign files
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DrtFastError(f"cannot read checkpoint {path} (corrupt, truncated or not a "
                            f"torch file): {first_line}") from None
-    return checkpoint, sha.hexdigest()
+    return checkpoint, sha
 
 
 def _from_drt_fast(ckpt: dict, path: Path):

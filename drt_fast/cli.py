@@ -171,7 +171,7 @@ def run_smoothing(args, task: str) -> int:
     from . import distributed
 
     group = distributed.from_env()
-    device = distributed.init(group, _resolve_device(args.device))
+    device = distributed.init(group, distributed.resolve_device(args.device))
     try:
         job = _prepare(args, task, device)
         _run(args, job, group)
@@ -209,17 +209,6 @@ def _check_numbers(args, task: str) -> None:
         check_writable(args.out, args.resume)
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DrtFastError("--device cuda was asked for, but no CUDA device is available "
-                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    return torch.device(name)
-
-
 def _require_file(path: str, what: str) -> None:
     if not os.path.exists(path):
         raise DrtFastError(f"{what} {path!r} does not exist")
@@ -245,7 +234,6 @@ def _prepare(args, task: str, device) -> Job:
     import torch
 
     from . import checkpoint, data
-    from .io import sha256_file
     from .smoothing import SmoothedClassifier
 
     default = _embedded_default() if args.model is None else None
@@ -307,7 +295,7 @@ def _prepare(args, task: str, device) -> Job:
         "task": task,
         "command": "drt-fast " + shlex.join(args.argv),
         "model": _one_or_many([os.path.abspath(p) for p in model_paths]),
-        "model_sha256": meta.get("sha256") or sha256_file(model_paths[0]),
+        "model_sha256": meta["sha256"],
         "dataset": dataset_name,
         "data": os.path.abspath(data_dir) if data_dir else None,
         "split": args.split,

@@ -53,6 +53,29 @@ def from_env() -> ProcessGroup:
     return ProcessGroup(rank, world_size, local_rank)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when torch sees a GPU), ``cpu``, ``cuda`` or ``cuda:i``.
+
+    A device torch cannot use is a DrtFastError (one line), never a traceback later on.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DrtFastError(f"--device must be auto, cpu, cuda or cuda:i, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DrtFastError(f"--device must be auto, cpu, cuda or cuda:i, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DrtFastError(f"--device {name} was asked for, but no CUDA device is available "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DrtFastError(f"--device {name} was asked for, but torch sees "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def init(group: ProcessGroup, device: torch.device) -> torch.device:
     """Join the process group (nccl on CUDA, gloo on CPU); return this rank's device."""
     if not group.active:

@@ -104,3 +104,7 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert cli.main(["diagnose", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["diagnose", str(path), "--noise-draws", "0"]) == 2
+    capsys.readouterr()
+    assert cli.main(["diagnose", str(path), "--device", "gpu"]) == 2   # one line, no traceback
+    assert capsys.readouterr().err.strip() == \
+        "drt-fast: error: --device must be auto, cpu, cuda or cuda:i, got 'gpu'"

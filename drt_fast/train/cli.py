@@ -78,9 +78,7 @@ def run_train(args) -> int:
 
 
 def run_diagnose(args) -> int:
-    import torch
-
-    from .. import data
+    from .. import data, distributed
     from ..checkpoint import load_checkpoint
     from .diagnose import diagnose, format_table
 
@@ -97,7 +95,7 @@ def run_diagnose(args) -> int:
     if sigma is None or not sigma > 0:
         raise DrtFastError(f"need a noise level sigma > 0 (pass --sigma), got {sigma!r}")
     ds = data.load(dataset, args.split, args.data_dir)
-    device = torch.device(args.device)
+    device = distributed.resolve_device(args.device)
     members = [f.to(device) for f in ensemble.members]
     n = min(args.n_inputs, len(ds))
     x, y = ds.x[:n].to(device), ds.y[:n].to(device)

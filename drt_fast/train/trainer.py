@@ -143,20 +143,6 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DrtFastError(f"--device {name} asked for CUDA, but torch sees no CUDA device")
-    return torch.device(name)
-
-
 def _check_writable(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -297,13 +283,13 @@ def train(config: TrainConfig) -> str:
     """
     from .. import data as data_mod
     from .. import distributed, models
-    from ..checkpoint import save_ensemble
+    from ..checkpoint import atomic_torch_save, save_ensemble
     from ..ensemble import Ensemble
 
     config.validate()
     models.input_shape(config.arch)                       # unknown arch -> DrtFastError
     group = distributed.from_env()
-    device = distributed.init(group, _resolve_device(config.device))
+    device = distributed.init(group, distributed.resolve_device(config.device))
     _check_writable(config.out)
     if config.log:
         _check_writable(config.log)
@@ -353,7 +339,7 @@ def train(config: TrainConfig) -> str:
 
     def save(epoch: int) -> None:
         cpu_members = [{k: v.detach().cpu() for k, v in f.state_dict().items()} for f in members]
-        _atomic_torch_save({"config": record, "epoch": epoch, "members": cpu_members,
+        atomic_torch_save({"config": record, "epoch": epoch, "members": cpu_members,
                             "optimizer": optimizer.state_dict()}, state_path(config.out))
         ensemble = Ensemble([_cpu_copy(f) for f in members])
         save_ensemble(config.out, ensemble, arch=config.arch, dataset=config.dataset,
