@@ -486,7 +486,7 @@ def _progress_bar(total: int, quiet: bool):
 def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str:
     """The final report on stdout: accuracy (certified at several radii), abstains, ACR, speed."""
     from . import io, stats
-    from .analyze import abstain_rate, default_radii
+    from .analyze import abstain_rate, acr, certified_accuracy, default_radii
 
     cfg = job.config
     if args.out:
@@ -501,12 +501,12 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
     if job.task == "certify":
         radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
-        acc = stats.certified_accuracy(results.radius, results.correct, radii)
+        acc = certified_accuracy(results, radii)
         header = "radius               " + "".join(f"{r:>7.2f}" for r in radii)
         values = "certified accuracy % " + "".join(f"{100 * a:>7.1f}" for a in acc)
         lines += [header, values,
                   f"abstain rate {100 * abstain_rate(results):.1f} %, "
-                  f"ACR {stats.acr(results.radius, results.correct):.3f}"]
+                  f"ACR {acr(results):.3f}"]
     else:
         accuracy = sum(results.correct) / count if count else 0.0
         lines.append(f"accuracy {100 * accuracy:.1f} %, abstain rate {100 * abstain_rate(results):.1f} %")
