@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("drt-fast: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`drt-fast ... | head`): stop quietly. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ImportError as e:  # e.g. the compiled kernels were never built: an install problem
         print(f"drt-fast: error: {_first_line(e)}", file=sys.stderr)
         return 2

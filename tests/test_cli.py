@@ -466,6 +466,18 @@ def test_real_nan_model_in_a_subprocess_one_line_no_traceback(tmp_path):
     assert out.read_text().startswith("idx\tlabel")  # header kept, nothing lost
 
 
+def test_closed_stdout_is_no_traceback():
+    """`drt-fast info | head -1`: a reader that leaves early gets no traceback on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                       # every write to stdout now fails (EPIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "drt_fast", "info"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, env=fx.subprocess_env(),
+                            cwd=fx.NEUTRAL_CWD)
+    os.close(write_end)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == ""
+
+
 def test_subprocess_bad_number_exit_code():
     proc = fx.run_cli("certify", "--n", "0")
     assert proc.returncode == 2 and proc.stdout == ""
