@@ -255,3 +255,25 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert entries[-1]["test_acc"] > 0.8 and entries[-1]["gd"] > 0
     ens, meta = load_checkpoint(out)
     assert len(ens.members) == 3 and meta["train_config"]["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("trainer", ["drt", "drt-smoothadv"])
+def test_cuda_amp_training_runs_and_resumes_on_cpu(trainer, base, cuda_device, tmp_path):
+    """DRT (double backprop under bf16 autocast) on the GPU: finite losses, a working
+    ensemble, a checkpoint that loads on the CPU and certifies there."""
+    out, log = tmp_path / "g.pt", tmp_path / "g.jsonl"
+    assert run_cli("train", "--sigma", SIGMA, "--trainer", trainer, "--epochs", 2, "--m", 2,
+                   "--steps", 2, "--eps", 0.25, "--rho1", 0.5, "--rho2", 1.0, "--lr", 0.01,
+                   "--init", base, "--device", "cuda", "--out", out, "--log", log,
+                   "--quiet") == 0
+    entries = [json.loads(l) for l in log.read_text().splitlines()]
+    assert [e["epoch"] for e in entries] == [1, 2]
+    for e in entries:
+        assert all(torch.isfinite(torch.tensor(float(e[k]))) for k in ("ce", "gd", "cm"))
+        assert e["gd"] > 0
+    assert entries[-1]["test_acc"] > 0.8
+    ens, meta = load_checkpoint(out)
+    assert meta["train_config"]["amp"] is True
+    assert all(p.device.type == "cpu" for p in ens.parameters())
+    assert run_cli("certify", "--model", out, "--n", 100, "--n0", 20, "--max", 3,
+                   "--device", "cpu", "--out", tmp_path / "c.tsv", "--quiet") == 0
