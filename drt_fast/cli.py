@@ -101,6 +101,9 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="write 4-D noisy draws and run the members channels-last (default: on "
                         "for CUDA, and on the CPU for inputs of 3 or more channels)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the members with BatchNorms folded and conv(+add)+ReLU chains as "
+                        "fused cuDNN calls (default: on for CUDA; --no-fuse runs them as they are)")
     p.add_argument("--out", metavar="results.tsv", help="write rows here (and the configuration to <out>.json)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -176,7 +179,11 @@ def run_smoothing(args, task: str) -> int:
     from . import distributed
 
     group = distributed.from_env()
-    device = distributed.init(group, distributed.resolve_device(args.device))
+    device = distributed.resolve_device(args.device)
+    if args.fuse and device.type != "cuda":
+        raise DrtFastError(f"--fuse needs a CUDA device (cuDNN's fused convolutions); this run "
+                           f"is on {device}")
+    device = distributed.init(group, device)
     try:
         job = _prepare(args, task, device)
         _run(args, job, group)
@@ -311,6 +318,7 @@ def _prepare(args, task: str, device) -> Job:
         "seed": args.seed,
         "mode": mode,
         "precision": args.precision,
+        "fuse": {None: "auto", True: "on", False: "off"}[args.fuse],
         "batch": args.batch,
         "skip": skip,
         "max": max_inputs,
@@ -322,7 +330,8 @@ def _prepare(args, task: str, device) -> Job:
         # Fixed input shapes batch after batch: let cuDNN pick its fastest convolutions once.
         torch.backends.cudnn.benchmark = True
     smoothed = SmoothedClassifier(ensemble, num_classes=ds.num_classes, sigma=sigma, seed=args.seed,
-                                  precision=args.precision, channels_last=args.channels_last)
+                                  precision=args.precision, channels_last=args.channels_last,
+                                  fuse=args.fuse)
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
     return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
@@ -504,6 +513,8 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
     lines = [f"drt-fast {job.task}: {count} inputs of {source}, sigma={cfg['sigma']:g}, "
              f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}n={cfg['n']}, alpha={cfg['alpha']:g}, "
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
+    if cfg["device"].startswith("cuda"):
+        lines.append(f"fused members: {job.smoothed.fuse_status}")
     if job.task == "certify":
         radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
         acc = certified_accuracy(results, radii)

@@ -61,6 +61,10 @@ class Certificate:
         return self.label == ABSTAIN
 
 
+class _FusionMismatch(Exception):
+    """The fused copies of the members do not compute the members' logits."""
+
+
 class SmoothedClassifier:
     """The smoothed ensemble g(x) = argmax_c P(ensemble(x + N(0, sigma^2 I)) = c).
 
@@ -73,11 +77,19 @@ class SmoothedClassifier:
     channels-last and convert the model (in place) to channels-last; None (the default)
     decides from the first 4-D inputs: on for CUDA, and on the CPU for inputs of 3 or more
     channels (measured 1.1-1.2x on 3x ResNet-20; slower for the 1-channel digits CNN).
+    fuse: on CUDA, run rewritten copies of the members (`drt_fast.fuse`): BatchNorms folded
+    into the convolutions, conv(+residual add)+ReLU chains as single cuDNN calls. None (the
+    default) is on for fp32/bf16/fp16 models on CUDA; True insists (an error elsewhere);
+    False runs the members as they are. The copies are checked against the members on the
+    first batch and rebuilt when the members' tensors change; a member torch.fx cannot
+    trace runs as it is. ``fuse_status`` says what was done. Measured on an H100: member
+    forwards 1.8x (fp32) and 2.1x (bf16) faster on 3x ResNet-110, 2.2x on 3x ResNet-50.
 
     ``draws_performed`` counts the noisy draws made so far (each seen by all members).
     """
 
-    def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=None):
+    def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=None,
+                 fuse=None):
         self.model = as_ensemble(model).eval()
         self.num_classes = _positive_int(num_classes, "num_classes")
         try:
@@ -96,6 +108,12 @@ class SmoothedClassifier:
         self._model_channels_last = False
         if self.channels_last:
             self._to_channels_last()
+        if fuse not in (None, True, False):
+            raise DrtFastError(f"fuse must be None (auto), True or False, got {fuse!r}")
+        self.fuse = fuse
+        self.fuse_status = "not used yet"
+        self._fused = None          # (key, Ensemble of rewritten members, checked?) or None
+        self._fuse_failed = None    # why fusion was given up on, for good
         self.draws_performed = 0
         self._output_checked = False
 
@@ -197,6 +215,7 @@ class SmoothedClassifier:
         group_rows = torch.arange(G, device=device)[:, None] * parts          # [G, 1]
         draw_dtype, model_dtype = self._draw_dtype, self._model_dtype
         channels_last = self._draws_channels_last(xs)
+        runner = self._runner(xs, channels_last)
         with torch.inference_mode():
             for done in range(0, num, reps):
                 r = min(reps, num - done)
@@ -204,7 +223,7 @@ class SmoothedClassifier:
                 batch = ops.noisy_draws(xs, keys, torch.full((G,), first, device=device), r,
                                         self.sigma, seed, out_dtype=draw_dtype,
                                         channels_last=channels_last)
-                logits = self._forward(batch, model_dtype)
+                logits = self._forward(batch, model_dtype, runner)
                 # Row of counts each draw votes into: its input's selection or estimation part.
                 if split is None:
                     rows = group_rows.expand(G, r)
@@ -215,15 +234,19 @@ class SmoothedClassifier:
                 self.draws_performed += G * r
         return counts.view(G, parts, K)
 
-    def _forward(self, batch, model_dtype):
+    def _run(self, model, batch, model_dtype):
+        if self.precision == "fp32":
+            return model(batch.to(model_dtype))
+        with torch.autocast(device_type=batch.device.type, dtype=PRECISIONS[self.precision]):
+            return model(batch)
+
+    def _forward(self, batch, model_dtype, runner=None):
         """Noisy draws ``[R, *S]`` -> member logits ``[M, R, K]`` in a dtype ``vote_`` takes."""
         try:
-            if self.precision == "fp32":
-                logits = self.model(batch.to(model_dtype))
+            if self._fused is not None and runner is self._fused[1]:   # not given up on
+                logits = self._fused_forward(runner, batch, model_dtype)
             else:
-                with torch.autocast(device_type=batch.device.type,
-                                    dtype=PRECISIONS[self.precision]):
-                    logits = self.model(batch)
+                logits = self._run(self.model, batch, model_dtype)
         except RuntimeError as err:
             if self._output_checked:
                 raise
@@ -241,6 +264,92 @@ class SmoothedClassifier:
                     f"{list(logits.shape[1:])}")
             self._output_checked = True
         return logits.contiguous()
+
+    # ----------------------------------------------------------------- fusion
+    def _runner(self, xs, channels_last):
+        """The module whose forward gives the member logits: the fused copies or the model."""
+        device = xs.device
+        if self.fuse is False or self._fuse_failed is not None:
+            self.fuse_status = "off" if self.fuse is False else f"off: {self._fuse_failed}"
+            return self.model
+        why_not = self._fusion_unsupported(device)
+        if why_not:
+            if self.fuse:
+                raise DrtFastError(f"fuse=True: {why_not}")
+            self.fuse_status = f"off: {why_not}"
+            return self.model
+        tensors = list(self.model.members.parameters()) + list(self.model.members.buffers())
+        key = (tuple((t.data_ptr(), t._version) for t in tensors), self.precision, channels_last)
+        if self._fused is None or self._fused[0] != key:
+            from . import fuse
+            from .ensemble import Ensemble
+
+            run_dtype = self._model_dtype if self.precision == "fp32" else PRECISIONS[self.precision]
+            example = xs[:1].to(self._model_dtype)
+            rewritten = [fuse.for_inference(m, fuse.cudnn_ops(), run_dtype, example)
+                         for m in self.model.members]
+            fused = Ensemble([r.module for r in rewritten], mode=self.model.mode)
+            if channels_last:
+                fused.to(memory_format=torch.channels_last)
+            self._fused = [key, fused, False]
+            n_fused = sum(r.fused for r in rewritten)
+            n_folded = sum(r.folded_bn for r in rewritten)
+            reasons = sorted({r.reason for r in rewritten if r.reason})
+            self.fuse_status = (f"on: {n_fused} fused convolutions, {n_folded} BatchNorms folded "
+                                f"in {len(rewritten)} member(s)"
+                                + (f" ({'; '.join(reasons)})" if reasons else ""))
+            if n_fused == 0 and n_folded == 0:       # nothing gained: run the model itself
+                self._fused = None
+                self.fuse_status = f"off: {'; '.join(reasons) or 'nothing to fuse'}"
+                return self.model
+        return self._fused[1]
+
+    def _fusion_unsupported(self, device):
+        """Why the fused copies cannot be used here ('' when they can)."""
+        if device.type != "cuda":
+            return "fused convolutions need a CUDA device (cuDNN)"
+        if not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+            return "cuDNN is not available or is disabled"
+        if self._model_dtype != torch.float32:
+            return f"the model's weights are {self._model_dtype}, fusion takes float32 models"
+        if self.model.batch_members:
+            return "the ensemble runs its members batched (batch_members=True)"
+        return ""
+
+    def _fused_forward(self, fused, batch, model_dtype):
+        """Logits of the fused copies; on their first batch they are checked against the
+        model on up to 64 draws, and given up on (with a warning) when they disagree or fail."""
+        record = self._fused
+        try:
+            logits = self._run(fused, batch, model_dtype)
+            if not record[2]:
+                head = batch[:64]
+                want = self._run(self.model, head, model_dtype).float()
+                got = logits[:, :head.shape[0]].float()
+                tol = 1e-2 if self.precision == "fp32" else 1e-1
+                finite = torch.isfinite(want)
+                if not torch.equal(finite, torch.isfinite(got)):
+                    raise _FusionMismatch("non-finite logits where the model's are finite, "
+                                          "or the other way round")
+                err = float((got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1e-30))
+                if err > tol:
+                    raise _FusionMismatch(f"fused logits differ from the model's by {err:.2g} "
+                                          f"(relative; tolerance {tol})")
+                record[2] = True
+            return logits
+        except (RuntimeError, _FusionMismatch) as err:
+            import warnings
+
+            # A model that fails on these inputs fails here too, with its own error.
+            logits = self._run(self.model, batch, model_dtype)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self._fuse_failed = f"fused copies gave up ({first}); running the members as they are"
+            self._fused = None
+            self.fuse_status = f"off: {self._fuse_failed}"
+            if self.fuse:
+                raise DrtFastError(f"fuse=True: {self._fuse_failed}") from err
+            warnings.warn(f"drt_fast: {self._fuse_failed}", RuntimeWarning, stacklevel=3)
+            return logits
 
     # ----------------------------------------------------------------- helpers
     @property

@@ -368,6 +368,13 @@ def test_cuda_asked_for_but_absent(ckpt, capsys):
     assert "no CUDA device" in _error_line(capsys)
 
 
+def test_fuse_on_the_cpu_is_refused(ckpt, tmp_path, capsys):
+    out = tmp_path / "r.tsv"
+    assert main(["certify", "--model", ckpt, "--device", "cpu", "--fuse", *RUN, "--out", str(out)]) == 2
+    assert "--fuse needs a CUDA device" in _error_line(capsys)
+    assert not out.exists()
+
+
 def test_bad_checkpoints(ckpt, tmp_path, capsys):
     assert main(["certify", "--model", str(tmp_path / "missing.pt"), *RUN]) == 2
     assert "does not exist" in _error_line(capsys)
@@ -482,3 +489,21 @@ def test_subprocess_bad_number_exit_code():
     proc = fx.run_cli("certify", "--n", "0")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "drt-fast: error: --n must be >= 1, got 0\n"
+
+
+def test_cuda_certify_agrees_with_the_cpu_run(ckpt, reference_tsv, cuda_device, tmp_path, capsys):
+    """--device cuda: the same noise (bit-identical kernels), so the same certificates up to
+    the rare draw whose vote flips with GPU rounding (TF32 convolutions)."""
+    out = str(tmp_path / "gpu.tsv")
+    assert main(["certify", "--model", ckpt, *RUN, "--device", "cuda", "--out", out]) == 0
+    # the fixture's members: 2 digits CNNs of 2 convolutions, each followed by a ReLU
+    assert "fused members: on: 4 fused convolutions, 0 BatchNorms folded in 2 member(s)" in capsys.readouterr().out
+    cpu, gpu = fx.rows_without_time(reference_tsv), fx.rows_without_time(out)
+    assert len(gpu) == len(cpu) == 31 and gpu[0] == cpu[0]
+    same = [c[:3] == g[:3] for c, g in zip(cpu[1:], gpu[1:])]
+    assert sum(same) >= 29, (cpu, gpu)
+    for c, g in zip(cpu[1:], gpu[1:]):
+        if c[:3] == g[:3]:
+            assert abs(float(c[3]) - float(g[3])) < 0.05           # radius
+    with open(out + ".json") as f:
+        assert json.load(f)["device"].startswith("cuda")

@@ -1,0 +1,215 @@
+"""drt_fast.fuse: BatchNorm folding and conv(+add)+ReLU fusion compute the member's function."""
+import pytest
+import torch
+from torch import nn
+
+from drt_fast import fuse, models
+from drt_fast.models import with_normalization
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARCHS = {  # arch -> (BatchNorms folded, convolutions fused)
+    "cifar_resnet20": (21, 19),       # every conv but the 2 shortcut ones ends in a ReLU
+    "resnet50": (53, 49),             # 4 shortcut convs stay
+    "digits_cnn": (0, 2),
+    "lenet": (0, 2),
+}
+
+
+def member(arch, seed=0):
+    """A normalized ``arch`` member whose BatchNorms are not the identity."""
+    torch.manual_seed(seed)
+    channels = models.input_shape(arch)[0]
+    m = with_normalization(models.create(arch, 10), [0.4] * channels, [0.3] * channels)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.7, 1.3)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_rewrite_computes_the_same_function(arch):
+    m = member(arch)
+    x = torch.rand(3, *models.input_shape(arch))
+    out = fuse.for_inference(m, fuse.reference_ops(), example=x[:2])
+    assert (out.folded_bn, out.fused) == ARCHS[arch] and out.reason is None
+    assert not any(isinstance(q, nn.BatchNorm2d) for q in out.module.modules())
+    with torch.no_grad():
+        assert rel_err(out.module(x), m(x)) < 1e-5
+    # the original is untouched (a copy was rewritten), and stays in its mode
+    assert any(isinstance(q, nn.BatchNorm2d) for q in m.modules()) == (ARCHS[arch][0] > 0)
+
+
+def test_without_an_example_additions_stay_unfused():
+    m = member("cifar_resnet20")
+    out = fuse.for_inference(m, fuse.reference_ops())
+    assert out.folded_bn == 21 and out.fused == 10          # stem + the 9 blocks' first conv
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(out.module(x), m(x)) < 1e-5
+
+
+class Broadcast(nn.Module):
+    """conv -> + bias-like [C,1,1] tensor -> relu: the add broadcasts, so it is not fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.shift = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.shift).flatten(1)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y.relu() if y.sum() > 0 else y).flatten(1)
+
+
+def test_broadcasting_add_and_shared_conv_outputs_are_left_alone():
+    m = Broadcast().eval()
+    x = torch.randn(2, 2, 5, 5)
+    out = fuse.for_inference(m, fuse.reference_ops(), example=x)
+    assert out.fused == 0 and out.reason == "nothing to fold or fuse"
+    with torch.no_grad():
+        assert torch.equal(out.module(x), m(x))
+
+
+def test_untraceable_member_runs_unchanged():
+    m = Branchy().eval()
+    out = fuse.for_inference(m, fuse.reference_ops(), example=torch.randn(2, 2, 5, 5))
+    assert out.fused == 0 and out.reason.startswith("torch.fx could not trace it")
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(out.module(x), m(x))
+
+
+def test_weights_are_stored_in_the_run_dtype():
+    out = fuse.for_inference(member("digits_cnn"), fuse.reference_ops(), torch.bfloat16,
+                             example=torch.rand(2, 1, 8, 8))
+    fused = [q for q in out.module.modules() if isinstance(q, fuse.FusedConvReLU)]
+    assert len(fused) == 2 and all(q.weight.dtype == torch.bfloat16 for q in fused)
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+@pytest.mark.parametrize("arch", ["cifar_resnet20", "resnet50", "digits_cnn"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
+def test_cuda_cudnn_fused_matches_the_member(cuda_device, arch, dtype, tol):
+    m = member(arch).to(cuda_device)
+    x = torch.rand(64, *models.input_shape(arch), device=cuda_device)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = fuse.for_inference(m, fuse.cudnn_ops(), dtype, example=x[:2])
+        assert out.fused == ARCHS[arch][1]
+        fused = out.module.to(memory_format=layout)
+        xl = x.contiguous(memory_format=layout)
+        with torch.no_grad():
+            want = m.double()(x.double()).float()
+            m.float()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                got = fused(xl.to(dtype))
+        assert torch.isfinite(got).all()
+        assert rel_err(got.float(), want) < tol, (layout, rel_err(got.float(), want))
+
+
+# ------------------------------------------------------------------ the engine's use of it
+from drt_fast import Ensemble, SmoothedClassifier  # noqa: E402
+from drt_fast.errors import DrtFastError  # noqa: E402
+
+CERT = dict(n0=20, n=300, alpha=0.01, batch_size=256)
+
+
+def digits_ensemble():
+    return Ensemble([member("digits_cnn", seed) for seed in range(3)])
+
+
+def certs(smooth, xs):
+    return smooth.certify_many(xs, range(len(xs)), **CERT)
+
+
+@pytest.fixture
+def fusion_on_cpu(monkeypatch):
+    """Let the engine fuse on the CPU with the plain-torch ops (exact for a model without
+    BatchNorm: relu(conv2d(x)) is what the unfused member computes); counts the rewrites."""
+    built = []
+
+    def rewrite(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    real = fuse.for_inference
+    monkeypatch.setattr(SmoothedClassifier, "_fusion_unsupported", lambda self, device: "")
+    monkeypatch.setattr(fuse, "cudnn_ops", fuse.reference_ops)
+    monkeypatch.setattr(fuse, "for_inference", rewrite)
+    return built
+
+
+def test_engine_does_not_fuse_on_the_cpu_and_refuses_to_be_forced():
+    xs = torch.rand(2, 1, 8, 8)
+    smooth = SmoothedClassifier(digits_ensemble(), 10, sigma=0.25)
+    certs(smooth, xs)
+    assert smooth.fuse_status == "off: fused convolutions need a CUDA device (cuDNN)"
+    with pytest.raises(DrtFastError, match="fuse=True: fused convolutions need a CUDA device"):
+        certs(SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse=True), xs)
+    with pytest.raises(DrtFastError, match="fuse must be"):
+        SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse="yes")
+
+
+def test_engine_fused_copies_give_the_same_certificates(fusion_on_cpu):
+    xs = torch.rand(3, 1, 8, 8)
+    ens = digits_ensemble()
+    plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
+    smooth = SmoothedClassifier(ens, 10, sigma=0.25)
+    assert certs(smooth, xs) == plain
+    assert smooth.fuse_status == "on: 6 fused convolutions, 0 BatchNorms folded in 3 member(s)"
+    assert len(fusion_on_cpu) == 3                      # one rewrite per member
+    certs(smooth, xs)
+    assert len(fusion_on_cpu) == 3                      # reused
+    with torch.no_grad():                               # a member changes: rebuilt
+        ens.members[1][1].conv1.weight.mul_(1.5)
+    changed = certs(smooth, xs)
+    assert len(fusion_on_cpu) == 6
+    assert changed == certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
+
+
+def test_engine_gives_up_fused_copies_that_disagree(fusion_on_cpu, monkeypatch):
+    def wrong(x, w, b, *conf):
+        return torch.relu(torch.nn.functional.conv2d(x, w, b, *conf)) + 1.0
+
+    monkeypatch.setattr(fuse, "cudnn_ops", lambda: fuse.FusedOps(wrong, fuse._reference_conv_add_relu))
+    xs = torch.rand(2, 1, 8, 8)
+    ens = digits_ensemble()
+    plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
+    smooth = SmoothedClassifier(ens, 10, sigma=0.25)
+    with pytest.warns(RuntimeWarning, match="fused copies gave up .*fused logits differ"):
+        assert certs(smooth, xs) == plain
+    assert smooth.fuse_status.startswith("off: fused copies gave up")
+    with pytest.raises(DrtFastError, match="fuse=True: fused copies gave up"):
+        certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=True), xs)
+
+
+def test_cuda_engine_fuses_by_default_and_agrees_with_the_members(cuda_device):
+    torch.manual_seed(0)
+    ens = Ensemble([member("cifar_resnet20", seed) for seed in range(3)]).to(cuda_device)
+    xs = torch.rand(3, 3, 32, 32)
+    for precision in ("fp32", "bf16"):
+        plain = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision, fuse=False)
+        smooth = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision)
+        a, b = certs(plain, xs), certs(smooth, xs)
+        assert smooth.fuse_status.startswith("on: 57 fused convolutions, 63 BatchNorms folded")
+        # the same noise; a vote flips only where rounding moves a draw across a boundary
+        for p, f in zip(a, b):
+            assert p.label == f.label and abs(p.count - f.count) <= 3, (precision, a, b)
