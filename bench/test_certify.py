@@ -8,7 +8,9 @@ CPU cases: the embedded default ensemble (3 digits CNNs; WE, MME, and the batch-
 bf16 levers; skipped when drt_fast/assets/default.pt is absent), 3x CIFAR ResNet-20 (fp32,
 and the channels-last and bf16 levers) and 3x ResNet-110 with random weights at reduced n.
 GPU cases (skipped without CUDA): 3x ResNet-110 (32x32) at n = 100,000 and 3x ResNet-50
-(224x224) at n = 10,000, fp32 and bf16, plus the share of certify time spent in noise + vote.
+(224x224) at n = 10,000, fp32 and bf16 (and ResNet-110 fp32 without the fused members), plus
+the share of certify time spent in noise + vote. drt-fast runs as `drt-fast certify` does on
+CUDA (cuDNN autotuning on); the reference as Cohen's code does (off).
 """
 import contextlib
 import copy
@@ -79,11 +81,13 @@ def default_ensemble():
 # ----------------------------------------------------------------------------------------
 def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, sigma=SIGMA,
                     num_classes=10, precision="fp32", channels_last=None, sync=None,
-                    extra=None):
+                    autotune=False, fuse=None, extra=None):
     """Time Cohen's loop and drt-fast's certify alternately; record and print the ratio.
 
     One untimed warm-up of each side at small n comes first (lazy initialisation, cudnn
-    autotuning); then ``rounds`` alternating rounds (``timed_pair``).
+    autotuning); then ``rounds`` alternating rounds (``timed_pair``). ``autotune``: drt-fast
+    runs with cuDNN autotuning on, as ``drt-fast certify`` sets it on CUDA; the reference
+    always runs without, as Cohen's code does.
     Returns (ratio, ref_min_s, ours_min_s).
     """
     reference = ReferenceSmooth(ensemble, num_classes, sigma)
@@ -91,21 +95,23 @@ def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, 
     # keeps the model as Cohen's code would have it.
     smooth = SmoothedClassifier(copy.deepcopy(ensemble) if channels_last is not False else ensemble,
                                 num_classes, sigma, seed=0, precision=precision,
-                                channels_last=channels_last)
+                                channels_last=channels_last, fuse=fuse)
     sync = sync or (lambda: None)
     results = {}
 
     def ref():
-        with _cohen_backend_flags():
+        with _cudnn_autotuning(False):
             results["ref"] = reference.certify(x, n0, n, ALPHA, batch_size)
 
     def ours():
-        results["ours"] = smooth.certify(x, n0, n, ALPHA, batch_size)
+        with _cudnn_autotuning(autotune):
+            results["ours"] = smooth.certify(x, n0, n, ALPHA, batch_size)
 
     warm_n = min(n, batch_size)
-    with _cohen_backend_flags():
+    with _cudnn_autotuning(False):
         reference.certify(x, min(n0, batch_size), warm_n, ALPHA, batch_size)
-    smooth.certify(x, min(n0, batch_size), warm_n, ALPHA, batch_size)
+    with _cudnn_autotuning(autotune):
+        smooth.certify(x, min(n0, batch_size), warm_n, ALPHA, batch_size)
     sync()
 
     ref_times, ours_times = timed_pair(benchmark, ours, ref, rounds, sync)
@@ -113,16 +119,16 @@ def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, 
     assert cert.n == n and (cert.label == -1 or 0 <= cert.label < num_classes)
     return record(benchmark, name, ref_times, ours_times, draws=n0 + n, extra={
         "n0": n0, "n": n, "batch_size": batch_size, "precision": precision,
-        "members": len(ensemble), "mode": ensemble.mode,
+        "members": len(ensemble), "mode": ensemble.mode, "fuse": smooth.fuse_status,
         "ours_certificate": [cert.label, round(cert.radius, 4)],
         "ref_certificate": [results["ref"][0], round(results["ref"][1], 4)], **(extra or {})})
 
 
 @contextlib.contextmanager
-def _cohen_backend_flags():
-    """cuDNN as Cohen's code runs it (no autotuning), whatever drt-fast sets globally."""
+def _cudnn_autotuning(on):
+    """``torch.backends.cudnn.benchmark = on`` for the block (False: as Cohen's code runs)."""
     saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = bool(on)
     try:
         yield
     finally:
@@ -249,29 +255,31 @@ def _gpu_setup():
 
 
 GPU_CASES = [
-    # arch, n, batch_size, precision
-    ("cifar_resnet110", 100_000, 2000, "fp32"),
-    ("cifar_resnet110", 100_000, 2000, "bf16"),
-    ("resnet50", 10_000, 400, "fp32"),
-    ("resnet50", 10_000, 400, "bf16"),
+    # arch, n, batch_size, precision, fuse (None: the engine's default, on for CUDA)
+    ("cifar_resnet110", 100_000, 2000, "fp32", None),
+    ("cifar_resnet110", 100_000, 2000, "bf16", None),
+    ("cifar_resnet110", 100_000, 2000, "fp32", False),   # the fusion lever, off
+    ("resnet50", 10_000, 400, "fp32", None),
+    ("resnet50", 10_000, 400, "bf16", None),
 ]
 
 
 @needs_cuda
-@pytest.mark.parametrize("arch,n,batch_size,precision", GPU_CASES,
-                         ids=[f"{a}-{p}" for a, _, _, p in GPU_CASES])
-def test_certify_gpu(benchmark, arch, n, batch_size, precision):
+@pytest.mark.parametrize("arch,n,batch_size,precision,fuse", GPU_CASES,
+                         ids=[f"{a}-{p}{'-nofuse' if f is False else ''}" for a, _, _, p, f in GPU_CASES])
+def test_certify_gpu(benchmark, arch, n, batch_size, precision, fuse):
     device = _gpu_setup()
     num_classes = 1000 if arch == "resnet50" else 10
     ensemble = random_ensemble(arch, num_classes=num_classes, device=device)
     x = random_input(arch, device=device)
-    name = f"certify 3x {arch} WE n={n} b={batch_size} {precision} vs ref fp32 (cuda)"
+    name = (f"certify 3x {arch} WE n={n} b={batch_size} {precision}"
+            f"{' no-fuse' if fuse is False else ''} vs ref fp32 (cuda)")
     ratio, ref_s, ours_s = compare_certify(
         benchmark, name, ensemble, x, n0=100, n=n, batch_size=batch_size, rounds=2,
-        num_classes=num_classes, precision=precision, channels_last=(precision != "fp32"),
-        sync=torch.cuda.synchronize, extra={"device": torch.cuda.get_device_name()})
+        num_classes=num_classes, precision=precision, sync=torch.cuda.synchronize,
+        autotune=True, fuse=fuse, extra={"device": torch.cuda.get_device_name()})
     print(f"[abs] {name}: drt-fast {ours_s:.3f} s per image, reference {ref_s:.3f} s per image")
-    if arch == "cifar_resnet110":
+    if arch == "cifar_resnet110" and fuse is None:
         if precision == "fp32":
             check_target("GPU >= 1.3x fp32 on 3x ResNet-110", ratio >= 1.3)
         else:
@@ -325,8 +333,8 @@ def test_gpu_noise_vote_share(benchmark, monkeypatch, precision):
 
     ensemble = random_ensemble("cifar_resnet110", device=device)
     x = random_input("cifar_resnet110", device=device)
-    smooth = SmoothedClassifier(ensemble, 10, SIGMA, precision=precision,
-                                channels_last=(precision != "fp32"))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)   # as drt-fast certify runs
+    smooth = SmoothedClassifier(ensemble, 10, SIGMA, precision=precision)
     n0, n, batch_size = 100, SHARE_N, SHARE_BATCH
     smooth.certify(x, n0, 2 * batch_size, ALPHA, batch_size)           # warm-up, autotuning
     timed_ops = _EventTimedOps(smoothing.ops)

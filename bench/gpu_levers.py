@@ -1,0 +1,201 @@
+"""GPU levers for the member forwards of 3x CIFAR ResNet-110 (and 3x ResNet-50): which pay?
+
+    python bench/gpu_levers.py [--arch cifar_resnet110] [--batches 500,1000,2000,4000]
+        [--iters 10] [--compile] [--json out.json]
+
+The member forwards are nearly all of certify's time on a GPU (the profile in RESULTS.md), so
+the levers are measured on them alone, for one batch of noisy draws through all members,
+timed with CUDA events (median of ``--iters`` after warm-up): layout (NCHW/channels-last),
+cuDNN autotuning, BatchNorm folded into the convolutions, bf16 (autocast or bf16 weights),
+CUDA-graph replay, and optionally torch.compile. Also timed: ``noisy_draws`` and ``vote_``
+for the same batch (their share of a batch). The last lines are a table of ms per 1000
+draws and the certify time per image this projects at n = 100,000. Not collected by pytest.
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import drt_fast  # noqa: E402
+from drt_fast import ops  # noqa: E402
+from drt_fast.ensemble import Ensemble  # noqa: E402
+from test_certify import random_ensemble, random_input  # noqa: E402
+
+
+def fold_bn(ensemble):
+    """A copy of the ensemble with every Conv2d -> BatchNorm2d pair folded (eval only)."""
+    from torch.fx.experimental.optimization import fuse
+    members = [fuse(copy.deepcopy(m).eval(), inplace=True) for m in ensemble.members]
+    return Ensemble(members, mode=ensemble.mode, weights=ensemble.weights.clone()).eval()
+
+
+def event_time(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]   # ms
+
+
+def graphed(forward, example):
+    """forward(x) captured in a CUDA graph for x's shape and layout; returns replay(x)."""
+    static_in = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            forward(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward(static_in)
+
+    def replay(x):
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+    return replay
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="cifar_resnet110")
+    parser.add_argument("--batches", default="500,1000,2000,4000")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-modes", default="default,max-autotune-no-cudagraphs")
+    parser.add_argument("--freezing", action="store_true", help="inductor freezing (folds BN)")
+    parser.add_argument("--only", default="", help="run only variants whose name contains this")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a GPU"
+    device = torch.device("cuda")
+    num_classes = 1000 if args.arch == "resnet50" else 10
+    base = random_ensemble(args.arch, num_classes=num_classes, device=device)
+    x = random_input(args.arch, device=device)
+    keys = torch.zeros(1, dtype=torch.int64, device=device)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, drt_fast cuda kernels "
+          f"{drt_fast.cuda_available()}, tf32 conv {torch.backends.cudnn.allow_tf32}", flush=True)
+
+    rows = []
+
+    def add(name, batch, ms, extra=""):
+        per_k = ms / batch * 1000
+        rows.append({"variant": name, "batch": batch, "ms_per_batch": ms, "ms_per_1000": per_k,
+                     "projected_s_per_image_n1e5": per_k * 100.1 / 1000})
+        print(f"{name:<44} b={batch:<5} {ms:9.2f} ms/batch {per_k:8.2f} ms/1000 draws "
+              f"-> {per_k * 0.1001:6.2f} s/image {extra}", flush=True)
+
+    def variants(batch):
+        nchw = x.expand(batch, *x.shape).contiguous()
+        cl = nchw.contiguous(memory_format=torch.channels_last)
+        bf_cl = cl.to(torch.bfloat16)
+        m_nchw = base
+        m_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+        m_fold_cl = fold_bn(base).to(memory_format=torch.channels_last)
+        m_fold_bf = copy.deepcopy(m_fold_cl).to(torch.bfloat16)
+
+        def autocast(model):
+            def fwd(inp):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return model(inp)
+            return fwd
+
+        def cudnn_fused(dtype):
+            from drt_fast import fuse
+            example = cl[:2].contiguous()
+            members = [fuse.for_inference(m, fuse.cudnn_ops(), dtype, example).module
+                       for m in base.members]
+            return Ensemble(members, mode=base.mode).to(memory_format=torch.channels_last).eval()
+
+        m_fused32 = cudnn_fused(torch.float32)
+        m_fused16 = cudnn_fused(torch.bfloat16)
+        out = [
+            ("fp32 channels-last cudnn-fused", True, m_fused32, cl),
+            ("bf16 autocast channels-last cudnn-fused", True, autocast(m_fused16), bf_cl),
+            ("fp32 NCHW (reference: no autotune)", False, m_nchw, nchw),
+            ("fp32 NCHW autotune", True, m_nchw, nchw),
+            ("fp32 channels-last autotune", True, m_cl, cl),
+            ("fp32 channels-last BN-folded", True, m_fold_cl, cl),
+            ("bf16 autocast channels-last", True, autocast(m_cl), bf_cl),
+            ("bf16 autocast channels-last BN-folded", True, autocast(m_fold_cl), bf_cl),
+            ("bf16 weights channels-last BN-folded", True, m_fold_bf, bf_cl),
+        ]
+        return out
+
+    with torch.inference_mode():
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for name, autotune, model, inp in variants(batch):
+                if args.only and not any(o in name for o in args.only.split("|")):
+                    continue
+                torch.backends.cudnn.benchmark = autotune
+                try:
+                    add(name, batch, event_time(lambda: model(inp), args.iters))
+                except torch.OutOfMemoryError:
+                    print(f"{name} b={batch}: out of memory", flush=True)
+                    continue
+                if autotune and batch <= 2000:
+                    try:
+                        replay = graphed(model, inp)
+                        add(name + " +graph", batch, event_time(lambda: replay(inp), args.iters))
+                    except Exception as err:  # noqa: BLE001 -- a lever that fails is reported
+                        print(f"{name} +graph b={batch}: {type(err).__name__}: {err}", flush=True)
+                torch.cuda.empty_cache()
+            # noise and vote for the same batch
+            torch.backends.cudnn.benchmark = True
+            first = torch.zeros(1, dtype=torch.int64, device=device)
+            for dtype in (torch.float32, torch.bfloat16):
+                ms = event_time(lambda: ops.noisy_draws(x[None], keys, first, batch, 0.25, 0,
+                                                        out_dtype=dtype, channels_last=True),
+                                args.iters)
+                print(f"noisy_draws {dtype} b={batch}: {ms:.3f} ms", flush=True)
+            logits = torch.randn(3, batch, num_classes, device=device)
+            rows_idx = torch.zeros(batch, dtype=torch.int64, device=device)
+            counts = torch.zeros(1, num_classes, dtype=torch.int64, device=device)
+            w = torch.full((3,), 1 / 3, device=device)
+            for dtype in (torch.float32, torch.bfloat16):
+                lg = logits.to(dtype)
+                ms = event_time(lambda: ops.vote_(lg, rows_idx, counts, "we", w), args.iters)
+                print(f"vote_ we {dtype} b={batch}: {ms:.3f} ms", flush=True)
+
+        if args.compile:
+            batch = 2000 if args.arch != "resnet50" else 256
+            inp = x.expand(batch, *x.shape).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+            model = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            if args.freezing:
+                import torch._inductor.config as inductor_config
+                inductor_config.freezing = True
+            for mode in args.compile_modes.split(","):
+                torch._dynamo.reset()
+                start = time.perf_counter()
+                compiled = torch.compile(model, mode=mode)
+
+                def fwd():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        return compiled(inp)
+                fwd()
+                torch.cuda.synchronize()
+                print(f"torch.compile {mode}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+                add(f"bf16 autocast CL torch.compile({mode}{', freezing' if args.freezing else ''})",
+                    batch, event_time(fwd, args.iters))
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
