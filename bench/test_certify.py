@@ -81,7 +81,7 @@ def default_ensemble():
 # ----------------------------------------------------------------------------------------
 def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, sigma=SIGMA,
                     num_classes=10, precision="fp32", channels_last=None, sync=None,
-                    autotune=False, fuse=None, extra=None):
+                    autotune=False, fuse=None, cuda_graphs=None, extra=None):
     """Time Cohen's loop and drt-fast's certify alternately; record and print the ratio.
 
     One untimed warm-up of each side at small n comes first (lazy initialisation, cudnn
@@ -95,7 +95,7 @@ def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, 
     # keeps the model as Cohen's code would have it.
     smooth = SmoothedClassifier(copy.deepcopy(ensemble) if channels_last is not False else ensemble,
                                 num_classes, sigma, seed=0, precision=precision,
-                                channels_last=channels_last, fuse=fuse)
+                                channels_last=channels_last, fuse=fuse, cuda_graphs=cuda_graphs)
     sync = sync or (lambda: None)
     results = {}
 
@@ -120,6 +120,7 @@ def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, 
     return record(benchmark, name, ref_times, ours_times, draws=n0 + n, extra={
         "n0": n0, "n": n, "batch_size": batch_size, "precision": precision,
         "members": len(ensemble), "mode": ensemble.mode, "fuse": smooth.fuse_status,
+        "cuda_graphs": smooth.graph_status,
         "ours_certificate": [cert.label, round(cert.radius, 4)],
         "ref_certificate": [results["ref"][0], round(results["ref"][1], 4)], **(extra or {})})
 
@@ -285,6 +286,21 @@ def test_certify_gpu(benchmark, arch, n, batch_size, precision, fuse):
         else:
             check_target("GPU >= 4x bf16 on 3x ResNet-110", ratio >= 4.0)
             check_target("<= 1 s per CIFAR image, 3x ResNet-110, n=1e5", ours_s <= 1.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graphs", [None, False], ids=["graphs", "no-graphs"])
+def test_certify_digits_default_gpu(benchmark, graphs):
+    """The embedded default (3 small digits CNNs) on the GPU at Cohen's batch of 1000: bound
+    by launches and Python per batch, which the CUDA-graph step removes."""
+    device = _gpu_setup()
+    ensemble, x, sigma = default_ensemble()
+    name = (f"certify digits default 3x WE n=1e5 b=1000 fp32{' no-graphs' if graphs is False else ''}"
+            " (cuda)")
+    compare_certify(benchmark, name, ensemble.to(device), x.to(device), n0=100, n=100_000,
+                    batch_size=1000, rounds=3, sigma=sigma, sync=torch.cuda.synchronize,
+                    autotune=True, cuda_graphs=graphs,
+                    extra={"device": torch.cuda.get_device_name()})
 
 
 SHARE_N, SHARE_BATCH = 100_000, 2000   # test_gpu_noise_vote_share

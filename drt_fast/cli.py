@@ -104,6 +104,10 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="run the members with BatchNorms folded and conv(+add)+ReLU chains as "
                         "fused cuDNN calls (default: on for CUDA; --no-fuse runs them as they are)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each full batch's step (noise, members, vote) as a CUDA graph "
+                        "(default: on for CUDA where a batch of draws holds at most 2^22 input "
+                        "elements: small models, which are otherwise bound by launches)")
     p.add_argument("--out", metavar="results.tsv", help="write rows here (and the configuration to <out>.json)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,6 +187,8 @@ def run_smoothing(args, task: str) -> int:
     if args.fuse and device.type != "cuda":
         raise DrtFastError(f"--fuse needs a CUDA device (cuDNN's fused convolutions); this run "
                            f"is on {device}")
+    if args.cuda_graphs and device.type != "cuda":
+        raise DrtFastError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
     device = distributed.init(group, device)
     try:
         job = _prepare(args, task, device)
@@ -319,6 +325,7 @@ def _prepare(args, task: str, device) -> Job:
         "mode": mode,
         "precision": args.precision,
         "fuse": {None: "auto", True: "on", False: "off"}[args.fuse],
+        "cuda_graphs": {None: "auto", True: "on", False: "off"}[args.cuda_graphs],
         "batch": args.batch,
         "skip": skip,
         "max": max_inputs,
@@ -331,7 +338,7 @@ def _prepare(args, task: str, device) -> Job:
         torch.backends.cudnn.benchmark = True
     smoothed = SmoothedClassifier(ensemble, num_classes=ds.num_classes, sigma=sigma, seed=args.seed,
                                   precision=args.precision, channels_last=args.channels_last,
-                                  fuse=args.fuse)
+                                  fuse=args.fuse, cuda_graphs=args.cuda_graphs)
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
     return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
@@ -514,7 +521,8 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
              f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}n={cfg['n']}, alpha={cfg['alpha']:g}, "
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
     if cfg["device"].startswith("cuda"):
-        lines.append(f"fused members: {job.smoothed.fuse_status}")
+        lines.append(f"fused members: {job.smoothed.fuse_status}; "
+                     f"CUDA graphs: {job.smoothed.graph_status}")
     if job.task == "certify":
         radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
         acc = certified_accuracy(results, radii)

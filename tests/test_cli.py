@@ -368,10 +368,11 @@ def test_cuda_asked_for_but_absent(ckpt, capsys):
     assert "no CUDA device" in _error_line(capsys)
 
 
-def test_fuse_on_the_cpu_is_refused(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--fuse", "--cuda-graphs"])
+def test_cuda_only_levers_on_the_cpu_are_refused(ckpt, tmp_path, capsys, flag):
     out = tmp_path / "r.tsv"
-    assert main(["certify", "--model", ckpt, "--device", "cpu", "--fuse", *RUN, "--out", str(out)]) == 2
-    assert "--fuse needs a CUDA device" in _error_line(capsys)
+    assert main(["certify", "--model", ckpt, "--device", "cpu", flag, *RUN, "--out", str(out)]) == 2
+    assert f"{flag} needs a CUDA device" in _error_line(capsys)
     assert not out.exists()
 
 
@@ -497,7 +498,9 @@ def test_cuda_certify_agrees_with_the_cpu_run(ckpt, reference_tsv, cuda_device, 
     out = str(tmp_path / "gpu.tsv")
     assert main(["certify", "--model", ckpt, *RUN, "--device", "cuda", "--out", out]) == 0
     # the fixture's members: 2 digits CNNs of 2 convolutions, each followed by a ReLU
-    assert "fused members: on: 4 fused convolutions, 0 BatchNorms folded in 2 member(s)" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "fused members: on: 4 fused convolutions, 0 BatchNorms folded in 2 member(s)" in summary
+    assert "CUDA graphs: on: " in summary      # 200 draws x 64 pixels per batch: small
     cpu, gpu = fx.rows_without_time(reference_tsv), fx.rows_without_time(out)
     assert len(gpu) == len(cpu) == 31 and gpu[0] == cpu[0]
     same = [c[:3] == g[:3] for c, g in zip(cpu[1:], gpu[1:])]
