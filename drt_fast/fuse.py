@@ -106,12 +106,14 @@ def for_inference(member: nn.Module, ops: FusedOps, dtype: torch.dtype = torch.f
     Without it, additions are not fused.
     """
     bn_before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in member.modules())
-    member = copy.deepcopy(member).eval()
     try:
-        gm = _fold_bn(member)
+        copied = copy.deepcopy(member).eval()
+    except Exception as err:  # noqa: BLE001 -- e.g. an attribute that cannot be copied
+        return InferenceMember(member, reason=f"it could not be copied: {_first_line(err)}")
+    try:
+        gm = _fold_bn(copied)
     except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return InferenceMember(member, reason=f"torch.fx could not trace it: {first}")
+        return InferenceMember(copied, reason=f"torch.fx could not trace it: {_first_line(err)}")
     folded = bn_before - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
     shapes = _shapes(gm, example)
     modules = dict(gm.named_modules())
@@ -152,6 +154,11 @@ def for_inference(member: nn.Module, ops: FusedOps, dtype: torch.dtype = torch.f
     gm.recompile()
     return InferenceMember(gm, folded_bn=folded, fused=fused,
                            reason=None if (folded or fused) else "nothing to fold or fuse")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _fold_bn(member: nn.Module) -> fx.GraphModule:

@@ -98,6 +98,25 @@ def test_untraceable_member_runs_unchanged():
         assert torch.equal(out.module(x), m(x))
 
 
+class Uncopyable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).relu().flatten(1)
+
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+
+def test_uncopyable_member_runs_unchanged():
+    m = Uncopyable().eval()
+    out = fuse.for_inference(m, fuse.reference_ops(), example=torch.randn(2, 2, 5, 5))
+    assert out.module is m and out.fused == 0
+    assert out.reason == "it could not be copied: cannot pickle '_thread.lock' object"
+
+
 def test_weights_are_stored_in_the_run_dtype():
     out = fuse.for_inference(member("digits_cnn"), fuse.reference_ops(), torch.bfloat16,
                              example=torch.rand(2, 1, 8, 8))
