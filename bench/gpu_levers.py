@@ -122,6 +122,8 @@ def main():
                        for m in base.members]
             return Ensemble(members, mode=base.mode).to(memory_format=torch.channels_last).eval()
 
+        m_vmap = copy.deepcopy(m_cl)
+        m_vmap.batch_members = True              # members as one vmapped call (fp32 only)
         m_fused32 = cudnn_fused(torch.float32)
         m_fused16 = cudnn_fused(torch.bfloat16)
         out = [
@@ -131,6 +133,7 @@ def main():
             ("fp32 NCHW autotune", True, m_nchw, nchw),
             ("fp32 channels-last autotune", True, m_cl, cl),
             ("fp32 channels-last BN-folded", True, m_fold_cl, cl),
+            ("fp32 channels-last members vmapped", True, m_vmap, cl),
             ("bf16 autocast channels-last", True, autocast(m_cl), bf_cl),
             ("bf16 autocast channels-last BN-folded", True, autocast(m_fold_cl), bf_cl),
             ("bf16 weights channels-last BN-folded", True, m_fold_bf, bf_cl),
@@ -144,7 +147,8 @@ def main():
                     continue
                 torch.backends.cudnn.benchmark = autotune
                 try:
-                    add(name, batch, event_time(lambda: model(inp), args.iters))
+                    add(name, batch, event_time(lambda: model(inp), args.iters),
+                        f"(vmap used: {model._batching_works})" if getattr(model, "batch_members", False) else "")
                 except torch.OutOfMemoryError:
                     print(f"{name} b={batch}: out of memory", flush=True)
                     continue

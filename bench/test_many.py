@@ -3,7 +3,8 @@
 For a small model and small n a single input's draws fill a batch poorly: n0 + n = 200
 draws of an 8x8 digit is a tiny forward, and per-call overheads dominate. certify_many packs
 ``batch_size // (n0 + n)`` inputs into each forward. Cases, 64 digits test inputs, 3 digits
-CNNs (the embedded default when it exists, else random weights), n0 = n = 100:
+CNNs (the embedded default when it exists, else random weights), n0 = n = 100, on the CPU
+and (when there is one) the GPU:
 
 * drt-fast ``certify`` in a loop vs drt-fast ``certify_many`` (the packing alone);
 * Cohen's loop (bench/reference.py) in a loop vs drt-fast ``certify_many`` (what a user
@@ -42,12 +43,23 @@ def digits_ensemble():
     return random_ensemble("digits_cnn"), 0.25, "random"
 
 
-@pytest.fixture(scope="module")
-def setup():
+HAS_CUDA = torch.cuda.is_available() and drt_fast.cuda_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and CUDA kernels"))]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(request):
     ensemble, sigma, what = digits_ensemble()
     test = df_data.load("digits", "test")
-    xs, keys = test.x[:N_INPUTS], torch.arange(N_INPUTS)
-    return ensemble, sigma, what, xs, keys
+    device = request.param
+    xs, keys = test.x[:N_INPUTS].to(device), torch.arange(N_INPUTS)
+    if device == "cuda":
+        what += ", cuda"
+    return ensemble.to(device), sigma, what, xs, keys
+
+
+def _sync(xs):
+    return torch.cuda.synchronize if xs.is_cuda else None
 
 
 def _many(smooth, xs, keys):
@@ -66,7 +78,7 @@ def test_many_vs_one_at_a_time(benchmark, setup):
         out["many"] = _many(smooth, xs, keys)
 
     one_at_a_time(), many()                                           # warm-up
-    ref_times, ours_times = timed_pair(benchmark, many, one_at_a_time, rounds=3)
+    ref_times, ours_times = timed_pair(benchmark, many, one_at_a_time, rounds=3, sync=_sync(xs))
     agree = sum(a == b for a, b in zip(out["one"], out["many"]))
     record(benchmark, f"certify_many vs certify x{N_INPUTS} ({what} digits 3x, n0=n={N}, "
            f"b={BATCH})", ref_times, ours_times, draws=N_INPUTS * (N0 + N),
@@ -86,7 +98,7 @@ def test_many_vs_reference_loop(benchmark, setup):
         return _many(smooth, xs, keys)
 
     ref(), many()                                                     # warm-up
-    ref_times, ours_times = timed_pair(benchmark, many, ref, rounds=3)
+    ref_times, ours_times = timed_pair(benchmark, many, ref, rounds=3, sync=_sync(xs))
     record(benchmark, f"certify_many vs Cohen loop x{N_INPUTS} ({what} digits 3x, n0=n={N}, "
            f"b={BATCH})", ref_times, ours_times, draws=N_INPUTS * (N0 + N),
            extra={"inputs": N_INPUTS})
