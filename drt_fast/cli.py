@@ -114,7 +114,19 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``drt-fast`` and ``python -m drt_fast``; returns the exit status."""
+    """Entry point of ``drt-fast`` and ``python -m drt_fast``; returns the exit status.
+
+    Under torchrun, a process that joined the process group ends here with os._exit
+    (see `drt_fast.distributed.exit_cli_process`)."""
+    from . import distributed
+
+    with distributed.cli_process():
+        status = _main(argv)
+        distributed.exit_cli_process(status)
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:
         # `torchrun ... -m drt_fast -- certify --n ...`: the `--` shields our options from

@@ -10,13 +10,16 @@ index, never on which rank draws it).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DrtFastError
+
+if TYPE_CHECKING:
+    import torch
 
 # Long enough for a slow rank to finish one round of inputs at n = 100,000 on a big model.
 _TIMEOUT = datetime.timedelta(hours=2)
@@ -58,6 +61,8 @@ def resolve_device(name: str) -> torch.device:
 
     A device torch cannot use is a DrtFastError (one line), never a traceback later on.
     """
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -80,6 +85,7 @@ def init(group: ProcessGroup, device: torch.device) -> torch.device:
     """Join the process group (nccl on CUDA, gloo on CPU); return this rank's device."""
     if not group.active:
         return device
+    import torch
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -98,13 +104,50 @@ def barrier(group: ProcessGroup) -> None:
         dist.barrier()
 
 
+# A `drt-fast` process (the CLI) that joined a process group ends with os._exit once the
+# command is done (`exit_cli_process`) instead of tearing the group down: Gloo's C++
+# teardown can abort a rank ("terminate called without an active exception", exit -6)
+# when its peer tears down at the same moment -- measured about 1 run in 60 of a 2-process
+# certify on a loaded 2-core machine, after every rank had passed the final barrier and
+# written everything. Library callers (train() from Python) keep the orderly teardown.
+_cli_process = False
+
+
+@contextlib.contextmanager
+def cli_process():
+    """The CLI's main() runs inside: `shutdown` leaves the teardown to `exit_cli_process`."""
+    global _cli_process
+    saved, _cli_process = _cli_process, True
+    try:
+        yield
+    finally:
+        _cli_process = saved
+
+
 def shutdown(group: ProcessGroup) -> None:
-    """Leave the process group (no-op for a single process)."""
-    if group.active:
+    """Leave the process group (no-op for a single process; deferred to
+    `exit_cli_process` in a CLI process)."""
+    if group.active and not _cli_process:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_cli_process(status: int) -> None:
+    """In a CLI process that joined a process group: flush stdout/stderr and end the
+    process now with ``status``, skipping the group's C++ teardown. Returns otherwise."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")       # never import torch just for this
+    if not (_cli_process and dist is not None and dist.is_available() and dist.is_initialized()):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def gather(group: ProcessGroup, obj) -> list:
