@@ -17,6 +17,7 @@ other rows of its batch. (Big models can differ in the last bits of their logits
 batch sizes because BLAS/cuDNN pick different blockings; a draw whose top two aggregated
 scores are that close may then be counted for the other class.)
 """
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class SmoothedClassifier:
         self.cuda_graphs = cuda_graphs
         self.graph_status = "not used yet"
         self._graphs = {}           # key -> _StepGraph (a few: group sizes, certify/predict)
+        self._graphs_owner = None   # (id, tensor addresses) of the module the graphs run
         self._graphs_failed = None  # why capturing was given up on, for good
         self.draws_performed = 0
         self._output_checked = False
@@ -474,14 +476,19 @@ class SmoothedClassifier:
     def _step_graph(self, xs, keys, counts_shape, step):
         """The captured step for this group (captured on first use), loaded with its inputs;
         False when capturing fails (then every batch runs eagerly from now on)."""
-        weights = step["weights"]
+        # A graph reads the module's tensors where they were at capture: a module whose
+        # tensors moved (.to(), rebuilt fused copies) gets new graphs, and the old ones go.
+        runner = self._live(step["runner"])
+        owner = (id(runner), tuple(t.data_ptr() for t in itertools.chain(runner.parameters(),
+                                                                        runner.buffers())))
+        if owner != self._graphs_owner:
+            self._graphs.clear()
+            self._graphs_owner = owner
         key = (tuple(xs.shape), str(xs.device), step["reps"], step["seed"], step["split"],
-               step["channels_last"], id(self._live(step["runner"])), self.precision, self.model.mode,
-               tuple(weights.tolist()), self.sigma)
+               step["channels_last"], self.precision, self.model.mode,
+               tuple(step["weights"].tolist()), self.sigma)
         graph = self._graphs.get(key)
         if graph is None:
-            if any(k[6] != key[6] for k in self._graphs):    # members rebuilt: old graphs go
-                self._graphs.clear()
             try:
                 graph = _StepGraph(self, xs, keys, counts_shape, step)
             except Exception as err:  # noqa: BLE001 -- an op that cannot be captured, ...

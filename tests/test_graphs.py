@@ -76,6 +76,18 @@ def test_replayed_steps_count_what_eager_steps_count(graphs_on_cpu, n0, n, batch
     assert graphs_on_cpu["captures"] == before
 
 
+def test_members_whose_tensors_move_get_new_graphs(graphs_on_cpu):
+    ens, xs = ensemble(), inputs(3)
+    smooth = SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=True)
+    first = smooth.certify_many(xs, range(3), 20, 1000, 0.01, 64)
+    captured = graphs_on_cpu["captures"]
+    assert smooth.certify_many(xs, range(3), 20, 1000, 0.01, 64) == first
+    assert graphs_on_cpu["captures"] == captured                    # reused
+    ens.to(torch.float64).to(torch.float32)      # same values, tensors at new addresses
+    assert smooth.certify_many(xs, range(3), 20, 1000, 0.01, 64) == first
+    assert graphs_on_cpu["captures"] == captured + 1                # captured again
+
+
 def test_auto_leaves_large_batches_eager(graphs_on_cpu, monkeypatch):
     monkeypatch.setattr(SmoothedClassifier, "_GRAPH_AUTO_ELEMENTS", 1000)
     smooth = SmoothedClassifier(ensemble(), K, sigma=0.5)
