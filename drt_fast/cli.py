@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import DrtFastError
+from .errors import DrtFastError, first_line
 
 DATASETS = ("digits", "mnist", "cifar10", "imagenet", "npz")
 MODES = ("we", "logit", "mme", "mv")
@@ -148,7 +148,7 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except ImportError as e:  # e.g. the compiled kernels were never built: an install problem
-        print(f"drt-fast: error: {_first_line(e)}", file=sys.stderr)
+        print(f"drt-fast: error: {first_line(e)}", file=sys.stderr)
         return 2
 
 
@@ -278,7 +278,7 @@ def _prepare(args, task: str, device) -> Job:
     except DrtFastError:
         raise
     except Exception as e:  # a format the loader did not anticipate is still the user's file
-        raise DrtFastError(f"cannot load checkpoint {model_path!r}: {_first_line(e)}") from None
+        raise DrtFastError(f"cannot load checkpoint {model_path!r}: {first_line(e)}") from None
     meta = meta or {}
 
     # The data: explicit --dataset, else the embedded default's test file, else the checkpoint's.
@@ -301,7 +301,7 @@ def _prepare(args, task: str, device) -> Job:
     except DrtFastError:
         raise
     except Exception as e:
-        raise DrtFastError(f"cannot read the {dataset_name} data at {data_dir!r}: {_first_line(e)}") from None
+        raise DrtFastError(f"cannot read the {dataset_name} data at {data_dir!r}: {first_line(e)}") from None
     # The dataset index of each row (an npz may hold a subset): TSV idx and noise key.
     keys = [int(k) for k in ds.idx.tolist()]
 
@@ -372,7 +372,7 @@ def _check_model_fits(ensemble, meta, x, num_classes, model_path, dataset_name, 
             logits = ensemble(x[:1].to(device=device, dtype=torch.float32))
     except RuntimeError as e:
         raise DrtFastError(f"checkpoint {model_path!r} cannot take the {dataset_name} inputs of shape "
-                           f"{shape}: {_first_line(e)}") from None
+                           f"{shape}: {first_line(e)}") from None
     if logits.shape[-1] != num_classes:
         raise DrtFastError(f"checkpoint {model_path!r} outputs {logits.shape[-1]} classes, "
                            f"the {dataset_name} data has {num_classes}")
@@ -381,11 +381,6 @@ def _check_model_fits(ensemble, meta, x, num_classes, model_path, dataset_name, 
 def _one_or_many(paths: list):
     """A single path as itself, several as the list (checkpoint.load_checkpoint takes both)."""
     return paths[0] if len(paths) == 1 else list(paths)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _run(args, job: Job, group) -> None:

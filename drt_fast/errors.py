@@ -10,3 +10,10 @@ class DrtFastError(Exception):
 
 class NonFiniteLogitsError(DrtFastError):
     """The model produced NaN or inf logits for some noisy draw."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty):
+    what a one-line error or status shows of an underlying failure."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

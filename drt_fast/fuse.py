@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .errors import first_line
+
 
 @dataclass(frozen=True)
 class FusedOps:
@@ -109,11 +111,11 @@ def for_inference(member: nn.Module, ops: FusedOps, dtype: torch.dtype = torch.f
     try:
         copied = copy.deepcopy(member).eval()
     except Exception as err:  # noqa: BLE001 -- e.g. an attribute that cannot be copied
-        return InferenceMember(member, reason=f"it could not be copied: {_first_line(err)}")
+        return InferenceMember(member, reason=f"it could not be copied: {first_line(err)}")
     try:
         gm = _fold_bn(copied)
     except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
-        return InferenceMember(copied, reason=f"torch.fx could not trace it: {_first_line(err)}")
+        return InferenceMember(copied, reason=f"torch.fx could not trace it: {first_line(err)}")
     folded = bn_before - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
     shapes = _shapes(gm, example)
     modules = dict(gm.named_modules())
@@ -154,11 +156,6 @@ def for_inference(member: nn.Module, ops: FusedOps, dtype: torch.dtype = torch.f
     gm.recompile()
     return InferenceMember(gm, folded_bn=folded, fused=fused,
                            reason=None if (folded or fused) else "nothing to fold or fuse")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _fold_bn(member: nn.Module) -> fx.GraphModule:

@@ -27,7 +27,7 @@ import torch
 
 from . import ops, stats
 from .ensemble import as_ensemble
-from .errors import DrtFastError, NonFiniteLogitsError
+from .errors import DrtFastError, NonFiniteLogitsError, first_line
 
 ABSTAIN = -1
 
@@ -343,9 +343,9 @@ class SmoothedClassifier:
             if self._output_checked:
                 raise
             # The first forward is where inputs of the wrong shape for the model show up.
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise DrtFastError(f"the model failed on noisy inputs of shape "
-                               f"{list(batch.shape)}: {first_line}") from err
+                               f"{list(batch.shape)}: {message}") from err
         logits = _vote_logits(logits)
         if not self._output_checked:
             if logits.dim() != 3 or logits.shape[1:] != (batch.shape[0], self.num_classes):
@@ -437,8 +437,8 @@ class SmoothedClassifier:
 
             # A model that fails on these inputs fails here too, with its own error.
             logits = self._run(self.model, batch, model_dtype)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            self._fuse_failed = f"fused copies gave up ({first}); running the members as they are"
+            self._fuse_failed = (f"fused copies gave up ({first_line(err)}); "
+                                 f"running the members as they are")
             self._fused = None
             self.fuse_status = f"off: {self._fuse_failed}"
             if self.fuse:
@@ -492,8 +492,7 @@ class SmoothedClassifier:
             try:
                 graph = _StepGraph(self, xs, keys, counts_shape, step)
             except Exception as err:  # noqa: BLE001 -- an op that cannot be captured, ...
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                self._graphs_failed = f"capture failed ({first}); batches run eagerly"
+                self._graphs_failed = f"capture failed ({first_line(err)}); batches run eagerly"
                 self.graph_status = f"off: {self._graphs_failed}"
                 self._graphs.clear()
                 if self.cuda_graphs:
