@@ -1,8 +1,22 @@
-"""Inference rewrites of a member network for CUDA certification.
+"""Inference rewrites of a member network for certification.
 
 Certification runs every member forward hundreds of thousands of times per input in eval
-mode, where a BatchNorm is a fixed per-channel affine map. `for_inference` rewrites a copy
-of a member (``torch.fx``) so that:
+mode, where a BatchNorm is a fixed per-channel affine map. There are two rewrites, both of
+a copy of the member (``torch.fx``), both checked against the member by the engine:
+
+`dense_for_inference` (the CPU's): a member that is a chain of affine layers (convolutions,
+linear layers, normalization, eval BatchNorm, average pooling, reshapes) and elementwise
+activations, on inputs small enough, becomes a chain of ``x @ W + b`` and activations on
+flat rows: each run of affine layers between two activations is one dense matrix. On small
+inputs the matrices are small, and one GEMM beats a few tiny convolutions by far (the digits
+CNN's member forward: about 3.5x on 2 CPU cores, 1000 draws a batch; oneDNN's convolutions
+of an 8x8 image are bound by their per-call overhead). A matrix is built only where it is
+cheap: at most `DENSE_MAX_ENTRIES` entries and at most `DENSE_MAX_WASTE` times the
+multiply-adds of the layers it replaces (the zeros of a convolution's matrix are computed
+too; measured on 2 cores, 8x8 to 28x28 single-channel inputs, a GEMM wins up to about 8x
+and loses from about 10x).
+
+`for_inference` (CUDA's) rewrites the member so that:
 
 * every BatchNorm that follows a convolution (or linear layer) is folded into its weights
   (``torch.fx.experimental.optimization.fuse``);
@@ -24,7 +38,10 @@ CPU with plain-torch equivalents (`reference_ops`); `cudnn_ops` are the fused cu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -95,6 +112,7 @@ class InferenceMember:
     module: nn.Module         # what runs
     folded_bn: int = 0        # BatchNorms folded into the preceding layer
     fused: int = 0            # convolutions running as one fused call
+    dense: int = 0            # dense matrices the member was lowered to (`dense_for_inference`)
     reason: Optional[str] = None   # why nothing was rewritten, when nothing was
 
 
@@ -171,11 +189,8 @@ def _shapes(gm: fx.GraphModule, example: Optional[torch.Tensor]) -> Optional[dic
     """Output shape of every node on ``example`` (None without one, or when it fails)."""
     if example is None:
         return None
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+        _propagate(gm, example)
     except Exception:  # noqa: BLE001 -- no shapes: additions stay unfused
         return None
     out = {}
@@ -183,6 +198,15 @@ def _shapes(gm: fx.GraphModule, example: Optional[torch.Tensor]) -> Optional[dic
         meta = node.meta.get("tensor_meta")
         out[node.name] = tuple(meta.shape) if hasattr(meta, "shape") else None
     return out
+
+
+def _propagate(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Record every node's output shape in its ``tensor_meta`` (ShapeProp, which prints a
+    traceback of a failing node to stderr before raising: the caller reports it in a line)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(example)
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
@@ -211,3 +235,331 @@ def _fusable_conv(node: fx.Node, modules: dict) -> bool:
     mod = modules.get(node.target)
     return (type(mod) is nn.Conv2d and mod.padding_mode == "zeros"
             and not isinstance(mod.padding, str))
+
+
+# ----------------------------------------------------------------- dense lowering (CPU)
+DENSE_MAX_ENTRIES = 2**18   # entries of one matrix (1 MiB in fp32: it stays in cache)
+DENSE_MAX_WASTE = 8         # matrix entries per multiply-add of the layers it replaces
+
+_AFFINE_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad2d,
+)
+# Modules and calls that leave a row's flat (C-order) values as they are, in eval mode.
+_FLAT_NOOP_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+                      nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_FLAT_NOOP_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+_FLAT_NOOP_METHODS = ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
+_AFFINE_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.avg_pool1d, F.avg_pool2d,
+                     F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                     F.adaptive_avg_pool3d, F.pad, torch.permute, torch.transpose)
+_AFFINE_METHODS = ("permute", "transpose")
+# x + c, x - c, c - x, x * c, c * x, x / c, -x with c a constant (a number or an attribute)
+_ARITHMETIC = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+               operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+               operator.neg: "neg", torch.neg: "neg"}
+_ARITHMETIC_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg"}
+
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+                nn.Softplus, nn.Softsign)
+_ACT_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
+                  F.celu, F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+                  F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign)
+_ACT_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_")
+
+
+class DenseMember(nn.Module):
+    """A member lowered to a chain of ``h @ W + b`` and elementwise activations on flat rows.
+
+    Input ``[B, *S]`` (any layout: it is read in C order), output ``[B, *out_shape]``. The
+    matrices are buffers ``weight{i}`` ``[n_in, n_out]`` and ``bias{i}`` ``[n_out]``.
+    """
+
+    def __init__(self, plan, out_shape):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.acts = nn.ModuleList()
+        self._plan = []          # ("matrix", i) | ("relu", None) | ("act", callable)
+        for kind, value in plan:
+            if kind == "matrix":
+                i = sum(k == "matrix" for k, _ in self._plan)
+                self.register_buffer(f"weight{i}", value[0].contiguous())
+                self.register_buffer(f"bias{i}", value[1].contiguous())
+                self._plan.append(("matrix", i))
+            elif isinstance(value, nn.Module):
+                self.acts.append(value)
+                self._plan.append(("act", value))
+            else:
+                self._plan.append((kind, value))
+
+    @property
+    def matrices(self) -> int:
+        return sum(kind == "matrix" for kind, _ in self._plan)
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], -1)
+        owned = False            # h is ours to overwrite (not the caller's input)
+        for kind, value in self._plan:
+            if kind == "matrix":
+                h = torch.addmm(getattr(self, f"bias{value}"), h, getattr(self, f"weight{value}"))
+                owned = True
+                continue
+            if not owned:
+                h, owned = h.clone(), True
+            h = h.relu_() if kind == "relu" else value(h)
+        return h.reshape(x.shape[0], *self.out_shape)
+
+    def extra_repr(self) -> str:
+        shapes = [tuple(getattr(self, f"weight{v}").shape) for k, v in self._plan if k == "matrix"]
+        return f"matrices={shapes}, out_shape={self.out_shape}"
+
+
+class _NotLowered(Exception):
+    """Why a member stays as it is (the message is the reason reported)."""
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with our input normalization kept as one (affine) module."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .models.normalize import NormalizeLayer
+
+        return isinstance(m, NormalizeLayer) or super().is_leaf_module(m, qualname)
+
+
+def dense_for_inference(member: nn.Module, example: torch.Tensor) -> InferenceMember:
+    """``member`` as a `DenseMember` (``InferenceMember.dense``: its number of matrices), or
+    the member itself with the reason when it is not a chain of affine layers and
+    elementwise activations, or a matrix would cost too much (see the module docstring).
+
+    ``example``: an input batch (its first row is used). The matrices are computed in
+    float64 from the member's own layers (the layers applied to the unit vectors) and
+    stored in the member's dtype.
+    """
+    try:
+        copied = copy.deepcopy(member).eval()
+        gm = fx.GraphModule(copied, _LeafTracer().trace(copied))
+    except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
+        return InferenceMember(member, reason=f"torch.fx could not trace it: {first_line(err)}")
+    dtype = next((t.dtype for t in gm.parameters() if t.is_floating_point()), torch.float32)
+    pair = example[:1].expand(2, *example.shape[1:]).to(dtype).contiguous()
+    try:
+        _propagate(gm, pair)
+        chain = _chain(gm)
+        plan = _lower(gm, chain, pair, dtype)
+    except _NotLowered as err:
+        return InferenceMember(member, reason=str(err))
+    except Exception as err:  # noqa: BLE001 -- a member this does not understand runs as it is
+        return InferenceMember(member, reason=f"it could not be lowered: {first_line(err)}")
+    out = DenseMember(plan, _shape(chain[-1][1])[1:] if chain else _shape(_input(gm))[1:])
+    if out.matrices == 0:
+        return InferenceMember(member, reason="it has no layer to turn into a matrix")
+    return InferenceMember(out, dense=out.matrices)
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _input(gm: fx.GraphModule) -> fx.Node:
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise _NotLowered(f"it takes {len(inputs)} inputs, not one")
+    return inputs[0]
+
+
+def _chain(gm: fx.GraphModule) -> list:
+    """The member's layers in order as ``(kind, node)``, kind "affine" or "act"; raises
+    `_NotLowered` unless each layer takes the previous layer's output (and constants) only."""
+    modules = dict(gm.named_modules())
+    current = _input(gm)
+    chain = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            if node.args[0] is not current:
+                raise _NotLowered("its output is not the last layer's tensor")
+            break
+        if _shape(node) is None:          # x.size(0), x.shape, x.dtype: metadata, no data
+            continue
+        data = []                          # tensor arguments that are not constants
+        fx.node.map_arg((node.args, node.kwargs), lambda a: data.append(a)
+                        if a.op != "get_attr" and _shape(a) is not None else None)
+        users = [u for u in current.users if u.op == "output" or _shape(u) is not None]
+        if data != [current] or users != [node]:
+            raise _NotLowered(f"it is not a chain of layers (at {node.name}: a branch, "
+                              f"skip connection or second input)")
+        kind = _kind(node, modules)
+        if kind is None:
+            raise _NotLowered(f"{_describe(node, modules)} is neither affine nor elementwise")
+        if _shape(node)[0] != _shape(current)[0]:
+            raise _NotLowered(f"{_describe(node, modules)} mixes the draws of a batch")
+        chain.append((kind, node))
+        current = node
+    return chain
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"layer {node.target} ({type(modules[node.target]).__name__})"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    return f"{target}()" + ("" if node.name == target else f" at {node.name}")
+
+
+def _kind(node: fx.Node, modules: dict) -> Optional[str]:
+    """"noop" (flat values unchanged), "affine", "relu", "act" (elementwise) or None."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        from .models.normalize import NormalizeLayer
+
+        if isinstance(mod, _FLAT_NOOP_MODULES):
+            return "noop"
+        if isinstance(mod, nn.ReLU):
+            return "relu"
+        if isinstance(mod, _ACT_MODULES):
+            return "act"
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            # without running statistics a BatchNorm normalizes by the batch's: not affine
+            return "affine" if mod.running_mean is not None else None
+        if isinstance(mod, (_AFFINE_MODULES, NormalizeLayer)):
+            return "affine"
+        return None
+    if node.op == "call_function":
+        if node.target in _FLAT_NOOP_FUNCTIONS:
+            return "noop"
+        if node.target in (F.relu, torch.relu, torch.relu_):
+            return "relu"
+        if node.target in _ACT_FUNCTIONS:
+            return "act"
+        if node.target in _AFFINE_FUNCTIONS:
+            return "affine"
+        if node.target in _ARITHMETIC:
+            return _arithmetic(_ARITHMETIC[node.target], node)
+        return None
+    if node.op == "call_method":
+        if node.target in _FLAT_NOOP_METHODS:
+            return "noop"
+        if node.target in ("relu", "relu_"):
+            return "relu"
+        if node.target in _ACT_METHODS:
+            return "act"
+        if node.target in _AFFINE_METHODS:
+            return "affine"
+        if node.target in _ARITHMETIC_METHODS:
+            return _arithmetic(_ARITHMETIC_METHODS[node.target], node)
+    return None
+
+
+def _arithmetic(op: str, node: fx.Node) -> Optional[str]:
+    """"affine" for x + c, x - c, c - x, x * c, c * x, x / c and -x (c constant), else None."""
+    if node.kwargs:                       # alpha=, rounding_mode=, out=: not taken
+        return None
+    if op == "neg":
+        return "affine" if len(node.args) == 1 else None
+    if len(node.args) != 2:
+        return None
+    a = node.args[0]          # `_chain` made sure exactly one argument is the data
+    data_first = isinstance(a, fx.Node) and a.op != "get_attr" and _shape(a) is not None
+    return None if op == "div" and not data_first else "affine"
+
+
+def _macs(node: fx.Node, modules: dict) -> int:
+    """Multiply-adds per row of one affine layer (1 per output value but for conv/linear)."""
+    out = math.prod(_shape(node)[1:])
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return out * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+    if isinstance(mod, nn.Linear):
+        return out * mod.in_features
+    if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        shape = _shape(weight) if isinstance(weight, fx.Node) else None
+        if shape is not None:
+            return out * math.prod(shape[1:])
+    return out
+
+
+def _lower(gm: fx.GraphModule, chain: list, pair: torch.Tensor, dtype: torch.dtype) -> list:
+    """The `DenseMember` plan of ``chain``: each run of affine layers between activations is
+    one matrix (a run of flat no-ops is nothing)."""
+    modules = dict(gm.named_modules())
+    plan, run, start = [], [], _input(gm)
+    gm.double()
+    for kind, node in chain + [("end", None)]:
+        if kind in ("affine", "noop"):
+            run.append((kind, node))
+            continue
+        if any(k == "affine" for k, _ in run):
+            plan.append(("matrix", _matrix(gm, modules, start, run, pair, dtype)))
+        if node is not None:
+            plan.append(("relu", None) if kind == "relu" else ("act", _act(node, modules)))
+            start = node
+        run = []
+    return plan
+
+
+def _matrix(gm, modules, start, run, pair, dtype):
+    """(W [n_in, n_out], b [n_out]) of the affine run from ``start``'s output to the run's end."""
+    end = run[-1][1]
+    n_in, n_out = math.prod(_shape(start)[1:]), math.prod(_shape(end)[1:])
+    entries = n_in * n_out
+    names = ", ".join(n.name for _, n in run)
+    if entries > DENSE_MAX_ENTRIES:
+        raise _NotLowered(f"the layers {names} would be a {n_in}x{n_out} matrix "
+                          f"(more than {DENSE_MAX_ENTRIES:,} entries)")
+    macs = sum(_macs(n, modules) for k, n in run if k == "affine")
+    if entries > DENSE_MAX_WASTE * macs:
+        raise _NotLowered(f"the layers {names} would be a {n_in}x{n_out} matrix, "
+                          f"{entries / macs:.0f}x their {macs:,} multiply-adds "
+                          f"(limit {DENSE_MAX_WASTE}x)")
+    basis = torch.cat([torch.zeros(1, n_in, dtype=torch.float64),
+                       torch.eye(n_in, dtype=torch.float64)]).view(n_in + 1, *_shape(start)[1:])
+    with torch.no_grad():
+        out = _Probe(gm, start, basis, end).run(pair.double())
+    out = out.reshape(n_in + 1, n_out)
+    return (out[1:] - out[0]).to(dtype), out[0].to(dtype)
+
+
+class _Probe(fx.Interpreter):
+    """Runs the graph with ``start``'s output replaced by ``basis``; returns ``stop``'s."""
+
+    class _Stop(Exception):
+        pass
+
+    def __init__(self, gm, start, basis, stop):
+        super().__init__(gm)
+        self._start, self._basis, self._stop = start, basis, stop
+        self._out = None
+
+    def run(self, *args):
+        try:
+            super().run(*args)
+        except _Probe._Stop:
+            return self._out
+        raise RuntimeError("the probe never reached the end of the run")
+
+    def run_node(self, n):
+        out = self._basis if n is self._start else super().run_node(n)
+        if n is self._stop:
+            self._out = out
+            raise _Probe._Stop()
+        return out
+
+
+def _act(node: fx.Node, modules: dict):
+    """The elementwise activation ``node`` applies, as a callable on a flat tensor."""
+    if node.op == "call_module":
+        return modules[node.target]
+    args, kwargs = tuple(node.args[1:]), dict(node.kwargs)
+    if any(isinstance(a, fx.Node) for a in list(args) + list(kwargs.values())):
+        raise _NotLowered(f"{node.name} takes a tensor argument besides its input")
+    if node.op == "call_function":
+        fn = node.target
+        return lambda h: fn(h, *args, **kwargs)
+    name = node.target
+    return lambda h: getattr(h, name)(*args, **kwargs)

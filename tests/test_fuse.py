@@ -124,6 +124,156 @@ def test_weights_are_stored_in_the_run_dtype():
     assert len(fused) == 2 and all(q.weight.dtype == torch.bfloat16 for q in fused)
 
 
+# ------------------------------------------------------------------ dense lowering (CPU)
+class Mlp(nn.Module):
+    """Normalization, BatchNorm1d, GELU, dropout and inline arithmetic: all lowered."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 20)
+        self.bn = nn.BatchNorm1d(20)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(20, 5)
+        self.scale = nn.Parameter(torch.tensor(1.7))
+
+    def forward(self, x):
+        h = (x - 0.5) * self.scale                      # inline normalization
+        h = self.drop(nn.functional.gelu(self.bn(self.fc1(h.flatten(1)))))
+        return self.fc2(-h / 3.0)
+
+
+class FunctionalCnn(nn.Module):
+    """Functional activations, x.view(x.size(0), -1), average pooling, padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = nn.functional.avg_pool2d(x, 2)
+        x = nn.functional.leaky_relu(self.conv2(nn.functional.pad(x, (1, 1, 1, 1))), 0.1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def randomize_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.7, 1.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("make,shape,matrices", [
+    (lambda: member("digits_cnn"), (1, 8, 8), [(64, 256), (256, 128), (128, 10)]),
+    (Mlp, (3, 4), [(12, 20), (20, 5)]),
+    (FunctionalCnn, (3, 6, 6), [(108, 216), (216, 72), (72, 4)]),
+])
+def test_dense_lowering_computes_the_same_function(make, shape, matrices):
+    torch.manual_seed(0)
+    m = randomize_bn(make())
+    x = torch.rand(64, *shape)
+    out = fuse.dense_for_inference(m, x[:1])
+    assert out.reason is None and out.dense == len(matrices)
+    assert isinstance(out.module, fuse.DenseMember)
+    got_shapes = [tuple(t.shape) for n, t in out.module.named_buffers() if n.startswith("weight")]
+    assert got_shapes == matrices
+    with torch.no_grad():
+        want = m(x)
+        assert rel_err(out.module(x), want) < 1e-5
+        # any input layout: the rows are read in C order
+        if x.dim() == 4:
+            assert rel_err(out.module(x.contiguous(memory_format=torch.channels_last)), want) < 1e-5
+        # bf16 autocast runs the matrices in bf16 (what --precision bf16 does)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = out.module(x.bfloat16())
+        assert low.dtype == torch.bfloat16 and rel_err(low.float(), want) < 5e-2
+    assert m.training is False and isinstance(m, nn.Module)          # the original is untouched
+
+
+class ReluFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(x))
+
+
+def test_dense_member_leaves_its_input_alone():
+    m = ReluFirst().eval()
+    out = fuse.dense_for_inference(m, torch.randn(1, 6))
+    assert out.dense == 1
+    x = torch.randn(10, 6)
+    before = x.clone()
+    with torch.no_grad():
+        assert rel_err(out.module(x), nn.Linear.forward(m.fc, before.relu())) < 1e-6
+    assert torch.equal(x, before)
+
+
+class Square(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x * x)
+
+
+class Reciprocal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(2.0 / x)
+
+
+class BatchStats(nn.Module):
+    """A BatchNorm without running statistics normalizes by the batch's: not affine."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class MixesDraws(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0))
+
+
+@pytest.mark.parametrize("make,shape,reason", [
+    (lambda: member("cifar_resnet20"), (3, 32, 32), "it is not a chain of layers"),
+    (lambda: member("lenet"), (1, 28, 28), "max_pool2d() is neither affine nor elementwise"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 28 * 28, 10)),
+     (1, 28, 28), "would be a 784x25088 matrix (more than 262,144 entries)"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 10)),
+     (1, 12, 12), "would be a 144x576 matrix, 16x their 5,184 multiply-adds (limit 8x)"),
+    (Square, (4,), "it is not a chain of layers"),
+    (Reciprocal, (4,), "truediv() is neither affine nor elementwise"),
+    (BatchStats, (4,), "layer bn (BatchNorm1d) is neither affine nor elementwise"),
+    (MixesDraws, (4,), "it is not a chain of layers"),
+    (Branchy, (2, 5, 5), "torch.fx could not trace it"),
+])
+def test_dense_lowering_refuses_what_it_cannot_lower(make, shape, reason):
+    m = make().eval()
+    out = fuse.dense_for_inference(m, torch.rand(1, *shape))
+    assert out.module is m and out.dense == 0
+    assert reason in out.reason, out.reason
+
+
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 @pytest.mark.parametrize("arch", ["cifar_resnet20", "resnet50", "digits_cnn"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
@@ -170,19 +320,46 @@ def fusion_on_cpu(monkeypatch):
         return real(*args, **kwargs)
 
     real = fuse.for_inference
+    monkeypatch.setattr(SmoothedClassifier, "_rewrites_with_cudnn", staticmethod(lambda device: True))
     monkeypatch.setattr(SmoothedClassifier, "_fusion_unsupported", lambda self, device: "")
     monkeypatch.setattr(fuse, "cudnn_ops", fuse.reference_ops)
     monkeypatch.setattr(fuse, "for_inference", rewrite)
     return built
 
 
-def test_engine_does_not_fuse_on_the_cpu_and_refuses_to_be_forced():
-    xs = torch.rand(2, 1, 8, 8)
-    smooth = SmoothedClassifier(digits_ensemble(), 10, sigma=0.25)
+def test_engine_lowers_members_to_dense_matrices_on_the_cpu():
+    xs = torch.rand(4, 1, 8, 8)
+    ens = digits_ensemble()
+    plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
+    smooth = SmoothedClassifier(ens, 10, sigma=0.25)
+    dense = certs(smooth, xs)
+    assert smooth.fuse_status == "on: 3 of 3 member(s) as dense matrices (9 matrices)"
+    assert all(isinstance(m, fuse.DenseMember) for m in smooth._fused[1].members)
+    # the same noise; a vote flips only where rounding moves a draw across a boundary
+    for p, d in zip(plain, dense):
+        assert p.label == d.label and abs(p.count - d.count) <= 2, (plain, dense)
+    assert certs(smooth, xs) == dense                                  # deterministic
+    with torch.no_grad():                                              # a member changes
+        ens.members[2][1].fc.weight.mul_(-1.0)
+    changed = certs(smooth, xs)
+    again = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
+    assert [c.label for c in changed] == [c.label for c in again]
+
+
+def test_engine_dense_lowering_of_a_mixed_ensemble_and_forced_fusion():
+    xs = torch.rand(2, 1, 28, 28)
+    mixed = Ensemble([member("lenet"), nn.Sequential(nn.Flatten(), nn.Linear(784, 10))])
+    smooth = SmoothedClassifier(mixed, 10, sigma=0.25)
     certs(smooth, xs)
-    assert smooth.fuse_status == "off: fused convolutions need a CUDA device (cuDNN)"
-    with pytest.raises(DrtFastError, match="fuse=True: fused convolutions need a CUDA device"):
-        certs(SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse=True), xs)
+    assert smooth.fuse_status == ("on: 1 of 2 member(s) as dense matrices (1 matrix) "
+                                  "(max_pool2d() is neither affine nor elementwise)")
+    only_lenet = Ensemble([member("lenet")])
+    smooth = SmoothedClassifier(only_lenet, 10, sigma=0.25)
+    certs(smooth, xs)
+    assert smooth.fuse_status == "off: max_pool2d() is neither affine nor elementwise"
+    with pytest.raises(DrtFastError, match=r"fuse=True: no member could be rewritten "
+                                           r"\(max_pool2d\(\) is neither affine"):
+        certs(SmoothedClassifier(only_lenet, 10, sigma=0.25, fuse=True), xs)
     with pytest.raises(DrtFastError, match="fuse must be"):
         SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse="yes")
 
