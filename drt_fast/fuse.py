@@ -302,9 +302,10 @@ class DenseMember(nn.Module):
     def forward(self, x):
         h = x.reshape(x.shape[0], -1)
         owned = False            # h is ours to overwrite (not the caller's input)
+        buffers = self._buffers
         for kind, value in self._plan:
             if kind == "matrix":
-                h = torch.addmm(getattr(self, f"bias{value}"), h, getattr(self, f"weight{value}"))
+                h = torch.addmm(buffers[f"bias{value}"], h, buffers[f"weight{value}"])
                 owned = True
                 continue
             if not owned:

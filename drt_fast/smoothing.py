@@ -112,6 +112,23 @@ def _capture(body, device):
     return graph.replay, graph
 
 
+def _vote_rows(step, r, first, known_first):
+    """Row of the counts each of the step's draws votes into: its input's, in the selection
+    (draw < split) or estimation part. With ``known_first`` (eager steps) a batch on one side
+    of the split reuses a cached tensor; a graphed step computes them from ``first``."""
+    group_rows, split = step["group_rows"], step["split"]
+    if split is not None and (known_first is None or known_first < split < known_first + r):
+        draws = first[:1] + torch.arange(r, device=first.device)
+        return (group_rows + (draws >= split).to(torch.int64)[None, :]).reshape(-1)
+    part = 0 if split is None or known_first < split else 1
+    rows = step["rows"].get((r, part)) if known_first is not None else None
+    if rows is None:
+        rows = (group_rows + part).expand(group_rows.shape[0], r).reshape(-1).contiguous()
+        if known_first is not None:
+            step["rows"][(r, part)] = rows
+    return rows
+
+
 class _FusionMismatch(Exception):
     """The fused copies of the members do not compute the members' logits."""
 
@@ -287,7 +304,8 @@ class SmoothedClassifier:
         channels_last = self._draws_channels_last(xs)
         runner = self._runner(xs, channels_last)
         step = dict(reps=reps, seed=seed, split=split, channels_last=channels_last,
-                    runner=runner, weights=weights, group_rows=group_rows)
+                    runner=runner, weights=weights, group_rows=group_rows,
+                    draw_dtype=draw_dtype, model_dtype=model_dtype, rows={})
         graph, try_graph = None, self._graphs_possible(xs)
         with torch.inference_mode():
             for done in range(0, num, reps):
@@ -300,31 +318,26 @@ class SmoothedClassifier:
                     graph.replay(first)
                 else:
                     self._step(xs, keys, torch.full((G,), first, device=device), counts,
-                               dict(step, reps=r), checked=False)
+                               dict(step, reps=r), checked=False, known_first=first)
                 self.draws_performed += G * r
             if graph:
                 counts += graph.counts
         return counts.view(G, parts, K)
 
-    def _step(self, xs, keys, first, counts, step, checked):
+    def _step(self, xs, keys, first, counts, step, checked, known_first=None):
         """One batch: ``step['reps']`` noisy draws of each input from draw ``first`` ``[G]``
         (a device tensor) on, through the members, into ``counts``. ``checked``: the model's
-        output was checked already (the graphed step skips the checks)."""
-        r, split = step["reps"], step["split"]
+        output was checked already (the graphed step skips the checks). ``known_first``: the
+        same first draw as a Python int, when the caller has it (eager steps)."""
+        r = step["reps"]
         batch = ops.noisy_draws(xs, keys, first, r, self.sigma, step["seed"],
-                                out_dtype=self._draw_dtype, channels_last=step["channels_last"])
+                                out_dtype=step["draw_dtype"], channels_last=step["channels_last"])
         if checked:
-            logits = _vote_logits(self._run(self._live(step["runner"]), batch, self._model_dtype))
+            logits = _vote_logits(self._run(self._live(step["runner"]), batch, step["model_dtype"]))
         else:
-            logits = self._forward(batch, self._model_dtype, step["runner"])
-        # Row of counts each draw votes into: its input's selection or estimation part.
-        group_rows = step["group_rows"]
-        if split is None:
-            rows = group_rows.expand(xs.shape[0], r)
-        else:
-            draws = first[:1] + torch.arange(r, device=xs.device)
-            rows = group_rows + (draws >= split).to(torch.int64)[None, :]
-        ops.vote_(logits, rows.reshape(-1).contiguous(), counts, self.model.mode, step["weights"])
+            logits = self._forward(batch, step["model_dtype"], step["runner"])
+        ops.vote_(logits, _vote_rows(step, r, first, known_first), counts, self.model.mode,
+                  step["weights"])
 
     def _run(self, model, batch, model_dtype):
         if self.precision == "fp32":

@@ -37,38 +37,33 @@ inline float exp_nonpositive(float x) {
   return p * float_of((uint32_t)(n_int + 127) << 23);  // n in [-126, 0]: a normal exponent
 }
 
-// Maximum of v[0 .. k) read as a row of `width` >= k floats (the padding is ignored).
-inline float max_of(const float* v, int64_t k, int64_t width) {
+// ---- many classes (K > kSmallK): one row per draw --------------------------------------
+// Draws are processed in blocks of about kBlockLogits logits per member: the conversion and
+// the finiteness test run as one long vectorized loop, then each draw's row is reduced.
+constexpr int64_t kBlockLogits = 1024;  // the block's scratch stays in L1
+constexpr int64_t kSmallK = 16;         // up to this many classes, draws go column-wise (below)
+
+inline float max_of(const float* v, int64_t k) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < width; ++i) m = (i < k && v[i] > m) ? v[i] : m;
+  for (int64_t i = 0; i < k; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
 // Index of the first maximum of v[0 .. k) (ties -> smaller class index): a vectorized max,
 // then a search (which stops inside the row: the maximum is there).
-inline int64_t argmax_first(const float* v, int64_t k, int64_t width, float* max_out) {
-  const float m = max_of(v, k, width);
+inline int64_t argmax_first(const float* v, int64_t k, float* max_out) {
+  const float m = max_of(v, k);
   int64_t i = 0;
   while (v[i] != m) ++i;
   *max_out = m;
   return i;
 }
 
-// Draws are processed in blocks of about kBlockLogits logits per member: the conversion and
-// the finiteness test run as one long vectorized loop, then each draw's row is reduced. Up to
-// kSmallK classes, rows are padded to exactly kSmallK floats (-inf: exp gives ~1e-38), so
-// that the per-row loops have a compile-time length and become a few vector instructions
-// (10 classes is the common case: digits, MNIST, CIFAR-10).
-constexpr int64_t kBlockLogits = 1024;  // the block's scratch stays in L1
-constexpr int kSmallK = 16;
-
 // Per-thread scratch for one block of draws, freed at scope exit.
 struct Scratch {
-  Scratch(int64_t block_draws, int64_t width, int64_t members) {
-    const int64_t n = block_draws * width;
-    raw = alloc<float>(n + kSmallK);
-    for (int64_t i = 0; i < n + kSmallK; ++i) raw[i] = 0.0f;  // the slack is read, never used
+  Scratch(int64_t block_draws, int64_t k, int64_t members) {
+    const int64_t n = block_draws * k;
     vals = alloc<float>(n);
     exps = alloc<float>(n);
     score = alloc<float>(n);
@@ -80,7 +75,7 @@ struct Scratch {
     mv_votes = alloc<double>(block_draws * members);
   }
   ~Scratch() {
-    void* all[] = {raw, vals, exps, score, bad, best_margin, mme_label, distinct, mv_labels, mv_votes};
+    void* all[] = {vals, exps, score, bad, best_margin, mme_label, distinct, mv_labels, mv_votes};
     for (void* ptr : all) free(ptr);
   }
   Scratch(const Scratch&) = delete;
@@ -89,8 +84,7 @@ struct Scratch {
   static T* alloc(int64_t n) {
     return static_cast<T*>(malloc(sizeof(T) * (size_t)(n > 0 ? n : 1)));
   }
-  float* raw;                             // [block_draws * K + kSmallK]: converted, unpadded
-  float *vals, *exps, *score;             // [block_draws * row width]
+  float *vals, *exps, *score;             // [block_draws * K]
   uint8_t* bad;                           // [block_draws]: a non-finite logit was seen
   float* best_margin;  // mme: per draw, the best member margin so far and its label
   int64_t* mme_label;
@@ -99,22 +93,17 @@ struct Scratch {
   double* mv_votes;
 };
 
-// Convert one block of draws' logits (rows of k) to fp32 rows of `width` (padding -inf) in
-// `vals`, through `raw` (rows * k + kSmallK floats) when padding; returns whether any logit is
-// not finite (all exponent bits set: an integer test that vectorizes).
+inline bool is_non_finite(float v) { return (bits_of(v) & 0x7F800000u) == 0x7F800000u; }
+
+// Convert rows * k logits to fp32 in `vals`; returns whether any logit is not finite (all
+// exponent bits set: an integer test that vectorizes).
 template <typename T, typename ToFloat>
-inline bool load(const T* src, int64_t rows, int64_t k, int64_t width, ToFloat to_float, float* raw, float* vals) {
-  float* dst = width == k ? vals : raw;
+inline bool load(const T* src, int64_t n, ToFloat to_float, float* vals) {
   uint32_t non_finite = 0;
 #pragma omp simd reduction(| : non_finite)
-  for (int64_t i = 0; i < rows * k; ++i) {
-    dst[i] = to_float(src[i]);
-    non_finite |= (bits_of(dst[i]) & 0x7F800000u) == 0x7F800000u;
-  }
-  if (width != k) {  // a fixed-width select per row (reads past k land in the next row or the slack)
-    for (int64_t j = 0; j < rows; ++j) {
-      for (int64_t i = 0; i < width; ++i) vals[j * width + i] = i < k ? raw[j * k + i] : -INFINITY;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    vals[i] = to_float(src[i]);
+    non_finite |= is_non_finite(vals[i]);
   }
   return non_finite != 0;
 }
@@ -122,15 +111,15 @@ inline bool load(const T* src, int64_t rows, int64_t k, int64_t width, ToFloat t
 inline bool any_non_finite(const float* v, int64_t k) {
   uint32_t non_finite = 0;
 #pragma omp simd reduction(| : non_finite)
-  for (int64_t i = 0; i < k; ++i) non_finite |= (bits_of(v[i]) & 0x7F800000u) == 0x7F800000u;
+  for (int64_t i = 0; i < k; ++i) non_finite |= is_non_finite(v[i]);
   return non_finite != 0;
 }
 
 // e[i] = exp(v[i] - top1) over one row; returns their sum.
-inline float row_exps(const float* v, float top1, int64_t width, float* e) {
+inline float row_exps(const float* v, float top1, int64_t k, float* e) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < width; ++i) {
+  for (int64_t i = 0; i < k; ++i) {
     e[i] = exp_nonpositive(v[i] - top1);
     sum += e[i];
   }
@@ -141,13 +130,11 @@ inline void fill(float* dst, float value, int64_t k) {
   for (int64_t i = 0; i < k; ++i) dst[i] = value;
 }
 
-// Labels of draws [r0, r0 + nb) into labels[0 .. nb) (-1: a logit was not finite). Rows are
-// kFixed floats wide when kFixed > 0 (K <= kFixed, padded), else K.
-template <int kFixed, typename T, typename ToFloat>
-void block_labels(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, Scratch& s, int64_t* labels) {
+// Labels of draws [r0, r0 + nb) into labels[0 .. nb) (-1: a logit was not finite).
+template <typename T, typename ToFloat>
+void block_labels_rows(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, Scratch& s, int64_t* labels) {
   const int64_t k = p.classes;
-  const int64_t width = kFixed > 0 ? kFixed : k;
-  const int64_t n = nb * width;
+  const int64_t n = nb * k;
   const T* logits = static_cast<const T*>(p.logits);
   float top1_value;
   for (int64_t j = 0; j < nb; ++j) {
@@ -158,21 +145,21 @@ void block_labels(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, S
   }
   if (p.members == 1 && p.weights[0] > 0.0f) {
     // one member: every mode picks its argmax (softmax is monotone)
-    const bool some_bad = load(logits + r0 * k, nb, k, width, to_float, s.raw, s.vals);
+    const bool some_bad = load(logits + r0 * k, n, to_float, s.vals);
     for (int64_t j = 0; j < nb; ++j) {
-      const float* row = s.vals + j * width;
-      labels[j] = (some_bad && any_non_finite(row, k)) ? -1 : argmax_first(row, k, width, &top1_value);
+      const float* row = s.vals + j * k;
+      labels[j] = (some_bad && any_non_finite(row, k)) ? -1 : argmax_first(row, k, &top1_value);
     }
     return;
   }
   for (int64_t i = 0; i < n; ++i) s.score[i] = 0.0f;
   for (int64_t m = 0; m < p.members; ++m) {
     const float w = p.weights[m];
-    if (load(logits + (m * p.draws + r0) * k, nb, k, width, to_float, s.raw, s.vals)) {
+    if (load(logits + (m * p.draws + r0) * k, n, to_float, s.vals)) {
       for (int64_t j = 0; j < nb; ++j) {
-        if (any_non_finite(s.vals + j * width, k)) {
+        if (any_non_finite(s.vals + j * k, k)) {
           s.bad[j] = 1;
-          fill(s.vals + j * width, 0.0f, k);  // keep the arithmetic below finite; the draw is dropped
+          fill(s.vals + j * k, 0.0f, k);  // keep the arithmetic below finite; the draw is dropped
         }
       }
     }
@@ -182,21 +169,21 @@ void block_labels(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, S
       continue;
     }
     for (int64_t j = 0; j < nb; ++j) {
+      float* row = s.vals + j * k;
       if (p.agg == kWeightedSoftmax) {  // score += w * softmax(row); needs the max, not its index
-        float* exps = s.exps + j * width;
-        const float scale = w / row_exps(s.vals + j * width, max_of(s.vals + j * width, k, width), width, exps);
-        float* score = s.score + j * width;
+        float* exps = s.exps + j * k;
+        const float scale = w / row_exps(row, max_of(row, k), k, exps);
+        float* score = s.score + j * k;
 #pragma omp simd
-        for (int64_t i = 0; i < width; ++i) score[i] += exps[i] * scale;
+        for (int64_t i = 0; i < k; ++i) score[i] += exps[i] * scale;
         continue;
       }
-      const int64_t top1 = argmax_first(s.vals + j * width, k, width, &top1_value);
+      const int64_t top1 = argmax_first(row, k, &top1_value);
       if (p.agg == kMaxMargin) {
         // top-1 minus top-2 softmax probability = (1 - exp(l2 - l1)) / sum exp(l - l1)
-        float* row = s.vals + j * width;
-        const float sum = row_exps(row, top1_value, width, s.exps + j * width);
+        const float sum = row_exps(row, top1_value, k, s.exps + j * k);
         row[top1] = -INFINITY;  // our copy: mask the top-1 to find the top-2
-        const float top2_value = k > 1 ? max_of(row, k, width) : top1_value;
+        const float top2_value = k > 1 ? max_of(row, k) : top1_value;
         const float numerator = k > 1 ? 1.0f - exp_nonpositive(top2_value - top1_value) : 1.0f;
         const float margin = numerator / sum;
         if (margin > s.best_margin[j]) {  // strict: ties keep the smaller member index
@@ -231,29 +218,236 @@ void block_labels(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, S
       }
       labels[j] = labels_j[best];
     } else {
-      labels[j] = argmax_first(s.score + j * width, k, width, &top1_value);
+      labels[j] = argmax_first(s.score + j * k, k, &top1_value);
+    }
+  }
+}
+
+// ---- few classes (K <= kSmallK: digits, MNIST, CIFAR-10): columns of draws ---------------
+// A block of kColumn draws is loaded class-major (v[i * kColumn + j]: class i of draw j), so
+// that every step -- maxima, exps, sums, argmaxes, the aggregation -- is a loop over draws
+// with no reduction across a vector: each vector lane is one draw. (A row per draw spends most
+// of its time in the cross-lane reductions of a 10-float row.) Every result is the same as
+// the row path's up to the order of additions in a softmax sum.
+constexpr int64_t kColumn = 256;
+
+struct ColumnScratch {
+  ColumnScratch() {
+    v = alloc<float>(kSmallK * kColumn);
+    e = alloc<float>(kSmallK * kColumn);
+    score = alloc<float>(kSmallK * kColumn);
+    votes = alloc<double>(kSmallK * kColumn);
+    top1 = alloc<float>(kColumn);
+    top2 = alloc<float>(kColumn);
+    sum = alloc<float>(kColumn);
+    best_margin = alloc<float>(kColumn);
+    top1_index = alloc<int32_t>(kColumn);
+    label = alloc<int32_t>(kColumn);
+    bad = alloc<int32_t>(kColumn);
+  }
+  ~ColumnScratch() {
+    void* all[] = {v, e, score, votes, top1, top2, sum, best_margin, top1_index, label, bad};
+    for (void* ptr : all) free(ptr);
+  }
+  ColumnScratch(const ColumnScratch&) = delete;
+  ColumnScratch& operator=(const ColumnScratch&) = delete;
+  template <typename T>
+  static T* alloc(int64_t n) {
+    return static_cast<T*>(malloc(sizeof(T) * (size_t)n));
+  }
+  float *v, *e, *score;   // [kSmallK][kColumn]
+  double* votes;          // mv: summed weights per class (-1: no member voted for it)
+  float *top1, *top2, *sum, *best_margin;   // [kColumn]
+  int32_t *top1_index, *label, *bad;         // [kColumn]
+};
+
+// Member m's logits of draws [r0, r0 + nb) into s.v, class-major; a draw with a non-finite
+// logit is marked in s.bad and its column zeroed (keeps the arithmetic finite; it casts no vote).
+template <typename T, typename ToFloat>
+inline void load_columns(const T* src, int64_t nb, int64_t k, ToFloat to_float, ColumnScratch& s) {
+  uint32_t non_finite = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    float* vi = s.v + i * kColumn;
+#pragma omp simd reduction(| : non_finite)
+    for (int64_t j = 0; j < nb; ++j) {
+      vi[j] = to_float(src[j * k + i]);
+      non_finite |= is_non_finite(vi[j]);
+    }
+  }
+  if (!non_finite) return;
+  for (int64_t i = 0; i < k; ++i) {
+    const float* vi = s.v + i * kColumn;
+    for (int64_t j = 0; j < nb; ++j) s.bad[j] |= is_non_finite(vi[j]);
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    float* vi = s.v + i * kColumn;
+    for (int64_t j = 0; j < nb; ++j) vi[j] = s.bad[j] ? 0.0f : vi[j];
+  }
+}
+
+// s.top1 / s.top1_index: each draw's largest logit and its first class (ties -> smaller index).
+inline void column_top1(int64_t nb, int64_t k, ColumnScratch& s) {
+  float* top1 = s.top1;
+  int32_t* index = s.top1_index;
+#pragma omp simd
+  for (int64_t j = 0; j < nb; ++j) {
+    top1[j] = s.v[j];
+    index[j] = 0;
+  }
+  for (int64_t i = 1; i < k; ++i) {
+    const float* vi = s.v + i * kColumn;
+#pragma omp simd
+    for (int64_t j = 0; j < nb; ++j) {
+      const bool more = vi[j] > top1[j];  // strict: the first maximum stays
+      top1[j] = more ? vi[j] : top1[j];
+      index[j] = more ? (int32_t)i : index[j];
+    }
+  }
+}
+
+// s.sum = sum over classes of exp(v - top1), with the exps in s.e.
+inline void column_exps(int64_t nb, int64_t k, ColumnScratch& s) {
+  float* sum = s.sum;
+#pragma omp simd
+  for (int64_t j = 0; j < nb; ++j) sum[j] = 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    const float* vi = s.v + i * kColumn;
+    float* ei = s.e + i * kColumn;
+#pragma omp simd
+    for (int64_t j = 0; j < nb; ++j) {
+      ei[j] = exp_nonpositive(vi[j] - s.top1[j]);
+      sum[j] += ei[j];
+    }
+  }
+}
+
+// labels[j] = the first class of draw j's largest score (float or double rows).
+template <typename S>
+inline void column_argmax(const S* score, int64_t nb, int64_t k, int32_t* label) {
+  for (int64_t j = 0; j < nb; ++j) label[j] = 0;
+  S best[kColumn];
+  for (int64_t j = 0; j < nb; ++j) best[j] = score[j];
+  for (int64_t i = 1; i < k; ++i) {
+    const S* si = score + i * kColumn;
+#pragma omp simd
+    for (int64_t j = 0; j < nb; ++j) {
+      const bool more = si[j] > best[j];
+      best[j] = more ? si[j] : best[j];
+      label[j] = more ? (int32_t)i : label[j];
     }
   }
 }
 
 template <typename T, typename ToFloat>
+void block_labels_columns(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t nb, ColumnScratch& s,
+                          int64_t* labels) {
+  const int64_t k = p.classes;
+  const T* logits = static_cast<const T*>(p.logits);
+  for (int64_t j = 0; j < nb; ++j) {
+    s.bad[j] = 0;
+    s.best_margin[j] = -1.0f;
+    s.label[j] = 0;
+  }
+  const bool one = p.members == 1 && p.weights[0] > 0.0f;  // every mode picks its argmax
+  for (int64_t i = 0; i < k * kColumn; ++i) {
+    s.score[i] = 0.0f;
+    s.votes[i] = -1.0;
+  }
+  for (int64_t m = 0; m < p.members; ++m) {
+    const float w = p.weights[m];
+    load_columns(logits + (m * p.draws + r0) * k, nb, k, to_float, s);
+    if (one) {
+      column_top1(nb, k, s);
+      for (int64_t j = 0; j < nb; ++j) s.label[j] = s.top1_index[j];
+      break;
+    }
+    if (p.agg == kLogit) {
+#pragma omp simd
+      for (int64_t i = 0; i < k * kColumn; ++i) s.score[i] += w * s.v[i];
+      continue;
+    }
+    if (p.agg == kWeightedSoftmax) {  // score += w * softmax: only the maximum is needed
+      float* top1 = s.top1;
+#pragma omp simd
+      for (int64_t j = 0; j < nb; ++j) top1[j] = s.v[j];
+      for (int64_t i = 1; i < k; ++i) {
+        const float* vi = s.v + i * kColumn;
+#pragma omp simd
+        for (int64_t j = 0; j < nb; ++j) top1[j] = vi[j] > top1[j] ? vi[j] : top1[j];
+      }
+      column_exps(nb, k, s);
+      float* scale = s.sum;
+#pragma omp simd
+      for (int64_t j = 0; j < nb; ++j) scale[j] = w / scale[j];
+      for (int64_t i = 0; i < k; ++i) {
+        const float* ei = s.e + i * kColumn;
+        float* si = s.score + i * kColumn;
+#pragma omp simd
+        for (int64_t j = 0; j < nb; ++j) si[j] += ei[j] * scale[j];
+      }
+      continue;
+    }
+    column_top1(nb, k, s);
+    if (p.agg == kMaxMargin) {
+      // top-1 minus top-2 softmax probability = (1 - exp(l2 - l1)) / sum exp(l - l1)
+      column_exps(nb, k, s);
+      float* top2 = s.top2;
+#pragma omp simd
+      for (int64_t j = 0; j < nb; ++j) top2[j] = -INFINITY;
+      for (int64_t i = 0; i < k; ++i) {
+        const float* vi = s.v + i * kColumn;
+#pragma omp simd
+        for (int64_t j = 0; j < nb; ++j) {
+          top2[j] = (s.top1_index[j] != (int32_t)i && vi[j] > top2[j]) ? vi[j] : top2[j];
+        }
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < nb; ++j) {
+        const float numerator = k > 1 ? 1.0f - exp_nonpositive(top2[j] - s.top1[j]) : 1.0f;
+        const float margin = numerator / s.sum[j];
+        const bool better = margin > s.best_margin[j];  // strict: ties keep the smaller member
+        s.best_margin[j] = better ? margin : s.best_margin[j];
+        s.label[j] = better ? s.top1_index[j] : s.label[j];
+      }
+    } else {  // kMajorityVote: weights summed in double, in member order
+      for (int64_t i = 0; i < k; ++i) {
+        double* vi = s.votes + i * kColumn;
+        for (int64_t j = 0; j < nb; ++j) {
+          if (s.top1_index[j] == (int32_t)i) vi[j] = (vi[j] < 0.0 ? 0.0 : vi[j]) + (double)w;
+        }
+      }
+    }
+  }
+  if (!one) {
+    if (p.agg == kLogit || p.agg == kWeightedSoftmax) column_argmax(s.score, nb, k, s.label);
+    if (p.agg == kMajorityVote) column_argmax(s.votes, nb, k, s.label);
+  }
+  for (int64_t j = 0; j < nb; ++j) labels[j] = s.bad[j] ? -1 : (int64_t)s.label[j];
+}
+
+template <typename T, typename ToFloat>
 void vote_labels(const VoteArgs& p, ToFloat to_float, int64_t* labels) {
   const bool small = p.classes <= kSmallK;
-  const int64_t width = small ? kSmallK : p.classes;
-  const int64_t block = width >= kBlockLogits ? 1 : kBlockLogits / width;
+  const int64_t block = small ? kColumn : (p.classes >= kBlockLogits ? 1 : kBlockLogits / p.classes);
   const int64_t blocks = (p.draws + block - 1) / block;
   const bool parallel = p.members * p.draws * p.classes >= kMinParallelLogits;
 #pragma omp parallel if (parallel)
   {
-    Scratch scratch(block, width, p.members);
+    if (small) {
+      ColumnScratch scratch;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * block;
-      const int64_t nb = p.draws - r0 < block ? p.draws - r0 : block;
-      if (small) {
-        block_labels<kSmallK, T>(p, to_float, r0, nb, scratch, labels + r0);
-      } else {
-        block_labels<0, T>(p, to_float, r0, nb, scratch, labels + r0);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t r0 = b * block;
+        const int64_t nb = p.draws - r0 < block ? p.draws - r0 : block;
+        block_labels_columns<T>(p, to_float, r0, nb, scratch, labels + r0);
+      }
+    } else {
+      Scratch scratch(block, p.classes, p.members);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t r0 = b * block;
+        const int64_t nb = p.draws - r0 < block ? p.draws - r0 : block;
+        block_labels_rows<T>(p, to_float, r0, nb, scratch, labels + r0);
       }
     }
   }
