@@ -240,6 +240,7 @@ def _fusable_conv(node: fx.Node, modules: dict) -> bool:
 # ----------------------------------------------------------------- dense lowering (CPU)
 DENSE_MAX_ENTRIES = 2**18   # entries of one matrix (1 MiB in fp32: it stays in cache)
 DENSE_MAX_WASTE = 8         # matrix entries per multiply-add of the layers it replaces
+DENSE_MAX_PARAMETERS = 2**22  # bigger members are refused before they are copied
 
 _AFFINE_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
@@ -340,8 +341,17 @@ def dense_for_inference(member: nn.Module, example: torch.Tensor) -> InferenceMe
     float64 from the member's own layers (the layers applied to the unit vectors) and
     stored in the member's dtype.
     """
+    params = sum(t.numel() for t in member.parameters())
+    if params > DENSE_MAX_PARAMETERS:      # no copy of a big network just to refuse it
+        return InferenceMember(member, reason=f"it has {params:,} parameters, too many for "
+                                              f"dense matrices (limit {DENSE_MAX_PARAMETERS:,})")
+    # A copy is traced: tracing runs forward() on proxies, and a forward with side effects
+    # (a hook, a counter) must not see them; the copy is also put in eval mode.
     try:
         copied = copy.deepcopy(member).eval()
+    except Exception as err:  # noqa: BLE001 -- e.g. an attribute that cannot be copied
+        return InferenceMember(member, reason=f"it could not be copied: {first_line(err)}")
+    try:
         gm = fx.GraphModule(copied, _LeafTracer().trace(copied))
     except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
         return InferenceMember(member, reason=f"torch.fx could not trace it: {first_line(err)}")
@@ -350,14 +360,15 @@ def dense_for_inference(member: nn.Module, example: torch.Tensor) -> InferenceMe
     try:
         _propagate(gm, pair)
         chain = _chain(gm)
-        plan = _lower(gm, chain, pair, dtype)
+        runs = _runs(gm, chain)
+        if not any(kind == "matrix" for kind, _ in runs):
+            return InferenceMember(member, reason="it has no layer to turn into a matrix")
+        plan = _lower(gm, runs, pair, dtype)
     except _NotLowered as err:
         return InferenceMember(member, reason=str(err))
     except Exception as err:  # noqa: BLE001 -- a member this does not understand runs as it is
         return InferenceMember(member, reason=f"it could not be lowered: {first_line(err)}")
-    out = DenseMember(plan, _shape(chain[-1][1])[1:] if chain else _shape(_input(gm))[1:])
-    if out.matrices == 0:
-        return InferenceMember(member, reason="it has no layer to turn into a matrix")
+    out = DenseMember(plan, _shape(chain[-1][1])[1:])
     return InferenceMember(out, dense=out.matrices)
 
 
@@ -485,45 +496,57 @@ def _macs(node: fx.Node, modules: dict) -> int:
     return out
 
 
-def _lower(gm: fx.GraphModule, chain: list, pair: torch.Tensor, dtype: torch.dtype) -> list:
-    """The `DenseMember` plan of ``chain``: each run of affine layers between activations is
-    one matrix (a run of flat no-ops is nothing)."""
+def _runs(gm: fx.GraphModule, chain: list) -> list:
+    """``chain`` as steps ``("matrix", (start, end, n_in, n_out))`` -- a run of affine layers
+    from ``start``'s output to ``end``'s, each within the cost limits -- and ``("relu" |
+    "act", node)``; a run of flat no-ops is no step. Raises `_NotLowered` on a costly run."""
     modules = dict(gm.named_modules())
-    plan, run, start = [], [], _input(gm)
-    gm.double()
+    steps, run, start = [], [], _input(gm)
     for kind, node in chain + [("end", None)]:
         if kind in ("affine", "noop"):
             run.append((kind, node))
             continue
         if any(k == "affine" for k, _ in run):
-            plan.append(("matrix", _matrix(gm, modules, start, run, pair, dtype)))
+            end = run[-1][1]
+            n_in, n_out = math.prod(_shape(start)[1:]), math.prod(_shape(end)[1:])
+            entries = n_in * n_out
+            names = ", ".join(n.name for _, n in run)
+            if entries > DENSE_MAX_ENTRIES:
+                raise _NotLowered(f"the layers {names} would be a {n_in}x{n_out} matrix "
+                                  f"(more than {DENSE_MAX_ENTRIES:,} entries)")
+            macs = sum(_macs(n, modules) for k, n in run if k == "affine")
+            if entries > DENSE_MAX_WASTE * macs:
+                raise _NotLowered(f"the layers {names} would be a {n_in}x{n_out} matrix, "
+                                  f"{entries / macs:.0f}x their {macs:,} multiply-adds "
+                                  f"(limit {DENSE_MAX_WASTE}x)")
+            steps.append(("matrix", (start, end, n_in, n_out)))
         if node is not None:
-            plan.append(("relu", None) if kind == "relu" else ("act", _act(node, modules)))
+            steps.append((kind, node))
             start = node
         run = []
+    return steps
+
+
+def _lower(gm: fx.GraphModule, runs: list, pair: torch.Tensor, dtype: torch.dtype) -> list:
+    """The `DenseMember` plan of the steps of `_runs`. Each matrix is its run applied, in
+    float64 (``gm`` is our copy: it is converted), to the unit vectors and to zero (the bias)."""
+    modules = dict(gm.named_modules())
+    gm.double()
+    plan = []
+    for kind, value in runs:
+        if kind == "relu":
+            plan.append(("relu", None))
+        elif kind == "act":
+            plan.append(("act", _act(value, modules)))
+        else:
+            start, end, n_in, n_out = value
+            basis = torch.cat([torch.zeros(1, n_in, dtype=torch.float64),
+                               torch.eye(n_in, dtype=torch.float64)]).view(n_in + 1, *_shape(start)[1:])
+            with torch.no_grad():
+                out = _Probe(gm, start, basis, end).run(pair.double())
+            out = out.reshape(n_in + 1, n_out)
+            plan.append(("matrix", ((out[1:] - out[0]).to(dtype), out[0].to(dtype))))
     return plan
-
-
-def _matrix(gm, modules, start, run, pair, dtype):
-    """(W [n_in, n_out], b [n_out]) of the affine run from ``start``'s output to the run's end."""
-    end = run[-1][1]
-    n_in, n_out = math.prod(_shape(start)[1:]), math.prod(_shape(end)[1:])
-    entries = n_in * n_out
-    names = ", ".join(n.name for _, n in run)
-    if entries > DENSE_MAX_ENTRIES:
-        raise _NotLowered(f"the layers {names} would be a {n_in}x{n_out} matrix "
-                          f"(more than {DENSE_MAX_ENTRIES:,} entries)")
-    macs = sum(_macs(n, modules) for k, n in run if k == "affine")
-    if entries > DENSE_MAX_WASTE * macs:
-        raise _NotLowered(f"the layers {names} would be a {n_in}x{n_out} matrix, "
-                          f"{entries / macs:.0f}x their {macs:,} multiply-adds "
-                          f"(limit {DENSE_MAX_WASTE}x)")
-    basis = torch.cat([torch.zeros(1, n_in, dtype=torch.float64),
-                       torch.eye(n_in, dtype=torch.float64)]).view(n_in + 1, *_shape(start)[1:])
-    with torch.no_grad():
-        out = _Probe(gm, start, basis, end).run(pair.double())
-    out = out.reshape(n_in + 1, n_out)
-    return (out[1:] - out[0]).to(dtype), out[0].to(dtype)
 
 
 class _Probe(fx.Interpreter):

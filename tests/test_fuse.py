@@ -194,6 +194,18 @@ def test_dense_lowering_computes_the_same_function(make, shape, matrices):
     assert m.training is False and isinstance(m, nn.Module)          # the original is untouched
 
 
+def test_dense_lowering_leaves_a_training_member_as_it_is():
+    torch.manual_seed(0)
+    m = randomize_bn(Mlp()).train()
+    stats = [t.clone() for t in m.bn.buffers()]
+    out = fuse.dense_for_inference(m, torch.rand(1, 3, 4))
+    assert out.dense == 2 and m.training
+    assert all(torch.equal(a, b) for a, b in zip(stats, m.bn.buffers()))   # no batch statistics
+    x = torch.rand(16, 3, 4)
+    with torch.no_grad():
+        assert rel_err(out.module(x), m.eval()(x)) < 1e-5                   # the eval function
+
+
 class ReluFirst(nn.Module):
     def __init__(self):
         super().__init__()
@@ -266,6 +278,8 @@ class MixesDraws(nn.Module):
     (BatchStats, (4,), "layer bn (BatchNorm1d) is neither affine nor elementwise"),
     (MixesDraws, (4,), "it is not a chain of layers"),
     (Branchy, (2, 5, 5), "torch.fx could not trace it"),
+    (lambda: member("resnet50"), (3, 224, 224), "it has 23,528,522 parameters, too many for dense "
+                                                 "matrices (limit 4,194,304)"),
 ])
 def test_dense_lowering_refuses_what_it_cannot_lower(make, shape, reason):
     m = make().eval()
