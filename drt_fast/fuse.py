@@ -542,8 +542,9 @@ def _lower(gm: fx.GraphModule, runs: list, pair: torch.Tensor, dtype: torch.dtyp
             plan.append(("act", _act(value, modules)))
         else:
             start, end, n_in, n_out = value
-            basis = torch.cat([torch.zeros(1, n_in, dtype=torch.float64),
-                               torch.eye(n_in, dtype=torch.float64)]).view(n_in + 1, *_shape(start)[1:])
+            f64 = dict(dtype=torch.float64, device=pair.device)
+            basis = torch.cat([torch.zeros(1, n_in, **f64),
+                               torch.eye(n_in, **f64)]).view(n_in + 1, *_shape(start)[1:])
             with torch.no_grad():
                 out = _Probe(gm, start, basis, end).run(pair.double())
             out = out.reshape(n_in + 1, n_out)
