@@ -308,6 +308,18 @@ def test_cuda_cudnn_fused_matches_the_member(cuda_device, arch, dtype, tol):
         assert rel_err(got.float(), want) < tol, (layout, rel_err(got.float(), want))
 
 
+def test_cuda_dense_members_match_the_member(cuda_device):
+    """The CPU's rewrite is device-agnostic (bench/gpu_levers.py times it on the GPU)."""
+    m = member("digits_cnn").to(cuda_device)
+    x = torch.rand(64, 1, 8, 8, device=cuda_device)
+    out = fuse.dense_for_inference(m, x[:1])
+    assert out.dense == 3 and out.module.weight0.device == x.device
+    with torch.no_grad():
+        want = m.double()(x.double()).float()
+        m.float()
+        assert rel_err(out.module(x), want) < 5e-3          # cuDNN may run TF32 convolutions
+
+
 # ------------------------------------------------------------------ the engine's use of it
 from drt_fast import Ensemble, SmoothedClassifier  # noqa: E402
 from drt_fast.errors import DrtFastError  # noqa: E402
