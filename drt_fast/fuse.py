@@ -272,6 +272,14 @@ _ACT_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu,
                   F.celu, F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
                   F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign)
 _ACT_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_")
+# call_function / call_method targets by kind: no-op, ReLU, other activation, affine, and
+# arithmetic (affine with a constant operand, see `_arithmetic`).
+_CALL_KINDS = {
+    "call_function": (_FLAT_NOOP_FUNCTIONS, (F.relu, torch.relu, torch.relu_), _ACT_FUNCTIONS,
+                      _AFFINE_FUNCTIONS, _ARITHMETIC),
+    "call_method": (_FLAT_NOOP_METHODS, ("relu", "relu_"), _ACT_METHODS, _AFFINE_METHODS,
+                    _ARITHMETIC_METHODS),
+}
 
 
 class DenseMember(nn.Module):
@@ -443,29 +451,15 @@ def _kind(node: fx.Node, modules: dict) -> Optional[str]:
         if isinstance(mod, (_AFFINE_MODULES, NormalizeLayer)):
             return "affine"
         return None
-    if node.op == "call_function":
-        if node.target in _FLAT_NOOP_FUNCTIONS:
-            return "noop"
-        if node.target in (F.relu, torch.relu, torch.relu_):
-            return "relu"
-        if node.target in _ACT_FUNCTIONS:
-            return "act"
-        if node.target in _AFFINE_FUNCTIONS:
-            return "affine"
-        if node.target in _ARITHMETIC:
-            return _arithmetic(_ARITHMETIC[node.target], node)
+    table = _CALL_KINDS.get(node.op)
+    if table is None:
         return None
-    if node.op == "call_method":
-        if node.target in _FLAT_NOOP_METHODS:
-            return "noop"
-        if node.target in ("relu", "relu_"):
-            return "relu"
-        if node.target in _ACT_METHODS:
-            return "act"
-        if node.target in _AFFINE_METHODS:
-            return "affine"
-        if node.target in _ARITHMETIC_METHODS:
-            return _arithmetic(_ARITHMETIC_METHODS[node.target], node)
+    *kinds, arithmetic = table
+    for kind, targets in zip(("noop", "relu", "act", "affine"), kinds):
+        if node.target in targets:
+            return kind
+    if node.target in arithmetic:
+        return _arithmetic(arithmetic[node.target], node)
     return None
 
 

@@ -60,6 +60,12 @@ inline int64_t argmax_first(const float* v, int64_t k, float* max_out) {
   return i;
 }
 
+// Uninitialized scratch of n (>= 1) elements; freed by the owner.
+template <typename T>
+T* alloc(int64_t n) {
+  return static_cast<T*>(malloc(sizeof(T) * (size_t)(n > 0 ? n : 1)));
+}
+
 // Per-thread scratch for one block of draws, freed at scope exit.
 struct Scratch {
   Scratch(int64_t block_draws, int64_t k, int64_t members) {
@@ -80,10 +86,6 @@ struct Scratch {
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
-  template <typename T>
-  static T* alloc(int64_t n) {
-    return static_cast<T*>(malloc(sizeof(T) * (size_t)(n > 0 ? n : 1)));
-  }
   float *vals, *exps, *score;             // [block_draws * K]
   uint8_t* bad;                           // [block_draws]: a non-finite logit was seen
   float* best_margin;  // mme: per draw, the best member margin so far and its label
@@ -251,10 +253,6 @@ struct ColumnScratch {
   }
   ColumnScratch(const ColumnScratch&) = delete;
   ColumnScratch& operator=(const ColumnScratch&) = delete;
-  template <typename T>
-  static T* alloc(int64_t n) {
-    return static_cast<T*>(malloc(sizeof(T) * (size_t)n));
-  }
   float *v, *e, *score;   // [kSmallK][kColumn]
   double* votes;          // mv: summed weights per class (-1: no member voted for it)
   float *top1, *top2, *sum, *best_margin;   // [kColumn]
