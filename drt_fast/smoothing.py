@@ -263,6 +263,13 @@ class SmoothedClassifier:
         return np.concatenate([np.zeros((0, self.num_classes), dtype=np.int64)]
                               + [counts[:, 0] for _, counts in groups])
 
+    def prepare(self, xs):
+        """Build now what the first batch of inputs like xs ``[B, *S]`` would build: the
+        layout and the fused copies of the members. A ``fuse=True`` that cannot be honored
+        fails here, before any work (the copies are still checked on the first batch)."""
+        xs = torch.as_tensor(xs)[:1].to(device=self._model_device, dtype=torch.float32)
+        self._runner(xs, self._draws_channels_last(xs))
+
     # ----------------------------------------------------------------- the hot path
     @property
     def _predict_seed(self):

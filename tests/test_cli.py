@@ -377,6 +377,20 @@ def test_cuda_graphs_on_the_cpu_are_refused(ckpt, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_fuse_that_cannot_be_honored_is_refused_before_any_output(tmp_path, capsys):
+    torch.manual_seed(0)
+    lenet = fx.save(tmp_path / "lenet.pt", fx.members("lenet", 10, [0.13], [0.31], count=1), "lenet",
+                    "mnist", 10, (1, 28, 28), ([0.13], [0.31]))
+    npz = fx.write_npz(tmp_path / "m.npz", np.random.rand(3, 1, 28, 28).astype(np.float32),
+                       np.arange(3), num_classes=10)
+    out = tmp_path / "r.tsv"
+    assert main(["certify", "--model", lenet, "--dataset", "npz", "--data-dir", npz, "--device",
+                 "cpu", "--fuse", *RUN, "--out", str(out)]) == 2
+    assert _error_line(capsys) == ("drt-fast: error: --fuse: no member could be rewritten "
+                                   "(max_pool2d() is neither affine nor elementwise)")
+    assert sorted(os.listdir(tmp_path)) == ["lenet.pt", "m.npz"]           # no results, no sidecar
+
+
 def test_no_fuse_on_the_cpu_runs_the_members_as_they_are(ckpt, reference_tsv, tmp_path, capsys):
     out = tmp_path / "r.tsv"
     with fx.single_thread():
