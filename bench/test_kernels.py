@@ -81,3 +81,24 @@ def test_vote(compare, device, members, classes):
     ratio = compare(f"vote_ {device} we M={members} K={classes} R={draws}", ours, ref, rounds=15,
                     sync=_sync(device))
     assert ratio > 0
+
+
+@pytest.mark.parametrize("cols", [256, 128])
+def test_dense_layer_epilogue(compare, cols):
+    """A dense member's layer on the CPU (fuse.DenseMember): torch.mm + bias_act_ (one pass)
+    against torch.addmm + relu_ (the bias copied into the output first, then a second pass).
+    1000 draws of the digits CNN's layers (64 -> 256, 256 -> 128)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 64 if cols == 256 else 256, generator=gen)
+    weight, bias = torch.randn(x.shape[1], cols, generator=gen), torch.randn(cols, generator=gen)
+
+    def ours():
+        h = torch.mm(x, weight)
+        ops.bias_act_cpu_(h, bias, True)
+
+    def ref():
+        torch.addmm(bias, x, weight).relu_()
+
+    ratio = compare(f"dense layer cpu {x.shape[1]}->{cols} x1000: mm + bias_act_ vs addmm + relu_",
+                    ours, ref, rounds=15)
+    assert ratio > 0

@@ -62,6 +62,11 @@ PYBIND11_MODULE(_C, m) {
         return drt::vote_cpu(args);
       },
       "Returns -1, or the first draw whose row is out of range (counts untouched then).");
+  m.def("bias_act", [](uintptr_t h, uintptr_t bias, int64_t rows, int64_t cols, bool relu) {
+    const drt::BiasActArgs args{ptr<float>(h), ptr<const float>(bias), rows, cols, relu};
+    py::gil_scoped_release release;
+    drt::bias_act_cpu(args);
+  });
   m.def("cpu_isa", &drt::cpu_isa, "The CPU kernel build in use: baseline, avx2 or avx512.");
   m.def("set_cpu_isa", &drt::set_cpu_isa, "Force a CPU kernel build (tests); raises when unsupported.");
   // Test hooks: the raw generator, for the Random123 known-answer tests and noise parity.

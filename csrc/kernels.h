@@ -45,6 +45,17 @@ struct VoteArgs {
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args);
 
+// bias_act: h [rows, cols] fp32 contiguous, in place h = act(h + bias) with bias [cols] fp32;
+// act is ReLU when relu, else the identity.
+struct BiasActArgs {
+  float* h;
+  const float* bias;
+  int64_t rows, cols;
+  bool relu;
+};
+
+void bias_act_cpu(const BiasActArgs& args);
+
 // Returns -1, or the index of a draw whose row is outside [0, batch) (then counts is untouched).
 int64_t vote_cpu(const VoteArgs& args);
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import ops
 from .errors import first_line
 
 
@@ -312,11 +313,25 @@ class DenseMember(nn.Module):
 
     def forward(self, x):
         h = x.reshape(x.shape[0], -1)
+        # float32 on the CPU: GEMM, then bias (+ ReLU) in one pass (`ops.bias_act_cpu_`);
+        # elsewhere, and under autocast, addmm (+ ReLU) as torch runs it.
+        epilogue = (h.device.type == "cpu" and h.dtype == torch.float32
+                    and not torch.is_autocast_enabled("cpu"))
         owned = False            # h is ours to overwrite (not the caller's input)
-        buffers = self._buffers
-        for kind, value in self._plan:
+        buffers, plan, i = self._buffers, self._plan, 0
+        while i < len(plan):
+            kind, value = plan[i]
+            i += 1
             if kind == "matrix":
-                h = torch.addmm(buffers[f"bias{value}"], h, buffers[f"weight{value}"])
+                weight, bias = buffers[f"weight{value}"], buffers[f"bias{value}"]
+                relu = epilogue and i < len(plan) and plan[i][0] == "relu"
+                if epilogue:
+                    h = torch.mm(h, weight)
+                    if not ops.bias_act_cpu_(h, bias, relu):
+                        ops.reference_bias_act_(h, bias, relu)
+                    i += relu                    # the ReLU is done
+                else:
+                    h = torch.addmm(bias, h, weight)
                 owned = True
                 continue
             if not owned:

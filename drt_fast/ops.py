@@ -41,6 +41,8 @@ __all__ = [
     "vote_",
     "reference_noisy_draws",
     "reference_vote_",
+    "bias_act_",
+    "reference_bias_act_",
     "cuda_available",
     "AGGREGATIONS",
     "NOISE_DTYPES",
@@ -450,3 +452,56 @@ def vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tenso
 @vote_.register_fake
 def _(logits, rows, counts, agg, weights):
     _check_vote_args(logits, rows, counts, agg, weights)
+
+
+# ----------------------------------------------------------------------------------------
+# bias_act_: a dense layer's epilogue (drt_fast/fuse.py DenseMember)
+# ----------------------------------------------------------------------------------------
+def _check_bias_act_args(h, bias):
+    for name, t in (("h", h), ("bias", bias)):
+        if not isinstance(t, Tensor):
+            raise DrtFastError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if h.dim() != 2:
+        raise DrtFastError(f"h must have shape [rows, cols], got {_shape(h)}")
+    if not h.is_floating_point() or bias.dtype != h.dtype:
+        raise DrtFastError(f"h and bias must be one floating dtype, got {h.dtype} and {bias.dtype}")
+    if bias.dim() != 1 or bias.shape[0] != h.shape[1]:
+        raise DrtFastError(f"bias must have shape [{h.shape[1]}], got {_shape(bias)}")
+    if bias.device != h.device:
+        raise DrtFastError(f"bias must be on h's device ({h.device}), got {bias.device}")
+
+
+def reference_bias_act_(h: Tensor, bias: Tensor, relu: bool) -> None:
+    """Pure-torch ``bias_act_``."""
+    _check_bias_act_args(h, bias)
+    h.add_(bias)
+    if relu:
+        h.relu_()
+
+
+def bias_act_cpu_(h: Tensor, bias: Tensor, relu: bool) -> bool:
+    """``bias_act_``'s CPU kernel called directly, without the dispatcher (a dense member
+    calls it twice per layer and batch, where the custom op's overhead, 10-20 us a call,
+    would cost as much as the kernel saves). Returns False, having done nothing, where the
+    kernel does not apply (not float32 on the CPU, not contiguous): the caller falls back."""
+    if not (h.dtype == torch.float32 and h.device.type == "cpu" and h.is_contiguous()
+            and bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous()
+            and h.dim() == 2 and bias.dim() == 1 and bias.shape[0] == h.shape[1]) or _C is None:
+        return False
+    _C.bias_act(h.data_ptr(), bias.data_ptr(), h.shape[0], h.shape[1], bool(relu))
+    return True
+
+
+@torch.library.custom_op("drt_fast::bias_act_", mutates_args=("h",))
+def bias_act_(h: Tensor, bias: Tensor, relu: bool) -> None:
+    """In place ``h = act(h + bias)``: ``h`` ``[rows, cols]``, ``bias`` ``[cols]`` of h's
+    dtype; act is ReLU when ``relu`` (NaN stays NaN), else the identity. One pass over h on
+    the CPU for float32 (the C++ kernel); other dtypes and devices run the torch reference."""
+    _check_bias_act_args(h, bias)
+    if not bias_act_cpu_(h, bias, relu):
+        reference_bias_act_(h, bias, relu)
+
+
+@bias_act_.register_fake
+def _(h, bias, relu):
+    _check_bias_act_args(h, bias)

@@ -206,6 +206,22 @@ def test_dense_lowering_leaves_a_training_member_as_it_is():
         assert rel_err(out.module(x), m.eval()(x)) < 1e-5                   # the eval function
 
 
+def test_dense_member_epilogue_kernel_agrees_with_torch(monkeypatch):
+    """float32 on the CPU runs torch.mm + the bias/ReLU kernel; the fallbacks must agree."""
+    m = member("digits_cnn")
+    out = fuse.dense_for_inference(m, torch.rand(1, 1, 8, 8)).module
+    x = torch.rand(300, 1, 8, 8)
+    with torch.no_grad():
+        kernel = out(x)
+        monkeypatch.setattr(fuse.ops, "bias_act_cpu_", lambda h, b, relu: False)
+        torch_epilogue = out(x)                                  # mm + add_ + relu_ in torch
+    assert torch.equal(kernel, torch_epilogue)
+    b = out._buffers
+    h = torch.addmm(b["bias0"], x.reshape(300, -1), b["weight0"]).relu_()
+    h = torch.addmm(b["bias1"], h, b["weight1"]).relu_()
+    assert rel_err(kernel, torch.addmm(b["bias2"], h, b["weight2"])) < 1e-6
+
+
 class ReluFirst(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,4 +1,4 @@
-// Runtime choice of the CPU kernel build: noise.cpp and vote.cpp are compiled three times
+// Runtime choice of the CPU kernel build: noise.cpp, vote.cpp and dense.cpp are compiled three times
 // (baseline x86-64, AVX2, AVX-512; CMakeLists.txt), each into its own namespace, and the
 // best one this CPU supports runs. torch's own kernels dispatch the same way, and a
 // fixed -march would either leave speed unused or crash on older CPUs.
@@ -15,6 +15,7 @@ namespace drt {
   namespace ns {                                    \
   void noisy_draws_cpu(const NoisyDrawsArgs& args); \
   int64_t vote_cpu(const VoteArgs& args);           \
+  void bias_act_cpu(const BiasActArgs& args);       \
   }
 DRT_DECLARE_ISA(isa_baseline)
 #ifdef DRT_FAST_X86_ISAS
@@ -69,6 +70,16 @@ void noisy_draws_cpu(const NoisyDrawsArgs& args) {
   }
 #endif
   isa_baseline::noisy_draws_cpu(args);
+}
+
+void bias_act_cpu(const BiasActArgs& args) {
+#ifdef DRT_FAST_X86_ISAS
+  if (g_isa[0] == 'a') {
+    if (strcmp(g_isa, "avx512") == 0) return isa_avx512::bias_act_cpu(args);
+    return isa_avx2::bias_act_cpu(args);
+  }
+#endif
+  isa_baseline::bias_act_cpu(args);
 }
 
 int64_t vote_cpu(const VoteArgs& args) {
