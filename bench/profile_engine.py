@@ -4,8 +4,8 @@
         [--n 100000] [--batch 1000] [--repeats 3] [--mode we] [--precision fp32]
         [--channels-last]
 
-Each phase is timed with a wall clock around the calls (drt-fast: ``ops.noisy_draws``,
-``SmoothedClassifier._forward``, ``ops.vote_``; reference: ``repeat + randn``, the member
+Each phase is timed with a wall clock around the calls (drt-fast: ``ops.noisy_draws_eager``,
+``SmoothedClassifier._forward``, ``ops.vote_eager_``; reference: ``repeat + randn``, the member
 forwards, aggregation + ``.cpu()`` + bincount); "rest" is the total minus the phases
 (Python, statistics, allocation). The best of ``--repeats`` runs is printed. Not collected
 by pytest (no ``test_`` prefix).
@@ -48,8 +48,8 @@ class _TimedOps:
 
     def __init__(self, ops, clock):
         self._ops = ops
-        self.noisy_draws = clock.wrap("noise", ops.noisy_draws)
-        self.vote_ = clock.wrap("vote", ops.vote_)
+        self.noisy_draws_eager = clock.wrap("noise", ops.noisy_draws_eager)
+        self.vote_eager_ = clock.wrap("vote", ops.vote_eager_)
 
     def __getattr__(self, name):
         return getattr(self._ops, name)

@@ -422,3 +422,17 @@ def test_bias_act_errors(h, bias, message):
 def test_bias_act_opcheck():
     h = torch.randn(9, 5, generator=torch.Generator().manual_seed(3))
     torch.library.opcheck(torch.ops.drt_fast.bias_act_.default, (h, torch.randn(5), True))
+
+
+def test_eager_entry_points_are_the_ops_without_the_dispatcher():
+    x, keys, first = _inputs(3, (1, 4, 4))
+    args = (x, keys, first, 5, 0.3, 7, torch.bfloat16, True)
+    assert torch.equal(ops.noisy_draws_eager(*args), ops.noisy_draws(*args))
+    logits = torch.randn(3, 15, 4, generator=torch.Generator().manual_seed(1))
+    rows = torch.arange(15) // 5
+    a, b = torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64)
+    ops.vote_eager_(logits, rows, a, "mme", torch.ones(3))
+    ops.vote_(logits, rows, b, "mme", torch.ones(3))
+    assert torch.equal(a, b) and a.sum() == 15
+    with pytest.raises(DrtFastError, match="agg must be one of"):      # the same checks
+        ops.vote_eager_(logits, rows, a, "median", torch.ones(3))
