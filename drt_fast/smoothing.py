@@ -339,13 +339,14 @@ class SmoothedClassifier:
         r = step["reps"]
         # The ops' bodies without the dispatcher: its overhead is a few % of a small batch.
         batch = ops.noisy_draws_eager(xs, keys, first, r, self.sigma, step["seed"],
-                                out_dtype=step["draw_dtype"], channels_last=step["channels_last"])
+                                      out_dtype=step["draw_dtype"],
+                                      channels_last=step["channels_last"])
         if checked:
             logits = _vote_logits(self._run(self._live(step["runner"]), batch, step["model_dtype"]))
         else:
             logits = self._forward(batch, step["model_dtype"], step["runner"])
-        ops.vote_eager_(logits, _vote_rows(step, r, first, known_first), counts, self.model.mode,
-                  step["weights"])
+        ops.vote_eager_(logits, _vote_rows(step, r, first, known_first), counts,
+                        self.model.mode, step["weights"])
 
     def _run(self, model, batch, model_dtype):
         if self.precision == "fp32":
