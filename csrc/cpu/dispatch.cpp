@@ -62,34 +62,24 @@ void set_cpu_isa(const char* isa) {
   throw std::invalid_argument(std::string("unknown CPU ISA ") + isa + " (baseline, avx2, avx512)");
 }
 
-void noisy_draws_cpu(const NoisyDrawsArgs& args) {
+// The chosen build's `fn(args)` (a void function may return a void expression).
 #ifdef DRT_FAST_X86_ISAS
-  if (g_isa[0] == 'a') {
-    if (strcmp(g_isa, "avx512") == 0) return isa_avx512::noisy_draws_cpu(args);
-    return isa_avx2::noisy_draws_cpu(args);
-  }
+#define DRT_DISPATCH(fn, args)                                              \
+  if (g_isa[0] == 'a') {                                                    \
+    if (strcmp(g_isa, "avx512") == 0) return isa_avx512::fn(args);          \
+    return isa_avx2::fn(args);                                              \
+  }                                                                         \
+  return isa_baseline::fn(args)
+#else
+#define DRT_DISPATCH(fn, args) return isa_baseline::fn(args)
 #endif
-  isa_baseline::noisy_draws_cpu(args);
-}
 
-void bias_act_cpu(const BiasActArgs& args) {
-#ifdef DRT_FAST_X86_ISAS
-  if (g_isa[0] == 'a') {
-    if (strcmp(g_isa, "avx512") == 0) return isa_avx512::bias_act_cpu(args);
-    return isa_avx2::bias_act_cpu(args);
-  }
-#endif
-  isa_baseline::bias_act_cpu(args);
-}
+void noisy_draws_cpu(const NoisyDrawsArgs& args) { DRT_DISPATCH(noisy_draws_cpu, args); }
 
-int64_t vote_cpu(const VoteArgs& args) {
-#ifdef DRT_FAST_X86_ISAS
-  if (g_isa[0] == 'a') {
-    if (strcmp(g_isa, "avx512") == 0) return isa_avx512::vote_cpu(args);
-    return isa_avx2::vote_cpu(args);
-  }
-#endif
-  return isa_baseline::vote_cpu(args);
-}
+int64_t vote_cpu(const VoteArgs& args) { DRT_DISPATCH(vote_cpu, args); }
+
+void bias_act_cpu(const BiasActArgs& args) { DRT_DISPATCH(bias_act_cpu, args); }
+
+#undef DRT_DISPATCH
 
 }  // namespace drt
