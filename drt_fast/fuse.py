@@ -410,8 +410,9 @@ def _input(gm: fx.GraphModule) -> fx.Node:
 
 
 def _chain(gm: fx.GraphModule) -> list:
-    """The member's layers in order as ``(kind, node)``, kind "affine" or "act"; raises
-    `_NotLowered` unless each layer takes the previous layer's output (and constants) only."""
+    """The member's layers in order as ``(kind, node)`` (kinds of `_kind`); raises
+    `_NotLowered` unless each layer takes the previous layer's output (and constants) only,
+    is affine or elementwise, and keeps the draws of a batch apart."""
     modules = dict(gm.named_modules())
     current = _input(gm)
     chain = []

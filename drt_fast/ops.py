@@ -496,7 +496,7 @@ def reference_bias_act_(h: Tensor, bias: Tensor, relu: bool) -> None:
 
 def bias_act_cpu_(h: Tensor, bias: Tensor, relu: bool) -> bool:
     """``bias_act_``'s CPU kernel called directly, without the dispatcher (a dense member
-    calls it twice per layer and batch, where the custom op's overhead, 10-20 us a call,
+    calls it once per layer and batch, where the custom op's overhead, 10-20 us a call,
     would cost as much as the kernel saves). Returns False, having done nothing, where the
     kernel does not apply (not float32 on the CPU, not contiguous): the caller falls back."""
     if not (h.dtype == torch.float32 and h.device.type == "cpu" and h.is_contiguous()
