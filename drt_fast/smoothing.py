@@ -402,20 +402,16 @@ class SmoothedClassifier:
 
             example = xs[:1].to(self._model_dtype)
             members = list(self.model.members)
+            run_dtype = self._model_dtype if self.precision == "fp32" else PRECISIONS[self.precision]
             if self._rewrites_with_cudnn(device):
-                run_dtype = self._model_dtype if self.precision == "fp32" else PRECISIONS[self.precision]
                 rewritten = [fuse.for_inference(m, fuse.cudnn_ops(), run_dtype, example)
                              for m in members]
-                gained = sum(r.fused + r.folded_bn for r in rewritten)
                 status = (f"on: {sum(r.fused for r in rewritten)} fused convolutions, "
                           f"{sum(r.folded_bn for r in rewritten)} BatchNorms folded "
                           f"in {len(rewritten)} member(s)")
             else:
-                rewritten = [fuse.dense_for_inference(m, example) for m in members]
-                gained = sum(r.dense for r in rewritten)
-                status = (f"on: {sum(r.dense > 0 for r in rewritten)} of {len(rewritten)} "
-                          f"member(s) as dense matrices ({gained} "
-                          f"{'matrix' if gained == 1 else 'matrices'})")
+                rewritten, status = self._cpu_rewrites(members, example, run_dtype, channels_last)
+            gained = sum(r.fused + r.folded_bn + r.dense for r in rewritten)
             fused = Ensemble([r.module for r in rewritten], mode=self.model.mode)
             if channels_last:
                 fused.to(memory_format=torch.channels_last)
@@ -437,8 +433,37 @@ class SmoothedClassifier:
 
     @staticmethod
     def _rewrites_with_cudnn(device):
-        """The rewrite of the members: cuDNN fusion on CUDA, dense matrices elsewhere."""
+        """The rewrite of the members: cuDNN fusion on CUDA, `_cpu_rewrites` elsewhere."""
         return device.type == "cuda"
+
+    def _cpu_rewrites(self, members, example, run_dtype, channels_last):
+        """Each member as dense matrices where it lowers (`fuse.dense_for_inference`), else
+        with BatchNorms folded and conv(+add)+ReLU as oneDNN calls: fp32 runs, and bf16 runs
+        on channels-last draws (oneDNN's bf16 conv + add has no NCHW kernel); a member that
+        gains nothing keeps the dense rewrite's reason -> (rewritten, status)."""
+        from . import fuse
+
+        onednn = fuse.onednn_available() and (
+            run_dtype == torch.float32 or (run_dtype == torch.bfloat16 and channels_last))
+        rewritten = []
+        for member in members:
+            dense = fuse.dense_for_inference(member, example)
+            if not dense.dense and onednn:
+                fused = fuse.for_inference(member, fuse.onednn_ops(), run_dtype, example)
+                dense = fused if fused.fused or fused.folded_bn else dense
+            rewritten.append(dense)
+        lowered = [r for r in rewritten if r.dense]
+        matrices = sum(r.dense for r in lowered)
+        parts = []
+        if lowered:
+            parts.append(f"{len(lowered)} of {len(rewritten)} member(s) as dense matrices "
+                         f"({matrices} {'matrix' if matrices == 1 else 'matrices'})")
+        convs = [r for r in rewritten if r.fused or r.folded_bn]
+        if convs:
+            parts.append(f"{sum(r.fused for r in convs)} fused convolutions (oneDNN), "
+                         f"{sum(r.folded_bn for r in convs)} BatchNorms folded in "
+                         f"{len(convs)} member(s)")
+        return rewritten, "on: " + "; ".join(parts)
 
     def _fusion_unsupported(self, device):
         """Why the fused copies cannot be used here ('' when they can)."""

@@ -304,6 +304,28 @@ def test_dense_lowering_refuses_what_it_cannot_lower(make, shape, reason):
     assert reason in out.reason, out.reason
 
 
+@pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("arch", ["cifar_resnet20", "digits_cnn", "lenet"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_onednn_fused_matches_the_member(arch, dtype, tol):
+    m = member(arch)
+    x = torch.rand(8, *models.input_shape(arch))
+    # bf16: channels-last only (the engine's CPU layout for 3 channels; oneDNN's bf16
+    # conv + add has no NCHW kernel, so the engine does not use it there)
+    layouts = [torch.channels_last] + ([torch.contiguous_format] if dtype == torch.float32 else [])
+    for layout in layouts:
+        out = fuse.for_inference(m, fuse.onednn_ops(), dtype, example=x[:2])
+        assert (out.folded_bn, out.fused) == ARCHS[arch]
+        fused = out.module.to(memory_format=layout)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                             enabled=dtype != torch.float32):
+            got = fused(x.contiguous(memory_format=layout).to(dtype))
+        with torch.no_grad():
+            want = m.double()(x.double()).float()
+            m.float()
+        assert rel_err(got.float(), want) < tol, (layout, rel_err(got.float(), want))
+
+
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 @pytest.mark.parametrize("arch", ["cifar_resnet20", "resnet50", "digits_cnn"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
@@ -388,22 +410,47 @@ def test_engine_lowers_members_to_dense_matrices_on_the_cpu():
     assert [c.label for c in changed] == [c.label for c in again]
 
 
-def test_engine_dense_lowering_of_a_mixed_ensemble_and_forced_fusion():
+def big_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 10))
+
+
+def test_engine_on_the_cpu_mixes_dense_and_onednn_rewrites_and_forced_fusion():
     xs = torch.rand(2, 1, 28, 28)
     mixed = Ensemble([member("lenet"), nn.Sequential(nn.Flatten(), nn.Linear(784, 10))])
     smooth = SmoothedClassifier(mixed, 10, sigma=0.25)
     certs(smooth, xs)
-    assert smooth.fuse_status == ("on: 1 of 2 member(s) as dense matrices (1 matrix) "
-                                  "(max_pool2d() is neither affine nor elementwise)")
-    only_lenet = Ensemble([member("lenet")])
-    smooth = SmoothedClassifier(only_lenet, 10, sigma=0.25)
+    want = "on: 1 of 2 member(s) as dense matrices (1 matrix)"
+    if fuse.onednn_available():          # LeNet: not a chain (max-pool), its convs fused
+        want += "; 2 fused convolutions (oneDNN), 0 BatchNorms folded in 1 member(s)"
+    else:
+        want += " (max_pool2d() is neither affine nor elementwise)"
+    assert smooth.fuse_status == want
+    nothing = Ensemble([big_mlp()])      # too big for a matrix, no convolution to fuse
+    smooth = SmoothedClassifier(nothing, 10, sigma=0.25)
     certs(smooth, xs)
-    assert smooth.fuse_status == "off: max_pool2d() is neither affine nor elementwise"
+    assert smooth.fuse_status.startswith("off: the layers ") and smooth.fuse_status.endswith(
+        "would be a 784x1000 matrix (more than 262,144 entries)")
     with pytest.raises(DrtFastError, match=r"fuse=True: no member could be rewritten "
-                                           r"\(max_pool2d\(\) is neither affine"):
-        certs(SmoothedClassifier(only_lenet, 10, sigma=0.25, fuse=True), xs)
+                                           r"\(the layers .* would be a 784x1000 matrix"):
+        certs(SmoothedClassifier(nothing, 10, sigma=0.25, fuse=True), xs)
     with pytest.raises(DrtFastError, match="fuse must be"):
         SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse="yes")
+
+
+@pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_engine_fuses_resnets_with_onednn_on_the_cpu(precision):
+    torch.manual_seed(0)
+    ens = Ensemble([member("cifar_resnet20", seed) for seed in range(3)])
+    xs = torch.rand(2, 3, 32, 32)
+    run = dict(n0=10, n=100, alpha=0.01, batch_size=110)
+    plain = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision, fuse=False)
+    smooth = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision)
+    a = plain.certify_many(xs, range(2), **run)
+    b = smooth.certify_many(xs, range(2), **run)
+    assert smooth.fuse_status == "on: 57 fused convolutions (oneDNN), 63 BatchNorms folded in 3 member(s)"
+    for p, f in zip(a, b):       # the same noise; rounding may move a draw across a boundary
+        assert p.label == f.label and abs(p.count - f.count) <= 3, (precision, a, b)
 
 
 def test_engine_fused_copies_give_the_same_certificates(fusion_on_cpu):
