@@ -102,10 +102,10 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
                    help="write 4-D noisy draws and run the members channels-last (default: on "
                         "for CUDA, and on the CPU for inputs of 3 or more channels)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="run rewritten copies of the members: on CUDA with BatchNorms folded and "
-                        "conv(+add)+ReLU chains as fused cuDNN calls, on the CPU with chains of "
-                        "affine layers on small inputs as dense matrices (default: on where it "
-                        "applies; --no-fuse runs the members as they are)")
+                   help="run rewritten copies of the members: BatchNorms folded and "
+                        "conv(+add)+ReLU chains as fused cuDNN (CUDA) or oneDNN (CPU) calls; on "
+                        "the CPU, chains of affine layers on small inputs as dense matrices "
+                        "(default: on where it applies; --no-fuse runs the members as they are)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each full batch's step (noise, members, vote) as a CUDA graph "
                         "(default: on for CUDA where a batch of draws holds at most 2^22 input "

@@ -17,15 +17,17 @@ on 2 cores with single convolutions: 7x the multiply-adds on an 8x8 input still 
 10x on a 16x16 input 2x slower). Members of more than `DENSE_MAX_PARAMETERS` parameters are
 refused before they are copied.
 
-`for_inference` (CUDA's) rewrites the member so that:
+`for_inference` (CUDA's with cuDNN calls, `cudnn_ops`; the CPU's for members that do not
+lower to matrices, with oneDNN calls, `onednn_ops`) rewrites the member so that:
 
 * every BatchNorm that follows a convolution (or linear layer) is folded into its weights
   (``torch.fx.experimental.optimization.fuse``);
-* a convolution whose only use is a ReLU runs as one cuDNN call computing
-  ``relu(conv(x) + bias)`` (``aten.cudnn_convolution_relu``), and one whose only use is an
-  addition feeding a ReLU -- a residual block's tail -- as ``relu(conv(x) + bias + z)``
-  (``aten.cudnn_convolution_add_relu``). The activations make one round trip through memory
-  instead of three to five, and on a GPU these small networks are bound by memory traffic;
+* a convolution whose only use is a ReLU runs as one call computing
+  ``relu(conv(x) + bias)`` (``aten.cudnn_convolution_relu``; oneDNN's convolution with a
+  ReLU post-op), and one whose only use is an addition feeding a ReLU -- a residual block's
+  tail -- as ``relu(conv(x) + bias + z)`` (``aten.cudnn_convolution_add_relu``; oneDNN's
+  add + ReLU post-ops). The activations make one round trip through memory instead of
+  three to five, and these small networks are bound by memory traffic;
 * the weights of those fused convolutions are stored once in the precision the model runs
   in (bf16/fp16 certification casts them once, not on every forward as autocast does).
 
@@ -35,8 +37,8 @@ at n = 10,000 the counts of all 225 inputs came out equal); the certificate is a
 certificate of the network that is evaluated, as always. A member that ``torch.fx`` cannot trace (data-dependent control flow) is returned
 unchanged, with the reason in ``InferenceMember.reason``.
 
-``conv_relu`` / ``conv_add_relu`` are parameters so that the rewrite itself is tested on the
-CPU with plain-torch equivalents (`reference_ops`); `cudnn_ops` are the fused cuDNN calls.
+``conv_relu`` / ``conv_add_relu`` are parameters: `cudnn_ops` (CUDA), `onednn_ops` (CPU),
+and plain-torch equivalents (`reference_ops`) with which the rewrite itself is tested.
 """
 from __future__ import annotations
 
