@@ -55,9 +55,9 @@ class _TimedOps:
         return getattr(self._ops, name)
 
 
-def profile_ours(ensemble, x, n0, n, batch, sigma, precision, channels_last=False):
+def profile_ours(ensemble, x, n0, n, batch, sigma, precision, channels_last=None):
     clock = _Clock()
-    if channels_last:  # converts the model in place: keep the reference's model as it is
+    if channels_last is not False:  # may convert the model in place: keep the reference's as it is
         ensemble = copy.deepcopy(ensemble)
     smooth = SmoothedClassifier(ensemble, 10, sigma, precision=precision,
                                 channels_last=channels_last)
@@ -131,7 +131,8 @@ def main(argv=None):
     parser.add_argument("--mode", default=None)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--channels-last", action="store_true",
-                        help="drt-fast writes channels-last draws and converts its model copy")
+                        help="drt-fast writes channels-last draws and converts its model copy "
+                             "(default: the engine's own choice, channels-last for 3+ channels)")
     args = parser.parse_args(argv)
     ensemble, x, sigma = build(args.arch)
     if args.mode:
@@ -141,12 +142,13 @@ def main(argv=None):
         for side, run in (("reference", lambda: profile_reference(ensemble, x, args.n0, args.n,
                                                                    args.batch, sigma)),
                           ("drt-fast", lambda: profile_ours(ensemble, x, args.n0, args.n,
-                                                            args.batch, sigma, args.precision))):
+                                                            args.batch, sigma, args.precision,
+                                                            True if args.channels_last else None))):
             total, phases = run()
             if side not in rows or total < rows[side][0]:
                 rows[side] = (total, phases)
     print(f"{args.arch} x{len(ensemble)} {ensemble.mode} n0={args.n0} n={args.n} "
-          f"batch={args.batch} precision={args.precision} channels_last={args.channels_last} threads={torch.get_num_threads()} "
+          f"batch={args.batch} precision={args.precision} channels_last={'on' if args.channels_last else 'engine default'} threads={torch.get_num_threads()} "
           f"load={os.getloadavg()[0]:.1f}")
     print(f"{'':10} {'total s':>8} {'noise':>14} {'forward':>14} {'vote/count':>14} {'rest':>14}")
     for side, (total, phases) in rows.items():
