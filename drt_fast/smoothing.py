@@ -445,14 +445,22 @@ class SmoothedClassifier:
         gains nothing keeps the dense rewrite's reason -> (rewritten, status)."""
         from . import fuse
 
-        onednn = fuse.onednn_available() and (
-            run_dtype == torch.float32 or (run_dtype == torch.bfloat16 and channels_last))
+        if not fuse.onednn_available():
+            no_onednn = "this torch build has no oneDNN"
+        elif run_dtype not in (torch.float32, torch.bfloat16):
+            no_onednn = f"oneDNN fusion runs fp32 and bf16, not {self.precision}"
+        elif run_dtype == torch.bfloat16 and not channels_last:
+            no_onednn = "oneDNN's bf16 fusion needs channels-last draws"
+        else:
+            no_onednn = ""
         rewritten = []
         for member in members:
             dense = fuse.dense_for_inference(member, example)
-            if not dense.dense and onednn:
+            if not dense.dense and not no_onednn:
                 fused = fuse.for_inference(member, fuse.onednn_ops(), run_dtype, example)
                 dense = fused if fused.fused or fused.folded_bn else dense
+            elif not dense.dense:
+                dense.reason = f"{dense.reason}; {no_onednn}"
             rewritten.append(dense)
         lowered = [r for r in rewritten if r.dense]
         matrices = sum(r.dense for r in lowered)

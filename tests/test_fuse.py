@@ -423,7 +423,7 @@ def test_engine_on_the_cpu_mixes_dense_and_onednn_rewrites_and_forced_fusion():
     if fuse.onednn_available():          # LeNet: not a chain (max-pool), its convs fused
         want += "; 2 fused convolutions (oneDNN), 0 BatchNorms folded in 1 member(s)"
     else:
-        want += " (max_pool2d() is neither affine nor elementwise)"
+        want += " (max_pool2d() is neither affine nor elementwise; this torch build has no oneDNN)"
     assert smooth.fuse_status == want
     nothing = Ensemble([big_mlp()])      # too big for a matrix, no convolution to fuse
     smooth = SmoothedClassifier(nothing, 10, sigma=0.25)
@@ -435,6 +435,15 @@ def test_engine_on_the_cpu_mixes_dense_and_onednn_rewrites_and_forced_fusion():
         certs(SmoothedClassifier(nothing, 10, sigma=0.25, fuse=True), xs)
     with pytest.raises(DrtFastError, match="fuse must be"):
         SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse="yes")
+
+
+@pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
+def test_engine_says_why_bf16_nchw_resnets_are_not_fused():
+    smooth = SmoothedClassifier(Ensemble([member("cifar_resnet20")]), 10, sigma=0.25,
+                                precision="bf16", channels_last=False)
+    smooth.prepare(torch.rand(1, 3, 32, 32))
+    assert smooth.fuse_status.startswith("off: it is not a chain of layers")
+    assert smooth.fuse_status.endswith("; oneDNN's bf16 fusion needs channels-last draws")
 
 
 @pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
