@@ -173,7 +173,10 @@ def _decision_gap(logits, agg, weights):
     return torch.minimum(decider_gap, member_gap())
 
 
-SHAPES = [(1, 37, 10), (3, 101, 10), (8, 53, 10), (3, 41, 1), (2, 23, 1000), (8, 7, 1000), (5, 64, 3)]
+SHAPES = [(1, 37, 10), (3, 101, 10), (8, 53, 10), (3, 41, 1), (2, 23, 1000), (8, 7, 1000), (5, 64, 3),
+          # several 256-draw column blocks with a partial last one; the column path's widest
+          # K (16) and the row path's narrowest (17)
+          (4, 700, 10), (3, 513, 16), (2, 300, 17)]
 
 
 @pytest.mark.parametrize("agg", ops.AGGREGATIONS)
@@ -217,6 +220,13 @@ def test_vote_skips_non_finite_draws(vote, agg, dtype):
     labels = _per_draw_labels(vote, logits, agg, torch.ones(3))
     assert (labels[[2, 5, 7]] == -1).all()
     assert (labels[[0, 1, 3, 4, 6]] >= 0).all()
+    # the same in a later 256-draw column block of a long batch (CPU kernel: few classes)
+    long = _logits(3, 600, 10, dtype, seed=9)
+    long[1, 300, 4] = float("nan")
+    long[2, 599, 0] = float("inf")
+    labels = _per_draw_labels(vote, long, agg, torch.ones(3))
+    assert (labels[[300, 599]] == -1).all() and (labels[:300] >= 0).all()
+    assert (labels[301:599] >= 0).all()
 
 
 @pytest.mark.parametrize("vote", [ops.vote_, ops.reference_vote_], ids=["kernel", "reference"])
