@@ -93,10 +93,16 @@ def _onednn_conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
         x, z, w, b, padding, stride, dilation, groups, "add", alpha, "relu", [], "")
 
 
-def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's fused convolutions (x86 and arm64 builds do)."""
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN's fused convolutions (x86 and arm64 builds do),
+    for ``dtype`` on this CPU (bf16 needs hardware support: AVX512-BF16 or AMX)."""
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe is not None and probe())
+    return dtype == torch.float32
 
 
 def onednn_ops() -> FusedOps:

@@ -449,6 +449,8 @@ class SmoothedClassifier:
             no_onednn = "this torch build has no oneDNN"
         elif run_dtype not in (torch.float32, torch.bfloat16):
             no_onednn = f"oneDNN fusion runs fp32 and bf16, not {self.precision}"
+        elif run_dtype == torch.bfloat16 and not fuse.onednn_available(torch.bfloat16):
+            no_onednn = "oneDNN has no bf16 kernels for this CPU"
         elif run_dtype == torch.bfloat16 and not channels_last:
             no_onednn = "oneDNN's bf16 fusion needs channels-last draws"
         else:

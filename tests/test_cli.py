@@ -380,7 +380,7 @@ def test_cuda_graphs_on_the_cpu_are_refused(ckpt, tmp_path, capsys):
 def test_fuse_that_cannot_be_honored_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
     from drt_fast import fuse
 
-    monkeypatch.setattr(fuse, "onednn_available", lambda: False)   # LeNet's convs stay as they are
+    monkeypatch.setattr(fuse, "onednn_available", lambda dtype=None: False)   # LeNet's convs stay as they are
     torch.manual_seed(0)
     lenet = fx.save(tmp_path / "lenet.pt", fx.members("lenet", 10, [0.13], [0.31], count=1), "lenet",
                     "mnist", 10, (1, 28, 28), ([0.13], [0.31]))

@@ -308,6 +308,8 @@ def test_dense_lowering_refuses_what_it_cannot_lower(make, shape, reason):
 @pytest.mark.parametrize("arch", ["cifar_resnet20", "digits_cnn", "lenet"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 def test_onednn_fused_matches_the_member(arch, dtype, tol):
+    if not fuse.onednn_available(dtype):
+        pytest.skip(f"oneDNN has no {dtype} kernels for this CPU")
     m = member(arch)
     x = torch.rand(8, *models.input_shape(arch))
     # bf16: channels-last only (the engine's CPU layout for 3 channels; oneDNN's bf16
@@ -439,6 +441,8 @@ def test_engine_on_the_cpu_mixes_dense_and_onednn_rewrites_and_forced_fusion():
 
 @pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
 def test_engine_says_why_bf16_nchw_resnets_are_not_fused():
+    if not fuse.onednn_available(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 kernels for this CPU")
     smooth = SmoothedClassifier(Ensemble([member("cifar_resnet20")]), 10, sigma=0.25,
                                 precision="bf16", channels_last=False)
     smooth.prepare(torch.rand(1, 3, 32, 32))
@@ -449,6 +453,8 @@ def test_engine_says_why_bf16_nchw_resnets_are_not_fused():
 @pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_engine_fuses_resnets_with_onednn_on_the_cpu(precision):
+    if precision == "bf16" and not fuse.onednn_available(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 kernels for this CPU")
     torch.manual_seed(0)
     ens = Ensemble([member("cifar_resnet20", seed) for seed in range(3)])
     xs = torch.rand(2, 3, 32, 32)
