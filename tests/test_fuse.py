@@ -175,6 +175,7 @@ def randomize_bn(m):
 def test_dense_lowering_computes_the_same_function(make, shape, matrices):
     torch.manual_seed(0)
     m = randomize_bn(make())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.rand(64, *shape)
     out = fuse.dense_for_inference(m, x[:1])
     assert out.reason is None and out.dense == len(matrices)
@@ -191,7 +192,9 @@ def test_dense_lowering_computes_the_same_function(make, shape, matrices):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = out.module(x.bfloat16())
         assert low.dtype == torch.bfloat16 and rel_err(low.float(), want) < 5e-2
-    assert m.training is False and isinstance(m, nn.Module)          # the original is untouched
+    state = m.state_dict()                                            # the original is untouched
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    assert not isinstance(m, torch.fx.GraphModule) and not m.training
 
 
 def test_dense_lowering_leaves_a_training_member_as_it_is():
