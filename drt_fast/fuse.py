@@ -56,6 +56,7 @@ from torch import fx, nn
 
 from . import ops
 from .errors import first_line
+from .models.normalize import NormalizeLayer
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,9 @@ def for_inference(member: nn.Module, ops: FusedOps, dtype: torch.dtype = torch.f
     Without it, additions are not fused.
     """
     bn_before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in member.modules())
-    try:
-        copied = copy.deepcopy(member).eval()
-    except Exception as err:  # noqa: BLE001 -- e.g. an attribute that cannot be copied
-        return InferenceMember(member, reason=f"it could not be copied: {first_line(err)}")
-    try:
-        gm = _fold_bn(copied)
-    except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
-        return InferenceMember(copied, reason=f"torch.fx could not trace it: {first_line(err)}")
+    copied, gm, reason = _copy_and_trace(member, _fold_bn)
+    if gm is None:
+        return InferenceMember(member if copied is None else copied, reason=reason)
     folded = bn_before - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
     shapes = _shapes(gm, example)
     modules = dict(gm.named_modules())
@@ -209,6 +205,21 @@ def for_inference(member: nn.Module, ops: FusedOps, dtype: torch.dtype = torch.f
     gm.recompile()
     return InferenceMember(gm, folded_bn=folded, fused=fused,
                            reason=None if (folded or fused) else "nothing to fold or fuse")
+
+
+def _copy_and_trace(member: nn.Module, trace: Callable) -> tuple:
+    """``(copy, trace(copy), None)`` for an eval-mode copy of ``member``, or, where copying
+    or tracing fails, ``(copy or None, None, reason)``. A copy is traced: tracing runs
+    forward() on proxies, and a forward with side effects (a hook, a counter) must not see
+    them."""
+    try:
+        copied = copy.deepcopy(member).eval()
+    except Exception as err:  # noqa: BLE001 -- e.g. an attribute that cannot be copied
+        return None, None, f"it could not be copied: {first_line(err)}"
+    try:
+        return copied, trace(copied), None
+    except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
+        return copied, None, f"torch.fx could not trace it: {first_line(err)}"
 
 
 def _fold_bn(member: nn.Module) -> fx.GraphModule:
@@ -384,8 +395,6 @@ class _LeafTracer(fx.Tracer):
     """torch.fx's tracer, with our input normalization kept as one (affine) module."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .models.normalize import NormalizeLayer
-
         return isinstance(m, NormalizeLayer) or super().is_leaf_module(m, qualname)
 
 
@@ -402,16 +411,9 @@ def dense_for_inference(member: nn.Module, example: torch.Tensor) -> InferenceMe
     if params > DENSE_MAX_PARAMETERS:      # no copy of a big network just to refuse it
         return InferenceMember(member, reason=f"it has {params:,} parameters, too many for "
                                               f"dense matrices (limit {DENSE_MAX_PARAMETERS:,})")
-    # A copy is traced: tracing runs forward() on proxies, and a forward with side effects
-    # (a hook, a counter) must not see them; the copy is also put in eval mode.
-    try:
-        copied = copy.deepcopy(member).eval()
-    except Exception as err:  # noqa: BLE001 -- e.g. an attribute that cannot be copied
-        return InferenceMember(member, reason=f"it could not be copied: {first_line(err)}")
-    try:
-        gm = fx.GraphModule(copied, _LeafTracer().trace(copied))
-    except Exception as err:  # noqa: BLE001 -- untraceable members run as they are
-        return InferenceMember(member, reason=f"torch.fx could not trace it: {first_line(err)}")
+    _, gm, reason = _copy_and_trace(member, lambda m: fx.GraphModule(m, _LeafTracer().trace(m)))
+    if gm is None:
+        return InferenceMember(member, reason=reason)
     dtype = next((t.dtype for t in gm.parameters() if t.is_floating_point()), torch.float32)
     pair = example[:1].expand(2, *example.shape[1:]).to(dtype).contiguous()
     try:
@@ -485,8 +487,6 @@ def _kind(node: fx.Node, modules: dict) -> Optional[str]:
     """"noop" (flat values unchanged), "affine", "relu", "act" (elementwise) or None."""
     if node.op == "call_module":
         mod = modules[node.target]
-        from .models.normalize import NormalizeLayer
-
         if isinstance(mod, _FLAT_NOOP_MODULES):
             return "noop"
         if isinstance(mod, nn.ReLU):

@@ -114,9 +114,13 @@ def _shape(t: Tensor) -> list:
     return list(t.shape)
 
 
-def _check_index_vector(name: str, t: Tensor, length: int, device: torch.device):
+def _require_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise DrtFastError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_index_vector(name: str, t: Tensor, length: int, device: torch.device):
+    _require_tensor(name, t)
     if t.dtype != torch.int64:
         raise DrtFastError(f"{name} must be int64, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
@@ -127,8 +131,7 @@ def _check_index_vector(name: str, t: Tensor, length: int, device: torch.device)
 
 def _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last):
     """Validate noisy_draws' arguments; returns the output dtype (``out_dtype`` resolved)."""
-    if not isinstance(x, Tensor):
-        raise DrtFastError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _require_tensor("x", x)
     if x.dtype not in _INPUT_DTYPES:
         raise DrtFastError(f"x must be a floating tensor (float32, float64, bfloat16, float16), got {x.dtype}")
     if x.dim() < 1:
@@ -152,8 +155,7 @@ def _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, c
 
 
 def _check_vote_args(logits, rows, counts, agg, weights):
-    if not isinstance(logits, Tensor):
-        raise DrtFastError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    _require_tensor("logits", logits)
     if logits.dim() != 3:
         raise DrtFastError(f"logits must have shape [M, R, K] (members, draws, classes), got {_shape(logits)}")
     if logits.dtype not in LOGIT_DTYPES:
@@ -163,8 +165,7 @@ def _check_vote_args(logits, rows, counts, agg, weights):
         raise DrtFastError(f"logits must have at least one member and one class, got shape {_shape(logits)}")
     device = logits.device
     _check_index_vector("rows", rows, draws, device)
-    if not isinstance(counts, Tensor):
-        raise DrtFastError(f"counts must be a torch.Tensor, got {type(counts).__name__}")
+    _require_tensor("counts", counts)
     if counts.dtype != torch.int64:
         raise DrtFastError(f"counts must be int64, got {counts.dtype}")
     if counts.dim() != 2 or counts.shape[1] != classes:
@@ -175,8 +176,7 @@ def _check_vote_args(logits, rows, counts, agg, weights):
         raise DrtFastError(f"counts must be on the same device as logits ({device}), got {counts.device}")
     if agg not in AGGREGATIONS:
         raise DrtFastError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {agg!r}")
-    if not isinstance(weights, Tensor):
-        raise DrtFastError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    _require_tensor("weights", weights)
     if weights.dtype != torch.float32 or weights.dim() != 1 or weights.shape[0] != members:
         raise DrtFastError(f"weights must be float32 with shape [{members}], got {weights.dtype} {_shape(weights)}")
     if weights.device != device:
@@ -473,9 +473,8 @@ def _(logits, rows, counts, agg, weights):
 # bias_act_: a dense layer's epilogue (drt_fast/fuse.py DenseMember)
 # ----------------------------------------------------------------------------------------
 def _check_bias_act_args(h, bias):
-    for name, t in (("h", h), ("bias", bias)):
-        if not isinstance(t, Tensor):
-            raise DrtFastError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _require_tensor("h", h)
+    _require_tensor("bias", bias)
     if h.dim() != 2:
         raise DrtFastError(f"h must have shape [rows, cols], got {_shape(h)}")
     if not h.is_floating_point() or bias.dtype != h.dtype:
