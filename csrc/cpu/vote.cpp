@@ -60,32 +60,43 @@ inline int64_t argmax_first(const float* v, int64_t k, float* max_out) {
   return i;
 }
 
-// Uninitialized scratch of n (>= 1) elements; freed by the owner.
-template <typename T>
-T* alloc(int64_t n) {
-  return static_cast<T*>(malloc(sizeof(T) * (size_t)(n > 0 ? n : 1)));
-}
+// Owns the per-thread scratch arrays of a kernel call: `take<T>(n)` gives n (>= 1)
+// uninitialized elements, all freed when the arena goes out of scope.
+class Arena {
+ public:
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() {
+    for (int i = 0; i < count_; ++i) free(owned_[i]);
+  }
+  template <typename T>
+  T* take(int64_t n) {
+    T* ptr = static_cast<T*>(malloc(sizeof(T) * (size_t)(n > 0 ? n : 1)));
+    owned_[count_++] = ptr;  // (no std::vector: see the note at the top)
+    return ptr;
+  }
+
+ private:
+  static constexpr int kMaxArrays = 16;
+  void* owned_[kMaxArrays] = {};
+  int count_ = 0;
+};
 
 // Per-thread scratch for one block of draws, freed at scope exit.
-struct Scratch {
+struct Scratch : Arena {
   Scratch(int64_t block_draws, int64_t k, int64_t members) {
     const int64_t n = block_draws * k;
-    vals = alloc<float>(n);
-    exps = alloc<float>(n);
-    score = alloc<float>(n);
-    bad = alloc<uint8_t>(block_draws);
-    best_margin = alloc<float>(block_draws);
-    mme_label = alloc<int64_t>(block_draws);
-    distinct = alloc<int64_t>(block_draws);
-    mv_labels = alloc<int64_t>(block_draws * members);
-    mv_votes = alloc<double>(block_draws * members);
+    vals = take<float>(n);
+    exps = take<float>(n);
+    score = take<float>(n);
+    bad = take<uint8_t>(block_draws);
+    best_margin = take<float>(block_draws);
+    mme_label = take<int64_t>(block_draws);
+    distinct = take<int64_t>(block_draws);
+    mv_labels = take<int64_t>(block_draws * members);
+    mv_votes = take<double>(block_draws * members);
   }
-  ~Scratch() {
-    void* all[] = {vals, exps, score, bad, best_margin, mme_label, distinct, mv_labels, mv_votes};
-    for (void* ptr : all) free(ptr);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
   float *vals, *exps, *score;             // [block_draws * K]
   uint8_t* bad;                           // [block_draws]: a non-finite logit was seen
   float* best_margin;  // mme: per draw, the best member margin so far and its label
@@ -233,26 +244,20 @@ void block_labels_rows(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t 
 // the row path's up to the order of additions in a softmax sum.
 constexpr int64_t kColumn = 256;
 
-struct ColumnScratch {
+struct ColumnScratch : Arena {
   ColumnScratch() {
-    v = alloc<float>(kSmallK * kColumn);
-    e = alloc<float>(kSmallK * kColumn);
-    score = alloc<float>(kSmallK * kColumn);
-    votes = alloc<double>(kSmallK * kColumn);
-    top1 = alloc<float>(kColumn);
-    top2 = alloc<float>(kColumn);
-    sum = alloc<float>(kColumn);
-    best_margin = alloc<float>(kColumn);
-    top1_index = alloc<int32_t>(kColumn);
-    label = alloc<int32_t>(kColumn);
-    bad = alloc<int32_t>(kColumn);
+    v = take<float>(kSmallK * kColumn);
+    e = take<float>(kSmallK * kColumn);
+    score = take<float>(kSmallK * kColumn);
+    votes = take<double>(kSmallK * kColumn);
+    top1 = take<float>(kColumn);
+    top2 = take<float>(kColumn);
+    sum = take<float>(kColumn);
+    best_margin = take<float>(kColumn);
+    top1_index = take<int32_t>(kColumn);
+    label = take<int32_t>(kColumn);
+    bad = take<int32_t>(kColumn);
   }
-  ~ColumnScratch() {
-    void* all[] = {v, e, score, votes, top1, top2, sum, best_margin, top1_index, label, bad};
-    for (void* ptr : all) free(ptr);
-  }
-  ColumnScratch(const ColumnScratch&) = delete;
-  ColumnScratch& operator=(const ColumnScratch&) = delete;
   float *v, *e, *score;   // [kSmallK][kColumn]
   double* votes;          // mv: summed weights per class (-1: no member voted for it)
   float *top1, *top2, *sum, *best_margin;   // [kColumn]
