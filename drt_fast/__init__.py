@@ -11,6 +11,7 @@ _LAZY = {
     "Ensemble": "ensemble",
     "SmoothedClassifier": "smoothing",
     "Certificate": "smoothing",
+    "load_ensemble": "checkpoint",
     "load_checkpoint": "checkpoint",
     "save_ensemble": "checkpoint",
     "cuda_available": "ops",
