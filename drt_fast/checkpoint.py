@@ -35,7 +35,7 @@ from torch import nn
 
 from . import data, models
 from .ensemble import Ensemble, as_ensemble
-from .errors import DrtFastError
+from .errors import DrtFastError, first_line
 from .io import sha256_file
 from .models.normalize import NormalizeLayer
 
@@ -430,3 +430,36 @@ def describe(path: PathLike | Sequence[PathLike]) -> str:
     else:
         lines.append("training       (no configuration recorded)")
     return "\n".join(lines)
+
+
+def check_fits(ensemble, meta: Mapping, ds, model_path, dataset_name: str, device) -> int:
+    """Check that the checkpoint's classes and input shape match the data ``ds`` (a
+    `data.Dataset`), with one clean forward pass of its first input; returns the number
+    of classes to smooth over. That is the data's, or the model's where the data's count
+    is only a lower bound (`data.Dataset.classes_from_labels`) and the model has more."""
+    shape = tuple(ds.x.shape[1:])
+    data_classes = ds.num_classes
+
+    def fits(model_classes: int) -> bool:
+        return model_classes == data_classes or (ds.classes_from_labels and model_classes > data_classes)
+
+    def refuse(what: str):
+        hint = (" (its labels; an npz entry num_classes sets the count)"
+                if ds.classes_from_labels else "")
+        raise DrtFastError(f"checkpoint {model_path!r} {what} classes, the {dataset_name} data has "
+                           f"{data_classes}{hint}")
+
+    if meta.get("num_classes") is not None and not fits(int(meta["num_classes"])):
+        refuse(f"has {meta['num_classes']}")
+    if meta.get("input_shape") is not None and tuple(meta["input_shape"]) != shape:
+        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {tuple(meta['input_shape'])}, "
+                           f"the {dataset_name} data has shape {shape}")
+    try:
+        with torch.inference_mode():
+            logits = ensemble(ds.x[:1].to(device=device, dtype=torch.float32))
+    except RuntimeError as e:
+        raise DrtFastError(f"checkpoint {model_path!r} cannot take the {dataset_name} inputs of shape "
+                           f"{shape}: {first_line(e)}") from None
+    if not fits(logits.shape[-1]):          # logits: [M, 1, K]
+        refuse(f"outputs {logits.shape[-1]}")
+    return int(logits.shape[-1])

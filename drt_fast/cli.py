@@ -314,7 +314,7 @@ def _prepare(args, task: str, device) -> Job:
     max_inputs = args.max if args.max is not None else (default.get("max") if default else None)
 
     ensemble = ensemble.to(device).eval()
-    _check_model_fits(ensemble, meta, ds.x, ds.num_classes, model_path, dataset_name, device)
+    num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)
 
     positions = list(range(0, len(keys), skip))
     if max_inputs is not None:
@@ -347,7 +347,7 @@ def _prepare(args, task: str, device) -> Job:
     if device.type == "cuda":
         # Fixed input shapes batch after batch: let cuDNN pick its fastest convolutions once.
         torch.backends.cudnn.benchmark = True
-    smoothed = SmoothedClassifier(ensemble, num_classes=ds.num_classes, sigma=sigma, seed=args.seed,
+    smoothed = SmoothedClassifier(ensemble, num_classes=num_classes, sigma=sigma, seed=args.seed,
                                   precision=args.precision, channels_last=args.channels_last,
                                   fuse=args.fuse, cuda_graphs=args.cuda_graphs)
     if args.fuse:                       # --fuse that cannot be honored fails before any output
@@ -358,28 +358,6 @@ def _prepare(args, task: str, device) -> Job:
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
     return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
-
-
-def _check_model_fits(ensemble, meta, x, num_classes, model_path, dataset_name, device) -> None:
-    """Classes and input shape of the checkpoint must match the data: one clean forward pass."""
-    import torch
-
-    shape = tuple(x.shape[1:])
-    if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
-        raise DrtFastError(f"checkpoint {model_path!r} has {meta['num_classes']} classes, "
-                           f"the {dataset_name} data has {num_classes}")
-    if meta.get("input_shape") is not None and tuple(meta["input_shape"]) != shape:
-        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {tuple(meta['input_shape'])}, "
-                           f"the {dataset_name} data has shape {shape}")
-    try:
-        with torch.inference_mode():
-            logits = ensemble(x[:1].to(device=device, dtype=torch.float32))
-    except RuntimeError as e:
-        raise DrtFastError(f"checkpoint {model_path!r} cannot take the {dataset_name} inputs of shape "
-                           f"{shape}: {first_line(e)}") from None
-    if logits.shape[-1] != num_classes:
-        raise DrtFastError(f"checkpoint {model_path!r} outputs {logits.shape[-1]} classes, "
-                           f"the {dataset_name} data has {num_classes}")
 
 
 def _one_or_many(paths: list):

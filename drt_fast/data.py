@@ -128,6 +128,9 @@ class Dataset:
     idx: ``[N]`` int64 index of each row in its source split (``arange(N)`` unless the
       file says otherwise, e.g. an ``.npz`` holding a subset). Certification uses it as
       the input's noise key and in the results' ``idx`` column.
+    classes_from_labels: ``num_classes`` was inferred as ``max(y) + 1`` (an ``.npz``
+      without a ``num_classes`` entry), so it is a lower bound: a model with more classes
+      fits the data (a subset whose labels miss the top classes).
     """
 
     x: Union[torch.Tensor, LazyImages]
@@ -136,6 +139,7 @@ class Dataset:
     name: str
     normalization: tuple[tuple[float, ...], tuple[float, ...]]
     idx: Optional[torch.Tensor] = None
+    classes_from_labels: bool = False
 
     def __post_init__(self):
         if self.idx is None:
@@ -365,7 +369,8 @@ def _npz(path: Path) -> Dataset:
     """``x``: ``[N, C, H, W]`` (or ``[N, H, W]``, one channel) float in [0, 1] or uint8
     0..255; ``y``: ``[N]`` integer labels. Optional: ``idx`` ``[N]`` (row index in the
     source split), ``means``/``sds`` ``[C]`` (identity normalization when absent),
-    ``num_classes`` (``max(y) + 1`` when absent)."""
+    ``num_classes`` (when absent, ``max(y) + 1``, taken as a lower bound: a model with more
+    classes fits the file)."""
     if not path.is_file():
         raise DrtFastError(f"npz: expected file {path.name} in {path.parent}; not found")
     try:
@@ -419,4 +424,5 @@ def _npz(path: Path) -> Dataset:
         idx = torch.from_numpy(idx.astype(np.int64))
     return Dataset(x=torch.from_numpy(np.ascontiguousarray(x)),
                    y=torch.from_numpy(y.astype(np.int64)), num_classes=num_classes,
-                   name="npz", normalization=(means, sds), idx=idx)
+                   name="npz", normalization=(means, sds), idx=idx,
+                   classes_from_labels="num_classes" not in arrays)

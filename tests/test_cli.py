@@ -425,12 +425,37 @@ def test_bad_checkpoints(ckpt, tmp_path, capsys):
 
 def test_checkpoint_that_does_not_fit_the_data(ckpt, tmp_path, capsys):
     test = data.load("digits", "test")
-    three = fx.write_npz(tmp_path / "three.npz", test.x[:6].numpy(), np.arange(6) % 3)
+    three = fx.write_npz(tmp_path / "three.npz", test.x[:6].numpy(), np.arange(6) % 3, num_classes=3)
     assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", three, *RUN]) == 2
-    assert "10 classes" in _error_line(capsys)
+    assert "has 10 classes, the npz data has 3" in _error_line(capsys)
+    eleven = fx.write_npz(tmp_path / "eleven.npz", test.x[:11].numpy(), np.arange(11))
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", eleven, *RUN]) == 2
+    assert "has 11 (its labels; an npz entry num_classes sets the count)" in _error_line(capsys)
     big = fx.write_npz(tmp_path / "big.npz", np.zeros((2, 1, 28, 28), np.float32), np.array([0, 9]))
     assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", big, *RUN]) == 2
     assert "shape" in _error_line(capsys)
+
+
+def test_npz_subset_whose_labels_miss_the_top_classes(ckpt, tmp_path, capsys):
+    """Without a num_classes entry an npz's class count is max(y) + 1, a lower bound: the
+    rows of a 10-class test set that hold no 8 or 9 still fit a 10-class model, and certify
+    as they do in the whole file (same key, same draws, counts over all 10 classes)."""
+    test = data.load("digits", "test")
+    rows = [i for i in range(60) if int(test.y[i]) < 8][:12]
+    sub = fx.write_npz(tmp_path / "sub8.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows))
+    whole = fx.write_npz(tmp_path / "whole.npz", test.x[:60].numpy(), test.y[:60].numpy(), num_classes=10)
+    run = ["--n", "300", "--skip", "1", "--quiet"]
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", sub, *run,
+                 "--out", str(tmp_path / "sub.tsv")]) == 0
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", whole, *run,
+                 "--out", str(tmp_path / "whole.tsv")]) == 0
+    capsys.readouterr()
+
+    def rows_of(name):
+        lines = (tmp_path / name).read_text().splitlines()[1:]
+        return {line.split("\t")[0]: [c for i, c in enumerate(line.split("\t")) if i != 5] for line in lines}
+    sub_rows, whole_rows = rows_of("sub.tsv"), rows_of("whole.tsv")
+    assert len(sub_rows) == 12 and all(sub_rows[k] == whole_rows[k] for k in sub_rows)
 
 
 def test_data_in_the_wrong_format(ckpt, tmp_path, capsys):

@@ -108,3 +108,37 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert cli.main(["diagnose", str(path), "--device", "gpu"]) == 2   # one line, no traceback
     assert capsys.readouterr().err.strip() == \
         "drt-fast: error: --device must be auto, cpu, cuda or cuda:i, got 'gpu'"
+
+
+def test_cli_refuses_a_model_that_does_not_fit_the_data_in_one_line(tmp_path, capsys):
+    """As certify does: shapes and classes are checked before any forward, NaN logits are an
+    error, each one line on stderr and exit 2 (no traceback, no table)."""
+    from drt_fast.checkpoint import save_ensemble
+    from drt_fast import Ensemble, data, models
+
+    ds = data.load("digits", "test")
+    torch.manual_seed(0)
+    members = [models.with_normalization(models.create("digits_cnn", 10), *ds.normalization)
+               for _ in range(2)]
+    path = tmp_path / "e.pt"
+    save_ensemble(path, Ensemble(members), arch="digits_cnn", dataset="digits", num_classes=10,
+                  input_shape=[1, 8, 8], normalization=ds.normalization, sigma=0.25, train_config={})
+    mnist_like = tmp_path / "m.npz"
+    np.savez(mnist_like, x=np.random.rand(4, 1, 28, 28).astype(np.float32), y=np.arange(4))
+    five = tmp_path / "five.npz"
+    np.savez(five, x=ds.x[:5].numpy(), y=np.arange(5), num_classes=5)
+    for data_file, message in [(mnist_like, "shape"), (five, "has 10 classes, the npz data has 5")]:
+        assert cli.main(["diagnose", str(path), "--dataset", "npz", "--data-dir", str(data_file),
+                         "--n-inputs", "4", "--noise-draws", "1"]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and captured.out == ""
+    with torch.no_grad():
+        members[1][1].fc.bias[3] = float("nan")
+    save_ensemble(tmp_path / "nan.pt", Ensemble(members), arch="digits_cnn", dataset="digits",
+                  num_classes=10, input_shape=[1, 8, 8], normalization=ds.normalization, sigma=0.25,
+                  train_config={})
+    assert cli.main(["diagnose", str(tmp_path / "nan.pt"), "--n-inputs", "4", "--noise-draws", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "NaN or inf" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""

@@ -79,7 +79,7 @@ def run_train(args) -> int:
 
 def run_diagnose(args) -> int:
     from .. import data, distributed
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import check_fits, load_checkpoint
     from .diagnose import diagnose, format_table
 
     if args.n_inputs < 1 or args.noise_draws < 1:
@@ -96,10 +96,15 @@ def run_diagnose(args) -> int:
         raise DrtFastError(f"need a noise level sigma > 0 (pass --sigma), got {sigma!r}")
     ds = data.load(dataset, args.split, args.data_dir)
     device = distributed.resolve_device(args.device)
-    members = [f.to(device) for f in ensemble.members]
+    ensemble = ensemble.to(device).eval()
+    check_fits(ensemble, meta, ds, args.checkpoint, dataset, device)
+    members = list(ensemble.members)
     n = min(args.n_inputs, len(ds))
     x, y = ds.x[:n].to(device), ds.y[:n].to(device)
     result = diagnose(members, x, y, float(sigma), noise_draws=args.noise_draws, seed=args.seed)
+    if not result.finite:
+        raise DrtFastError(f"checkpoint {args.checkpoint}: the members give NaN or inf logits or "
+                           f"gradients on the noisy {dataset} inputs")
     print(f"{args.checkpoint}: {len(members)} members, {dataset} {args.split} "
           f"(first {n} inputs), sigma {sigma}")
     print(format_table(result))

@@ -13,6 +13,7 @@ eval mode (so input gradients are exactly per sample):
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,6 +44,12 @@ class Diagnosis:
     @property
     def mean_margin(self) -> float:
         return sum(self.member_margin) / len(self.member_margin)
+
+    @property
+    def finite(self) -> bool:
+        """False where a member gave NaN/inf logits or input gradients on some draw."""
+        values = [*self.member_margin, *self.pair_cosine.values(), self.ensemble_margin]
+        return all(math.isfinite(v) for v in values)
 
 
 def diagnose(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, sigma: float,
