@@ -40,8 +40,16 @@ _SMOOTHING_EPILOG = (
     "(the -- keeps torchrun from reading --n as its own option) writes one merged file.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, worded as every other error: ``drt-fast: error:
+    ... (see drt-fast certify --help)`` instead of the usage block and the message."""
+
+    def error(self, message):
+        self.exit(2, f"drt-fast: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="drt-fast",
         description="Certify and train robust ensembles with randomized smoothing (DRT, ICLR 2022).")
     parser.add_argument("--version", action="version", version=f"drt-fast {__version__}")
@@ -76,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
+    try:                         # the embedded default's own skip/max, for the help text
+        embedded = json.loads((ASSETS / "default.json").read_text())
+    except (OSError, ValueError):
+        embedded = {}
     p.add_argument("--model", metavar="CKPT", nargs="+",
                    help="drt-fast ensemble or Cohen/DRT checkpoint, or several member files that form "
                         "one ensemble, as the DRT code saves them (default: the embedded digits ensemble)")
@@ -88,13 +100,15 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--n", type=int, default=100_000, help="estimation draws (default: 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
     p.add_argument("--batch", type=int, default=1000, help="noisy draws per forward pass (default: 1000)")
-    p.add_argument("--skip", type=int, help="certify every skip-th input (default: 1)")
+    p.add_argument("--skip", type=int, help=f"certify every skip-th input (default: 1; "
+                                             f"{embedded.get('skip', 1)} with the embedded default)")
     # A count of inputs: Cohen's certify.py stops at *index* max, which with --skip is
     # easy to get wrong (and never triggers unless max is a multiple of skip).
-    p.add_argument("--max", type=int, help="at most this many of the selected inputs (default: all)")
+    p.add_argument("--max", type=int, help=f"at most this many of the selected inputs (default: all; "
+                                            f"{embedded.get('max') or 'all'} with the embedded default)")
     p.add_argument("--mode", choices=MODES, help="ensemble aggregation (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:i}",
                    help="auto: cuda when available (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="precision of the noisy draws and the forward pass (default: fp32)")
@@ -134,15 +148,18 @@ def _main(argv: list[str] | None) -> int:
         # `torchrun ... -m drt_fast -- certify --n ...`: the `--` shields our options from
         # torchrun's parser (it would take --n for its --nnodes); some Pythons pass it on.
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:     # --help, --version, or a usage error (already said, one line)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = argv
     try:
         return args.func(args) or 0
     except DrtFastError as e:
         print(f"drt-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("drt-fast: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("drt-fast: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # Whoever read stdout has gone (`drt-fast ... | head`): stop quietly. Point stdout at
@@ -427,9 +444,9 @@ def _run(args, job: Job, group) -> None:
             if errors:
                 raise DrtFastError(errors[0][1])
     except KeyboardInterrupt:
-        if results is not None:
-            print(f"drt-fast: {len(records)} new rows kept in {args.out}; continue with --resume",
-                  file=sys.stderr)
+        if results is not None:     # said on the one "interrupted" line that _main prints
+            raise KeyboardInterrupt(f"{len(records)} new rows kept in {args.out}; "
+                                    f"continue with --resume") from None
         raise
     finally:
         progress.close()

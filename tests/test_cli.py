@@ -188,7 +188,10 @@ def test_existing_out_or_other_configuration_is_refused_and_kept(ckpt, reference
     assert open(out).read() == content
 
 
-def test_sigkill_mid_run_then_resume_gives_the_same_rows(ckpt, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_mid_run_then_resume_gives_the_same_rows(ckpt, tmp_path, sig):
+    """SIGKILL or Ctrl-C mid-run leaves only whole rows, which --resume continues. Ctrl-C
+    ends with exit 130 and one line that says how many rows were kept."""
     args = ["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", fx.digits_npz(), "--n", "4000",
             "--batch", "500", "--skip", "30", "--quiet"]
     killed = str(tmp_path / "killed.tsv")
@@ -201,11 +204,15 @@ def test_sigkill_mid_run_then_resume_gives_the_same_rows(ckpt, tmp_path):
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    status = proc.wait()
+    err = proc.stderr.read().decode().strip().splitlines()
     proc.stderr.close()
     cut = len(fx.rows_without_time(killed)) - 1
     assert 3 <= cut < 15
+    if sig == signal.SIGINT:
+        assert status == 130
+        assert err == [f"drt-fast: interrupted: {cut} new rows kept in {killed}; continue with --resume"]
     assert main([*args, "--out", killed, "--resume"]) == 0
     full = str(tmp_path / "full.tsv")
     assert main([*args, "--out", full]) == 0
@@ -354,13 +361,31 @@ def test_bad_numbers_one_line_before_any_work(flag, value, message, capsys):
     assert message in _error_line(capsys)
 
 
-@pytest.mark.parametrize("flag, value", [("--mode", "avg"), ("--dataset", "svhn"), ("--device", "tpu"),
-                                         ("--precision", "fp8")])
-def test_unknown_choices_are_argparse_errors(flag, value, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["certify", flag, value])
-    assert e.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["certify", "--mode", "avg"], "argument --mode: invalid choice: 'avg' (choose from 'we', 'logit', "
+                                  "'mme', 'mv') (see drt-fast certify --help)"),
+    (["certify", "--dataset", "svhn"], "argument --dataset: invalid choice: 'svhn'"),
+    (["certify", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["certify", "--n", "abc"], "argument --n: invalid int value: 'abc'"),
+    (["predict", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["certify", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:i, got 'tpu'"),
+    (["certify", "--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:i, got 'cuda:x'"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    """Unknown choices and malformed values: one line (no usage block), exit 2."""
+    assert main(argv) == 2
+    assert message in _error_line(capsys)
+
+
+def test_device_cuda_index_is_accepted_by_certify(ckpt, capsys):
+    """certify takes cuda:i as train and diagnose do (here: refused for want of a GPU)."""
+    status = main(["certify", "--model", ckpt, "--device", "cuda:0", *RUN])
+    if torch.cuda.is_available():
+        assert status == 0
+    else:
+        assert status == 2 and "no CUDA device" in _error_line(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
