@@ -164,12 +164,31 @@ def test_round_trip_train_checkpoint_certify(base, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "keep.pt"
     out.write_bytes(b"precious")
-    code = run_cli("train", "--sigma", SIGMA, "--epochs", 1, "--out", out, "--quiet", *argv)
+    # --overwrite: the file may be replaced, but not before the input has been checked
+    code = run_cli("train", "--sigma", SIGMA, "--epochs", 1, "--out", out, "--quiet", "--overwrite", *argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("drt-fast: error:") and "\n" not in err
     assert message in err
     assert out.read_bytes() == b"precious"
     assert not os.path.exists(trainer_mod.state_path(str(out)))
+
+
+def test_an_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
+    """A second run into the same --out must not replace a trained model by accident."""
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"trained for days")
+    argv = ["train", "--sigma", SIGMA, "--epochs", 1, "--members", 2, "--out", out, "--quiet"]
+    assert run_cli(*argv) == 2
+    assert "model.pt exists: pass --resume to continue its run, --overwrite to replace it" in \
+        capsys.readouterr().err
+    assert run_cli(*argv, "--resume", "--overwrite") == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert out.read_bytes() == b"trained for days"
+    assert run_cli(*argv, "--overwrite") == 0
+    assert load_checkpoint(out)[1]["num_classes"] == 10
+    os.remove(out)          # the training state left beside it also counts as a run to keep
+    assert run_cli(*argv) == 2
+    assert "model.pt.state.pt exists" in capsys.readouterr().err
 
 
 def test_unwritable_output(tmp_path, capsys):

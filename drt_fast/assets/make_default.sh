@@ -17,12 +17,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # 1. Gaussian data augmentation (Cohen), 3 members, sigma 0.25, 60 epochs.
 $DRT train --dataset digits --arch digits_cnn --members 3 --sigma 0.25 --trainer gaussian \
     --epochs 60 --lr 0.05 --lr-schedule step --batch 64 --weight-decay 1e-4 --seed 0 \
-    --out "$WORK/gaussian.pt" --log "$WORK/gaussian.jsonl" --quiet
+    --out "$WORK/gaussian.pt" --log "$WORK/gaussian.jsonl" --quiet --overwrite
 # 2. DRT fine-tuning of the three members jointly: CE + 0.5 GD - 2 CM on 4 noisy copies per input.
 $DRT train --dataset digits --arch digits_cnn --members 3 --sigma 0.25 --trainer drt \
     --rho1 0.5 --rho2 2 --gd-norm l2 --m 4 --epochs 10 --lr 0.01 --lr-schedule step --batch 64 \
     --weight-decay 1e-4 --seed 1 --init "$WORK/gaussian.pt" \
-    --out "$WORK/drt.pt" --log "$WORK/drt.jsonl" --quiet
+    --out "$WORK/drt.pt" --log "$WORK/drt.jsonl" --quiet --overwrite
 
 cp "$WORK/drt.pt" "$ASSETS/default.pt"
 python - "$ASSETS/digits_test.npz" <<'PY'

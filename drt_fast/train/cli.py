@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--init", metavar="CKPT", help="start from this drt-fast ensemble (e.g. Gaussian base)")
     p.add_argument("--out", metavar="CKPT", required=True, help="output ensemble checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run that wrote --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and its training state (default: refuse)")
     p.add_argument("--seed", type=int, default=d.seed, help="default: 0")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:i (default: auto)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")

@@ -50,7 +50,7 @@ LR_SCHEDULES = ("step", "cosine")
 
 # Config fields that may differ between a run and its resumption (they do not change the
 # weights); every other field must match the checkpoint being resumed.
-_RESUME_FREE = ("out", "resume", "quiet", "log", "device", "data_dir", "command", "amp")
+_RESUME_FREE = ("out", "resume", "overwrite", "quiet", "log", "device", "data_dir", "command", "amp")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class TrainConfig:
     out: str = "ensemble.pt"
     data_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False          # replace an existing out (and its training state)
     seed: int = 0
     device: str = "auto"
     log: str | None = None
@@ -291,6 +292,14 @@ def train(config: TrainConfig) -> str:
     group = distributed.from_env()
     device = distributed.init(group, distributed.resolve_device(config.device))
     _check_writable(config.out)
+    if config.resume and config.overwrite:
+        raise DrtFastError("--resume continues the run that wrote --out, --overwrite replaces it: "
+                           "pass one of them")
+    if not (config.resume or config.overwrite):
+        existing = [p for p in (config.out, state_path(config.out)) if os.path.exists(p)]
+        if existing:
+            raise DrtFastError(f"{existing[0]} exists: pass --resume to continue its run, "
+                               f"--overwrite to replace it, or another --out")
     if config.log:
         _check_writable(config.log)
 
