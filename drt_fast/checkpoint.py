@@ -22,7 +22,9 @@ loads silently.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import math
 import os
 import re
@@ -253,14 +255,50 @@ def _torch_load(path: Path, map_location):
         raise DrtFastError(f"checkpoint {path.name} not found in {path.parent.resolve()}")
     if not path.is_file():
         raise DrtFastError(f"checkpoint {path} is not a file")
+    sha = sha256_file(path)
+    return safe_load(path, map_location, "checkpoint"), sha
+
+
+def _safe_globals() -> list:
+    """Harmless classes that research checkpoints often hold beside their tensors (the
+    training script's argparse.Namespace, numpy scalars such as a best accuracy), which a
+    weights-only load may build: none of them runs code when unpickled."""
+    import argparse
+
+    import numpy as np
+
+    allowed = [argparse.Namespace, np.dtype]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            allowed.append(importlib.import_module(module).scalar)
+            break
+        except (ImportError, AttributeError):
+            continue
+    dtypes = getattr(np, "dtypes", None)           # numpy >= 1.25: one class per dtype
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return allowed
+
+
+def safe_load(path, map_location, what: str):
+    """``torch.load(path, weights_only=True)`` (plus `_safe_globals`); any failure is one
+    DrtFastError line that says what is wrong with the file ``what`` (e.g. "checkpoint")."""
     try:
-        sha = sha256_file(path)
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        context = torch.serialization.safe_globals(_safe_globals())
+    except AttributeError:                          # torch < 2.5: weights-only defaults only
+        context = contextlib.nullcontext()
+    try:
+        with context:
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:   # torch raises many types for truncated/foreign files
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DrtFastError(f"cannot read checkpoint {path} (corrupt, truncated or not a "
-                           f"torch file): {first_line}") from None
-    return checkpoint, sha
+        text = str(exc)
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsupported:
+            reason = (f"it holds a {unsupported.group(1)} object; drt-fast unpickles only "
+                      f"tensors and plain containers (weights_only), so re-save it without it")
+        else:
+            reason = "corrupt, truncated or not a torch file"
+        raise DrtFastError(f"cannot read {what} {path}: {reason}") from None
 
 
 def _from_drt_fast(ckpt: dict, path: Path):

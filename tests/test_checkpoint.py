@@ -251,6 +251,40 @@ def test_missing_truncated_and_garbage_files(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_checkpoints_with_a_namespace_and_numpy_scalars_load(tmp_path):
+    """Training scripts often save their argparse arguments and numpy scalars beside the
+    state dict: harmless objects that the weights-only load is allowed to build."""
+    import argparse
+
+    import numpy as np
+
+    model = models.create("digits_cnn", 10).eval()
+    path = tmp_path / "with_args.pth.tar"
+    torch.save({"arch": "digits_cnn", "state_dict": cohen_state(model), "epoch": np.int64(30),
+                "best_acc": np.float64(0.97), "args": argparse.Namespace(lr=0.1, noise_sd=0.25)}, path)
+    ens, meta = load_checkpoint(path, dataset="digits")
+    x = torch.rand(3, 1, 8, 8)
+    mean, sd = DIGITS_NORM
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x)[0], model((x - mean[0]) / sd[0]))
+
+
+def test_pickled_objects_are_named_in_one_short_line(tmp_path):
+    """A whole pickled module (torch.save(model)) is not unpickled; the error names its class
+    and is one short line, not torch's advice to load untrusted files unsafely."""
+    torch.save(models.create("lenet", 10), tmp_path / "whole.pt")
+    with pytest.raises(DrtFastError) as err:
+        load_checkpoint(tmp_path / "whole.pt")
+    message = str(err.value)
+    assert "it holds a drt_fast.models.lenet.LeNet object" in message
+    assert "\n" not in message and "weights_only` set to `False`" not in message
+    assert len(message) - len(str(tmp_path / "whole.pt")) < 200
+    (tmp_path / "junk.pt").write_bytes(os.urandom(3000))
+    with pytest.raises(DrtFastError) as err:
+        load_checkpoint(tmp_path / "junk.pt")
+    assert str(err.value).endswith("junk.pt: corrupt, truncated or not a torch file")
+
+
 def test_arbitrary_pickles_are_refused(tmp_path):
     class Payload:
         def __reduce__(self):

@@ -296,3 +296,18 @@ def test_cuda_amp_training_runs_and_resumes_on_cpu(trainer, base, cuda_device, t
     assert all(p.device.type == "cpu" for p in ens.parameters())
     assert run_cli("certify", "--model", out, "--n", 100, "--n0", 20, "--max", 3,
                    "--device", "cpu", "--out", tmp_path / "c.tsv", "--quiet") == 0
+
+
+def test_resume_from_a_file_that_is_not_a_training_state(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    state = trainer_mod.state_path(str(out))
+    argv = ["train", "--sigma", SIGMA, "--epochs", 1, "--out", out, "--quiet", "--resume"]
+    with open(state, "wb") as f:
+        f.write(b"\x80\x02junk" * 100)
+    assert run_cli(*argv) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"drt-fast: error: cannot read training state {state}: corrupt, truncated or not a torch file"
+    torch.save({"epoch": 1}, state)
+    assert run_cli(*argv) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"drt-fast: error: --resume: {state} is not a drt-fast training state"

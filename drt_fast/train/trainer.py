@@ -284,7 +284,7 @@ def train(config: TrainConfig) -> str:
     """
     from .. import data as data_mod
     from .. import distributed, models
-    from ..checkpoint import atomic_torch_save, save_ensemble
+    from ..checkpoint import atomic_torch_save, safe_load, save_ensemble
     from ..ensemble import Ensemble
 
     config.validate()
@@ -323,11 +323,10 @@ def train(config: TrainConfig) -> str:
         path = state_path(config.out)
         if not os.path.isfile(path):
             raise DrtFastError(f"--resume: no training state {path} next to {config.out}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            saved = state["config"]
-        except Exception as e:  # a corrupt or foreign file
-            raise DrtFastError(f"--resume: cannot read training state {path}: {e}") from None
+        state = safe_load(path, "cpu", "training state")
+        saved = state.get("config") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or not {"epoch", "members", "optimizer"} <= set(state):
+            raise DrtFastError(f"--resume: {path} is not a drt-fast training state")
         diff = {k: (saved.get(k), v) for k, v in _comparable(record).items() if saved.get(k) != v}
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
