@@ -87,17 +87,26 @@ def test_identical_members_have_cosine_one_and_modes_are_restored():
     assert "gradient cosine" in table and "ensemble (WE)" in table
 
 
-def test_cli_prints_the_table(tmp_path, capsys):
-    from drt_fast.checkpoint import save_ensemble
-    from drt_fast import Ensemble, data, models
+def _digits_members(k=2):
+    from drt_fast import data, models
 
-    ds = data.load("digits", "test")
     torch.manual_seed(0)
-    members = [models.with_normalization(models.create("digits_cnn", 10), *ds.normalization)
-               for _ in range(2)]
-    path = tmp_path / "e.pt"
+    return [models.with_normalization(models.create("digits_cnn", 10), *data.normalization("digits"))
+            for _ in range(k)]
+
+
+def _save(path, members):
+    from drt_fast import Ensemble, data
+    from drt_fast.checkpoint import save_ensemble
+
     save_ensemble(path, Ensemble(members), arch="digits_cnn", dataset="digits", num_classes=10,
-                  input_shape=[1, 8, 8], normalization=ds.normalization, sigma=0.25, train_config={})
+                  input_shape=[1, 8, 8], normalization=data.normalization("digits"), sigma=0.25,
+                  train_config={})
+    return path
+
+
+def test_cli_prints_the_table(tmp_path, capsys):
+    path = _save(tmp_path / "e.pt", _digits_members())
     assert cli.main(["diagnose", str(path), "--n-inputs", "20", "--noise-draws", "2"]) == 0
     out = capsys.readouterr().out
     assert "noisy samples: 40" in out and "0,1" in out
@@ -113,16 +122,11 @@ def test_cli_prints_the_table(tmp_path, capsys):
 def test_cli_refuses_a_model_that_does_not_fit_the_data_in_one_line(tmp_path, capsys):
     """As certify does: shapes and classes are checked before any forward, NaN logits are an
     error, each one line on stderr and exit 2 (no traceback, no table)."""
-    from drt_fast.checkpoint import save_ensemble
-    from drt_fast import Ensemble, data, models
+    from drt_fast import data
 
     ds = data.load("digits", "test")
-    torch.manual_seed(0)
-    members = [models.with_normalization(models.create("digits_cnn", 10), *ds.normalization)
-               for _ in range(2)]
-    path = tmp_path / "e.pt"
-    save_ensemble(path, Ensemble(members), arch="digits_cnn", dataset="digits", num_classes=10,
-                  input_shape=[1, 8, 8], normalization=ds.normalization, sigma=0.25, train_config={})
+    members = _digits_members()
+    path = _save(tmp_path / "e.pt", members)
     mnist_like = tmp_path / "m.npz"
     np.savez(mnist_like, x=np.random.rand(4, 1, 28, 28).astype(np.float32), y=np.arange(4))
     five = tmp_path / "five.npz"
@@ -135,9 +139,7 @@ def test_cli_refuses_a_model_that_does_not_fit_the_data_in_one_line(tmp_path, ca
         assert len(err) == 1 and message in err[0] and captured.out == ""
     with torch.no_grad():
         members[1][1].fc.bias[3] = float("nan")
-    save_ensemble(tmp_path / "nan.pt", Ensemble(members), arch="digits_cnn", dataset="digits",
-                  num_classes=10, input_shape=[1, 8, 8], normalization=ds.normalization, sigma=0.25,
-                  train_config={})
+    _save(tmp_path / "nan.pt", members)
     assert cli.main(["diagnose", str(tmp_path / "nan.pt"), "--n-inputs", "4", "--noise-draws", "1"]) == 2
     captured = capsys.readouterr()
     assert "NaN or inf" in captured.err and len(captured.err.strip().splitlines()) == 1
