@@ -55,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"drt-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    try:                         # the embedded default's own skip/max, for the help text
+        embedded = _embedded_default()
+    except (DrtFastError, OSError, ValueError, KeyError):     # help must not fail over it
+        embedded = {}
     for task, doc in (("certify", "Cohen's CERTIFY: certified radius of the smoothed ensemble per input"),
                       ("predict", "Cohen's PREDICT: prediction of the smoothed ensemble per input")):
         p = sub.add_parser(task, help=doc, description=doc, epilog=_SMOOTHING_EPILOG)
-        _add_smoothing_options(p, task)
+        _add_smoothing_options(p, task, embedded)
         p.set_defaults(func=lambda args, task=task: run_smoothing(args, task))
 
     p = sub.add_parser("analyze", help="certified-accuracy table (and plot) of results files",
@@ -83,11 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_smoothing_options(p: argparse.ArgumentParser, task: str) -> None:
-    try:                         # the embedded default's own skip/max, for the help text
-        embedded = json.loads((ASSETS / "default.json").read_text())
-    except (OSError, ValueError):
-        embedded = {}
+def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict) -> None:
     p.add_argument("--model", metavar="CKPT", nargs="+",
                    help="drt-fast ensemble or Cohen/DRT checkpoint, or several member files that form "
                         "one ensemble, as the DRT code saves them (default: the embedded digits ensemble)")
