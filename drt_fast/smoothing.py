@@ -101,14 +101,18 @@ def _capture(body, device):
     """``body`` captured as a CUDA graph on ``device`` -> (replay, graph). It runs once on a
     side stream first (lazy initialisation, autotuning stay out of the graph); what that
     run writes is the caller's to reset."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    # On the model's device, which need not be the current one (--device cuda:1): torch's
+    # capture stream and the ops' current_stream(device) must be that device's, or the
+    # kernels run outside the capture and the graph records nothing.
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            body()
     return graph.replay, graph
 
 
@@ -537,7 +541,16 @@ class SmoothedClassifier:
                 raise DrtFastError("cuda_graphs=True: CUDA graphs need the model on a CUDA device")
             self.graph_status = "off: not on a CUDA device"
             return False
-        return True
+        if not ops.cuda_available():        # the torch fallbacks sync with the host
+            why = "drt_fast was built without its CUDA kernels"
+        elif self.model.batch_members:      # its stacked weights are not the module's tensors
+            why = "the ensemble runs its members batched (batch_members=True)"
+        else:
+            return True
+        if self.cuda_graphs:
+            raise DrtFastError(f"cuda_graphs=True: {why}")
+        self.graph_status = f"off: {why}"
+        return False
 
     def _graph_wanted(self, xs, reps):
         """Whether the full batches of this group run as a replayed CUDA graph (once the

@@ -127,6 +127,25 @@ def test_graphs_on_the_cpu_are_off_or_refused():
         SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=1)
 
 
+@pytest.mark.parametrize("case,why", [
+    ("no kernels", "drt_fast was built without its CUDA kernels"),      # the fallbacks sync
+    ("batch_members", "the ensemble runs its members batched (batch_members=True)"),
+])
+def test_graphs_stay_off_where_a_capture_would_be_wrong(monkeypatch, case, why):
+    """Checked before any capture; a stand-in CUDA batch (only its device is read)."""
+    from drt_fast import ops
+
+    ens = ensemble()
+    ens.batch_members = case == "batch_members"
+    monkeypatch.setattr(ops, "cuda_available", lambda: case != "no kernels")
+    cuda_batch = type("Batch", (), {"device": torch.device("cuda")})()
+    smooth = SmoothedClassifier(ens, K, sigma=0.5)
+    assert smooth._graphs_possible(cuda_batch) is False and smooth.graph_status == f"off: {why}"
+    forced = SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=True)
+    with pytest.raises(DrtFastError, match=rf"cuda_graphs=True: {why.replace('(', '.').replace(')', '.')}"):
+        forced._graphs_possible(cuda_batch)
+
+
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_graphs_give_the_eager_counts(cuda_device, precision):
@@ -142,3 +161,20 @@ def test_cuda_graphs_give_the_eager_counts(cuda_device, precision):
             assert smooth.graph_status.startswith("on:"), smooth.graph_status
     assert results[True] == results[False]
     assert np.sum(results[True][0][0][1]) == 2000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+def test_cuda_graphs_on_a_device_that_is_not_the_current_one(cuda_device):
+    """--device cuda:1 with cuda:0 current: the capture must record on cuda:1 (otherwise the
+    kernels run outside it, the graph is empty and every replay counts nothing)."""
+    xs = inputs(3)
+    ens = ensemble("cuda:1")
+    results = {}
+    with torch.cuda.device(0):
+        for graphs in (False, True):
+            smooth = SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=graphs)
+            results[graphs] = counts_of(smooth.certify_many(xs, range(3), 20, 2000, 0.01, 256))
+            if graphs:
+                assert smooth.graph_status.startswith("on:"), smooth.graph_status
+    assert results[True] == results[False]
