@@ -33,6 +33,6 @@ tail -3 "$out/build.log"
 "${py[@]}" -c "import drt_fast, drt_fast.ops as o; print('drt_fast from', drt_fast.__file__); print('cuda kernels:', drt_fast.cuda_available())" 2>&1 | tee -a "$out/gpu.txt"
 
 "${py[@]}" -m pytest -q tests -k "cuda or gpu" -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15
-# -s: the per-case [ratio] / [abs] / [share] / [target] lines go to bench.log as well.
+# -s: the per-case [ratio] / [abs] / [share] / [bandwidth] / [target] lines go to bench.log as well.
 "${py[@]}" -m pytest -q -s bench/ -p no:cacheprovider --benchmark-json "$out/bench.json" "$@" 2>&1 \
-    | tee "$out/bench.log" | grep -E "^\[(ratio|abs|share|target)\]|passed|failed|error" | tail -60
+    | tee "$out/bench.log" | grep -E "^\[(ratio|abs|share|bandwidth|target)\]|passed|failed|error" | tail -100
