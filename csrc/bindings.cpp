@@ -67,6 +67,18 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     drt::bias_act_cpu(args);
   });
+  m.def(
+      "dense_chain",
+      [](uintptr_t x, int64_t rows, int64_t cols, int64_t ldx, uintptr_t out, int64_t out_cols, uintptr_t meta,
+         int64_t meta_len, uintptr_t params, int64_t params_len) {
+        const drt::DenseChainArgs args{ptr<const float>(x),      rows,     cols,
+                                       ldx,                      ptr<float>(out), out_cols,
+                                       ptr<const int64_t>(meta), meta_len,  ptr<const float>(params),
+                                       params_len};
+        py::gil_scoped_release release;
+        drt::dense_chain_cpu(args);
+      },
+      "Raises ValueError when the plan is inconsistent (nothing written then).");
   m.def("cpu_isa", &drt::cpu_isa, "The CPU kernel build in use: baseline, avx2 or avx512.");
   m.def("set_cpu_isa", &drt::set_cpu_isa, "Force a CPU kernel build (tests); raises when unsupported.");
   // Test hooks: the raw generator, for the Random123 known-answer tests and noise parity.

@@ -56,6 +56,34 @@ struct BiasActArgs {
 
 void bias_act_cpu(const BiasActArgs& args);
 
+// dense_chain: a dense member's whole forward on the CPU (drt_fast/fuse.py DenseMember), fp32.
+// x [rows, in_cols] with row stride ldx, out [rows, out_cols] contiguous. `meta` (int64,
+// built by fuse._chain_plan) describes the layers; `params` holds their weights and biases:
+//   meta = [layers, in_cols, out_cols, max_width,
+//           per layer: width, relu, bias_offset, blocks,
+//             per block: lo, hi, c0, block_width, weight_offset]
+// Layer l reads columns [lo, hi) of its input (x, or layer l-1's output of width
+// width[l-1]) and writes columns [c0, c0 + block_width) of its output of width `width`:
+//   h_l[:, c0:c0+bw] = act(h_{l-1}[:, lo:hi] @ W + bias[c0:c0+bw]),
+// W [hi - lo, bw] row-major at params + weight_offset, bias [width] at params + bias_offset.
+// Widths and block widths are multiples of kDenseChunk, offsets multiples of 16. The
+// output is the last layer's first out_cols columns. Each output row is a function of its
+// input row alone, summed in a fixed order: the result does not depend on the batch.
+constexpr int64_t kDenseChunk = 32;
+struct DenseChainArgs {
+  const float* x;
+  int64_t rows, cols, ldx;  // cols must equal the plan's in_cols
+  float* out;
+  int64_t out_cols;  // must equal the plan's out_cols
+  const int64_t* meta;
+  int64_t meta_len;
+  const float* params;
+  int64_t params_len;
+};
+
+// Throws std::invalid_argument when meta is inconsistent (nothing is written then).
+void dense_chain_cpu(const DenseChainArgs& args);
+
 // Returns -1, or the index of a draw whose row is outside [0, batch) (then counts is untouched).
 int64_t vote_cpu(const VoteArgs& args);
 

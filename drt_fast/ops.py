@@ -45,6 +45,8 @@ __all__ = [
     "vote_eager_",
     "bias_act_",
     "reference_bias_act_",
+    "dense_chain",
+    "reference_dense_chain",
     "cuda_available",
     "AGGREGATIONS",
     "NOISE_DTYPES",
@@ -519,3 +521,90 @@ def bias_act_(h: Tensor, bias: Tensor, relu: bool) -> None:
 @bias_act_.register_fake
 def _(h, bias, relu):
     _check_bias_act_args(h, bias)
+
+
+# ----------------------------------------------------------------------------------------
+# dense_chain: a dense member's whole forward (drt_fast/fuse.py DenseMember, _chain_plan)
+# ----------------------------------------------------------------------------------------
+def _check_dense_chain_args(x, meta, params, out_cols):
+    _require_tensor("x", x)
+    _require_tensor("meta", meta)
+    _require_tensor("params", params)
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise DrtFastError(f"x must be float32 [rows, cols], got {x.dtype} {_shape(x)}")
+    if meta.dim() != 1 or meta.dtype != torch.int64 or meta.numel() < 4:
+        raise DrtFastError(f"meta must be an int64 plan (fuse._chain_plan), got {meta.dtype} {_shape(meta)}")
+    if params.dim() != 1 or params.dtype != torch.float32:
+        raise DrtFastError(f"params must be float32 [n], got {params.dtype} {_shape(params)}")
+    if meta.device.type != "cpu":
+        raise DrtFastError(f"meta must be on the CPU, got {meta.device}")
+    if params.device != x.device:
+        raise DrtFastError(f"params must be on x's device ({x.device}), got {params.device}")
+    if not isinstance(out_cols, int) or out_cols < 1:
+        raise DrtFastError(f"out_cols must be a positive int, got {out_cols!r}")
+
+
+def _check_dense_chain_plan(x, meta, out_cols):
+    """The plan's columns against x's and out_cols (reads meta: not for fake tensors)."""
+    in_cols, plan_out = int(meta[1]), int(meta[2])
+    if x.shape[1] != in_cols or out_cols != plan_out:
+        raise DrtFastError(f"the plan maps {in_cols} columns to {plan_out}; got x with "
+                           f"{x.shape[1]} columns and out_cols={out_cols}")
+
+
+def reference_dense_chain(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> Tensor:
+    """Pure-torch ``dense_chain``: the plan's blocks as GEMMs (any device)."""
+    _check_dense_chain_args(x, meta, params, out_cols)
+    _check_dense_chain_plan(x, meta, out_cols)
+    m, at = meta.tolist(), 4
+    h = x
+    for _ in range(m[0]):
+        width, relu, bias_offset, blocks = m[at:at + 4]
+        at += 4
+        out = params[bias_offset:bias_offset + width].expand(h.shape[0], width).clone()
+        for _ in range(blocks):
+            lo, hi, c0, block_width, offset = m[at:at + 5]
+            at += 5
+            weight = params[offset:offset + (hi - lo) * block_width].view(hi - lo, block_width)
+            out[:, c0:c0 + block_width] += h[:, lo:hi] @ weight
+        h = out.relu_() if relu else out
+    return h[:, :out_cols].contiguous()
+
+
+def dense_chain_cpu(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> Optional[Tensor]:
+    """``dense_chain``'s CPU kernel called directly, without the dispatcher (a dense member
+    calls it once per batch). Returns None, having done nothing, where the kernel does not
+    apply (not float32 on the CPU): the caller falls back. A plan that does not fit x or
+    out_cols raises `DrtFastError` (the kernel checks every size and offset of the plan)."""
+    if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and params.dtype == torch.float32 and params.device.type == "cpu" and params.is_contiguous()
+            and meta.dtype == torch.int64 and meta.device.type == "cpu" and meta.is_contiguous()) or _C is None:
+        return None
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], out_cols, dtype=torch.float32)
+    try:
+        _C.dense_chain(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), out_cols,
+                       meta.data_ptr(), meta.numel(), params.data_ptr(), params.numel())
+    except ValueError as err:
+        raise DrtFastError(str(err)) from None
+    return out
+
+
+@torch.library.custom_op("drt_fast::dense_chain", mutates_args=())
+def dense_chain(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> Tensor:
+    """A dense member's forward by the plan ``meta`` / ``params`` (`drt_fast.fuse`
+    ``_chain_plan``): matrices in blocks, each layer's bias and optional ReLU. ``x``
+    ``[rows, in_cols]`` float32 → ``[rows, out_cols]``. The C++ kernel on the CPU (each row
+    summed in a fixed order: results do not depend on the batch), the torch reference
+    elsewhere."""
+    _check_dense_chain_args(x, meta, params, out_cols)
+    _check_dense_chain_plan(x, meta, out_cols)
+    out = dense_chain_cpu(x, meta, params, out_cols)
+    return reference_dense_chain(x, meta, params, out_cols) if out is None else out
+
+
+@dense_chain.register_fake
+def _(x, meta, params, out_cols):
+    _check_dense_chain_args(x, meta, params, out_cols)
+    return x.new_empty(x.shape[0], out_cols)

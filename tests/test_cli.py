@@ -90,7 +90,8 @@ def test_certify_without_out_prints_summary_and_writes_nothing(ckpt, tmp_path, m
     assert "rows not saved: pass --out" in out
     assert "certified accuracy" in out and "ACR" in out and "abstain rate" in out
     assert "inputs/s" in out and "draws/s" in out and "on cpu" in out
-    assert "fused members: on: 2 of 2 member(s) as dense matrices (6 matrices)" in out
+    assert ("fused members: on: 2 of 2 member(s) as dense matrices (6 matrices; 2 run by the block-sparse "
+            "CPU kernel, 55% of the multiply-adds)") in out
     # Radii up to the largest certifiable one, sigma * Phi^-1(alpha^(1/n)) = 0.456 here.
     assert re.search(r"^radius\s+0\.00\s+0\.25$", out, re.M)
 

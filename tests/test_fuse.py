@@ -210,10 +210,12 @@ def test_dense_lowering_leaves_a_training_member_as_it_is():
 
 
 def test_dense_member_epilogue_kernel_agrees_with_torch(monkeypatch):
-    """float32 on the CPU runs torch.mm + the bias/ReLU kernel; the fallbacks must agree."""
+    """float32 on the CPU without the chain kernel (tests/test_dense_chain.py) runs torch.mm
+    + the bias/ReLU kernel; the fallbacks must agree."""
     m = member("digits_cnn")
     out = fuse.dense_for_inference(m, torch.rand(1, 1, 8, 8)).module
     x = torch.rand(300, 1, 8, 8)
+    monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *args: None)
     with torch.no_grad():
         kernel = out(x)
         monkeypatch.setattr(fuse.ops, "bias_act_cpu_", lambda h, b, relu: False)
@@ -402,7 +404,8 @@ def test_engine_lowers_members_to_dense_matrices_on_the_cpu():
     plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
     smooth = SmoothedClassifier(ens, 10, sigma=0.25)
     dense = certs(smooth, xs)
-    assert smooth.fuse_status == "on: 3 of 3 member(s) as dense matrices (9 matrices)"
+    assert smooth.fuse_status == ("on: 3 of 3 member(s) as dense matrices (9 matrices; 3 run by the "
+                                  "block-sparse CPU kernel, 55% of the multiply-adds)")
     assert all(isinstance(m, fuse.DenseMember) for m in smooth._fused[1].members)
     # the same noise; a vote flips only where rounding moves a draw across a boundary
     for p, d in zip(plain, dense):

@@ -4,6 +4,7 @@
 // fixed -march would either leave speed unused or crash on older CPUs.
 #include <string.h>
 
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -16,6 +17,7 @@ namespace drt {
   void noisy_draws_cpu(const NoisyDrawsArgs& args); \
   int64_t vote_cpu(const VoteArgs& args);           \
   void bias_act_cpu(const BiasActArgs& args);       \
+  bool dense_chain_run(const DenseChainArgs& args); \
   }
 DRT_DECLARE_ISA(isa_baseline)
 #ifdef DRT_FAST_X86_ISAS
@@ -80,6 +82,56 @@ int64_t vote_cpu(const VoteArgs& args) { DRT_DISPATCH(vote_cpu, args); }
 
 void bias_act_cpu(const BiasActArgs& args) { DRT_DISPATCH(bias_act_cpu, args); }
 
+namespace {
+void check_dense_chain(const DenseChainArgs& p);
+}
+
+namespace {
+bool dense_chain_dispatch(const DenseChainArgs& args) { DRT_DISPATCH(dense_chain_run, args); }
+}  // namespace
+
+void dense_chain_cpu(const DenseChainArgs& args) {
+  check_dense_chain(args);
+  if (!dense_chain_dispatch(args)) throw std::bad_alloc();
+}
+
 #undef DRT_DISPATCH
+
+namespace {
+
+// The plan is built by drt_fast (fuse._chain_plan), but it is checked here, once per call,
+// against every size and offset the kernels will use: a wrong plan must not reach memory.
+void check_dense_chain(const DenseChainArgs& p) {
+  auto fail = [](const char* what) { throw std::invalid_argument(std::string("dense_chain: bad plan: ") + what); };
+  const int64_t* m = p.meta;
+  if (p.meta_len < 4 || p.rows < 0) fail("header");
+  const int64_t layers = m[0], in_cols = m[1], out_cols = m[2], max_width = m[3];
+  if (layers < 1 || in_cols < 1 || out_cols < 1 || max_width < 1) fail("sizes");
+  if (p.cols != in_cols || p.out_cols != out_cols || (p.rows > 1 && p.ldx < in_cols)) fail("input or output columns");
+  int64_t at = 4, src_width = in_cols, width = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    if (at + 4 > p.meta_len) fail("truncated");
+    width = m[at];
+    const int64_t bias_off = m[at + 2], blocks = m[at + 3];
+    at += 4;
+    if (width < kDenseChunk || width % kDenseChunk || width > max_width || blocks < 1) fail("layer width");
+    if (bias_off < 0 || bias_off % 16 || bias_off + width > p.params_len) fail("bias offset");
+    if (m[at - 3] != 0 && m[at - 3] != 1) fail("relu flag");
+    if (at + 5 * blocks > p.meta_len) fail("truncated");
+    int64_t covered = 0;  // the blocks write the layer's columns in order, each exactly once
+    for (int64_t b = 0; b < blocks; ++b, at += 5) {
+      const int64_t lo = m[at], hi = m[at + 1], c0 = m[at + 2], bw = m[at + 3], w_off = m[at + 4];
+      if (lo < 0 || hi < lo || hi > src_width) fail("block rows");
+      if (c0 != covered || bw < kDenseChunk || bw % kDenseChunk || c0 + bw > width) fail("block columns");
+      if (w_off < 0 || w_off % 16 || w_off + (hi - lo) * bw > p.params_len) fail("weight offset");
+      covered += bw;
+    }
+    if (covered != width) fail("block columns");
+    src_width = width;
+  }
+  if (at != p.meta_len || out_cols > width) fail("length");
+}
+
+}  // namespace
 
 }  // namespace drt
