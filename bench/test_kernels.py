@@ -128,7 +128,8 @@ def test_noisy_draws_bandwidth(benchmark, device, name, shape, batch, reps, dtyp
 
     In the end-of-suite table the fraction is the case's "ratio": its "reference" time is
     that of writing the output at the copy bandwidth (half the copy's time), its "drt-fast"
-    time noisy_draws'. Target (GPU only): fraction >= BANDWIDTH_TARGET.
+    time noisy_draws'. Target (GPU, fp32 outputs): fraction >= BANDWIDTH_TARGET; bf16 is
+    reported (the noise costs the same per element whatever the output dtype).
     """
     if device == "cuda":
         reps = BANDWIDTH_CUDA_REPS[name]
@@ -176,17 +177,20 @@ def test_noisy_draws_bandwidth(benchmark, device, name, shape, batch, reps, dtyp
         copy_median_s=statistics.median(copy_times), noise_median_s=statistics.median(noise_times),
         copy_times_s=copy_times, noise_times_s=noise_times, calls_per_round=[calls[copy], calls[noise]],
         bytes_written=nbytes, noise_GBps=noise_bw / 1e9, copy_GBps=copy_bw / 1e9,
-        target=BANDWIDTH_TARGET if device == "cuda" else None,
+        target=BANDWIDTH_TARGET if device == "cuda" and dtype == torch.float32 else None,
         threads=torch.get_num_threads(), loadavg_1min=os.getloadavg()[0])
     if device == "cuda":
         benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    # The target is checked for fp32 outputs: the noise costs the same per element in every
+    # output dtype (Philox + Box-Muller in fp32), so a 2-byte output halves the bytes, not the time.
+    checked = device == "cuda" and dtype == torch.float32
     met = fraction >= BANDWIDTH_TARGET
-    note = (f"target >= {BANDWIDTH_TARGET:.0%}: {'met' if met else 'missed'}" if device == "cuda"
-            else f"GPU target >= {BANDWIDTH_TARGET:.0%}: not checked on the CPU")
+    note = (f"target >= {BANDWIDTH_TARGET:.0%}: {'met' if met else 'missed'}" if checked
+            else f"GPU target >= {BANDWIDTH_TARGET:.0%}: checked for fp32 on CUDA only")
     print(f"\n[bandwidth] {what}: {noise_bw / 1e9:.1f} GB/s written, copy {copy_bw / 1e9:.1f} GB/s, "
           f"{fraction:.0%} ({note})  [{nbytes / 1e6:.1f} MB; noisy_draws {noise_s * 1e3:.3f} ms, "
           f"copy {copy_s * 1e3:.3f} ms, fastest of {len(noise_times)} rounds]")
-    if device == "cuda":
+    if checked:
         check_target(f"noisy_draws {name} x{reps} {variant} >= {BANDWIDTH_TARGET:.0%} of the "
                      f"copy bandwidth", met)
     assert fraction > 0
@@ -201,13 +205,30 @@ def reference_vote(logits, rows, counts, weights):
     counts += torch.bincount(rows * classes + labels, minlength=counts.numel()).view_as(counts)
 
 
-@pytest.mark.parametrize("device", _devices())
+# Draws per call on CUDA: 10,000 (a big certify batch: both sides are bound by launches and
+# Python, about 10-100 us a call) and a size where the GPU's own time dominates (the logits
+# are 0.3-3 GB at M = 8).
+VOTE_CUDA_DRAWS = {"batch": {10: 10_000, 1000: 10_000}, "large": {10: 1_000_000, 1000: 100_000}}
+
+
+def _vote_devices():
+    cpu, cuda = _devices()
+    return [pytest.param("cpu", "batch", id="cpu"),
+            pytest.param("cuda", "batch", marks=cuda.marks, id="cuda-batch"),
+            pytest.param("cuda", "large", marks=cuda.marks, id="cuda-large")]
+
+
+@pytest.mark.parametrize("device,size", _vote_devices())
 @pytest.mark.parametrize("classes", [10, 1000])
 @pytest.mark.parametrize("members", [1, 3, 8])
-def test_vote(compare, device, members, classes):
-    draws = 1000 if device == "cpu" else 10_000
+def test_vote(compare, device, size, members, classes):
+    """vote_ ('we') against softmax + weighted mean + argmax + bincount. On CUDA, K <= 32
+    runs the thread-per-draw kernel and K = 1000 the block-per-draw one (csrc/cuda/vote.cu).
+    GPU target: >= 5x."""
+    draws = 1000 if device == "cpu" else VOTE_CUDA_DRAWS[size][classes]
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(members, draws, classes, generator=gen) * 3).to(device)
+    on_device = torch.Generator(device).manual_seed(0)   # up to 3 GB of logits: made where used
+    logits = torch.randn(members, draws, classes, generator=on_device, device=device) * 3
     rows = (torch.arange(draws) // 100).to(device)
     weights = (torch.rand(members, generator=gen) + 0.5).to(device)
     counts = torch.zeros(draws // 100, classes, dtype=torch.int64, device=device)
@@ -220,6 +241,8 @@ def test_vote(compare, device, members, classes):
 
     ratio = compare(f"vote_ {device} we M={members} K={classes} R={draws}", ours, ref, rounds=15,
                     sync=_sync(device))
+    if device == "cuda":
+        check_target(f"vote_ cuda M={members} K={classes} R={draws} >= 5x the torch reference", ratio >= 5.0)
     assert ratio > 0
 
 

@@ -2,9 +2,12 @@
 // nvcc is found). Pointers arrive as integers from drt_fast/ops.py, which has checked device,
 // dtype, shape and contiguity and keeps the tensors alive across the call. No libtorch.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <vector>
 
+#include "fastdiv.h"
 #include "kernels.h"
 #include "philox.h"
 #ifdef DRT_FAST_CUDA_MODULE
@@ -111,6 +114,31 @@ PYBIND11_MODULE(_C_cuda, m) {
         drt::noisy_draws_cuda(args, device, stream);
       });
   m.def(
+      "noisy_draws_on_host",
+      [](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
+         int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
+         int64_t spatial) {
+        const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
+                                     channels_last, channels, spatial);
+        py::gil_scoped_release release;
+        return drt::noisy_draws_cuda_on_host(args);
+      },
+      "Test hook: the CUDA kernel's work items run on the host with CPU pointers; returns the path "
+      "(0 general, 1 contiguous, 2 channels-last).");
+  m.def(
+      "fast_div",
+      [](const std::vector<uint32_t>& numerators, uint32_t divisor) {
+        if (divisor < 1 || divisor >= (1u << 31)) throw std::invalid_argument("divisor must be in [1, 2^31)");
+        const drt::FastDiv d = drt::make_fast_div(divisor);
+        std::vector<uint32_t> out;
+        for (uint32_t n : numerators) {
+          if (n >= (1u << 31)) throw std::invalid_argument("numerators must be below 2^31");
+          out.push_back(drt::fast_div(n, d));
+        }
+        return out;
+      },
+      "Test hook: fastdiv.h's division of each numerator by divisor.");
+  m.def(
       "vote",
       [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
          uintptr_t counts, int64_t batch, int agg, uintptr_t weights, int device, uintptr_t stream) {
@@ -118,6 +146,16 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::gil_scoped_release release;
         drt::vote_cuda(args, device, stream);
       });
+  m.def(
+      "vote_on_host",
+      [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
+         uintptr_t counts, int64_t batch, int agg, uintptr_t weights) {
+        const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
+        py::gil_scoped_release release;
+        return drt::vote_cuda_on_host(args);
+      },
+      "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
+      "pointers; returns 0 for more classes (nothing done).");
 }
 
 #endif

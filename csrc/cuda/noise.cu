@@ -1,10 +1,30 @@
-// noisy_draws on CUDA: one thread per (output row, quad of elements), grid-stride.
-// Compiled with --fmad=false (CMakeLists.txt) and IEEE div/sqrt (nvcc's default without
-// --use_fast_math): the noise is bit-identical to the CPU kernel and the torch reference.
+// noisy_draws on CUDA. Compiled with --fmad=false (CMakeLists.txt) and IEEE div/sqrt (nvcc's
+// default without --use_fast_math): the noise is bit-identical to the CPU kernel and the
+// torch reference.
+//
+// A work item is one Philox call: four normals, for elements 4q .. 4q+3 of the logical
+// (C, H, W) order of one output row. Three paths, chosen per launch (`plan`):
+// * contiguous: an item per (row, quad); the row and the input come from two divisions by
+//   launch constants done as multiply-high + shift (fastdiv.h): a GPU has no integer
+//   divider, and the 64-bit divisions of the general path cost as much as the noise itself.
+//   Where rows are whole quads and the pointers aligned, an item reads its four inputs and
+//   writes its four outputs as single vector accesses, so a warp writes 512 (fp32) or 256
+//   (bf16/fp16) consecutive bytes;
+// * channels-last with 2-4 channels and H*W a multiple of 4: an item per (row, 4 spatial
+//   positions) makes one Philox call per channel and writes the 4*C consecutive outputs of
+//   those positions (s*C + c) with C vector stores;
+// * general (anything else: odd layouts, more than 2^31 items): one thread per (row, quad),
+//   64-bit index arithmetic, scalar stores.
+// Every path computes each output element as x + sigma * z with z = normals4(seed, key,
+// draw, quad)[j]: only which thread computes it, and how it is stored, differ. The paths run
+// on the host too (`noisy_draws_cuda_on_host`, a test hook), so that their indexing is tested
+// on machines without a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <string.h>
 
+#include "../fastdiv.h"
 #include "../philox.h"
 #include "cuda_kernels.h"
 #include "cuda_utils.cuh"
@@ -12,53 +32,180 @@
 namespace drt {
 namespace {
 
-struct StoreFloat {
-  __device__ void operator()(void* out, int64_t i, float v) const { static_cast<float*>(out)[i] = v; }
-};
-struct StoreBFloat16 {  // round to nearest even, as torch's .to(torch.bfloat16)
-  __device__ void operator()(void* out, int64_t i, float v) const {
-    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
-  }
-};
-struct StoreFloat16 {
-  __device__ void operator()(void* out, int64_t i, float v) const {
-    static_cast<__half*>(out)[i] = __float2half_rn(v);
-  }
-};
+DRT_HD float convert(float v, float*) { return v; }
+DRT_HD __nv_bfloat16 convert(float v, __nv_bfloat16*) { return __float2bfloat16_rn(v); }  // as torch's .to()
+DRT_HD __half convert(float v, __half*) { return __float2half_rn(v); }
 
-template <typename Store>
-__global__ void noisy_draws_kernel(NoisyDrawsArgs p, int64_t quads, Store store) {
-  const int64_t total = p.batch * p.reps * quads;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t n = t / quads, q = t - n * quads;  // output row, quad within the row
-    const int64_t b = n / p.reps, r = n - b * p.reps;
-    float z[4];
-    normals4(p.seed, (uint64_t)p.keys[b], (uint32_t)(p.first_draw[b] + r), (uint32_t)q, z);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t e = 4 * q + j;
-      if (e >= p.num_elements) break;
-      const float noise = p.sigma * z[j];
-      const float v = p.x[b * p.num_elements + e] + noise;
-      int64_t index = n * p.num_elements + e;
-      if (p.channels_last) {  // logical element c * spatial + s lives at s * channels + c
-        const int64_t c = e / p.spatial, s = e - c * p.spatial;
-        index = n * p.num_elements + s * p.channels + c;
-      }
-      store(p.out, index, v);
-    }
+// Four consecutive outputs from out + i; `vector`: out + i is aligned to 4 elements.
+template <typename T>
+DRT_HD void store4(T* out, const float v[4], bool vector) {
+  T t[4];
+  for (int j = 0; j < 4; ++j) t[j] = convert(v[j], out);
+  if (!vector) {
+    for (int j = 0; j < 4; ++j) out[j] = t[j];
+  } else if constexpr (sizeof(T) == 4) {
+    float4 bits;
+    memcpy(&bits, t, sizeof bits);
+    *reinterpret_cast<float4*>(out) = bits;
+  } else {
+    static_assert(sizeof(T) == 2, "fp32, bf16 or fp16");
+    uint2 bits;
+    memcpy(&bits, t, sizeof bits);
+    *reinterpret_cast<uint2*>(out) = bits;
   }
 }
 
-template <typename Store>
-void launch(const NoisyDrawsArgs& p, cudaStream_t stream) {
+DRT_HD void load4(const float* x, float v[4], bool vector) {
+  if (vector) {
+    const float4 q = *reinterpret_cast<const float4*>(x);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = x[j];
+  }
+}
+
+enum Path : int { kGeneral = 0, kContiguous = 1, kChannelsLast = 2 };
+
+struct Plan {
+  NoisyDrawsArgs p;
+  int path;
+  bool vector;     // inputs and outputs as aligned 4-element accesses
+  int64_t items;   // work items of the launch
+  FastDiv per_row; // items per output row (fast paths)
+  FastDiv reps;    // draws per input (fast paths)
+};
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+template <typename T>
+Plan make_plan(const NoisyDrawsArgs& p) {
+  Plan plan{};
+  plan.p = p;
   const int64_t quads = (p.num_elements + 3) / 4;
-  const int64_t total = p.batch * p.reps * quads;
-  if (total == 0) return;
+  const int64_t rows = p.batch * p.reps;
+  const bool channels_last = p.channels_last && p.channels > 1;
+  const bool whole_quads = p.num_elements % 4 == 0;
+  const bool vector_ok = whole_quads && aligned(p.x, 16) && aligned(p.out, 4 * sizeof(T));
+  const int64_t limit = (int64_t)1 << 31;  // fast_div's range
+  if (!channels_last && rows * quads < limit) {
+    plan.path = kContiguous;
+    plan.vector = vector_ok;
+    plan.items = rows * quads;
+    plan.per_row = make_fast_div((uint32_t)quads);
+  } else if (channels_last && p.channels <= 4 && p.spatial % 4 == 0 && vector_ok &&
+             rows * (p.spatial / 4) < limit) {
+    plan.path = kChannelsLast;
+    plan.vector = true;
+    plan.items = rows * (p.spatial / 4);
+    plan.per_row = make_fast_div((uint32_t)(p.spatial / 4));
+  } else {
+    plan.path = kGeneral;
+    plan.items = rows * quads;
+    return plan;
+  }
+  plan.reps = make_fast_div((uint32_t)p.reps);  // reps <= rows < 2^31
+  return plan;
+}
+
+// One work item of each path. `t` < plan.items.
+template <typename T>
+DRT_HD void contiguous_item(const Plan& plan, uint32_t t) {
+  const NoisyDrawsArgs& p = plan.p;
+  const uint32_t n = fast_div(t, plan.per_row), q = t - n * plan.per_row.divisor;  // row, quad
+  const uint32_t b = fast_div(n, plan.reps), r = n - b * plan.reps.divisor;       // input, draw
+  float z[4];
+  normals4(p.seed, (uint64_t)p.keys[b], (uint32_t)(p.first_draw[b] + r), q, z);
+  const int64_t e = 4 * (int64_t)q;
+  const float* x = p.x + (int64_t)b * p.num_elements + e;
+  T* out = static_cast<T*>(p.out) + (int64_t)n * p.num_elements + e;
+  if (plan.vector || e + 4 <= p.num_elements) {
+    float v[4];
+    load4(x, v, plan.vector);
+    for (int j = 0; j < 4; ++j) v[j] = v[j] + p.sigma * z[j];
+    store4(out, v, plan.vector);
+  } else {  // the row's last, partial quad
+    for (int j = 0; e + j < p.num_elements; ++j) out[j] = convert(x[j] + p.sigma * z[j], out);
+  }
+}
+
+template <typename T, int C>
+DRT_HD void channels_last_item(const Plan& plan, uint32_t t) {
+  const NoisyDrawsArgs& p = plan.p;
+  const uint32_t n = fast_div(t, plan.per_row), u = t - n * plan.per_row.divisor;  // row, 4 positions
+  const uint32_t b = fast_div(n, plan.reps), r = n - b * plan.reps.divisor;
+  const uint64_t key = (uint64_t)p.keys[b];
+  const uint32_t draw = (uint32_t)(p.first_draw[b] + r);
+  const int64_t s = 4 * (int64_t)u;  // first spatial position
+  float v[4 * C];                    // v[j * C + c]: position s + j, channel c
+  for (int c = 0; c < C; ++c) {
+    float z[4], xs[4];
+    // logical elements c * spatial + s + j: quad c * spatial / 4 + u, element j of it
+    normals4(p.seed, key, draw, (uint32_t)(c * (p.spatial / 4)) + u, z);
+    load4(p.x + (int64_t)b * p.num_elements + c * p.spatial + s, xs, true);
+    for (int j = 0; j < 4; ++j) v[j * C + c] = xs[j] + p.sigma * z[j];
+  }
+  T* out = static_cast<T*>(p.out) + (int64_t)n * p.num_elements + s * C;  // 4 * C consecutive
+  for (int k = 0; k < C; ++k) store4(out + 4 * k, v + 4 * k, true);
+}
+
+template <typename T>
+DRT_HD void general_item(const Plan& plan, int64_t t) {
+  const NoisyDrawsArgs& p = plan.p;
+  const int64_t quads = (p.num_elements + 3) / 4;
+  const int64_t n = t / quads, q = t - n * quads;  // output row, quad within the row
+  const int64_t b = n / p.reps, r = n - b * p.reps;
+  float z[4];
+  normals4(p.seed, (uint64_t)p.keys[b], (uint32_t)(p.first_draw[b] + r), (uint32_t)q, z);
+  T* out = static_cast<T*>(p.out);
+  for (int j = 0; j < 4; ++j) {
+    const int64_t e = 4 * q + j;
+    if (e >= p.num_elements) break;
+    const float v = p.x[b * p.num_elements + e] + p.sigma * z[j];
+    int64_t index = n * p.num_elements + e;
+    if (p.channels_last) {  // logical element c * spatial + s lives at s * channels + c
+      const int64_t c = e / p.spatial, sp = e - c * p.spatial;
+      index = n * p.num_elements + sp * p.channels + c;
+    }
+    out[index] = convert(v, out);
+  }
+}
+
+template <typename T>
+DRT_HD void item(const Plan& plan, int64_t t) {
+  switch (plan.path) {
+    case kContiguous:
+      contiguous_item<T>(plan, (uint32_t)t);
+      break;
+    case kChannelsLast:
+      if (plan.p.channels == 2) channels_last_item<T, 2>(plan, (uint32_t)t);
+      if (plan.p.channels == 3) channels_last_item<T, 3>(plan, (uint32_t)t);
+      if (plan.p.channels == 4) channels_last_item<T, 4>(plan, (uint32_t)t);
+      break;
+    default:
+      general_item<T>(plan, t);
+  }
+}
+
+template <typename T>
+__global__ void noisy_draws_kernel(const Plan plan) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < plan.items; t += stride) item<T>(plan, t);
+}
+
+template <typename T>
+void launch(const NoisyDrawsArgs& args, cudaStream_t stream) {
+  const Plan plan = make_plan<T>(args);
+  if (plan.items == 0) return;
   constexpr int kBlock = 256;
-  noisy_draws_kernel<<<grid_size(total, kBlock), kBlock, 0, stream>>>(p, quads, Store{});
+  noisy_draws_kernel<T><<<grid_size(plan.items, kBlock), kBlock, 0, stream>>>(plan);
   check_cuda(cudaGetLastError(), "noisy_draws kernel launch");
+}
+
+template <typename T>
+int run_on_host(const NoisyDrawsArgs& args) {
+  const Plan plan = make_plan<T>(args);
+  for (int64_t t = 0; t < plan.items; ++t) item<T>(plan, t);
+  return plan.path;
 }
 
 }  // namespace
@@ -76,14 +223,25 @@ void noisy_draws_cuda(const NoisyDrawsArgs& args, int device, uintptr_t stream) 
   DeviceGuard guard(device);
   switch (args.out_dtype) {
     case kFloat32:
-      launch<StoreFloat>(args, as_stream(stream));
+      launch<float>(args, as_stream(stream));
       break;
     case kBFloat16:
-      launch<StoreBFloat16>(args, as_stream(stream));
+      launch<__nv_bfloat16>(args, as_stream(stream));
       break;
     case kFloat16:
-      launch<StoreFloat16>(args, as_stream(stream));
+      launch<__half>(args, as_stream(stream));
       break;
+  }
+}
+
+int noisy_draws_cuda_on_host(const NoisyDrawsArgs& args) {
+  switch (args.out_dtype) {
+    case kBFloat16:
+      return run_on_host<__nv_bfloat16>(args);
+    case kFloat16:
+      return run_on_host<__half>(args);
+    default:
+      return run_on_host<float>(args);
   }
 }
 

@@ -1,11 +1,20 @@
-// vote_ on CUDA: one block per draw (grid-stride over draws). The block aggregates the
-// members into a shared-memory score row, takes the argmax with block reductions and adds
-// one vote with a 64-bit atomic (integer adds commute: the counts are deterministic).
+// vote_ on CUDA, two kernels:
+// * few classes (K <= 32, the usual 10): one thread per draw. The thread holds the draw's
+//   logits and class scores in registers (loops unrolled to 16 or 32 classes), so a draw
+//   costs no barrier and no shared memory; the warp then adds its votes with one 64-bit
+//   atomic per distinct (input, class) among its 32 draws (__match_any_sync), since all the
+//   draws of an input vote into the same few counters. The per-draw part runs on the host
+//   too (`vote_cuda_on_host`, a test hook), so it is tested without a GPU;
+// * more classes: one block per draw (grid-stride over draws). The block aggregates the
+//   members into a shared-memory score row, takes the argmax with block reductions and adds
+//   one vote with a 64-bit atomic.
+// Integer adds commute: the counts are deterministic either way.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include "../philox.h"  // DRT_HD
 #include "cuda_kernels.h"
 #include "cuda_utils.cuh"
 
@@ -15,9 +24,9 @@ namespace {
 constexpr int kBlock = 128;  // threads per draw
 constexpr int kWarps = kBlock / 32;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+DRT_HD float to_float(float v) { return v; }
+DRT_HD float to_float(__half v) { return __half2float(v); }
+DRT_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Block-wide reductions. `red_*` are shared scratch of kWarps entries; every thread gets the
 // result. Each starts and ends with a barrier so that the scratch can be reused at once.
@@ -26,7 +35,7 @@ struct ArgMax {
   int index;
 };
 
-__device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {  // larger value, then smaller index
+DRT_HD ArgMax better(ArgMax a, ArgMax b) {  // larger value, then smaller index
   return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
 }
 
@@ -58,6 +67,119 @@ __device__ float block_sum(float v, float* red) {
   return total;
 }
 
+
+// ---- few classes: a thread per draw ------------------------------------------------------
+// The label draw r votes for, or -1 when one of its logits is not finite (no vote). The same
+// aggregation, ties and order of members as the block kernel below; kMax >= classes.
+template <typename T, int kMax>
+DRT_HD int draw_label(const VoteArgs& p, int64_t r) {
+  const T* logits = static_cast<const T*>(p.logits);
+  const int classes = (int)p.classes;
+  for (int64_t m = 0; m < p.members; ++m) {
+    const T* row = logits + (m * p.draws + r) * p.classes;
+    bool finite = true;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < classes) finite &= (bool)isfinite(to_float(row[k]));
+    }
+    if (!finite) return -1;
+  }
+  float score[kMax];
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) score[k] = 0.0f;
+  float best_margin = -1.0f;
+  int mme_label = 0;
+  for (int64_t m = 0; m < p.members; ++m) {
+    const T* row = logits + (m * p.draws + r) * p.classes;
+    const float w = p.weights[m];
+    float l[kMax];
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) l[k] = k < classes ? to_float(row[k]) : -INFINITY;
+    if (p.agg == kLogit) {
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) {
+        if (k < classes) score[k] += w * l[k];
+      }
+      continue;
+    }
+    ArgMax top1{-INFINITY, classes};
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < classes) top1 = better(top1, ArgMax{l[k], k});
+    }
+    if (p.agg == kMajorityVote) {
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) score[k] += k == top1.index ? w : 0.0f;
+      continue;
+    }
+    float e[kMax], sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      e[k] = k < classes ? expf(l[k] - top1.value) : 0.0f;
+      sum += e[k];
+    }
+    if (p.agg == kWeightedSoftmax) {
+      const float scale = w / sum;
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) score[k] += e[k] * scale;
+    } else {  // kMaxMargin: top-1 minus top-2 softmax probability
+      ArgMax top2{-INFINITY, classes};
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) {
+        if (k < classes && k != top1.index) top2 = better(top2, ArgMax{l[k], k});
+      }
+      const float margin = (classes > 1 ? 1.0f - expf(top2.value - top1.value) : 1.0f) / sum;
+      if (margin > best_margin) {  // strict: ties keep the smaller member index
+        best_margin = margin;
+        mme_label = top1.index;
+      }
+    }
+  }
+  if (p.agg == kMaxMargin) return mme_label;
+  ArgMax label{-INFINITY, classes};
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < classes) label = better(label, ArgMax{score[k], k});
+  }
+  return label.index;
+}
+
+// Draws are taken a warp at a time (warp-uniform loop: every lane reaches __match_any_sync);
+// lanes past the last draw carry no vote.
+template <typename T, int kMax>
+__global__ void vote_small_kernel(VoteArgs p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;  // a multiple of 32
+  for (int64_t base = (int64_t)blockIdx.x * blockDim.x + threadIdx.x - lane; base < p.draws; base += stride) {
+    const int64_t r = base + lane;
+    long long key = -1;  // counts index of this lane's vote
+    if (r < p.draws) {
+      const int label = draw_label<T, kMax>(p, r);
+      if (label >= 0) key = (long long)p.rows[r] * p.classes + label;
+    }
+    const unsigned peers = __match_any_sync(0xffffffffu, key);  // lanes with the same vote
+    if (key >= 0 && lane == __ffs(peers) - 1) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + key), (unsigned long long)__popc(peers));
+    }
+  }
+}
+
+template <typename T, int kMax>
+void launch_small(const VoteArgs& p, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  vote_small_kernel<T, kMax><<<grid_size(p.draws, kThreads), kThreads, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), "vote kernel launch");
+}
+
+template <typename T>
+void run_small_on_host(const VoteArgs& p) {
+  for (int64_t r = 0; r < p.draws; ++r) {
+    const int label = p.classes <= 16 ? draw_label<T, 16>(p, r) : draw_label<T, 32>(p, r);
+    if (label >= 0) p.counts[p.rows[r] * p.classes + label] += 1;
+  }
+}
+
+// ---- more classes: a block per draw --------------------------------------------------------
 template <typename T>
 __global__ void vote_kernel(VoteArgs p) {
   extern __shared__ float score[];  // [classes]
@@ -130,6 +252,8 @@ __global__ void vote_kernel(VoteArgs p) {
 
 template <typename T>
 void launch(const VoteArgs& p, cudaStream_t stream) {
+  if (p.classes <= 16) return launch_small<T, 16>(p, stream);
+  if (p.classes <= 32) return launch_small<T, 32>(p, stream);
   const size_t shared = (size_t)p.classes * sizeof(float);
   if (shared > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(vote_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared),
@@ -156,6 +280,21 @@ void vote_cuda(const VoteArgs& args, int device, uintptr_t stream) {
       launch<__half>(args, as_stream(stream));
       break;
   }
+}
+
+int vote_cuda_on_host(const VoteArgs& args) {
+  if (args.classes > 32) return 0;
+  switch (args.logits_dtype) {
+    case kBFloat16:
+      run_small_on_host<__nv_bfloat16>(args);
+      break;
+    case kFloat16:
+      run_small_on_host<__half>(args);
+      break;
+    default:
+      run_small_on_host<float>(args);
+  }
+  return 1;
 }
 
 }  // namespace drt
