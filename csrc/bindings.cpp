@@ -40,31 +40,40 @@ drt::VoteArgs vote_args(uintptr_t logits, int dtype, int64_t members, int64_t dr
                        ptr<int64_t>(counts), batch, agg, ptr<const float>(weights)};
 }
 
+// A binding of a kernel entry point `fn(args, extra...)`: Python passes noisy_draws' (or
+// vote's) pointer and size arguments, then `extra` (the CUDA device and stream); the GIL is
+// released while the kernel runs.
+template <typename... Extra, typename Fn>
+auto noisy_binding(Fn fn) {
+  return [fn](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
+              int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
+              int64_t spatial, Extra... extra) {
+    const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
+                                 channels_last, channels, spatial);
+    py::gil_scoped_release release;
+    return fn(args, extra...);
+  };
+}
+
+template <typename... Extra, typename Fn>
+auto vote_binding(Fn fn) {
+  return [fn](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
+              uintptr_t counts, int64_t batch, int agg, uintptr_t weights, Extra... extra) {
+    const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
+    py::gil_scoped_release release;
+    return fn(args, extra...);
+  };
+}
+
 }  // namespace
 
 #ifndef DRT_FAST_CUDA_MODULE
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "drt-fast CPU kernels (raw pointers; call through drt_fast.ops only)";
-  m.def(
-      "noisy_draws",
-      [](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
-         int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
-         int64_t spatial) {
-        const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
-                                     channels_last, channels, spatial);
-        py::gil_scoped_release release;
-        drt::noisy_draws_cpu(args);
-      });
-  m.def(
-      "vote",
-      [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
-         uintptr_t counts, int64_t batch, int agg, uintptr_t weights) {
-        const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
-        py::gil_scoped_release release;
-        return drt::vote_cpu(args);
-      },
-      "Returns -1, or the first draw whose row is out of range (counts untouched then).");
+  m.def("noisy_draws", noisy_binding<>(drt::noisy_draws_cpu));
+  m.def("vote", vote_binding<>(drt::vote_cpu),
+        "Returns -1, or the first draw whose row is out of range (counts untouched then).");
   m.def("bias_act", [](uintptr_t h, uintptr_t bias, int64_t rows, int64_t cols, bool relu) {
     const drt::BiasActArgs args{ptr<float>(h), ptr<const float>(bias), rows, cols, relu};
     py::gil_scoped_release release;
@@ -103,28 +112,10 @@ PYBIND11_MODULE(_C, m) {
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "drt-fast CUDA kernels (raw pointers and streams; call through drt_fast.ops only)";
   m.def("device_count", &drt::cuda_device_count);
-  m.def(
-      "noisy_draws",
-      [](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
-         int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
-         int64_t spatial, int device, uintptr_t stream) {
-        const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
-                                     channels_last, channels, spatial);
-        py::gil_scoped_release release;
-        drt::noisy_draws_cuda(args, device, stream);
-      });
-  m.def(
-      "noisy_draws_on_host",
-      [](uintptr_t x, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
-         int64_t reps, float sigma, uint64_t seed, int out_dtype, bool channels_last, int64_t channels,
-         int64_t spatial) {
-        const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
-                                     channels_last, channels, spatial);
-        py::gil_scoped_release release;
-        return drt::noisy_draws_cuda_on_host(args);
-      },
-      "Test hook: the CUDA kernel's work items run on the host with CPU pointers; returns the path "
-      "(0 general, 1 contiguous, 2 channels-last).");
+  m.def("noisy_draws", noisy_binding<int, uintptr_t>(drt::noisy_draws_cuda));
+  m.def("noisy_draws_on_host", noisy_binding<>(drt::noisy_draws_cuda_on_host),
+        "Test hook: the CUDA kernel's work items run on the host with CPU pointers; returns the path "
+        "(0 general, 1 contiguous, 2 channels-last).");
   m.def(
       "fast_div",
       [](const std::vector<uint32_t>& numerators, uint32_t divisor) {
@@ -138,24 +129,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         return out;
       },
       "Test hook: fastdiv.h's division of each numerator by divisor.");
-  m.def(
-      "vote",
-      [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
-         uintptr_t counts, int64_t batch, int agg, uintptr_t weights, int device, uintptr_t stream) {
-        const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
-        py::gil_scoped_release release;
-        drt::vote_cuda(args, device, stream);
-      });
-  m.def(
-      "vote_on_host",
-      [](uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes, uintptr_t rows,
-         uintptr_t counts, int64_t batch, int agg, uintptr_t weights) {
-        const auto args = vote_args(logits, dtype, members, draws, classes, rows, counts, batch, agg, weights);
-        py::gil_scoped_release release;
-        return drt::vote_cuda_on_host(args);
-      },
-      "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
-      "pointers; returns 0 for more classes (nothing done).");
+  m.def("vote", vote_binding<int, uintptr_t>(drt::vote_cuda));
+  m.def("vote_on_host", vote_binding<>(drt::vote_cuda_on_host),
+        "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
+        "pointers; returns 0 for more classes (nothing done).");
 }
 
 #endif
