@@ -163,6 +163,7 @@ def test_strided_and_expanded_inputs():
     row = torch.randn(1, 12).expand(7, 12)              # stride 0
     got = ops.dense_chain_cpu(row, meta, params, out_cols)
     assert torch.equal(got, got[:1].expand(7, 5))
+    assert ops.dense_chain(torch.randn(0, 12), meta, params, out_cols).shape == (0, 5)
 
 
 def tampered(meta, at, value):
