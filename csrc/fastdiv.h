@@ -18,7 +18,7 @@ struct FastDiv {
   uint32_t divisor, magic, shift;
 };
 
-// For 1 <= divisor < 2^31.
+// For 1 <= divisor < 2^31 (callers check; 0 would divide by zero below).
 inline FastDiv make_fast_div(uint32_t divisor) {
   uint32_t shift = 0;
   while ((1u << shift) < divisor) ++shift;  // ceil(log2(divisor)) <= 31

@@ -185,6 +185,13 @@ def _check_vote_args(logits, rows, counts, agg, weights):
         raise DrtFastError(f"weights must be on the same device as logits ({device}), got {weights.device}")
 
 
+def _check_finite_weights(weights: Tensor):
+    """Reads the values: not on CUDA in the hot path (it would synchronize with the host)."""
+    values = weights.tolist()
+    if not math.isfinite(sum(values)):  # float64 sums of float32 values: inf/NaN only from inf/NaN
+        raise DrtFastError(f"weights must be finite, got {values}")
+
+
 def _check_rows_in_range(rows: Tensor, batch: int):
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
         raise DrtFastError(
@@ -328,6 +335,7 @@ def reference_vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weig
     """Pure-torch :func:`vote_` (aggregation in float64; same tie-breaking), any device."""
     _check_vote_args(logits, rows, counts, agg, weights)
     _check_rows_in_range(rows, counts.shape[0])
+    _check_finite_weights(weights)
     members, draws, classes = logits.shape
     if draws == 0:
         return
@@ -436,8 +444,8 @@ def vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tenso
         weights: ``[M]`` float32 member weights.
 
     Ties go to the smaller class index (and, in ``mme``, the smaller member index). A draw with
-    any non-finite logit casts no vote. On CUDA, ``rows`` is not range-checked (that would
-    synchronize with the host).
+    any non-finite logit casts no vote. On CUDA, ``rows`` is not range-checked and ``weights``
+    not checked for NaN/inf (either would synchronize with the host).
     """
     vote_eager_(logits, rows, counts, agg, weights)
 
@@ -459,6 +467,7 @@ def vote_eager_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights:
         with torch.cuda.device(logits.device):
             _C_cuda.vote(*args, logits.device.index, torch.cuda.current_stream(logits.device).cuda_stream)
     elif logits.device.type == "cpu":
+        _check_finite_weights(weights)
         bad_row = _require_cpu_kernels().vote(*args)
         if bad_row >= 0:  # checked before any count changed
             _check_rows_in_range(rows, counts.shape[0])

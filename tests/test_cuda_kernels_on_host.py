@@ -37,7 +37,7 @@ def on_host(x, keys, first, reps, sigma, seed, out_dtype, channels_last, misalig
     if channels_last:            # the storage order of a channels-last [N, C, H, W] tensor
         n, c, h, w = shape
         out = flat.view(n, h, w, c).permute(0, 3, 1, 2)
-        assert out.is_contiguous(memory_format=memory_format)
+        assert out.numel() == 0 or out.is_contiguous(memory_format=memory_format)
     else:
         out = flat.view(shape)
     channels, spatial = (x.shape[1], x.shape[2] * x.shape[3]) if channels_last else (1, num_elements)
@@ -84,6 +84,26 @@ def test_every_path_writes_what_the_cpu_kernel_writes(out_dtype, shape, channels
     assert taken == path
     assert torch.equal(got.contiguous(), want.contiguous())     # bitwise, every element written
     assert not torch.isnan(got).any()
+
+
+@pytest.mark.parametrize("channels_last,path", [(False, CONTIGUOUS), (True, GENERAL)])
+def test_a_misaligned_input_falls_back_to_scalar_reads(channels_last, path):
+    x, keys, first = inputs(2, (3, 8, 8), seed=4)
+    shifted = torch.empty(x.numel() + 1)[1:].view_as(x)     # 4 bytes off 16-byte alignment
+    shifted.copy_(x)
+    got, taken = on_host(shifted, keys, first, 9, 0.3, 5, torch.float32, channels_last)
+    assert taken == path
+    want = ops.noisy_draws(x, keys, first, 9, 0.3, 5, torch.float32, channels_last)
+    assert torch.equal(got.contiguous(), want.contiguous())
+
+
+def test_empty_rows_write_nothing():
+    """No element (a 0-pixel image) or no draw: nothing to do, and no division by zero."""
+    for shape, reps in [((3, 0, 4), 5), ((1, 8, 8), 0)]:
+        x, keys, first = inputs(2, shape)
+        for channels_last in (False, True):
+            got, taken = on_host(x, keys, first, reps, 0.3, 5, torch.float32, channels_last)
+            assert got.numel() == 0 and taken == GENERAL
 
 
 def test_the_vector_path_at_the_scale_of_a_gpu_batch():
@@ -173,3 +193,26 @@ def test_more_classes_are_not_the_small_kernel():
     assert ops._C_cuda.vote_on_host(logits.data_ptr(), 0, 2, 5, 33, torch.arange(5).data_ptr(), counts.data_ptr(),
                                     5, 0, torch.ones(2).data_ptr()) == 0
     assert counts.sum() == 0
+
+
+def test_majority_vote_sums_weights_in_double_as_the_cpu_kernel():
+    """0.1 + 0.2 ties 0.3 in float32 but not in float64: the CPU kernel and the reference sum
+    in float64 and give class 1; so must the CUDA kernels."""
+    logits = torch.zeros(3, 1, 10)
+    logits[0, 0, 0] = logits[1, 0, 0] = 5.0      # members 0 and 1 vote class 0
+    logits[2, 0, 1] = 5.0                         # member 2 votes class 1
+    weights = torch.tensor([0.1, 0.2, 0.3])
+    for vote in (host_vote, ops.vote_, ops.reference_vote_):
+        counts = torch.zeros(1, 10, dtype=torch.int64)
+        vote(logits, torch.zeros(1, dtype=torch.int64), counts, "mv", weights)
+        assert counts[0].tolist() == [0, 1] + [0] * 8, vote
+
+
+def test_nan_scores_do_not_vote_past_the_row():
+    """NaN weights (the op checks them on the CPU, not on CUDA) make every score NaN: the vote
+    stays in the draw's row (class 0) instead of landing in the next row."""
+    logits = torch.randn(2, 4, 10)
+    counts = torch.zeros(2, 10, dtype=torch.int64)
+    weights = torch.tensor([float("nan"), 1.0])
+    host_vote(logits, torch.tensor([1, 1, 1, 1]), counts, "we", weights)
+    assert counts[1, 0] == 4 and counts.sum() == 4

@@ -322,6 +322,8 @@ def _vote_ok():
     (dict(agg="mode"), "agg must be one of we, logit, mme, mv"),
     (dict(weights=torch.ones(3)), "weights must be float32 with shape \\[2\\]"),
     (dict(weights=torch.ones(2, dtype=torch.float64)), "weights must be float32"),
+    (dict(weights=torch.tensor([1.0, float("nan")])), "weights must be finite"),
+    (dict(weights=torch.tensor([float("inf"), 1.0])), "weights must be finite"),
 ])
 def test_vote_errors(change, message):
     for fn in (ops.vote_, ops.reference_vote_):
@@ -364,6 +366,44 @@ def test_cuda_noisy_draws_bitwise_equal_to_cpu(cuda_device, out_dtype, channels_
     gpu = ops.noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
     assert gpu.stride() == cpu.stride()
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("out_dtype", ops.NOISE_DTYPES)
+@pytest.mark.parametrize("shape,channels_last", [((1, 8, 8), False), ((3, 32, 32), False), ((3, 32, 32), True),
+                                                  ((2, 4, 6), True), ((4, 8, 8), True), ((3, 5, 7), True)])
+def test_cuda_noisy_draws_fast_paths_bitwise_equal_to_cpu(cuda_device, out_dtype, shape, channels_last):
+    """Shapes that take the CUDA kernel's vector and channels-last paths (csrc/cuda/noise.cu),
+    and a misaligned input view, which falls back to scalar accesses."""
+    x, keys, first = _inputs(3, shape)
+    args = (37, 0.25, 99, out_dtype, channels_last)
+    cpu = ops.noisy_draws(x, keys, first, *args)
+    gpu = ops.noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
+    assert gpu.stride() == cpu.stride() and torch.equal(gpu.cpu(), cpu)
+    shifted = torch.empty(x.numel() + 1, device=cuda_device)[1:].view_as(x)   # 4 bytes off alignment
+    shifted.copy_(x)
+    gpu = ops.noisy_draws(shifted, keys.to(cuda_device), first.to(cuda_device), *args)
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("agg", ops.AGGREGATIONS)
+@pytest.mark.parametrize("classes", [10, 32, 100])
+def test_cuda_vote_shared_rows_count_what_the_cpu_counts(cuda_device, agg, classes):
+    """Many draws per row (the warp adds equal votes with one atomic), a draw count that is
+    not a multiple of 32, non-finite draws; clear winners, so the counts must be equal."""
+    gen = torch.Generator().manual_seed(classes)
+    members, draws = 3, 1000 + 13
+    logits = torch.randn(members, draws, classes, generator=gen)
+    winners = torch.randint(0, classes, (draws,), generator=gen)
+    logits[:, torch.arange(draws), winners] += 12.0
+    logits[1, 5, 2] = float("nan")
+    logits[0, 700, 0] = float("inf")
+    rows = torch.arange(draws) // 7
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    cpu = torch.zeros(int(rows[-1]) + 1, classes, dtype=torch.int64)
+    ops.vote_(logits, rows, cpu, agg, weights)
+    gpu = torch.zeros_like(cpu, device=cuda_device)
+    ops.vote_(logits.to(cuda_device), rows.to(cuda_device), gpu, agg, weights.to(cuda_device))
+    assert torch.equal(gpu.cpu(), cpu) and int(cpu.sum()) == draws - 2
 
 
 @pytest.mark.parametrize("agg", ops.AGGREGATIONS)

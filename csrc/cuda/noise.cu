@@ -87,6 +87,7 @@ Plan make_plan(const NoisyDrawsArgs& p) {
   const bool whole_quads = p.num_elements % 4 == 0;
   const bool vector_ok = whole_quads && aligned(p.x, 16) && aligned(p.out, 4 * sizeof(T));
   const int64_t limit = (int64_t)1 << 31;  // fast_div's range
+  if (rows * quads == 0) return plan;       // nothing to write (no divisor may be 0)
   if (!channels_last && rows * quads < limit) {
     plan.path = kContiguous;
     plan.vector = vector_ok;

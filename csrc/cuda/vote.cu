@@ -71,7 +71,7 @@ __device__ float block_sum(float v, float* red) {
 // ---- few classes: a thread per draw ------------------------------------------------------
 // The label draw r votes for, or -1 when one of its logits is not finite (no vote). The same
 // aggregation, ties and order of members as the block kernel below; kMax >= classes.
-template <typename T, int kMax>
+template <typename T, int kMax, typename Score>
 DRT_HD int draw_label(const VoteArgs& p, int64_t r) {
   const T* logits = static_cast<const T*>(p.logits);
   const int classes = (int)p.classes;
@@ -84,9 +84,11 @@ DRT_HD int draw_label(const VoteArgs& p, int64_t r) {
     }
     if (!finite) return -1;
   }
-  float score[kMax];
+  // mv sums weights in double (as the CPU kernel and the reference: a float sum can tie
+  // where the exact one does not), classes no member voted for at -1
+  Score score[kMax];
 #pragma unroll
-  for (int k = 0; k < kMax; ++k) score[k] = 0.0f;
+  for (int k = 0; k < kMax; ++k) score[k] = p.agg == kMajorityVote ? Score(-1) : Score(0);
   float best_margin = -1.0f;
   int mme_label = 0;
   for (int64_t m = 0; m < p.members; ++m) {
@@ -109,7 +111,9 @@ DRT_HD int draw_label(const VoteArgs& p, int64_t r) {
     }
     if (p.agg == kMajorityVote) {
 #pragma unroll
-      for (int k = 0; k < kMax; ++k) score[k] += k == top1.index ? w : 0.0f;
+      for (int k = 0; k < kMax; ++k) {
+        if (k == top1.index) score[k] = (score[k] < Score(0) ? Score(0) : score[k]) + Score(w);
+      }
       continue;
     }
     float e[kMax], sum = 0.0f;
@@ -136,12 +140,23 @@ DRT_HD int draw_label(const VoteArgs& p, int64_t r) {
     }
   }
   if (p.agg == kMaxMargin) return mme_label;
-  ArgMax label{-INFINITY, classes};
+  // the first largest score; a NaN score (NaN weights) never wins, and all NaN gives class 0
+  int label = 0;
+  Score best = Score(-INFINITY);
 #pragma unroll
   for (int k = 0; k < kMax; ++k) {
-    if (k < classes) label = better(label, ArgMax{score[k], k});
+    if (k < classes && score[k] > best) {
+      best = score[k];
+      label = k;
+    }
   }
-  return label.index;
+  return label;
+}
+
+// A draw's label: mv with double scores, the other modes with float ones.
+template <typename T, int kMax>
+DRT_HD int draw_label(const VoteArgs& p, int64_t r) {
+  return p.agg == kMajorityVote ? draw_label<T, kMax, double>(p, r) : draw_label<T, kMax, float>(p, r);
 }
 
 // Draws are taken a warp at a time (warp-uniform loop: every lane reaches __match_any_sync);
@@ -182,7 +197,9 @@ void run_small_on_host(const VoteArgs& p) {
 // ---- more classes: a block per draw --------------------------------------------------------
 template <typename T>
 __global__ void vote_kernel(VoteArgs p) {
-  extern __shared__ float score[];  // [classes]
+  extern __shared__ double shared_row[];  // [classes] scores: float, or double for mv
+  float* score = reinterpret_cast<float*>(shared_row);
+  double* votes = shared_row;  // mv: summed weights in double as the CPU kernel, -1: no vote
   __shared__ float red_v[kWarps];
   __shared__ int red_i[kWarps];
   const T* logits = static_cast<const T*>(p.logits);
@@ -196,7 +213,13 @@ __global__ void vote_kernel(VoteArgs p) {
     }
     if (__syncthreads_or(bad)) continue;
 
-    for (int64_t k = threadIdx.x; k < k_total; k += kBlock) score[k] = 0.0f;
+    for (int64_t k = threadIdx.x; k < k_total; k += kBlock) {
+      if (p.agg == kMajorityVote) {
+        votes[k] = -1.0;
+      } else {
+        score[k] = 0.0f;
+      }
+    }
     __syncthreads();
     float best_margin = -1.0f;
     int mme_label = 0;
@@ -211,7 +234,7 @@ __global__ void vote_kernel(VoteArgs p) {
       for (int64_t k = threadIdx.x; k < k_total; k += kBlock) local = better(local, ArgMax{to_float(row[k]), (int)k});
       const ArgMax top1 = block_argmax(local, red_v, red_i);
       if (p.agg == kMajorityVote) {
-        if (threadIdx.x == 0) score[top1.index] += w;
+        if (threadIdx.x == 0) votes[top1.index] = (votes[top1.index] < 0.0 ? 0.0 : votes[top1.index]) + (double)w;
         __syncthreads();
         continue;
       }
@@ -238,10 +261,19 @@ __global__ void vote_kernel(VoteArgs p) {
     }
     __syncthreads();
     int label = mme_label;
-    if (p.agg != kMaxMargin) {
+    if (p.agg == kMajorityVote) {  // thread 0, which votes, finds the first largest sum
+      double best = -INFINITY;
+      for (int64_t k = 0; threadIdx.x == 0 && k < k_total; ++k) {
+        if (votes[k] > best) {
+          best = votes[k];
+          label = (int)k;
+        }
+      }
+    } else if (p.agg != kMaxMargin) {
       ArgMax local{-INFINITY, (int)k_total};
       for (int64_t k = threadIdx.x; k < k_total; k += kBlock) local = better(local, ArgMax{score[k], (int)k});
       label = block_argmax(local, red_v, red_i).index;
+      if (label >= k_total) label = 0;  // every score NaN (NaN weights): not past the row
     }
     if (threadIdx.x == 0) {
       atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + p.rows[r] * k_total + label), 1ULL);
@@ -254,7 +286,7 @@ template <typename T>
 void launch(const VoteArgs& p, cudaStream_t stream) {
   if (p.classes <= 16) return launch_small<T, 16>(p, stream);
   if (p.classes <= 32) return launch_small<T, 32>(p, stream);
-  const size_t shared = (size_t)p.classes * sizeof(float);
+  const size_t shared = (size_t)p.classes * (p.agg == kMajorityVote ? sizeof(double) : sizeof(float));
   if (shared > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(vote_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared),
                "vote kernel shared memory");
