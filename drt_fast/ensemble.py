@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import DrtFastError
+from .ops import reference_labels
 
 MODES = ("we", "logit", "mme", "mv")
 
@@ -176,32 +177,9 @@ def aggregate(logits, mode, weights=None):
         raise DrtFastError(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
     if logits.dim() != 3:
         raise DrtFastError(f"logits must have shape [M, R, K], got {list(logits.shape)}")
-    M, R, K = logits.shape
-    device = logits.device
-    # float64, as drt_fast.ops.reference_vote_ aggregates, so that near-ties resolve alike.
-    z = logits.to(torch.float64)
-    finite = torch.isfinite(z).all(-1).all(0)                                  # [R]
-    z = torch.where(finite[None, :, None], z, torch.zeros((), dtype=z.dtype, device=device))
-    w = (torch.full((M,), 1.0 / M, dtype=torch.float64, device=device) if weights is None
-         else weights.to(device=device, dtype=torch.float64))[:, None, None]
-    # torch.argmax returns the first maximal index: ties go to the smaller index.
-    if mode == "logit":
-        score = (w * z).sum(0)
-    elif mode == "we":
-        score = (w * z.softmax(-1)).sum(0)
-    elif mode == "mv":
-        member_labels = z.argmax(-1)                                           # [M, R]
-        score = torch.zeros(R, K, dtype=z.dtype, device=device)
-        for j in range(M):  # in member order, as the kernels add
-            score[torch.arange(R, device=device), member_labels[j]] += w[j, 0, 0]
-    else:  # mme
-        probs = z.softmax(-1)
-        top = probs.topk(min(2, K), dim=-1).values                             # [M, R, <=2]
-        margin = top[..., 0] - top[..., 1] if K > 1 else top[..., 0]           # [M, R]
-        decider = margin.argmax(0)                                             # [R]
-        score = z[decider, torch.arange(R, device=device)]                     # [R, K]
-    labels = score.argmax(-1)
-    return torch.where(finite, labels, torch.full_like(labels, -1))
+    M = logits.shape[0]
+    w = torch.full((M,), 1.0 / M, dtype=torch.float64) if weights is None else weights
+    return reference_labels(logits, mode, w)
 
 
 def _same_architecture(members):

@@ -47,6 +47,7 @@ __all__ = [
     "reference_bias_act_",
     "dense_chain",
     "reference_dense_chain",
+    "reference_labels",
     "cuda_available",
     "AGGREGATIONS",
     "NOISE_DTYPES",
@@ -331,18 +332,16 @@ def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int
     return _empty_output(x, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
 
 
-def reference_vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tensor) -> None:
-    """Pure-torch :func:`vote_` (aggregation in float64; same tie-breaking), any device."""
-    _check_vote_args(logits, rows, counts, agg, weights)
-    _check_rows_in_range(rows, counts.shape[0])
-    _check_finite_weights(weights)
+def reference_labels(logits: Tensor, agg: str, weights: Tensor) -> Tensor:
+    """Each draw's label by `vote_`'s rules, in pure torch and float64: ``[R]`` int64, -1 for
+    a draw with a non-finite logit (it casts no vote). ``logits`` ``[M, R, K]``, ``weights``
+    ``[M]``; the arguments are not checked (`reference_vote_` and `ensemble.aggregate` do)."""
     members, draws, classes = logits.shape
-    if draws == 0:
-        return
+    device = logits.device
     z = logits.to(torch.float64)
     finite = torch.isfinite(z).all(dim=2).all(dim=0)  # [R]
-    z = torch.where(finite[None, :, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
-    w = weights.to(torch.float64)[:, None, None]
+    z = torch.where(finite[None, :, None], z, torch.zeros((), dtype=z.dtype, device=device))
+    w = weights.to(device=device, dtype=torch.float64)[:, None, None]
     if agg == "we":
         score = (w * torch.softmax(z, dim=2)).sum(0)
     elif agg == "logit":
@@ -352,15 +351,28 @@ def reference_vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weig
         top = probs.topk(min(2, classes), dim=2).values
         margin = top[..., 0] - top[..., 1] if classes > 1 else top[..., 0]  # [M, R]
         decider = margin.argmax(dim=0)  # first (smallest) member index on ties
-        score = z[decider, torch.arange(draws, device=z.device)]  # the decider's logits [R, K]
-    else:  # mv
+        score = z[decider, torch.arange(draws, device=device)]  # the decider's logits [R, K]
+    else:  # mv: classes no member voted for stay at -1 (they never win, even at zero weights)
         member_labels = z.argmax(dim=2)  # [M, R]
-        score = torch.zeros(draws, classes, dtype=z.dtype, device=z.device)
+        score = torch.full((draws, classes), -1.0, dtype=z.dtype, device=device)
+        every = torch.arange(draws, device=device)
         for m in range(members):  # member order, as the kernels add
-            score[torch.arange(draws, device=z.device), member_labels[m]] += w[m, 0, 0]
+            score[every, member_labels[m]] = score[every, member_labels[m]].clamp_min(0.0) + w[m, 0, 0]
     labels = score.argmax(dim=1)  # torch.argmax returns the first maximum: ties -> smaller class
-    ones = torch.ones(int(finite.sum()), dtype=counts.dtype, device=counts.device)
-    counts.index_put_((rows[finite], labels[finite]), ones, accumulate=True)
+    return torch.where(finite, labels, torch.full_like(labels, -1))
+
+
+def reference_vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tensor) -> None:
+    """Pure-torch :func:`vote_` (aggregation in float64; same tie-breaking), any device."""
+    _check_vote_args(logits, rows, counts, agg, weights)
+    _check_rows_in_range(rows, counts.shape[0])
+    _check_finite_weights(weights)
+    if logits.shape[1] == 0:
+        return
+    labels = reference_labels(logits, agg, weights)
+    voted = labels >= 0
+    ones = torch.ones(int(voted.sum()), dtype=counts.dtype, device=counts.device)
+    counts.index_put_((rows[voted], labels[voted]), ones, accumulate=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -216,3 +216,14 @@ def test_nan_scores_do_not_vote_past_the_row():
     weights = torch.tensor([float("nan"), 1.0])
     host_vote(logits, torch.tensor([1, 1, 1, 1]), counts, "we", weights)
     assert counts[1, 0] == 4 and counts.sum() == 4
+
+
+def test_majority_vote_with_zero_weights_picks_a_voted_class():
+    """Members 0 and 1 (weight 0) vote class 5 and 7, member 2 (weight 0) too: every sum is
+    0, and the winner is the smallest voted class, not class 0, in every implementation."""
+    logits = torch.zeros(3, 1, 10)
+    logits[0, 0, 5] = logits[1, 0, 7] = logits[2, 0, 7] = 5.0
+    for vote in (host_vote, ops.vote_, ops.reference_vote_):
+        counts = torch.zeros(1, 10, dtype=torch.int64)
+        vote(logits, torch.zeros(1, dtype=torch.int64), counts, "mv", torch.zeros(3))
+        assert int(counts[0].argmax()) == 5, vote
