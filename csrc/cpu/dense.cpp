@@ -1,6 +1,6 @@
 // Dense members on the CPU (drt_fast/fuse.py DenseMember).
 //
-// dense_chain: a member's whole forward, layer after layer, on tiles of kTile rows that stay
+// dense_chain: a member's whole forward, layer after layer, on tiles of 24-48 rows that stay
 // in the core's cache, with each layer's bias and ReLU applied in registers. A layer is a set
 // of blocks (kernels.h): the matrices of convolutions are mostly zeros, and a block only
 // multiplies the band of input columns its outputs depend on, so the digits CNN does 55 %
@@ -13,6 +13,7 @@
 // Compiled once per ISA (CMakeLists.txt, dispatch.cpp) like noise.cpp; the multiply-adds use
 // the ISA's intrinsics (FMA where the ISA has it), since the TU is built without FMA
 // contraction for the noise. No STL: an AVX-512 TU must not lend code to the baseline build.
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -101,8 +102,12 @@ inline Vec vrelu(Vec v) {
 
 constexpr int kVecs = 2;                   // vectors per accumulator row
 constexpr int64_t kCols = kVecs * kLanes;  // columns of one register tile; divides kDenseChunk
-constexpr int64_t kTile = 48;              // rows per task: a multiple of every ISA's kRows
-static_assert(kDenseChunk % kCols == 0 && kTile % kRows == 0, "tile sizes");
+// Rows per task: a multiple of every ISA's kRows. 48 keeps a chunk's weights in L1 across 6
+// register tiles (AVX-512); 24 where 48 would leave threads idle (a batch of 1000 on 16
+// threads: 21 tasks of 48 take 2 rounds with 11 threads idle in the second, 42 of 24 take 3
+// of 16).
+constexpr int64_t kTileMax = 48, kTileMin = 24;
+static_assert(kDenseChunk % kCols == 0 && kTileMax % kRows == 0 && kTileMin % kRows == 0, "tile sizes");
 
 // dst[r, 0:kCols] = act(bias[0:kCols] + sum_k src[r, k] * w[k, 0:kCols]) for r < kRows, k < depth.
 template <bool kRelu>
@@ -126,12 +131,12 @@ inline void register_tile(const float* src, int64_t lds, const float* w, int64_t
   }
 }
 
-// Rows [r0, r0 + kTile) of the batch through every layer. `scratch`: kTile * in_cols floats
-// for a short last tile's input, then two kTile * max_width buffers for the layers' outputs.
-void chain_tile(const DenseChainArgs& p, int64_t r0, float* scratch) {
+// Rows [r0, r0 + tile) of the batch through every layer. `scratch`: tile * in_cols floats
+// for a short last tile's input, then two tile * max_width buffers for the layers' outputs.
+void chain_tile(const DenseChainArgs& p, int64_t r0, int64_t tile, float* scratch) {
   const int64_t* m = p.meta;
   const int64_t layers = m[0], in_cols = m[1], out_cols = p.out_cols, max_width = m[3];
-  const int64_t n = p.rows - r0 < kTile ? p.rows - r0 : kTile;
+  const int64_t n = p.rows - r0 < tile ? p.rows - r0 : tile;
   const int64_t padded = (n + kRows - 1) / kRows * kRows;
   const float* src = p.x + r0 * p.ldx;
   int64_t lds = p.ldx;
@@ -142,7 +147,7 @@ void chain_tile(const DenseChainArgs& p, int64_t r0, float* scratch) {
     src = in;
     lds = in_cols;
   }
-  float* buffers[2] = {scratch + kTile * in_cols, scratch + kTile * in_cols + kTile * max_width};
+  float* buffers[2] = {scratch + tile * in_cols, scratch + tile * in_cols + tile * max_width};
   int64_t at = 4;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t width = m[at], relu = m[at + 1], blocks = m[at + 3];
@@ -176,8 +181,10 @@ void chain_tile(const DenseChainArgs& p, int64_t r0, float* scratch) {
 // when a thread's scratch could not be allocated (the output is then incomplete).
 bool dense_chain_run(const DenseChainArgs& p) {
   const int64_t in_cols = p.meta[1], max_width = p.meta[3];
-  const int64_t tiles = (p.rows + kTile - 1) / kTile;
-  size_t bytes = (size_t)(kTile * in_cols + 2 * kTile * max_width) * sizeof(float);
+  const int64_t threads = omp_get_max_threads();
+  const int64_t tile = (p.rows + kTileMax - 1) / kTileMax >= 4 * threads ? kTileMax : kTileMin;
+  const int64_t tiles = (p.rows + tile - 1) / tile;
+  size_t bytes = (size_t)(tile * in_cols + 2 * tile * max_width) * sizeof(float);
   bytes = (bytes + 63) / 64 * 64;  // aligned_alloc wants a multiple of the alignment
   bool out_of_memory = false;
 #pragma omp parallel if (tiles > 1) reduction(|| : out_of_memory)
@@ -186,7 +193,7 @@ bool dense_chain_run(const DenseChainArgs& p) {
     out_of_memory = scratch == nullptr;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
-      if (scratch != nullptr) chain_tile(p, t * kTile, scratch);
+      if (scratch != nullptr) chain_tile(p, t * tile, tile, scratch);
     }
     free(scratch);
   }
