@@ -457,7 +457,8 @@ def vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tenso
 
     Ties go to the smaller class index (and, in ``mme``, the smaller member index). A draw with
     any non-finite logit casts no vote. On CUDA, ``rows`` is not range-checked and ``weights``
-    not checked for NaN/inf (either would synchronize with the host).
+    not checked for NaN/inf (either would synchronize with the host): a draw whose row is out
+    of range casts no vote there.
     """
     vote_eager_(logits, rows, counts, agg, weights)
 

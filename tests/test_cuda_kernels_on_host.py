@@ -227,3 +227,12 @@ def test_majority_vote_with_zero_weights_picks_a_voted_class():
         counts = torch.zeros(1, 10, dtype=torch.int64)
         vote(logits, torch.zeros(1, dtype=torch.int64), counts, "mv", torch.zeros(3))
         assert int(counts[0].argmax()) == 5, vote
+
+
+def test_a_row_out_of_range_casts_no_vote():
+    """The op does not range-check rows on CUDA (it would sync): the kernel drops such a vote
+    instead of writing outside counts."""
+    logits = torch.randn(2, 6, 10)
+    counts = torch.zeros(2, 10, dtype=torch.int64)
+    host_vote(logits, torch.tensor([0, 1, -1, 2, 5, 1]), counts, "we", torch.ones(2))
+    assert counts.sum() == 3

@@ -67,7 +67,6 @@ __device__ float block_sum(float v, float* red) {
   return total;
 }
 
-
 // ---- few classes: a thread per draw ------------------------------------------------------
 // The label draw r votes for, or -1 when one of its logits is not finite (no vote). The same
 // aggregation, ties and order of members as the block kernel below; kMax >= classes.
@@ -170,7 +169,8 @@ __global__ void vote_small_kernel(VoteArgs p) {
     long long key = -1;  // counts index of this lane's vote
     if (r < p.draws) {
       const int label = draw_label<T, kMax>(p, r);
-      if (label >= 0) key = (long long)p.rows[r] * p.classes + label;
+      const int64_t row = p.rows[r];  // not range-checked by the op on CUDA: a bad row casts no vote
+      if (label >= 0 && row >= 0 && row < p.batch) key = (long long)row * p.classes + label;
     }
     const unsigned peers = __match_any_sync(0xffffffffu, key);  // lanes with the same vote
     if (key >= 0 && lane == __ffs(peers) - 1) {
@@ -190,7 +190,7 @@ template <typename T>
 void run_small_on_host(const VoteArgs& p) {
   for (int64_t r = 0; r < p.draws; ++r) {
     const int label = p.classes <= 16 ? draw_label<T, 16>(p, r) : draw_label<T, 32>(p, r);
-    if (label >= 0) p.counts[p.rows[r] * p.classes + label] += 1;
+    if (label >= 0 && p.rows[r] >= 0 && p.rows[r] < p.batch) p.counts[p.rows[r] * p.classes + label] += 1;
   }
 }
 
@@ -275,7 +275,7 @@ __global__ void vote_kernel(VoteArgs p) {
       label = block_argmax(local, red_v, red_i).index;
       if (label >= k_total) label = 0;  // every score NaN (NaN weights): not past the row
     }
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && p.rows[r] >= 0 && p.rows[r] < p.batch) {  // a bad row casts no vote
       atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + p.rows[r] * k_total + label), 1ULL);
     }
     __syncthreads();  // score is rewritten by the next draw
