@@ -1,6 +1,6 @@
 """The fused sampling hot path as torch custom ops, and their pure-torch references.
 
-Two ops, registered under ``torch.ops.drt_fast`` (contracts in docs/internals.md):
+The sampling ops, registered under ``torch.ops.drt_fast`` (contracts in docs/internals.md):
 
 * ``noisy_draws(x[B,*S], keys[B], first_draw[B], reps, sigma, seed, out_dtype=None,
   channels_last=False) -> [B*reps, *S]``: row ``b*reps + r`` is
@@ -8,6 +8,9 @@ Two ops, registered under ``torch.ops.drt_fast`` (contracts in docs/internals.md
 * ``vote_(logits[M,R,K], rows[R], counts[B,K], agg, weights[M]) -> None``: per draw ``r``,
   aggregate the M members' logits (``agg`` in we/logit/mme/mv), take the argmax and add one
   to ``counts[rows[r], label]`` in place. Draws with any non-finite logit are not counted.
+
+and two for the CPU's dense members (`drt_fast.fuse.DenseMember`): ``bias_act_`` (a layer's
+bias and ReLU after a GEMM) and ``dense_chain`` (a whole member, by a block plan).
 
 The noise is Philox4x32-10 (key = seed, counter = (element // 4, draw, input key)) followed
 by Box-Muller computed with IEEE basic operations only, so the C++ kernel, the CUDA kernel
