@@ -14,9 +14,9 @@ member forwards: about 2x on 2 CPU cores, 1000 draws a batch; oneDNN's convoluti
 and ReLUs then runs as one call of drt-fast's block-sparse kernel (`ops.dense_chain`;
 `_chain_plan`): tiles of rows go through every layer in the core's cache, and each block of
 a matrix multiplies only the band of inputs its outputs depend on, skipping most of a
-convolution's zeros (the digits CNN: 55 % of the multiply-adds; its three members' forwards
-2.1x faster than one GEMM per matrix, 8x faster than the plain members, 1000 draws on 2
-cores). A matrix is built only where it is cheap:
+convolution's zeros (the digits CNN: 55 % of the multiply-adds; its forwards 1.8-2.1x
+faster than one GEMM per matrix and 3-8x faster than the plain members, whose oneDNN
+convolutions vary from run to run; 1000 draws on 2 cores). A matrix is built only where it is cheap:
 at most `DENSE_MAX_ENTRIES` entries and at most `DENSE_MAX_WASTE` times the multiply-adds
 of the layers it replaces (the zeros of a convolution's matrix are computed too; measured
 on 2 cores with single convolutions: 7x the multiply-adds on an 8x8 input still 4x faster,

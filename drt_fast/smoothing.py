@@ -155,7 +155,7 @@ class SmoothedClassifier:
     on 3x ResNet-50). On the CPU: a member that is a chain of affine layers and elementwise
     activations on small inputs becomes a chain of dense matrices, one per run of affine
     layers, which drt-fast's block-sparse CPU kernel runs in float32 (the digits CNN: member
-    forwards about 8x faster on 2 cores); any other
+    forwards 3-8x faster on 2 cores); any other
     member gets the same rewrite as on CUDA with oneDNN's fused convolutions, for fp32 runs
     and bf16 runs on channels-last draws (3x ResNet-20: 1.5-1.7x fp32, 2.9x bf16). None (the
     default) is on for float32 models; True insists (an error where no member can be
