@@ -364,8 +364,8 @@ class DenseMember(nn.Module):
         # matrix would do 3.2x the multiply-adds of torch.mm's GEMM).
         chain = _chain_layers(plan)
         if chain is not None and chain[0][0].device.type == "cpu":
-            meta, params = _chain_plan(chain)
-            stats = (sum(w.numel() for w, _, _ in chain), _chain_macs(meta))
+            meta, params, macs = _chain_plan(chain)
+            stats = (sum(w.numel() for w, _, _ in chain), macs)
             if stats[1] <= CHAIN_MAX_WASTE * stats[0]:
                 self.register_buffer("chain_meta", meta, persistent=False)
                 self.register_buffer("chain_params", params, persistent=False)
@@ -471,30 +471,35 @@ def _column_groups(weight: torch.Tensor) -> list:
         return [(min(lo), max(hi), list(range(n_out)))]
     groups = [(a, b, cols) for (a, b), cols in sorted(bands.items())]
 
-    def cost(g):
-        return (g[1] - g[0] + _BLOCK_OVERHEAD) * _pad(len(g[2]), _CHUNK)
+    def cost(lo, hi, n):
+        return (hi - lo + _BLOCK_OVERHEAD) * _pad(n, _CHUNK)
 
-    def merged(g, h):
+    def band(g, h):
         if g[1] == g[0]:        # an empty band (all-zero columns) fits anywhere
-            return (h[0], h[1], g[2] + h[2])
+            return h[0], h[1]
         if h[1] == h[0]:
-            return (g[0], g[1], g[2] + h[2])
-        return (min(g[0], h[0]), max(g[1], h[1]), g[2] + h[2])
+            return g[0], g[1]
+        return min(g[0], h[0]), max(g[1], h[1])
+
+    def gain(g, h):
+        return cost(*g[:2], len(g[2])) + cost(*h[:2], len(h[2])) - cost(*band(g, h), len(g[2]) + len(h[2]))
 
     while len(groups) > 1:
-        gains = [cost(g) + cost(h) - cost(merged(g, h)) for g, h in zip(groups, groups[1:])]
+        gains = [gain(g, h) for g, h in zip(groups, groups[1:])]
         best = max(range(len(gains)), key=gains.__getitem__)
         if gains[best] < 0:
             break
-        groups[best:best + 2] = [merged(groups[best], groups[best + 1])]
+        g, h = groups[best], groups[best + 1]
+        groups[best:best + 2] = [(*band(g, h), g[2] + h[2])]
     return groups
 
 
 def _chain_plan(layers) -> tuple:
-    """The CPU kernel's ``(meta, params)`` for ``layers`` ``[(W, b, relu)]`` (layout in
-    csrc/kernels.h). Each hidden layer's outputs are reordered block by block (the next
-    matrix's rows follow) and padded with zero columns to whole chunks; the last layer keeps
-    its order, so the output is its first ``n_out`` columns."""
+    """The CPU kernel's ``(meta, params, macs)`` for ``layers`` ``[(W, b, relu)]`` (layout
+    in csrc/kernels.h; ``macs``: its multiply-adds a row, the padding included). Each hidden
+    layer's outputs are reordered block by block (the next matrix's rows follow) and padded
+    with zero columns to whole chunks; the last layer keeps its order, so the output is its
+    first ``n_out`` columns."""
     params, size = [], 0
 
     def put(t: torch.Tensor) -> int:
@@ -510,7 +515,7 @@ def _chain_plan(layers) -> tuple:
         return offset
 
     in_cols = layers[0][0].shape[0]
-    meta = [len(layers), in_cols, layers[-1][0].shape[1], 0]
+    meta, macs = [len(layers), in_cols, layers[-1][0].shape[1], 0], 0
     position = torch.arange(in_cols)           # where each of the layer's inputs is
     src_width = in_cols
     for index, (weight, bias, relu) in enumerate(layers):
@@ -532,6 +537,7 @@ def _chain_plan(layers) -> tuple:
             new_position[cols] = torch.arange(width, width + len(cols))
             blocks.append((lo, hi, width, block_width, put(w)))
             width += block_width
+            macs += (hi - lo) * block_width
         full_bias = bias.new_zeros(width)
         full_bias[new_position] = bias
         meta += [width, int(relu), put(full_bias), len(blocks)]
@@ -539,19 +545,7 @@ def _chain_plan(layers) -> tuple:
             meta += list(block)
         meta[3] = max(meta[3], width)
         position, src_width = new_position, width
-    return torch.tensor(meta, dtype=torch.int64), torch.cat(params).contiguous()
-
-
-def _chain_macs(meta: torch.Tensor) -> int:
-    """Multiply-adds a row of the kernel's plan (the padding included)."""
-    m, total, at = meta.tolist(), 0, 4
-    for _ in range(m[0]):
-        blocks = m[at + 3]
-        at += 4
-        for _ in range(blocks):
-            total += (m[at + 1] - m[at]) * m[at + 3]
-            at += 5
-    return total
+    return torch.tensor(meta, dtype=torch.int64), torch.cat(params).contiguous(), macs
 
 
 class _NotLowered(Exception):

@@ -46,7 +46,7 @@ def digits_layers():
 
 
 def plan(layers):
-    meta, params = fuse._chain_plan(layers)
+    meta, params, _ = fuse._chain_plan(layers)
     return meta, params, layers[-1][0].shape[1]
 
 
