@@ -65,6 +65,25 @@ auto vote_binding(Fn fn) {
   };
 }
 
+#ifdef DRT_FAST_CUDA_MODULE
+template <typename... Extra, typename Fn>
+auto cifar_resnet_binding(Fn fn) {
+  return [fn](uintptr_t x, int x_dtype, int64_t batch, int64_t stride_b, int64_t stride_c, int64_t stride_h,
+              int64_t stride_w, uintptr_t weights, int64_t weights_len, uintptr_t biases, int64_t biases_len,
+              uintptr_t norm, uintptr_t fc_w, uintptr_t fc_b, int64_t classes, int64_t blocks, uintptr_t out,
+              Extra... extra) {
+    const drt::CifarResNetArgs args{ptr<const void>(x), x_dtype,          batch,
+                                    stride_b,          stride_c,          stride_h,
+                                    stride_w,          ptr<const void>(weights), weights_len,
+                                    ptr<const float>(biases), biases_len, ptr<const float>(norm),
+                                    ptr<const float>(fc_w), ptr<const float>(fc_b), classes,
+                                    blocks,            ptr<float>(out)};
+    py::gil_scoped_release release;
+    fn(args, extra...);
+  };
+}
+#endif
+
 }  // namespace
 
 #ifndef DRT_FAST_CUDA_MODULE
@@ -130,6 +149,15 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       "Test hook: fastdiv.h's division of each numerator by divisor.");
   m.def("vote", vote_binding<int, uintptr_t>(drt::vote_cuda));
+  m.def("cifar_resnet", cifar_resnet_binding<int, uintptr_t>(drt::cifar_resnet_cuda),
+        "Raises ValueError when the weights do not make the network (nothing launched).");
+  m.def("cifar_resnet_on_host", cifar_resnet_binding<int>(drt::cifar_resnet_cuda_on_host),
+        "Test hook: the CUDA kernel's CTA program on the host with CPU pointers; the last argument is "
+        "the order (0, 1, 2) in which each phase's warps and threads run.");
+  m.def("cifar_resnet_sizes", [](int64_t blocks) {
+    return py::make_tuple(drt::cifar_resnet_weight_tiles(blocks) * 256, drt::cifar_resnet_biases(blocks),
+                          drt::cifar_resnet_smem_bytes());
+  }, "(weights, biases, shared-memory bytes) of the CIFAR ResNet kernel for `blocks` blocks a stage.");
   m.def("vote_on_host", vote_binding<>(drt::vote_cuda_on_host),
         "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
         "pointers; returns 0 for more classes (nothing done).");

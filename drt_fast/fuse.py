@@ -787,3 +787,138 @@ def _act(node: fx.Node, modules: dict):
         return lambda h: fn(h, *args, **kwargs)
     name = node.target
     return lambda h: getattr(h, name)(*args, **kwargs)
+
+
+# ---- a whole CIFAR ResNet as one CUDA kernel (ops.cifar_resnet; csrc/cuda/resnet.cu) -------
+RESNET_KERNEL_ENV = "DRT_FAST_RESNET_KERNEL"
+
+
+def resnet_kernel_enabled(device: torch.device) -> bool:
+    """Whether bf16 certification on ``device`` runs CIFAR ResNet members as
+    `ResNetKernelMember`: only with ``DRT_FAST_RESNET_KERNEL=1``, the CUDA kernels built and
+    a GPU of compute capability 8.0 or newer with room for the kernel's shared memory (data
+    center GPUs; an RTX 30/40 has 99 KB a block, short of the kernel's 100.5 KB). Off by
+    default: the kernel has been tested on the host (its CTA program,
+    ``ops._C_cuda.cifar_resnet_on_host``) but not yet timed on a GPU against cuDNN."""
+    import os
+
+    if os.environ.get(RESNET_KERNEL_ENV) != "1" or device.type != "cuda" or not ops.cuda_available():
+        return False
+    props = torch.cuda.get_device_properties(device)
+    room = getattr(props, "shared_memory_per_block_optin", 0)
+    return props.major >= 8 and room >= ops._C_cuda.cifar_resnet_sizes(1)[2]
+
+
+class ResNetKernelMember(nn.Module):
+    """A CIFAR ResNet member (`drt_fast.models.cifar_resnet.ResNet` of BasicBlocks, depth
+    6n+2, behind an optional `NormalizeLayer`) as one `ops.cifar_resnet` call: BatchNorms
+    folded in float64, convolution weights stored as bf16 tiles, float32 logits. It computes
+    in bf16 whatever the input dtype (the kernel's arithmetic; `resnet_kernel_for_inference`
+    builds it for bf16 certification only)."""
+
+    def __init__(self, weights, biases, norm, fc_w, fc_b, blocks: int):
+        super().__init__()
+        for name, t in (("weights", weights), ("biases", biases), ("norm", norm), ("fc_w", fc_w),
+                        ("fc_b", fc_b)):
+            self.register_buffer(name, t.contiguous())
+        self.blocks = blocks
+
+    def forward(self, x):
+        return ops.cifar_resnet_eager(x, self.weights, self.biases, self.norm, self.fc_w, self.fc_b,
+                                      self.blocks)
+
+    def extra_repr(self) -> str:
+        return (f"depth={6 * self.blocks + 2}, classes={self.fc_w.shape[0]}, "
+                f"{len(ops.resnet_kernel_convs(self.blocks))} convolutions as bf16 tiles")
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    """``conv`` followed by eval-mode ``bn`` as (weight, bias), float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise _NotLowered("a BatchNorm has no running statistics")
+    scale = (bn.weight.detach().double() if bn.affine else 1.0) / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.detach().double() if bn.affine else 0.0
+    bias = (conv.bias.detach().double() if conv.bias is not None else 0.0) - bn.running_mean.double()
+    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+    return weight, shift + bias * scale
+
+
+def _expect_conv(conv, cin, cout, k, stride) -> None:
+    if not (type(conv) is nn.Conv2d and conv.in_channels == cin and conv.out_channels == cout
+            and conv.kernel_size == (k, k) and conv.stride == (stride, stride)
+            and conv.padding == ((k - 1) // 2,) * 2 and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros"):
+        raise _NotLowered(f"{conv!r} is not the {k}x{k} {cin}->{cout} convolution (stride "
+                          f"{stride}) of a CIFAR ResNet")
+
+
+def _expect_bn(bn, channels) -> None:
+    if not (type(bn) is nn.BatchNorm2d and bn.num_features == channels):
+        raise _NotLowered(f"{bn!r} is not a BatchNorm2d of {channels} channels")
+
+
+def _resnet_kernel_parts(member: nn.Module) -> tuple:
+    """(means, sds, resnet) of a member the kernel runs, else `_NotLowered`."""
+    from .models.cifar_resnet import BasicBlock, ResNet
+
+    means, sds, net = torch.zeros(3), torch.ones(3), member
+    if type(member) is nn.Sequential and len(member) == 2 and type(member[0]) is NormalizeLayer:
+        means, sds, net = member[0].means.flatten(), member[0].sds.flatten(), member[1]
+    if type(net) is not ResNet:
+        raise _NotLowered("it is not a CIFAR ResNet (drt_fast.models.cifar_resnet)")
+    if means.numel() != 3:
+        raise _NotLowered(f"its input normalization has {means.numel()} channels, not 3")
+    if member.training:
+        raise _NotLowered("it is in training mode")
+    _expect_conv(net.conv1, 3, 16, 3, 1)
+    _expect_bn(net.bn1, 16)
+    layers = (net.layer1, net.layer2, net.layer3)
+    if len({len(layer) for layer in layers}) != 1 or len(net.layer1) < 1:
+        raise _NotLowered("its stages do not have the same number of blocks")
+    for s, layer in enumerate(layers):
+        ch = 16 << s
+        for b, block in enumerate(layer):
+            if type(block) is not BasicBlock:
+                raise _NotLowered("its blocks are not BasicBlocks")
+            entry = s > 0 and b == 0
+            _expect_conv(block.conv1, ch // 2 if entry else ch, ch, 3, 2 if entry else 1)
+            _expect_conv(block.conv2, ch, ch, 3, 1)
+            _expect_bn(block.bn1, ch)
+            _expect_bn(block.bn2, ch)
+            if entry:
+                ds = block.downsample
+                if not (type(ds) is nn.Sequential and len(ds) == 2):
+                    raise _NotLowered("a stage's first block has no 1x1 downsample")
+                _expect_conv(ds[0], ch // 2, ch, 1, 2)
+                _expect_bn(ds[1], ch)
+            elif block.downsample is not None:
+                raise _NotLowered("a block has a downsample where the kernel has none")
+    if not (type(net.avgpool) is nn.AvgPool2d and net.avgpool.kernel_size == 8
+            and type(net.fc) is nn.Linear and net.fc.in_features == 64):
+        raise _NotLowered("its head is not AvgPool2d(8) and a linear layer of 64 inputs")
+    return means, sds, net
+
+
+def resnet_kernel_for_inference(member: nn.Module) -> InferenceMember:
+    """``member`` as a `ResNetKernelMember` (``InferenceMember.fused``: its convolutions,
+    ``folded_bn``: its BatchNorms), or the member itself with the reason."""
+    try:
+        means, sds, net = _resnet_kernel_parts(member)
+    except _NotLowered as err:
+        return InferenceMember(member, reason=str(err))
+    convs = [_folded(net.conv1, net.bn1)]
+    convs[0] = (torch.nn.functional.pad(convs[0][0], (0, 0, 0, 0, 0, 13)), convs[0][1])  # 3 -> 16 inputs
+    for layer in (net.layer1, net.layer2, net.layer3):
+        for block in layer:
+            convs.append(_folded(block.conv1, block.bn1))
+            if block.downsample is not None:
+                convs.append(_folded(block.downsample[0], block.downsample[1]))
+            convs.append(_folded(block.conv2, block.bn2))
+    weights = torch.cat([ops.pack_resnet_kernel_weight(w) for w, _ in convs]).to(torch.bfloat16)
+    biases = torch.cat([b for _, b in convs]).float()
+    norm = torch.cat([means, sds]).float()
+    device = net.fc.weight.device
+    module = ResNetKernelMember(weights.to(device), biases.to(device), norm.to(device),
+                                net.fc.weight.detach().float().clone(), net.fc.bias.detach().float().clone(),
+                                len(net.layer1))
+    return InferenceMember(module, folded_bn=len(convs), fused=len(convs))

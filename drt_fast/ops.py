@@ -633,3 +633,147 @@ def dense_chain(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> Tenso
 def _(x, meta, params, out_cols):
     _check_dense_chain_args(x, meta, params, out_cols)
     return x.new_empty(x.shape[0], out_cols)
+
+
+# ----------------------------------------------------------------------------------------
+# cifar_resnet: a whole CIFAR ResNet forward in one CUDA kernel (csrc/cuda/resnet.cu;
+# drt_fast/fuse.py ResNetKernelMember builds its arguments)
+# ----------------------------------------------------------------------------------------
+def resnet_kernel_convs(blocks: int) -> list:
+    """``(cin, cout, taps, stride, kind)`` of every convolution of a CIFAR ResNet with
+    ``blocks`` BasicBlocks a stage, in the kernel's order (its weights and biases follow it):
+    the stem (3 input channels padded to 16), then per block conv1 (``"relu"``), at a stage's
+    entry the 1x1 downsample (``"linear"``), and conv2 (``"residual"``: + the block's input,
+    then ReLU)."""
+    convs = [(16, 16, 9, 1, "relu")]
+    for s in range(3):
+        ch = 16 << s
+        for b in range(blocks):
+            if s and b == 0:
+                convs += [(ch // 2, ch, 9, 2, "relu"), (ch // 2, ch, 1, 2, "linear")]
+            else:
+                convs.append((ch, ch, 9, 1, "relu"))
+            convs.append((ch, ch, 9, 1, "residual"))
+    return convs
+
+
+def pack_resnet_kernel_weight(w: Tensor) -> Tensor:
+    """A convolution's weight ``[cout, cin, k, k]`` (cin a multiple of 16) as the kernel's
+    16x16 tiles, flat: tap, then input chunk, then output chunk; each tile [input
+    channel][output channel]."""
+    cout, cin, kh, kw = w.shape
+    return (w.permute(2, 3, 1, 0).reshape(kh * kw, cin // 16, 16, cout // 16, 16)
+            .permute(0, 1, 3, 2, 4).reshape(-1))
+
+
+def unpack_resnet_kernel_weight(tiles: Tensor, cin: int, cout: int, taps: int) -> Tensor:
+    """Inverse of `pack_resnet_kernel_weight`."""
+    k = 3 if taps == 9 else 1
+    return (tiles.view(taps, cin // 16, cout // 16, 16, 16).permute(0, 1, 3, 2, 4)
+            .reshape(taps, cin, cout).permute(2, 1, 0).reshape(cout, cin, k, k))
+
+
+def _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks):
+    for name, t in (("x", x), ("weights", weights), ("biases", biases), ("norm", norm), ("fc_w", fc_w),
+                    ("fc_b", fc_b)):
+        _require_tensor(name, t)
+        if t.device != x.device:
+            raise DrtFastError(f"{name} must be on x's device ({x.device}), got {t.device}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32) or x.dtype not in LOGIT_DTYPES:
+        raise DrtFastError(f"x must be float32/bfloat16/float16 [B, 3, 32, 32], got {x.dtype} {_shape(x)}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 1000:
+        raise DrtFastError(f"blocks must be an int in [1, 1000], got {blocks!r}")
+    convs = resnet_kernel_convs(blocks)
+    tiles = sum(taps * cin * cout for cin, cout, taps, _, _ in convs)
+    if weights.dtype != torch.bfloat16 or weights.dim() != 1 or weights.numel() != tiles:
+        raise DrtFastError(f"weights must be bfloat16 [{tiles}] for {blocks} blocks a stage, "
+                           f"got {weights.dtype} {_shape(weights)}")
+    n_biases = sum(cout for _, cout, _, _, _ in convs)
+    if biases.dtype != torch.float32 or biases.dim() != 1 or biases.numel() != n_biases:
+        raise DrtFastError(f"biases must be float32 [{n_biases}], got {biases.dtype} {_shape(biases)}")
+    if norm.dtype != torch.float32 or _shape(norm) != [6]:
+        raise DrtFastError(f"norm must be float32 [6] (3 means, 3 sds), got {norm.dtype} {_shape(norm)}")
+    if fc_w.dtype != torch.float32 or fc_w.dim() != 2 or fc_w.shape[1] != 64 or fc_w.shape[0] < 1:
+        raise DrtFastError(f"fc_w must be float32 [classes, 64], got {fc_w.dtype} {_shape(fc_w)}")
+    if fc_b.dtype != torch.float32 or _shape(fc_b) != [fc_w.shape[0]]:
+        raise DrtFastError(f"fc_b must be float32 [{fc_w.shape[0]}], got {fc_b.dtype} {_shape(fc_b)}")
+
+
+def reference_cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor,
+                           fc_b: Tensor, blocks: int) -> Tensor:
+    """Pure-torch `cifar_resnet`, with the kernel's roundings: bf16 weights and activations
+    (each convolution's output rounded once, after bias, residual and ReLU), fp32 sums."""
+    import torch.nn.functional as F
+
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks)
+
+    def bf16(t):
+        return t.to(torch.bfloat16).float()
+
+    x = bf16((x.float() - norm[:3].view(1, 3, 1, 1)) / norm[3:].view(1, 3, 1, 1))
+    x = F.pad(x, (0, 0, 0, 0, 0, 13))          # 3 channels to 16 (zeros), as the kernel does
+    wat = bat = 0
+    h = residual = None
+    for i, (cin, cout, taps, stride, kind) in enumerate(resnet_kernel_convs(blocks)):
+        w = unpack_resnet_kernel_weight(weights[wat:wat + taps * cin * cout], cin, cout, taps).float()
+        b = biases[bat:bat + cout]
+        wat, bat = wat + taps * cin * cout, bat + cout
+        padding = 1 if taps == 9 else 0
+        if i == 0:                                                # the stem
+            x = bf16(F.relu(F.conv2d(x, w, b, 1, padding)))
+        elif kind == "relu":                                      # conv1
+            h = bf16(F.relu(F.conv2d(x, w, b, stride, padding)))
+        elif kind == "linear":                                    # the downsample
+            residual = bf16(F.conv2d(x, w, b, stride, padding))
+        else:                                                     # conv2 + residual
+            x = bf16(F.relu(F.conv2d(h, w, b, 1, padding) + (x if residual is None else residual)))
+            residual = None
+    return x.mean(dim=(2, 3)) @ fc_w.t() + fc_b
+
+
+def _cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, out) -> tuple:
+    """The binding's arguments (resnet.cu CifarResNetArgs); the tensors must stay alive."""
+    return (x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], *x.stride(), weights.data_ptr(), weights.numel(),
+            biases.data_ptr(), biases.numel(), norm.data_ptr(), fc_w.data_ptr(), fc_b.data_ptr(),
+            fc_w.shape[0], blocks, out.data_ptr())
+
+
+def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
+                       blocks: int) -> Tensor:
+    """`cifar_resnet` without the dispatcher (see `noisy_draws_eager`)."""
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks)
+    if not (x.is_cuda and cuda_available()):
+        return reference_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks)
+    # contiguous, and the weight tiles 32-byte aligned (the kernel loads them as wmma tiles)
+    params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
+    if params[0].data_ptr() % 32:
+        params[0] = params[0].clone()
+    out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        try:
+            _C_cuda.cifar_resnet(*_cifar_resnet_args(x, *params, blocks, out), x.device.index,
+                                 torch.cuda.current_stream(x.device).cuda_stream)
+        except ValueError as err:
+            raise DrtFastError(str(err)) from None
+    return out
+
+
+@torch.library.custom_op("drt_fast::cifar_resnet", mutates_args=())
+def cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
+                 blocks: int) -> Tensor:
+    """A CIFAR ResNet (depth 6n+2, n = ``blocks``) forward: ``x`` ``[B, 3, 32, 32]`` pixels
+    (any strides) -> float32 logits ``[B, classes]``. ``norm``: the input layer's 3 means
+    and 3 sds; ``weights``: every convolution's folded weight as bf16 tiles
+    (`pack_resnet_kernel_weight`, in `resnet_kernel_convs` order); ``biases``: their folded
+    BatchNorm biases; ``fc_w`` ``[classes, 64]``, ``fc_b``: the linear layer.
+
+    On CUDA (compute capability 8.0 or newer), one kernel with a CTA per draw keeps the draw's
+    activations in shared memory through the whole network (csrc/cuda/resnet.cu); elsewhere,
+    `reference_cifar_resnet` (the same roundings in torch)."""
+    return cifar_resnet_eager(x, weights, biases, norm, fc_w, fc_b, blocks)
+
+
+@cifar_resnet.register_fake
+def _(x, weights, biases, norm, fc_w, fc_b, blocks):
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks)
+    return x.new_empty(x.shape[0], fc_w.shape[0], dtype=torch.float32)

@@ -411,11 +411,7 @@ class SmoothedClassifier:
             members = list(self.model.members)
             run_dtype = self._model_dtype if self.precision == "fp32" else PRECISIONS[self.precision]
             if self._rewrites_with_cudnn(device):
-                rewritten = [fuse.for_inference(m, fuse.cudnn_ops(), run_dtype, example)
-                             for m in members]
-                status = (f"on: {sum(r.fused for r in rewritten)} fused convolutions, "
-                          f"{sum(r.folded_bn for r in rewritten)} BatchNorms folded "
-                          f"in {len(rewritten)} member(s)")
+                rewritten, status = self._cuda_rewrites(members, example, run_dtype)
             else:
                 rewritten, status = self._cpu_rewrites(members, example, run_dtype, channels_last)
             gained = sum(r.fused + r.folded_bn + r.dense for r in rewritten)
@@ -442,6 +438,32 @@ class SmoothedClassifier:
     def _rewrites_with_cudnn(device):
         """The rewrite of the members: cuDNN fusion on CUDA, `_cpu_rewrites` elsewhere."""
         return device.type == "cuda"
+
+    @staticmethod
+    def _cuda_rewrites(members, example, run_dtype):
+        """Each member with BatchNorms folded and conv(+add)+ReLU as cuDNN calls; in bf16,
+        with ``DRT_FAST_RESNET_KERNEL=1`` (experimental), a CIFAR ResNet member as one call
+        of drt-fast's whole-network kernel instead -> (rewritten, status)."""
+        from . import fuse
+
+        rewritten, kernels = [], 0
+        for member in members:
+            if run_dtype == torch.bfloat16 and fuse.resnet_kernel_enabled(example.device):
+                kernel = fuse.resnet_kernel_for_inference(member)
+                if kernel.fused:
+                    rewritten.append(kernel)
+                    kernels += 1
+                    continue
+            rewritten.append(fuse.for_inference(member, fuse.cudnn_ops(), run_dtype, example))
+        cudnn = [r for r in rewritten if not isinstance(r.module, fuse.ResNetKernelMember)]
+        parts = []
+        if kernels:
+            parts.append(f"{kernels} member(s) as one CIFAR ResNet kernel each "
+                         f"({fuse.RESNET_KERNEL_ENV}=1)")
+        if cudnn:
+            parts.append(f"{sum(r.fused for r in cudnn)} fused convolutions, "
+                         f"{sum(r.folded_bn for r in cudnn)} BatchNorms folded in {len(cudnn)} member(s)")
+        return rewritten, "on: " + "; ".join(parts)
 
     def _cpu_rewrites(self, members, example, run_dtype, channels_last):
         """Each member as dense matrices where it lowers (`fuse.dense_for_inference`), else

@@ -22,4 +22,32 @@ void vote_cuda(const VoteArgs& args, int device, uintptr_t stream);
 // pointers, votes added in draw order; returns 0 (nothing done) for more classes.
 int vote_cuda_on_host(const VoteArgs& args);
 
+// A whole CIFAR ResNet (depth 6n+2, BasicBlocks of 16/32/64 channels) forward, one CTA per
+// draw (resnet.cu; the weights' order is drt_fast/fuse.py's `resnet_kernel_plan`).
+struct CifarResNetArgs {
+  const void* x;       // [batch, 3, 32, 32] pixels at the strides below (elements)
+  int x_dtype;         // kFloat32, kBFloat16 or kFloat16
+  int64_t batch;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+  const void* weights;  // bf16 16x16 tiles, every convolution's in network order
+  int64_t weights_len;  // elements
+  const float* biases;  // every convolution's folded BatchNorm bias, in network order
+  int64_t biases_len;
+  const float* norm;    // means[3] then sds[3]: the input layer's (x - mean) / sd
+  const float* fc_w;    // [classes, 64]
+  const float* fc_b;    // [classes]
+  int64_t classes;
+  int64_t blocks;       // BasicBlocks per stage (n)
+  float* out;           // [batch, classes] logits
+};
+// Throws std::invalid_argument when the sizes do not make a network of `blocks` blocks per
+// stage (nothing launched), or the device is older than compute capability 8.0.
+void cifar_resnet_cuda(const CifarResNetArgs& args, int device, uintptr_t stream);
+// Test hook: the same CTA program on the host, draw after draw; `order` (0, 1, 2) is the
+// order in which each phase's warps and threads run (results must not depend on it).
+void cifar_resnet_cuda_on_host(const CifarResNetArgs& args, int order);
+int64_t cifar_resnet_weight_tiles(int64_t blocks);
+int64_t cifar_resnet_biases(int64_t blocks);
+int cifar_resnet_smem_bytes();
+
 }  // namespace drt

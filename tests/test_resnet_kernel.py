@@ -1,0 +1,297 @@
+"""The whole-network CIFAR ResNet kernel (``ops.cifar_resnet``, csrc/cuda/resnet.cu) and its
+member rewrite (``fuse.resnet_kernel_for_inference``).
+
+Without a GPU, the kernel's CTA program runs on the host (``_C_cuda.cifar_resnet_on_host``,
+the same code with wmma replaced by loops over 16x16 tiles): it must agree with
+``ops.reference_cifar_resnet`` (the same roundings in torch) to float rounding, whatever the
+order in which each phase's warps run, for every input dtype and layout. The reference must
+agree with the member itself to bf16 rounding. On a GPU, the ``cuda`` tests compare the
+kernel with both.
+"""
+import pytest
+import torch
+from torch import nn
+
+from drt_fast import fuse, models, ops
+from drt_fast.errors import DrtFastError
+
+needs_cuda_build = pytest.mark.skipif(ops._C_cuda is None, reason="drt_fast was built without its CUDA kernels")
+
+MEANS, SDS = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+
+
+def resnet_member(depth=20, classes=10, seed=0, normalize=True):
+    """A CIFAR ResNet member in eval mode with BatchNorm statistics far from the identity (so
+    that folding them matters), activations kept in range."""
+    torch.manual_seed(seed)
+    net = models.cifar_resnet.ResNet(depth, num_classes=classes)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.3, 0.7)
+            m.bias.data.uniform_(-0.2, 0.2)
+    member = models.with_normalization(net, MEANS, SDS) if normalize else net
+    return member.eval()
+
+
+def kernel_member(member):
+    rewritten = fuse.resnet_kernel_for_inference(member)
+    assert rewritten.reason is None and isinstance(rewritten.module, fuse.ResNetKernelMember)
+    return rewritten.module
+
+
+def on_host(k, x, order=0):
+    out = torch.full((x.shape[0], k.fc_w.shape[0]), float("nan"))
+    ops._C_cuda.cifar_resnet_on_host(*ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b,
+                                                             k.blocks, out), order)
+    return out
+
+
+def reference(k, x):
+    return ops.reference_cifar_resnet(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def pixels(batch, seed=1):
+    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the rewrite and the reference ---------------------------------------------------------
+def test_weight_packing_round_trips():
+    for cin, cout, k in ((16, 16, 3), (16, 32, 3), (32, 64, 1), (64, 64, 3)):
+        w = torch.randn(cout, cin, k, k)
+        tiles = ops.pack_resnet_kernel_weight(w)
+        assert tiles.numel() == w.numel()
+        assert torch.equal(ops.unpack_resnet_kernel_weight(tiles, cin, cout, k * k), w)
+    # a tile is [input channel][output channel] of one tap: the first tile's row 1 is input 1
+    w = torch.arange(32 * 16 * 9, dtype=torch.float32).view(32, 16, 3, 3)
+    tiles = ops.pack_resnet_kernel_weight(w).view(-1, 16, 16)
+    assert torch.equal(tiles[0][1], w[:16, 1, 0, 0])
+    assert torch.equal(tiles[1][0], w[16:, 0, 0, 0])        # then the second output chunk
+
+
+@pytest.mark.parametrize("depth", [8, 20, 110])
+def test_reference_matches_the_member(depth):
+    member = resnet_member(depth)
+    k = kernel_member(member)
+    assert k.blocks == (depth - 2) // 6
+    x = pixels(16)
+    with torch.no_grad():
+        want = member(x)
+    got = reference(k, x)
+    assert got.dtype == torch.float32 and got.shape == (16, 10)
+    assert rel(got, want) < 2e-2                       # bf16 weights and activations
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+
+
+def test_the_member_without_normalization_and_on_any_input_dtype():
+    member = resnet_member(20, normalize=False)
+    k = kernel_member(member)
+    assert torch.equal(k.norm, torch.tensor([0.0, 0, 0, 1, 1, 1]))
+    x = pixels(8)
+    with torch.no_grad():
+        want = member(x)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert rel(k(x.to(dtype)), want) < 3e-2
+
+
+def test_rewrite_counts_and_describes_the_member():
+    rewritten = fuse.resnet_kernel_for_inference(resnet_member(20))
+    assert rewritten.fused == rewritten.folded_bn == 21          # stem, 2 per block, 2 downsamples
+    assert "depth=20" in repr(rewritten.module)
+
+
+def _bottleneck():
+    return models.with_normalization(models.cifar_resnet.ResNet(29, block_name="Bottleneck"), MEANS, SDS).eval()
+
+
+def _strided():
+    member = resnet_member(20)
+    member[1].layer1[1].conv2.stride = (2, 2)
+    return member
+
+
+def _extra_layer():
+    member = resnet_member(20)
+    return nn.Sequential(member[0], member[1], nn.Identity()).eval()
+
+
+@pytest.mark.parametrize("build, why", [
+    (lambda: resnet_member(20).train(), "training mode"),
+    (_bottleneck, "BasicBlocks"),
+    (_strided, "convolution"),
+    (_extra_layer, "not a CIFAR ResNet"),
+    (lambda: models.with_normalization(models.create("digits_cnn", 10), [0.5], [0.5]).eval(), "not a CIFAR ResNet"),
+    (lambda: models.with_normalization(models.create("cifar_resnet20", 10), [0.5], [0.5]).eval(), "3"),
+])
+def test_rewrite_refuses_what_the_kernel_does_not_run(build, why):
+    member = build()
+    rewritten = fuse.resnet_kernel_for_inference(member)
+    assert rewritten.module is member and rewritten.fused == 0
+    assert why in rewritten.reason
+
+
+def test_op_checks_its_arguments():
+    k = kernel_member(resnet_member(8))
+    x = pixels(2)
+    args = [k.weights, k.biases, k.norm, k.fc_w, k.fc_b]
+    bad = [
+        ((x[:, :2],) + tuple(args) + (k.blocks,), "x must be"),
+        ((x.double(),) + tuple(args) + (k.blocks,), "x must be"),
+        ((x, k.weights[:-256]) + tuple(args[1:]) + (k.blocks,), "weights must be"),
+        ((x, k.weights.float()) + tuple(args[1:]) + (k.blocks,), "weights must be"),
+        ((x,) + tuple(args) + (k.blocks + 1,), "weights must be"),
+        ((x,) + tuple(args) + (0,), "blocks"),
+        ((x, k.weights, k.biases[:-1]) + tuple(args[2:]) + (k.blocks,), "biases must be"),
+        ((x, k.weights, k.biases, k.norm[:3], k.fc_w, k.fc_b, k.blocks), "norm must be"),
+        ((x, k.weights, k.biases, k.norm, k.fc_w[:, :63], k.fc_b, k.blocks), "fc_w must be"),
+        ((x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b[:-1], k.blocks), "fc_b must be"),
+    ]
+    for call, message in bad:
+        with pytest.raises(DrtFastError, match=message):
+            ops.cifar_resnet(*call)
+
+
+def test_opcheck():
+    k = kernel_member(resnet_member(8))
+    torch.library.opcheck(torch.ops.drt_fast.cifar_resnet.default,
+                          (pixels(2), k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- the kernel's CTA program on the host --------------------------------------------------
+@needs_cuda_build
+@pytest.mark.parametrize("depth, classes", [(8, 10), (20, 10), (20, 300), (20, 1), (110, 10)])
+def test_host_program_matches_the_reference(depth, classes):
+    k = kernel_member(resnet_member(depth, classes))
+    x = pixels(6 if depth < 110 else 3)
+    got, want = on_host(k, x), reference(k, x)
+    assert got.shape == (x.shape[0], classes) and torch.isfinite(got).all()
+    assert rel(got, want) < 5e-3     # the sums' order differs: a few activations round the other way
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_host_program_reads_any_dtype_and_layout(dtype, layout):
+    k = kernel_member(resnet_member(8))
+    x = pixels(4).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":                        # a window of a larger batch of images
+        x = torch.rand(8, 5, 40, 36).to(dtype)[::2, 1:4, 3:35, 2:34]
+    assert torch.equal(on_host(k, x), on_host(k, x.contiguous()))
+    assert rel(on_host(k, x), reference(k, x)) < 5e-3
+
+
+@needs_cuda_build
+def test_host_program_does_not_depend_on_the_order_of_warps():
+    k = kernel_member(resnet_member(20))
+    x = pixels(3)
+    first = on_host(k, x, 0)
+    for order in (1, 2):
+        assert torch.equal(on_host(k, x, order), first)
+
+
+@needs_cuda_build
+def test_host_program_propagates_non_finite_inputs_and_handles_empty_batches():
+    k = kernel_member(resnet_member(8))
+    x = pixels(3)
+    x[1, 2, 5, 7] = float("nan")
+    got, want = on_host(k, x), reference(k, x)
+    assert torch.isnan(got[1]).all() and torch.isnan(want[1]).all()
+    assert torch.isfinite(got[[0, 2]]).all()
+    assert on_host(k, x[:0]).shape == (0, 10)
+
+
+@needs_cuda_build
+def test_host_program_refuses_weights_that_do_not_make_the_network():
+    k = kernel_member(resnet_member(8))
+    x = pixels(1)
+    out = torch.empty(1, 10)
+    args = list(ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, out))
+    weights_len, biases_len, blocks = 8, 10, 15         # positions in the binding's arguments
+    for index, value, message in ((weights_len, args[weights_len] - 256, "weights"),
+                                  (blocks, 2, "weights"),
+                                  (biases_len, args[biases_len] + 1, "biases")):
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(ValueError, match=message):
+            ops._C_cuda.cifar_resnet_on_host(*bad, 0)
+    tiles, biases, smem = ops._C_cuda.cifar_resnet_sizes(18)
+    convs = ops.resnet_kernel_convs(18)
+    assert tiles == sum(taps * cin * cout for cin, cout, taps, _, _ in convs)
+    assert biases == sum(cout for _, cout, _, _, _ in convs) and len(convs) == 111
+    assert smem <= 113 * 1024         # two CTAs per SM on an H100 (228 KB)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------
+def test_cuda_kernel_matches_the_host_program_and_the_reference(cuda_device):
+    k_cpu = kernel_member(resnet_member(110))
+    k = kernel_member(resnet_member(110)).to(cuda_device)
+    x = pixels(64)
+    got = ops.cifar_resnet(x.to(cuda_device), k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks).cpu()
+    assert torch.isfinite(got).all()
+    assert rel(got, on_host(k_cpu, x)) < 5e-3
+    assert rel(got, reference(k_cpu, x)) < 5e-3
+    # the same draw gives the same logits in any batch (a CTA per draw)
+    assert torch.equal(k(x[5:6].to(cuda_device)).cpu(), got[5:6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype):
+    k_cpu = kernel_member(resnet_member(20))
+    k = kernel_member(resnet_member(20)).to(cuda_device)
+    x = pixels(300).to(cuda_device, dtype)                   # more draws than one wave of CTAs
+    want = k(x.contiguous())
+    assert torch.equal(k(x.contiguous(memory_format=torch.channels_last)), want)
+    assert rel(want.cpu(), reference(k_cpu, x.cpu())) < 5e-3
+    assert k(x[:0]).shape == (0, 10)
+    x[7, 0, 3, 3] = float("nan")
+    out = k(x)
+    assert torch.isnan(out[7]).all() and torch.isfinite(out[:7]).all()
+
+
+def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch):
+    from drt_fast.ensemble import Ensemble
+    from drt_fast.smoothing import SmoothedClassifier
+
+    ensemble = Ensemble([resnet_member(20, seed=s) for s in range(3)]).to(cuda_device).eval()
+    x = pixels(1)[0].to(cuda_device)
+    counts = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, env)
+        smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
+        counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
+        assert ("CIFAR ResNet kernel" in smooth.fuse_status) == (env == "1"), smooth.fuse_status
+    # bf16 both ways, different kernels: the top class and its count nearly agree
+    assert counts["0"].argmax() == counts["1"].argmax()
+    assert abs(int(counts["0"].max()) - int(counts["1"].max())) <= 60
+
+
+def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
+    from drt_fast.smoothing import SmoothedClassifier
+
+    bottleneck = _bottleneck()
+    members = [resnet_member(8, seed=0), bottleneck, resnet_member(8, seed=1)]
+    example = pixels(1)
+    monkeypatch.setattr(fuse, "resnet_kernel_enabled", lambda device: True)
+    rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, torch.bfloat16)
+    assert [isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten] == [True, False, True]
+    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_RESNET_KERNEL=1); "
+                             "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), status
+    with torch.no_grad():                           # on the CPU: the kernel's torch reference
+        assert rel(rewritten[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
+    for dtype in (torch.float32, torch.float16):    # the kernel computes in bf16: bf16 runs only
+        rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, dtype)
+        assert not any(isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten)
+        assert "kernel" not in status
+    monkeypatch.undo()
+    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "1")
+    assert not fuse.resnet_kernel_enabled(torch.device("cpu"))
+    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "0")
+    assert not fuse.resnet_kernel_enabled(torch.device("cuda"))
