@@ -2,6 +2,7 @@
 # GPU check for a session that gets a lent GPU machine (H100/H200; no package registry there).
 # From the repository root, through the device tool:
 #     bash bench/gpu-check.sh [pytest args for bench/, e.g. -k "gpu or resnet110"]
+#     GPU_CHECK_QUICK=1 bash bench/gpu-check.sh    # build, the new kernels' tests, their timing
 # (.gpu/run.sh is the same script, git-ignored.) It builds the package with the CUDA
 # kernels (no build isolation, no deps), checks what was built, runs the CUDA tests and the
 # benchmarks, and leaves logs and the benchmark JSON under $OUT (./gpu-out when unset).
@@ -32,7 +33,21 @@ fi
 tail -3 "$out/build.log"
 "${py[@]}" -c "import drt_fast, drt_fast.ops as o; print('drt_fast from', drt_fast.__file__); print('cuda kernels:', drt_fast.cuda_available())" 2>&1 | tee -a "$out/gpu.txt"
 
-"${py[@]}" -m pytest -q tests -k "cuda or gpu" -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15
+# First the kernels that have not run on a GPU before, each test file in its own process (a
+# faulting kernel poisons the CUDA context for the rest of a process), and the whole-network
+# ResNet kernel's member forwards against cuDNN's fused members.
+"${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
+"${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
+    | tee "$out/tests-ops.log" | tail -5
+"${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
+    | tee "$out/levers-kernel.log" | grep -E "ms/1000|error|Error" | tail -10
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && exit 0
+
+kernel_case="bench/test_certify.py::test_certify_gpu[cifar_resnet110-bf16-kernel]"
+"${py[@]}" -m pytest -q tests -k "cuda or gpu" --ignore tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 \
+    | tee "$out/tests.log" | tail -15
 # -s: the per-case [ratio] / [abs] / [share] / [bandwidth] / [target] lines go to bench.log as well.
-"${py[@]}" -m pytest -q -s bench/ -p no:cacheprovider --benchmark-json "$out/bench.json" "$@" 2>&1 \
+"${py[@]}" -m pytest -q -s bench/ -p no:cacheprovider --deselect "$kernel_case" --benchmark-json "$out/bench.json" "$@" 2>&1 \
     | tee "$out/bench.log" | grep -E "^\[(ratio|abs|share|bandwidth|target)\]|passed|failed|error" | tail -100
+"${py[@]}" -m pytest -q -s "$kernel_case" -p no:cacheprovider --benchmark-json "$out/bench-kernel.json" 2>&1 \
+    | tee "$out/bench-kernel.log" | grep -E "^\[(ratio|abs|target)\]|passed|failed|error|Warning" | tail -20

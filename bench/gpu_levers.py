@@ -7,7 +7,8 @@ The member forwards are nearly all of certify's time on a GPU (the profile in RE
 the levers are measured on them alone, for one batch of noisy draws through all members,
 timed with CUDA events (median of ``--iters`` after warm-up): layout (NCHW/channels-last),
 cuDNN autotuning, BatchNorm folded into the convolutions, bf16 (autocast or bf16 weights),
-CUDA-graph replay, the CPU's dense members where they apply (``--arch digits_cnn``), and
+CUDA-graph replay, the CPU's dense members where they apply (``--arch digits_cnn``),
+drt-fast's whole-network kernel for CIFAR ResNets (``bf16 CIFAR ResNet kernel``), and
 optionally torch.compile. Also timed: ``noisy_draws`` and ``vote_``
 for the same batch (their share of a batch). The last lines are a table of ms per 1000
 draws and the certify time per image this projects at n = 100,000. Not collected by pytest.
@@ -134,6 +135,17 @@ def main():
             return [("fp32 dense members", True, m_dense, nchw),
                     ("bf16 autocast dense members", True, autocast(m_dense), nchw.to(torch.bfloat16))]
 
+        def resnet_kernel():
+            """drt-fast's whole-network CIFAR ResNet kernel (`fuse.resnet_kernel_for_inference`,
+            bf16 inside; what certify runs with DRT_FAST_RESNET_KERNEL=1): none where a member
+            is not a CIFAR ResNet."""
+            from drt_fast import fuse
+            members = [fuse.resnet_kernel_for_inference(m) for m in base.members]
+            if not all(r.fused for r in members):
+                return []
+            m_kernel = Ensemble([r.module for r in members], mode=base.mode).eval()
+            return [("bf16 CIFAR ResNet kernel (drt_fast)", True, m_kernel, nchw.to(torch.bfloat16))]
+
         m_vmap = copy.deepcopy(m_cl)
         m_vmap.batch_members = True              # members as one vmapped call (fp32 only)
         m_fused32 = cudnn_fused(torch.float32)
@@ -149,7 +161,7 @@ def main():
             ("bf16 autocast channels-last", True, autocast(m_cl), bf_cl),
             ("bf16 autocast channels-last BN-folded", True, autocast(m_fold_cl), bf_cl),
             ("bf16 weights channels-last BN-folded", True, m_fold_bf, bf_cl),
-        ] + dense()
+        ] + dense() + resnet_kernel()
         return out
 
     with torch.inference_mode():

@@ -8,8 +8,9 @@ CPU cases: the embedded default ensemble (3 digits CNNs; WE, MME, and the batch-
 bf16 levers; skipped when drt_fast/assets/default.pt is absent), 3x CIFAR ResNet-20 (fp32,
 and the channels-last and bf16 levers) and 3x ResNet-110 with random weights at reduced n.
 GPU cases (skipped without CUDA): 3x ResNet-110 (32x32) at n = 100,000 and 3x ResNet-50
-(224x224) at n = 10,000, fp32 and bf16 (and ResNet-110 fp32 without the fused members), plus
-the share of certify time spent in noise + vote. drt-fast runs as `drt-fast certify` does on
+(224x224) at n = 10,000, fp32 and bf16 (and ResNet-110 fp32 without the fused members, and
+bf16 with drt-fast's whole-network ResNet kernel, DRT_FAST_RESNET_KERNEL=1), plus the share of
+certify time spent in noise + vote. drt-fast runs as `drt-fast certify` does on
 CUDA (cuDNN autotuning on); the reference as Cohen's code does (off).
 """
 import contextlib
@@ -256,9 +257,11 @@ def _gpu_setup():
 
 
 GPU_CASES = [
-    # arch, n, batch_size, precision, fuse (None: the engine's default, on for CUDA)
+    # arch, n, batch_size, precision, fuse (None: the engine's default, on for CUDA;
+    # "kernel": the default with DRT_FAST_RESNET_KERNEL=1, drt-fast's whole-network kernel)
     ("cifar_resnet110", 100_000, 2000, "fp32", None),
     ("cifar_resnet110", 100_000, 2000, "bf16", None),
+    ("cifar_resnet110", 100_000, 2000, "bf16", "kernel"),
     ("cifar_resnet110", 100_000, 2000, "fp32", False),   # the fusion lever, off
     ("resnet50", 10_000, 400, "fp32", None),
     ("resnet50", 10_000, 400, "bf16", None),
@@ -267,14 +270,20 @@ GPU_CASES = [
 
 @needs_cuda
 @pytest.mark.parametrize("arch,n,batch_size,precision,fuse", GPU_CASES,
-                         ids=[f"{a}-{p}{'-nofuse' if f is False else ''}" for a, _, _, p, f in GPU_CASES])
-def test_certify_gpu(benchmark, arch, n, batch_size, precision, fuse):
+                         ids=[f"{a}-{p}{'-nofuse' if f is False else '-kernel' if f else ''}"
+                              for a, _, _, p, f in GPU_CASES])
+def test_certify_gpu(benchmark, monkeypatch, arch, n, batch_size, precision, fuse):
     device = _gpu_setup()
+    kernel = fuse == "kernel"
+    if kernel:
+        from drt_fast.fuse import RESNET_KERNEL_ENV
+        monkeypatch.setenv(RESNET_KERNEL_ENV, "1")
+        fuse = None
     num_classes = 1000 if arch == "resnet50" else 10
     ensemble = random_ensemble(arch, num_classes=num_classes, device=device)
     x = random_input(arch, device=device)
     name = (f"certify 3x {arch} WE n={n} b={batch_size} {precision}"
-            f"{' no-fuse' if fuse is False else ''} vs ref fp32 (cuda)")
+            f"{' no-fuse' if fuse is False else ' resnet-kernel' if kernel else ''} vs ref fp32 (cuda)")
     ratio, ref_s, ours_s = compare_certify(
         benchmark, name, ensemble, x, n0=100, n=n, batch_size=batch_size, rounds=2,
         num_classes=num_classes, precision=precision, sync=torch.cuda.synchronize,
@@ -284,8 +293,9 @@ def test_certify_gpu(benchmark, arch, n, batch_size, precision, fuse):
         if precision == "fp32":
             check_target("GPU >= 1.3x fp32 on 3x ResNet-110", ratio >= 1.3)
         else:
-            check_target("GPU >= 4x bf16 on 3x ResNet-110", ratio >= 4.0)
-            check_target("<= 1 s per CIFAR image, 3x ResNet-110, n=1e5", ours_s <= 1.0)
+            how = " (ResNet kernel)" if kernel else ""
+            check_target(f"GPU >= 4x bf16 on 3x ResNet-110{how}", ratio >= 4.0)
+            check_target(f"<= 1 s per CIFAR image, 3x ResNet-110, n=1e5{how}", ours_s <= 1.0)
 
 
 @needs_cuda
