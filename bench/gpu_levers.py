@@ -136,15 +136,19 @@ def main():
                     ("bf16 autocast dense members", True, autocast(m_dense), nchw.to(torch.bfloat16))]
 
         def resnet_kernel():
-            """drt-fast's whole-network CIFAR ResNet kernel (`fuse.resnet_kernel_for_inference`,
-            bf16 inside; what certify runs with DRT_FAST_RESNET_KERNEL=1): none where a member
-            is not a CIFAR ResNet."""
+            """drt-fast's whole-network CIFAR ResNet kernel, both variants
+            (`fuse.resnet_kernel_for_inference`, bf16 inside; what certify runs with
+            DRT_FAST_RESNET_KERNEL=mma|wmma): none where a member is not a CIFAR ResNet."""
             from drt_fast import fuse
-            members = [fuse.resnet_kernel_for_inference(m) for m in base.members]
-            if not all(r.fused for r in members):
-                return []
-            m_kernel = Ensemble([r.module for r in members], mode=base.mode).eval()
-            return [("bf16 CIFAR ResNet kernel (drt_fast)", True, m_kernel, nchw.to(torch.bfloat16))]
+            out = []
+            for variant, name in enumerate(ops.RESNET_KERNEL_VARIANTS):
+                members = [fuse.resnet_kernel_for_inference(m, variant) for m in base.members]
+                if not all(r.fused for r in members):
+                    return []
+                m_kernel = Ensemble([r.module for r in members], mode=base.mode).eval()
+                out.append((f"bf16 CIFAR ResNet kernel, {name} (drt_fast)", True, m_kernel,
+                            nchw.to(torch.bfloat16)))
+            return out
 
         m_vmap = copy.deepcopy(m_cl)
         m_vmap.batch_members = True              # members as one vmapped call (fp32 only)

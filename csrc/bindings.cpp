@@ -71,13 +71,14 @@ auto cifar_resnet_binding(Fn fn) {
   return [fn](uintptr_t x, int x_dtype, int64_t batch, int64_t stride_b, int64_t stride_c, int64_t stride_h,
               int64_t stride_w, uintptr_t weights, int64_t weights_len, uintptr_t biases, int64_t biases_len,
               uintptr_t norm, uintptr_t fc_w, uintptr_t fc_b, int64_t classes, int64_t blocks, uintptr_t out,
-              Extra... extra) {
+              int variant, Extra... extra) {
     const drt::CifarResNetArgs args{ptr<const void>(x), x_dtype,          batch,
                                     stride_b,          stride_c,          stride_h,
                                     stride_w,          ptr<const void>(weights), weights_len,
                                     ptr<const float>(biases), biases_len, ptr<const float>(norm),
                                     ptr<const float>(fc_w), ptr<const float>(fc_b), classes,
-                                    blocks,            ptr<float>(out)};
+                                    blocks,            ptr<float>(out),
+                                    variant};
     py::gil_scoped_release release;
     fn(args, extra...);
   };
@@ -154,6 +155,15 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("cifar_resnet_on_host", cifar_resnet_binding<int>(drt::cifar_resnet_cuda_on_host),
         "Test hook: the CUDA kernel's CTA program on the host with CPU pointers; the last argument is "
         "the order (0, 1, 2) in which each phase's warps and threads run.");
+  m.def("cifar_resnet_b_order", [] {
+    std::vector<int> order;
+    for (int lane = 0; lane < 32; ++lane)
+      for (int h = 0; h < 2; ++h)
+        for (int r = 0; r < 2; ++r)
+          for (int j = 0; j < 2; ++j) order.push_back(drt::cifar_resnet_mma_b_index(lane, h, r, j));
+    return order;
+  }, "Test hook: the mma.sync variant's packed weight tile, element by element, as indices into the "
+     "row-major [input channel][output channel] tile.");
   m.def("cifar_resnet_sizes", [](int64_t blocks) {
     return py::make_tuple(drt::cifar_resnet_weight_tiles(blocks) * 256, drt::cifar_resnet_biases(blocks),
                           drt::cifar_resnet_smem_bytes());

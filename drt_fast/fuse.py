@@ -793,20 +793,23 @@ def _act(node: fx.Node, modules: dict):
 RESNET_KERNEL_ENV = "DRT_FAST_RESNET_KERNEL"
 
 
-def resnet_kernel_enabled(device: torch.device) -> bool:
-    """Whether bf16 certification on ``device`` runs CIFAR ResNet members as
-    `ResNetKernelMember`: only with ``DRT_FAST_RESNET_KERNEL=1``, the CUDA kernels built and
-    a GPU of compute capability 8.0 or newer with room for the kernel's shared memory (data
-    center GPUs; an RTX 30/40 has 99 KB a block, short of the kernel's 100.5 KB). Off by
-    default: the kernel has been tested on the host (its CTA program,
-    ``ops._C_cuda.cifar_resnet_on_host``) but not yet timed on a GPU against cuDNN."""
+def resnet_kernel_variant(device: torch.device) -> Optional[int]:
+    """The variant of drt-fast's CIFAR ResNet kernel that bf16 certification on ``device``
+    runs CIFAR ResNet members with (`ResNetKernelMember`), or None: only with
+    ``DRT_FAST_RESNET_KERNEL`` set to ``mma`` (or ``1``: the mma.sync variant, 1) or ``wmma``
+    (variant 0), the CUDA kernels built, and a GPU of compute capability 8.0 or newer with
+    room for the kernel's shared memory (data-center GPUs; an RTX 30/40 has 99 KB a block,
+    short of the kernel's 100.5 KB). Off by default: the kernel has been tested on the host
+    (its CTA program, ``ops._C_cuda.cifar_resnet_on_host``) but not yet run on a GPU."""
     import os
 
-    if os.environ.get(RESNET_KERNEL_ENV) != "1" or device.type != "cuda" or not ops.cuda_available():
-        return False
+    value = os.environ.get(RESNET_KERNEL_ENV, "")
+    variant = {"1": 1, "mma": 1, "wmma": 0}.get(value)
+    if variant is None or device.type != "cuda" or not ops.cuda_available():
+        return None
     props = torch.cuda.get_device_properties(device)
     room = getattr(props, "shared_memory_per_block_optin", 0)
-    return props.major >= 8 and room >= ops._C_cuda.cifar_resnet_sizes(1)[2]
+    return variant if props.major >= 8 and room >= ops._C_cuda.cifar_resnet_sizes(1)[2] else None
 
 
 class ResNetKernelMember(nn.Module):
@@ -816,20 +819,21 @@ class ResNetKernelMember(nn.Module):
     in bf16 whatever the input dtype (the kernel's arithmetic; `resnet_kernel_for_inference`
     builds it for bf16 certification only)."""
 
-    def __init__(self, weights, biases, norm, fc_w, fc_b, blocks: int):
+    def __init__(self, weights, biases, norm, fc_w, fc_b, blocks: int, variant: int):
         super().__init__()
         for name, t in (("weights", weights), ("biases", biases), ("norm", norm), ("fc_w", fc_w),
                         ("fc_b", fc_b)):
             self.register_buffer(name, t.contiguous())
-        self.blocks = blocks
+        self.blocks, self.variant = blocks, variant
 
     def forward(self, x):
         return ops.cifar_resnet_eager(x, self.weights, self.biases, self.norm, self.fc_w, self.fc_b,
-                                      self.blocks)
+                                      self.blocks, self.variant)
 
     def extra_repr(self) -> str:
         return (f"depth={6 * self.blocks + 2}, classes={self.fc_w.shape[0]}, "
-                f"{len(ops.resnet_kernel_convs(self.blocks))} convolutions as bf16 tiles")
+                f"{len(ops.resnet_kernel_convs(self.blocks))} convolutions as bf16 tiles, "
+                f"{ops.RESNET_KERNEL_VARIANTS[self.variant]}")
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
@@ -899,9 +903,10 @@ def _resnet_kernel_parts(member: nn.Module) -> tuple:
     return means, sds, net
 
 
-def resnet_kernel_for_inference(member: nn.Module) -> InferenceMember:
-    """``member`` as a `ResNetKernelMember` (``InferenceMember.fused``: its convolutions,
-    ``folded_bn``: its BatchNorms), or the member itself with the reason."""
+def resnet_kernel_for_inference(member: nn.Module, variant: int = 1) -> InferenceMember:
+    """``member`` as a `ResNetKernelMember` running the kernel's ``variant`` (1: mma.sync,
+    0: wmma) (``InferenceMember.fused``: its convolutions, ``folded_bn``: its BatchNorms), or
+    the member itself with the reason."""
     try:
         means, sds, net = _resnet_kernel_parts(member)
     except _NotLowered as err:
@@ -914,11 +919,11 @@ def resnet_kernel_for_inference(member: nn.Module) -> InferenceMember:
             if block.downsample is not None:
                 convs.append(_folded(block.downsample[0], block.downsample[1]))
             convs.append(_folded(block.conv2, block.bn2))
-    weights = torch.cat([ops.pack_resnet_kernel_weight(w) for w, _ in convs]).to(torch.bfloat16)
+    weights = torch.cat([ops.pack_resnet_kernel_weight(w, variant) for w, _ in convs]).to(torch.bfloat16)
     biases = torch.cat([b for _, b in convs]).float()
     norm = torch.cat([means, sds]).float()
     device = net.fc.weight.device
     module = ResNetKernelMember(weights.to(device), biases.to(device), norm.to(device),
                                 net.fc.weight.detach().float().clone(), net.fc.bias.detach().float().clone(),
-                                len(net.layer1))
+                                len(net.layer1), variant)
     return InferenceMember(module, folded_bn=len(convs), fused=len(convs))

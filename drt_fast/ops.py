@@ -657,23 +657,41 @@ def resnet_kernel_convs(blocks: int) -> list:
     return convs
 
 
-def pack_resnet_kernel_weight(w: Tensor) -> Tensor:
+RESNET_KERNEL_VARIANTS = ("wmma", "mma")   # csrc/cuda/resnet.cu: variant 0 and 1
+
+
+def _mma_tile_order() -> Tensor:
+    """The mma.sync variant's packed 16x16 tile: element ``lane*8 + half*4 + reg*2 + j`` is
+    the row-major tile's ``[k = 2t + 8 reg + j][n = 8 half + g]`` (g = lane // 4, t = lane % 4:
+    PTX's B fragment of m16n8k16, so that each lane loads its 16 bytes at once)."""
+    lane, half, reg, j = torch.meshgrid(*(torch.arange(n) for n in (32, 2, 2, 2)), indexing="ij")
+    return ((2 * (lane % 4) + 8 * reg + j) * 16 + 8 * half + lane // 4).reshape(-1)
+
+
+def pack_resnet_kernel_weight(w: Tensor, variant: int = 0) -> Tensor:
     """A convolution's weight ``[cout, cin, k, k]`` (cin a multiple of 16) as the kernel's
-    16x16 tiles, flat: tap, then input chunk, then output chunk; each tile [input
-    channel][output channel]."""
+    16x16 tiles, flat: tap, then input chunk, then output chunk; each tile is
+    [input channel][output channel], row-major (variant 0, wmma) or in the mma.sync
+    fragment order (variant 1, `_mma_tile_order`)."""
     cout, cin, kh, kw = w.shape
-    return (w.permute(2, 3, 1, 0).reshape(kh * kw, cin // 16, 16, cout // 16, 16)
-            .permute(0, 1, 3, 2, 4).reshape(-1))
+    tiles = (w.permute(2, 3, 1, 0).reshape(kh * kw, cin // 16, 16, cout // 16, 16)
+             .permute(0, 1, 3, 2, 4).reshape(-1, 256))
+    if variant == 1:
+        tiles = tiles[:, _mma_tile_order()]
+    return tiles.reshape(-1)
 
 
-def unpack_resnet_kernel_weight(tiles: Tensor, cin: int, cout: int, taps: int) -> Tensor:
+def unpack_resnet_kernel_weight(tiles: Tensor, cin: int, cout: int, taps: int, variant: int = 0) -> Tensor:
     """Inverse of `pack_resnet_kernel_weight`."""
     k = 3 if taps == 9 else 1
-    return (tiles.view(taps, cin // 16, cout // 16, 16, 16).permute(0, 1, 3, 2, 4)
+    tiles = tiles.view(-1, 256)
+    if variant == 1:
+        tiles = tiles[:, torch.argsort(_mma_tile_order())]
+    return (tiles.reshape(taps, cin // 16, cout // 16, 16, 16).permute(0, 1, 3, 2, 4)
             .reshape(taps, cin, cout).permute(2, 1, 0).reshape(cout, cin, k, k))
 
 
-def _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks):
+def _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant):
     for name, t in (("x", x), ("weights", weights), ("biases", biases), ("norm", norm), ("fc_w", fc_w),
                     ("fc_b", fc_b)):
         _require_tensor(name, t)
@@ -683,6 +701,8 @@ def _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks):
         raise DrtFastError(f"x must be float32/bfloat16/float16 [B, 3, 32, 32], got {x.dtype} {_shape(x)}")
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 1000:
         raise DrtFastError(f"blocks must be an int in [1, 1000], got {blocks!r}")
+    if variant not in (0, 1) or isinstance(variant, bool):
+        raise DrtFastError(f"variant must be 0 (wmma) or 1 (mma.sync), got {variant!r}")
     convs = resnet_kernel_convs(blocks)
     tiles = sum(taps * cin * cout for cin, cout, taps, _, _ in convs)
     if weights.dtype != torch.bfloat16 or weights.dim() != 1 or weights.numel() != tiles:
@@ -700,12 +720,12 @@ def _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks):
 
 
 def reference_cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor,
-                           fc_b: Tensor, blocks: int) -> Tensor:
+                           fc_b: Tensor, blocks: int, variant: int = 0) -> Tensor:
     """Pure-torch `cifar_resnet`, with the kernel's roundings: bf16 weights and activations
     (each convolution's output rounded once, after bias, residual and ReLU), fp32 sums."""
     import torch.nn.functional as F
 
-    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks)
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
 
     def bf16(t):
         return t.to(torch.bfloat16).float()
@@ -715,7 +735,7 @@ def reference_cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Ten
     wat = bat = 0
     h = residual = None
     for i, (cin, cout, taps, stride, kind) in enumerate(resnet_kernel_convs(blocks)):
-        w = unpack_resnet_kernel_weight(weights[wat:wat + taps * cin * cout], cin, cout, taps).float()
+        w = unpack_resnet_kernel_weight(weights[wat:wat + taps * cin * cout], cin, cout, taps, variant).float()
         b = biases[bat:bat + cout]
         wat, bat = wat + taps * cin * cout, bat + cout
         padding = 1 if taps == 9 else 0
@@ -731,19 +751,19 @@ def reference_cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Ten
     return x.mean(dim=(2, 3)) @ fc_w.t() + fc_b
 
 
-def _cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, out) -> tuple:
+def _cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out) -> tuple:
     """The binding's arguments (resnet.cu CifarResNetArgs); the tensors must stay alive."""
     return (x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], *x.stride(), weights.data_ptr(), weights.numel(),
             biases.data_ptr(), biases.numel(), norm.data_ptr(), fc_w.data_ptr(), fc_b.data_ptr(),
-            fc_w.shape[0], blocks, out.data_ptr())
+            fc_w.shape[0], blocks, out.data_ptr(), variant)
 
 
 def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
-                       blocks: int) -> Tensor:
+                       blocks: int, variant: int = 0) -> Tensor:
     """`cifar_resnet` without the dispatcher (see `noisy_draws_eager`)."""
-    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks)
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     if not (x.is_cuda and cuda_available()):
-        return reference_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks)
+        return reference_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     # contiguous, and the weight tiles 32-byte aligned (the kernel loads them as wmma tiles)
     params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
     if params[0].data_ptr() % 32:
@@ -751,7 +771,7 @@ def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor,
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         try:
-            _C_cuda.cifar_resnet(*_cifar_resnet_args(x, *params, blocks, out), x.device.index,
+            _C_cuda.cifar_resnet(*_cifar_resnet_args(x, *params, blocks, variant, out), x.device.index,
                                  torch.cuda.current_stream(x.device).cuda_stream)
         except ValueError as err:
             raise DrtFastError(str(err)) from None
@@ -760,20 +780,21 @@ def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor,
 
 @torch.library.custom_op("drt_fast::cifar_resnet", mutates_args=())
 def cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
-                 blocks: int) -> Tensor:
+                 blocks: int, variant: int = 0) -> Tensor:
     """A CIFAR ResNet (depth 6n+2, n = ``blocks``) forward: ``x`` ``[B, 3, 32, 32]`` pixels
     (any strides) -> float32 logits ``[B, classes]``. ``norm``: the input layer's 3 means
     and 3 sds; ``weights``: every convolution's folded weight as bf16 tiles
     (`pack_resnet_kernel_weight`, in `resnet_kernel_convs` order); ``biases``: their folded
-    BatchNorm biases; ``fc_w`` ``[classes, 64]``, ``fc_b``: the linear layer.
+    BatchNorm biases; ``fc_w`` ``[classes, 64]``, ``fc_b``: the linear layer; ``variant``:
+    the kernel's tensor-core path, 0 (wmma) or 1 (mma.sync), which fixes the tiles' order.
 
     On CUDA (compute capability 8.0 or newer), one kernel with a CTA per draw keeps the draw's
     activations in shared memory through the whole network (csrc/cuda/resnet.cu); elsewhere,
     `reference_cifar_resnet` (the same roundings in torch)."""
-    return cifar_resnet_eager(x, weights, biases, norm, fc_w, fc_b, blocks)
+    return cifar_resnet_eager(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
 
 
 @cifar_resnet.register_fake
-def _(x, weights, biases, norm, fc_w, fc_b, blocks):
-    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks)
+def _(x, weights, biases, norm, fc_w, fc_b, blocks, variant=0):
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     return x.new_empty(x.shape[0], fc_w.shape[0], dtype=torch.float32)

@@ -20,6 +20,7 @@ scores are that close may then be counted for the other class.)
 import itertools
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -442,14 +443,15 @@ class SmoothedClassifier:
     @staticmethod
     def _cuda_rewrites(members, example, run_dtype):
         """Each member with BatchNorms folded and conv(+add)+ReLU as cuDNN calls; in bf16,
-        with ``DRT_FAST_RESNET_KERNEL=1`` (experimental), a CIFAR ResNet member as one call
-        of drt-fast's whole-network kernel instead -> (rewritten, status)."""
+        with ``DRT_FAST_RESNET_KERNEL=mma|wmma|1`` (experimental), a CIFAR ResNet member as
+        one call of drt-fast's whole-network kernel instead -> (rewritten, status)."""
         from . import fuse
 
         rewritten, kernels = [], 0
+        variant = fuse.resnet_kernel_variant(example.device) if run_dtype == torch.bfloat16 else None
         for member in members:
-            if run_dtype == torch.bfloat16 and fuse.resnet_kernel_enabled(example.device):
-                kernel = fuse.resnet_kernel_for_inference(member)
+            if variant is not None:
+                kernel = fuse.resnet_kernel_for_inference(member, variant)
                 if kernel.fused:
                     rewritten.append(kernel)
                     kernels += 1
@@ -459,7 +461,7 @@ class SmoothedClassifier:
         parts = []
         if kernels:
             parts.append(f"{kernels} member(s) as one CIFAR ResNet kernel each "
-                         f"({fuse.RESNET_KERNEL_ENV}=1)")
+                         f"({fuse.RESNET_KERNEL_ENV}={os.environ.get(fuse.RESNET_KERNEL_ENV)})")
         if cudnn:
             parts.append(f"{sum(r.fused for r in cudnn)} fused convolutions, "
                          f"{sum(r.folded_bn for r in cudnn)} BatchNorms folded in {len(cudnn)} member(s)")

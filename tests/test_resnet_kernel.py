@@ -35,8 +35,11 @@ def resnet_member(depth=20, classes=10, seed=0, normalize=True):
     return member.eval()
 
 
-def kernel_member(member):
-    rewritten = fuse.resnet_kernel_for_inference(member)
+VARIANTS = [0, 1]      # wmma, mma.sync
+
+
+def kernel_member(member, variant=1):
+    rewritten = fuse.resnet_kernel_for_inference(member, variant)
     assert rewritten.reason is None and isinstance(rewritten.module, fuse.ResNetKernelMember)
     return rewritten.module
 
@@ -44,12 +47,12 @@ def kernel_member(member):
 def on_host(k, x, order=0):
     out = torch.full((x.shape[0], k.fc_w.shape[0]), float("nan"))
     ops._C_cuda.cifar_resnet_on_host(*ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b,
-                                                             k.blocks, out), order)
+                                                             k.blocks, k.variant, out), order)
     return out
 
 
 def reference(k, x):
-    return ops.reference_cifar_resnet(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks)
+    return ops.reference_cifar_resnet(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, k.variant)
 
 
 def rel(a, b):
@@ -61,12 +64,23 @@ def pixels(batch, seed=1):
 
 
 # ---- the rewrite and the reference ---------------------------------------------------------
-def test_weight_packing_round_trips():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weight_packing_round_trips(variant):
     for cin, cout, k in ((16, 16, 3), (16, 32, 3), (32, 64, 1), (64, 64, 3)):
         w = torch.randn(cout, cin, k, k)
-        tiles = ops.pack_resnet_kernel_weight(w)
+        tiles = ops.pack_resnet_kernel_weight(w, variant)
         assert tiles.numel() == w.numel()
-        assert torch.equal(ops.unpack_resnet_kernel_weight(tiles, cin, cout, k * k), w)
+        assert torch.equal(ops.unpack_resnet_kernel_weight(tiles, cin, cout, k * k, variant), w)
+        if variant:                        # the same tiles, each in the fragment order
+            plain = ops.pack_resnet_kernel_weight(w, 0).view(-1, 256)
+            assert torch.equal(tiles.view(-1, 256).sort(dim=1).values, plain.sort(dim=1).values)
+
+
+@needs_cuda_build
+def test_mma_tile_order_is_the_kernels():
+    order = ops._mma_tile_order()
+    assert sorted(order.tolist()) == list(range(256))
+    assert order.tolist() == ops._C_cuda.cifar_resnet_b_order()
     # a tile is [input channel][output channel] of one tap: the first tile's row 1 is input 1
     w = torch.arange(32 * 16 * 9, dtype=torch.float32).view(32, 16, 3, 3)
     tiles = ops.pack_resnet_kernel_weight(w).view(-1, 16, 16)
@@ -146,6 +160,7 @@ def test_op_checks_its_arguments():
         ((x, k.weights.float()) + tuple(args[1:]) + (k.blocks,), "weights must be"),
         ((x,) + tuple(args) + (k.blocks + 1,), "weights must be"),
         ((x,) + tuple(args) + (0,), "blocks"),
+        ((x,) + tuple(args) + (k.blocks, 2), "variant"),
         ((x, k.weights, k.biases[:-1]) + tuple(args[2:]) + (k.blocks,), "biases must be"),
         ((x, k.weights, k.biases, k.norm[:3], k.fc_w, k.fc_b, k.blocks), "norm must be"),
         ((x, k.weights, k.biases, k.norm, k.fc_w[:, :63], k.fc_b, k.blocks), "fc_w must be"),
@@ -165,9 +180,10 @@ def test_opcheck():
 
 # ---- the kernel's CTA program on the host --------------------------------------------------
 @needs_cuda_build
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("depth, classes", [(8, 10), (20, 10), (20, 300), (20, 1), (110, 10)])
-def test_host_program_matches_the_reference(depth, classes):
-    k = kernel_member(resnet_member(depth, classes))
+def test_host_program_matches_the_reference(depth, classes, variant):
+    k = kernel_member(resnet_member(depth, classes), variant)
     x = pixels(6 if depth < 110 else 3)
     got, want = on_host(k, x), reference(k, x)
     assert got.shape == (x.shape[0], classes) and torch.isfinite(got).all()
@@ -175,10 +191,11 @@ def test_host_program_matches_the_reference(depth, classes):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_host_program_reads_any_dtype_and_layout(dtype, layout):
-    k = kernel_member(resnet_member(8))
+def test_host_program_reads_any_dtype_and_layout(dtype, layout, variant):
+    k = kernel_member(resnet_member(8), variant)
     x = pixels(4).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -189,8 +206,9 @@ def test_host_program_reads_any_dtype_and_layout(dtype, layout):
 
 
 @needs_cuda_build
-def test_host_program_does_not_depend_on_the_order_of_warps():
-    k = kernel_member(resnet_member(20))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_host_program_does_not_depend_on_the_order_of_warps(variant):
+    k = kernel_member(resnet_member(20), variant)
     x = pixels(3)
     first = on_host(k, x, 0)
     for order in (1, 2):
@@ -198,8 +216,9 @@ def test_host_program_does_not_depend_on_the_order_of_warps():
 
 
 @needs_cuda_build
-def test_host_program_propagates_non_finite_inputs_and_handles_empty_batches():
-    k = kernel_member(resnet_member(8))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_host_program_propagates_non_finite_inputs_and_handles_empty_batches(variant):
+    k = kernel_member(resnet_member(8), variant)
     x = pixels(3)
     x[1, 2, 5, 7] = float("nan")
     got, want = on_host(k, x), reference(k, x)
@@ -209,15 +228,24 @@ def test_host_program_propagates_non_finite_inputs_and_handles_empty_batches():
 
 
 @needs_cuda_build
+def test_host_variants_agree():
+    member = resnet_member(20)
+    x = pixels(4)
+    wmma, mma = (on_host(kernel_member(member, v), x) for v in VARIANTS)
+    assert rel(wmma, mma) < 5e-3            # the same network; only the sums' order differs
+
+
+@needs_cuda_build
 def test_host_program_refuses_weights_that_do_not_make_the_network():
     k = kernel_member(resnet_member(8))
     x = pixels(1)
     out = torch.empty(1, 10)
-    args = list(ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, out))
-    weights_len, biases_len, blocks = 8, 10, 15         # positions in the binding's arguments
+    args = list(ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, 1, out))
+    weights_len, biases_len, blocks, variant = 8, 10, 15, 17     # positions in the binding's arguments
     for index, value, message in ((weights_len, args[weights_len] - 256, "weights"),
                                   (blocks, 2, "weights"),
-                                  (biases_len, args[biases_len] + 1, "biases")):
+                                  (biases_len, args[biases_len] + 1, "biases"),
+                                  (variant, 2, "variant")):
         bad = list(args)
         bad[index] = value
         with pytest.raises(ValueError, match=message):
@@ -229,12 +257,41 @@ def test_host_program_refuses_weights_that_do_not_make_the_network():
     assert smem <= 113 * 1024         # two CTAs per SM on an H100 (228 KB)
 
 
+def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
+    from drt_fast.smoothing import SmoothedClassifier
+
+    bottleneck = _bottleneck()
+    members = [resnet_member(8, seed=0), bottleneck, resnet_member(8, seed=1)]
+    example = pixels(1)
+    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "wmma")
+    monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: 0)
+    rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, torch.bfloat16)
+    assert [isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten] == [True, False, True]
+    assert rewritten[0].module.variant == 0
+    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_RESNET_KERNEL=wmma); "
+                             "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), status
+    with torch.no_grad():                           # on the CPU: the kernel's torch reference
+        assert rel(rewritten[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
+    for dtype in (torch.float32, torch.float16):    # the kernel computes in bf16: bf16 runs only
+        rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, dtype)
+        assert not any(isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten)
+        assert "kernel" not in status
+    monkeypatch.undo()
+    for value in ("1", "mma", "wmma"):              # never on the CPU
+        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
+        assert fuse.resnet_kernel_variant(torch.device("cpu")) is None
+    for value in ("0", "", "yes"):                  # off, whatever the device
+        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
+        assert fuse.resnet_kernel_variant(torch.device("cuda")) is None
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
-def test_cuda_kernel_matches_the_host_program_and_the_reference(cuda_device):
-    k_cpu = kernel_member(resnet_member(110))
-    k = kernel_member(resnet_member(110)).to(cuda_device)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_kernel_matches_the_host_program_and_the_reference(cuda_device, variant):
+    k_cpu = kernel_member(resnet_member(110), variant)
+    k = kernel_member(resnet_member(110), variant).to(cuda_device)
     x = pixels(64)
-    got = ops.cifar_resnet(x.to(cuda_device), k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks).cpu()
+    got = ops.cifar_resnet(x.to(cuda_device), k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, variant).cpu()
     assert torch.isfinite(got).all()
     assert rel(got, on_host(k_cpu, x)) < 5e-3
     assert rel(got, reference(k_cpu, x)) < 5e-3
@@ -242,10 +299,11 @@ def test_cuda_kernel_matches_the_host_program_and_the_reference(cuda_device):
     assert torch.equal(k(x[5:6].to(cuda_device)).cpu(), got[5:6])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype):
-    k_cpu = kernel_member(resnet_member(20))
-    k = kernel_member(resnet_member(20)).to(cuda_device)
+def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype, variant):
+    k_cpu = kernel_member(resnet_member(20), variant)
+    k = kernel_member(resnet_member(20), variant).to(cuda_device)
     x = pixels(300).to(cuda_device, dtype)                   # more draws than one wave of CTAs
     want = k(x.contiguous())
     assert torch.equal(k(x.contiguous(memory_format=torch.channels_last)), want)
@@ -256,42 +314,19 @@ def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype):
     assert torch.isnan(out[7]).all() and torch.isfinite(out[:7]).all()
 
 
-def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch):
+@pytest.mark.parametrize("value", ["mma", "wmma"])
+def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, value):
     from drt_fast.ensemble import Ensemble
     from drt_fast.smoothing import SmoothedClassifier
 
     ensemble = Ensemble([resnet_member(20, seed=s) for s in range(3)]).to(cuda_device).eval()
     x = pixels(1)[0].to(cuda_device)
     counts = {}
-    for env in ("0", "1"):
+    for env in ("0", value):
         monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, env)
         smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
         counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
-        assert ("CIFAR ResNet kernel" in smooth.fuse_status) == (env == "1"), smooth.fuse_status
+        assert ("CIFAR ResNet kernel" in smooth.fuse_status) == (env == value), smooth.fuse_status
     # bf16 both ways, different kernels: the top class and its count nearly agree
-    assert counts["0"].argmax() == counts["1"].argmax()
-    assert abs(int(counts["0"].max()) - int(counts["1"].max())) <= 60
-
-
-def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
-    from drt_fast.smoothing import SmoothedClassifier
-
-    bottleneck = _bottleneck()
-    members = [resnet_member(8, seed=0), bottleneck, resnet_member(8, seed=1)]
-    example = pixels(1)
-    monkeypatch.setattr(fuse, "resnet_kernel_enabled", lambda device: True)
-    rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, torch.bfloat16)
-    assert [isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten] == [True, False, True]
-    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_RESNET_KERNEL=1); "
-                             "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), status
-    with torch.no_grad():                           # on the CPU: the kernel's torch reference
-        assert rel(rewritten[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
-    for dtype in (torch.float32, torch.float16):    # the kernel computes in bf16: bf16 runs only
-        rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, dtype)
-        assert not any(isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten)
-        assert "kernel" not in status
-    monkeypatch.undo()
-    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "1")
-    assert not fuse.resnet_kernel_enabled(torch.device("cpu"))
-    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "0")
-    assert not fuse.resnet_kernel_enabled(torch.device("cuda"))
+    assert counts["0"].argmax() == counts[value].argmax()
+    assert abs(int(counts["0"].max()) - int(counts[value].max())) <= 60

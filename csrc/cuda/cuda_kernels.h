@@ -39,6 +39,7 @@ struct CifarResNetArgs {
   int64_t classes;
   int64_t blocks;       // BasicBlocks per stage (n)
   float* out;           // [batch, classes] logits
+  int variant;          // 0: wmma; 1: mma.sync (resnet.cu; each packs its weight tiles its own way)
 };
 // Throws std::invalid_argument when the sizes do not make a network of `blocks` blocks per
 // stage (nothing launched), or the device is older than compute capability 8.0.
@@ -49,5 +50,6 @@ void cifar_resnet_cuda_on_host(const CifarResNetArgs& args, int order);
 int64_t cifar_resnet_weight_tiles(int64_t blocks);
 int64_t cifar_resnet_biases(int64_t blocks);
 int cifar_resnet_smem_bytes();
+int cifar_resnet_mma_b_index(int lane, int half, int reg, int element);
 
 }  // namespace drt

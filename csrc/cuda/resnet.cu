@@ -10,29 +10,33 @@
 // on an H100. Here a draw's activations (37 KB per 16-channel 32x32 map in bf16) never
 // leave the SM; the weights (3.4 MB for ResNet-110, bf16) stay in L2.
 //
-// Arithmetic: bf16 operands on tensor cores (wmma 16x16x16), fp32 accumulation; the folded
-// BatchNorm's bias, the residual and the ReLU are applied in fp32 and the result is rounded
-// to bf16 once per convolution, as cuDNN's fused bf16 convolutions do. The input is
-// normalized ((x - mean) / sd) in fp32; pooling and the linear layer run in fp32.
+// Arithmetic: bf16 operands on tensor cores, fp32 accumulation; the folded BatchNorm's bias,
+// the residual and the ReLU are applied in fp32 and the result is rounded to bf16 once per
+// convolution, as cuDNN's fused bf16 convolutions do. The input is normalized
+// ((x - mean) / sd) in fp32; pooling and the linear layer run in fp32.
 //
 // Layout: an activation map of C channels on grid s (s = 0, 1, 2: 32, 16, 8 pixels a side)
-// is C/16 planes of [position][16 channels] bf16, positions on a zero-padded grid of pitch
-// P = side + 2 (a 1-pixel halo, so a 3x3 tap at any pixel is a fixed offset). A convolution
-// is an implicit GEMM: an M-tile is 16 consecutive positions, K runs over (tap, 16-channel
-// chunk), N over 16-channel chunks of the output; the A tile of a tap is the tile shifted by
-// the tap's offset, read straight from shared memory. Grids 0 and 1 use one tile per
-// 16-pixel row segment; grid 2 (8-pixel rows) tiles the padded positions linearly and
-// writes zeros to the halo positions its tiles cover. A stride-2 convolution (a stage's
-// first conv1 and its 1x1 downsample) runs as a stride-1 convolution over the even input
-// rows whose epilogue keeps the even columns (2x the multiply-adds of those 2 + 2
-// convolutions).
+// is C/16 planes of [position][16 channels] bf16 (`at`: the mma.sync variant swizzles the
+// two 8-channel halves), positions on a zero-padded grid of pitch P = side + 2 (a 1-pixel
+// halo, so a 3x3 tap at any pixel is a fixed offset). A convolution is an implicit GEMM: an
+// M-tile is 16 consecutive positions, K runs over (tap, 16-channel chunk), N over 16-channel
+// chunks of the output; the A tile of a tap is the tile shifted by the tap's offset, read
+// straight from shared memory. Grids 0 and 1 use one tile per 16-pixel row segment; grid 2
+// (8-pixel rows) tiles the padded positions linearly and writes zeros to the halo positions
+// its tiles cover. A stride-2 convolution (a stage's first conv1 and its 1x1 downsample)
+// runs as a stride-1 convolution over the even input rows whose epilogue keeps the even
+// columns (2x the multiply-adds of those 2 + 2 convolutions).
 //
-// The CTA program is written once against an `Ops` policy: `DeviceOps` (wmma, 256 threads,
-// barriers) for the kernel, and `HostOps` (plain loops; warps, threads and lanes run one
-// after another in a chosen order) for `cifar_resnet_cuda_on_host`, a test hook that runs
-// the same program on the CPU so that its indexing, packing and epilogues are tested on
-// machines without a GPU, and that running the warps of a phase in different orders gives
-// the same logits (a missing barrier shows up as a difference).
+// Two variants of the tensor-core code (`variant`; each packs the weight tiles its own way,
+// drt_fast/ops.py pack_resnet_kernel_weight): 0, nvcuda::wmma; 1, PTX mma.sync m16n8k16 with
+// ldmatrix from swizzled planes (no shared-memory bank conflicts) and the epilogue straight
+// from the accumulator registers. Both are written once against a policy (`DeviceWmma`,
+// `DeviceMma`), and both have a host policy (`HostWmma`, `HostMma`: loops, the mma.sync one
+// register by register as PTX lays the fragments out) that `cifar_resnet_cuda_on_host`, a
+// test hook, runs: the CTA program, its indexing, swizzle, packing and epilogues are tested
+// on machines without a GPU, including that running the warps of a phase in other orders
+// gives the same logits. What the host cannot show: races between warps of a phase it runs
+// one after another, and whether the GPU's fragment layouts are the ones PTX documents.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -53,8 +57,8 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// The CTA program's functions run on both sides; with `Ops` = DeviceOps they are only ever
-// instantiated for the device, with HostOps only for the host (nv_exec_check_disable).
+// The CTA program's functions run on both sides; with a Device policy they are only ever
+// instantiated for the device, with a Host policy only for the host (nv_exec_check_disable).
 #define DRT_CTA __host__ __device__
 
 constexpr int kThreads = 256;
@@ -105,68 +109,141 @@ DRT_HD Tile tile_at(int s, bool down, int t) {
 #define DRT_NO_BF16_MMA  // bf16 tensor-core fragments need sm_80; the launch refuses older GPUs
 #endif
 
-struct DeviceOps {
+// Element (position p, channel c) of a 16-channel plane. The mma.sync policies store the two
+// 8-channel halves of a position swapped at every other group of 4 positions, so that the
+// 8 rows (consecutive positions, 32 bytes apart) an ldmatrix phase reads fall in 8 distinct
+// 16-byte bank groups (unswizzled they fold onto 4: a 2-way bank conflict on every A load).
+// wmma's loads need one plain row stride, so its policies keep the plain layout.
+template <bool kSwizzle>
+DRT_HD int at(int p, int c) {
+  return kSwizzle ? p * 16 + ((((c >> 3) ^ (p >> 2)) & 1) << 3) + (c & 7) : p * 16 + c;
+}
+
+// A policy is one of two tensor-core paths, each as device code and as its host emulation:
+// * wmma (variant 0): 16x16x16 fragments through nvcuda::wmma; the weight tiles are
+//   row-major [input channel][output channel]; the epilogue goes through the warp's fp32
+//   staging tile (the accumulator layout is opaque);
+// * mma.sync (variant 1): two m16n8k16 PTX mma per 16x16 tile, A by ldmatrix.x4 from the
+//   swizzled planes (each lane names one row), B loaded as each lane's 16 bytes of a tile
+//   pre-packed in fragment order (one coalesced 512-byte load a warp), and the epilogue
+//   straight from the accumulator registers, whose layout PTX defines.
+// Common interface: zero(acc), load_a(a, plane, q) (rows = positions q .. q+15),
+// load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, value) for the
+// elements of the tile this lane holds), threads(f), warps(f), sync().
+struct DeviceWmma {
+  static constexpr bool kSwizzle = false;
 #ifndef DRT_NO_BF16_MMA
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
-  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-  __device__ void zero(FragC& c) const { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  __device__ void load_a(FragA& a, const bf16* p, int ldm) const { nvcuda::wmma::load_matrix_sync(a, p, ldm); }
-  __device__ void load_b(FragB& b, const bf16* p) const { nvcuda::wmma::load_matrix_sync(b, p, 16); }
-  __device__ void mma(FragC& c, const FragA& a, const FragB& b) const { nvcuda::wmma::mma_sync(c, a, b, c); }
-  __device__ void store(float* p, const FragC& c) const {
-    nvcuda::wmma::store_matrix_sync(p, c, 16, nvcuda::wmma::mem_row_major);
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  __device__ void zero(Acc& c) const { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  __device__ void load_a(A& a, const bf16* plane, int q) const { nvcuda::wmma::load_matrix_sync(a, plane + q * 16, 16); }
+  __device__ void load_b(B& b, const bf16* tile) const { nvcuda::wmma::load_matrix_sync(b, tile, 16); }
+  __device__ void mma(Acc& c, const A& a, const B& b) const { nvcuda::wmma::mma_sync(c, a, b, c); }
+  template <typename F>
+  __device__ void each(const Acc& c, float* staging, F f) const {
+    nvcuda::wmma::store_matrix_sync(staging, c, 16, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+    const int lane = (int)threadIdx.x % 32;
+    for (int r = lane / 16; r < 16; r += 2) f(r, lane % 16, staging[r * 16 + lane % 16]);
+    __syncwarp();
   }
 #else
-  struct FragA {};
-  struct FragB {};
-  struct FragC {};
-  __device__ void zero(FragC&) const {}
-  __device__ void load_a(FragA&, const bf16*, int) const {}
-  __device__ void load_b(FragB&, const bf16*) const {}
-  __device__ void mma(FragC&, const FragA&, const FragB&) const {}
-  __device__ void store(float*, const FragC&) const {}
+  struct A {};
+  struct B {};
+  struct Acc {};
+  __device__ void zero(Acc&) const {}
+  __device__ void load_a(A&, const bf16*, int) const {}
+  __device__ void load_b(B&, const bf16*) const {}
+  __device__ void mma(Acc&, const A&, const B&) const {}
+  template <typename F>
+  __device__ void each(const Acc&, float*, F) const {}
 #endif
   template <typename F>
   __device__ void threads(F f) const { f((int)threadIdx.x); }
   template <typename F>
   __device__ void warps(F f) const { f((int)threadIdx.x / 32); }
-  template <typename F>
-  __device__ void lanes(F f) const { f((int)threadIdx.x % 32); }
   __device__ void sync() const { __syncthreads(); }
-  __device__ void sync_warp() const { __syncwarp(); }
 };
 
-// A warp's tensor-core operations as 16x16 float tiles: the operands hold bf16 values, the
-// products of two bf16 are exact in fp32, sums run in k order. (Its methods are
-// __host__ __device__ only so that the CTA program's lambdas, which nvcc compiles for both
-// sides, may call them; it runs on the host only.)
-struct HostOps {
-  struct FragA { float v[kTile]; };
-  struct FragB { float v[kTile]; };
-  struct FragC { float v[kTile]; };
-  int order = 0;  // 0: warps / threads in order; 1: reversed; 2: odd ones first
+// mma.sync's fragments, per lane (g = lane / 4, t = lane % 4), as PTX defines them for
+// m16n8k16 with bf16 operands and fp32 accumulators:
+//   A regs 0..3 (2 bf16 each): (row g, k 2t), (row g+8, k 2t), (row g, k 2t+8), (row g+8, k 2t+8);
+//   B regs 0..1 per 8 output columns: (k 2t, n g), (k 2t+8, n g);
+//   C per 8 output columns: (row g, n 2t), (row g, n 2t+1), (row g+8, n 2t), (row g+8, n 2t+1).
+// A 16x16 weight tile is packed lane by lane: lane l's 8 values are
+//   [half h = 0, 1 (output columns 8h..8h+7)][reg r = 0, 1][j = 0, 1] = W[k = 2t+8r+j][n = 8h+g]
+// (`mma_b_index`; drt_fast/ops.py packs the same order).
+DRT_HD int mma_b_index(int lane, int h, int r, int j) {
+  return (2 * (lane % 4) + 8 * r + j) * 16 + 8 * h + lane / 4;
+}
 
-  DRT_CTA void zero(FragC& c) const {
-    for (float& v : c.v) v = 0.0f;
+struct DeviceMma {
+  static constexpr bool kSwizzle = true;
+  struct A { uint32_t r[4]; };
+  struct B { uint32_t r[4]; };   // [half][reg]
+  struct Acc { float v[8]; };    // [half][c0..c3]
+#ifndef DRT_NO_BF16_MMA
+  __device__ void zero(Acc& c) const {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c.v[i] = 0.0f;
   }
-  DRT_CTA void load_a(FragA& a, const bf16* p, int ldm) const {
-    for (int r = 0; r < 16; ++r)
-      for (int k = 0; k < 16; ++k) a.v[r * 16 + k] = __bfloat162float(p[r * ldm + k]);
+  __device__ void load_a(A& a, const bf16* plane, int q) const {
+    // lanes 0-7: rows 0-7 of channels 0-7, 8-15: rows 8-15 of channels 0-7, 16-23: rows
+    // 0-7 of channels 8-15, 24-31: rows 8-15 of channels 8-15 (the four 8x8 matrices, in
+    // the order of A's registers).
+    const int lane = (int)threadIdx.x % 32;
+    const bf16* row = plane + at<true>(q + lane % 16, (lane / 16) * 8);
+    const uint32_t address = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
+                 : "r"(address));
   }
-  DRT_CTA void load_b(FragB& b, const bf16* p) const {
-    for (int i = 0; i < kTile; ++i) b.v[i] = __bfloat162float(p[i]);
+  __device__ void load_b(B& b, const bf16* tile) const {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(tile) + threadIdx.x % 32);
+    b.r[0] = v.x;
+    b.r[1] = v.y;
+    b.r[2] = v.z;
+    b.r[3] = v.w;
   }
-  DRT_CTA void mma(FragC& c, const FragA& a, const FragB& b) const {
-    for (int r = 0; r < 16; ++r)
-      for (int n = 0; n < 16; ++n) {
-        float sum = c.v[r * 16 + n];
-        for (int k = 0; k < 16; ++k) sum += a.v[r * 16 + k] * b.v[k * 16 + n];
-        c.v[r * 16 + n] = sum;
-      }
+  __device__ void mma(Acc& c, const A& a, const B& b) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* d = c.v + 4 * h;
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[2 * h]), "r"(b.r[2 * h + 1]));
+    }
   }
-  DRT_CTA void store(float* p, const FragC& c) const { memcpy(p, c.v, sizeof c.v); }
+  template <typename F>
+  __device__ void each(const Acc& c, float*, F f) const {
+    const int lane = (int)threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f(g + 8 * ((i / 2) % 2), 8 * (i / 4) + 2 * t + i % 2, c.v[i]);
+  }
+#else
+  __device__ void zero(Acc&) const {}
+  __device__ void load_a(A&, const bf16*, int) const {}
+  __device__ void load_b(B&, const bf16*) const {}
+  __device__ void mma(Acc&, const A&, const B&) const {}
+  template <typename F>
+  __device__ void each(const Acc&, float*, F) const {}
+#endif
+  template <typename F>
+  __device__ void threads(F f) const { f((int)threadIdx.x); }
+  template <typename F>
+  __device__ void warps(F f) const { f((int)threadIdx.x / 32); }
+  __device__ void sync() const { __syncthreads(); }
+};
 
+// The host policies run a phase's warps (and threads) one after another, in an order set by
+// `order` (0: in order; 1: reversed; 2: odd ones first): results must not depend on it.
+// (Their methods are __host__ __device__ only so that the CTA program's lambdas, which nvcc
+// compiles for both sides, may call them; they run on the host only.)
+struct HostScheduler {
+  int order = 0;
   DRT_CTA int nth(int i, int n) const {
     if (order == 1) return n - 1 - i;
     if (order == 2) return i < n / 2 ? 2 * i + 1 : 2 * (i - n / 2);
@@ -180,12 +257,109 @@ struct HostOps {
   DRT_CTA void warps(F f) const {
     for (int i = 0; i < kWarps; ++i) f(nth(i, kWarps));
   }
-  template <typename F>
-  DRT_CTA void lanes(F f) const {
-    for (int i = 0; i < 32; ++i) f(nth(i, 32));
-  }
   DRT_CTA void sync() const {}
-  DRT_CTA void sync_warp() const {}
+};
+
+// wmma on the host: a warp's fragments as whole 16x16 float tiles (the operands hold bf16
+// values, products of two bf16 are exact in fp32, sums run in k order).
+struct HostWmma : HostScheduler {
+  static constexpr bool kSwizzle = false;
+  struct A { float v[kTile]; };
+  struct B { float v[kTile]; };
+  struct Acc { float v[kTile]; };
+  DRT_CTA void zero(Acc& c) const {
+    for (float& v : c.v) v = 0.0f;
+  }
+  DRT_CTA void load_a(A& a, const bf16* plane, int q) const {
+    for (int r = 0; r < 16; ++r)
+      for (int k = 0; k < 16; ++k) a.v[r * 16 + k] = __bfloat162float(plane[(q + r) * 16 + k]);
+  }
+  DRT_CTA void load_b(B& b, const bf16* tile) const {
+    for (int i = 0; i < kTile; ++i) b.v[i] = __bfloat162float(tile[i]);
+  }
+  DRT_CTA void mma(Acc& c, const A& a, const B& b) const {
+    for (int r = 0; r < 16; ++r)
+      for (int n = 0; n < 16; ++n) {
+        float sum = c.v[r * 16 + n];
+        for (int k = 0; k < 16; ++k) sum += a.v[r * 16 + k] * b.v[k * 16 + n];
+        c.v[r * 16 + n] = sum;
+      }
+  }
+  template <typename F>
+  DRT_CTA void each(const Acc& c, float* staging, F f) const {
+    memcpy(staging, c.v, sizeof c.v);
+    for (int i = 0; i < 32; ++i) {
+      const int lane = nth(i, 32);
+      for (int r = lane / 16; r < 16; r += 2) f(r, lane % 16, staging[r * 16 + lane % 16]);
+    }
+  }
+};
+
+// mma.sync on the host, register by register: ldmatrix.x4 (lane i receives row i/4,
+// elements 2(i%4) and 2(i%4)+1 of each of the four 8x8 matrices whose rows lanes 8m .. 8m+7
+// address), the per-lane B load, and each m16n8k16 computed from the fragments as PTX lays
+// them out (see DeviceMma) -- so the swizzle, the packing and the register layouts are
+// exercised here exactly as the GPU uses them.
+struct HostMma : HostScheduler {
+  static constexpr bool kSwizzle = true;
+  struct A { float v[32][8]; };    // [lane][reg * 2 + element]
+  struct B { float v[32][8]; };    // [lane][half * 4 + reg * 2 + element]
+  struct Acc { float v[32][8]; };  // [lane][half * 4 + c]
+  DRT_CTA void zero(Acc& c) const {
+    for (auto& lane : c.v)
+      for (float& v : lane) v = 0.0f;
+  }
+  DRT_CTA void load_a(A& a, const bf16* plane, int q) const {
+    for (int i = 0; i < 32; ++i) {
+      const int lane = nth(i, 32);
+      for (int m = 0; m < 4; ++m) {
+        const int addresser = 8 * m + lane / 4;  // the lane that named this matrix row
+        const bf16* row = plane + at<true>(q + addresser % 16, (addresser / 16) * 8);
+        for (int e = 0; e < 2; ++e) a.v[lane][2 * m + e] = __bfloat162float(row[2 * (lane % 4) + e]);
+      }
+    }
+  }
+  DRT_CTA void load_b(B& b, const bf16* tile) const {
+    for (int lane = 0; lane < 32; ++lane)
+      for (int e = 0; e < 8; ++e) b.v[lane][e] = __bfloat162float(tile[lane * 8 + e]);
+  }
+  DRT_CTA void mma(Acc& c, const A& a, const B& b) const {
+    float am[16][16], bm[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      for (int e = 0; e < 2; ++e) {
+        am[g][2 * t + e] = a.v[lane][e];
+        am[g + 8][2 * t + e] = a.v[lane][2 + e];
+        am[g][2 * t + 8 + e] = a.v[lane][4 + e];
+        am[g + 8][2 * t + 8 + e] = a.v[lane][6 + e];
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int e = 0; e < 2; ++e) {
+          bm[2 * t + e][g] = b.v[lane][4 * h + e];
+          bm[2 * t + 8 + e][g] = b.v[lane][4 * h + 2 + e];
+        }
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 4; ++i) {
+          const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+          float sum = c.v[lane][4 * h + i];
+          for (int k = 0; k < 16; ++k) sum += am[row][k] * bm[k][col];
+          c.v[lane][4 * h + i] = sum;
+        }
+      }
+    }
+  }
+  template <typename F>
+  DRT_CTA void each(const Acc& c, float*, F f) const {
+    for (int i = 0; i < 32; ++i) {
+      const int lane = nth(i, 32), g = lane / 4, t = lane % 4;
+      for (int k = 0; k < 8; ++k) f(g + 8 * ((k / 2) % 2), 8 * (k / 4) + 2 * t + k % 2, c.v[lane][k]);
+    }
+  }
 };
 
 // ---- one convolution --------------------------------------------------------------------------
@@ -206,7 +380,7 @@ DRT_HD int conv_tiles(int cin, int cout, int taps) { return taps * (cin / 16) * 
 
 // The warp's share of `c`: output-channel chunk n = warp % (cout/16) and the M-tiles
 // g, g + groups, ... (g = warp / (cout/16)), so that each weight tile a warp loads serves all
-// its M-tiles. `staging`: the warp's 256 floats.
+// its M-tiles. `staging`: the warp's 256 floats (the wmma epilogue's).
 #pragma nv_exec_check_disable
 template <class Ops>
 DRT_CTA void conv_warp(const Ops& ops, const Conv& c, int warp, float* staging) {
@@ -217,7 +391,7 @@ DRT_CTA void conv_warp(const Ops& ops, const Conv& c, int warp, float* staging) 
   const int count = tiles > g ? (tiles - g + groups - 1) / groups : 0;  // <= kMaxTiles
   const int P = pitch(c.s), in_plane = plane_elems(c.s);
 
-  typename Ops::FragC acc[kMaxTiles];
+  typename Ops::Acc acc[kMaxTiles];
   int q0[kMaxTiles];
 #pragma unroll
   for (int j = 0; j < kMaxTiles; ++j) {
@@ -228,57 +402,48 @@ DRT_CTA void conv_warp(const Ops& ops, const Conv& c, int warp, float* staging) 
     const int dy = c.taps == 9 ? tap / 3 : 1, dx = c.taps == 9 ? tap % 3 : 1;
     const int offset = (dy - 1) * P + (dx - 1);
     for (int kc = 0; kc < k_chunks; ++kc) {
-      typename Ops::FragB b;
+      typename Ops::B b;
       ops.load_b(b, c.w + (int64_t)((tap * k_chunks + kc) * n_chunks + n) * kTile);
       const bf16* plane = c.in + kc * in_plane;
 #pragma unroll
       for (int j = 0; j < kMaxTiles; ++j) {
         if (j < count) {
-          typename Ops::FragA a;
-          ops.load_a(a, plane + (q0[j] + offset) * 16, 16);
+          typename Ops::A a;
+          ops.load_a(a, plane, q0[j] + offset);
           ops.mma(acc[j], a, b);
         }
       }
     }
   }
 
-  // Epilogue: through the warp's staging tile; lane l handles channel n*16 + l%16 of rows
-  // l/16, l/16 + 2, ...
+  // Epilogue: bias, residual, ReLU, one bf16 rounding, for the elements this lane holds.
   const int s_out = c.s + (c.down ? 1 : 0);
   const int P_out = pitch(s_out);
   bf16* out_plane = c.out + n * plane_elems(s_out);
+  const float* bias = c.b + n * 16;
 #pragma unroll
   for (int j = 0; j < kMaxTiles; ++j) {
     if (j >= count) continue;
-    ops.store(staging, acc[j]);
-    ops.sync_warp();
     const Tile t = tile_at(c.s, c.down, g + j * groups);
-    ops.lanes([&](int lane) {
-      const int col = lane % 16;
-      const float bias = c.b[n * 16 + col];
-      for (int r = lane / 16; r < 16; r += 2) {
-        int q = t.q0 + r;
-        bool halo = false;
-        if (c.down) {
-          const int x = t.x0 + r;
-          if (x % 2) continue;
-          q = (t.y / 2 + 1) * P_out + x / 2 + 1;
-        } else if (t.y < 0) {  // grid 2's linear tiles cover halo positions: keep them zero
-          const int row = q / P, column = q % P;
-          halo = row < 1 || row > side(c.s) || column < 1 || column > side(c.s);
+    ops.each(acc[j], staging, [&](int r, int col, float v) {
+      int q = t.q0 + r;
+      if (c.down) {  // keep the even columns, at their place on grid s + 1
+        const int x = t.x0 + r;
+        if (x % 2) return;
+        q = (t.y / 2 + 1) * P_out + x / 2 + 1;
+      } else if (t.y < 0) {  // grid 2's linear tiles cover halo positions: keep them zero
+        const int row = q / P, column = q % P;
+        if (row < 1 || row > side(c.s) || column < 1 || column > side(c.s)) {
+          out_plane[at<Ops::kSwizzle>(q, col)] = __float2bfloat16_rn(0.0f);
+          return;
         }
-        bf16* dst = out_plane + q * 16 + col;
-        if (halo) {
-          *dst = __float2bfloat16_rn(0.0f);
-          continue;
-        }
-        float v = staging[r * 16 + col] + bias;
-        if (c.residual) v += __bfloat162float(*dst);
-        if (c.relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);  // NaN stays NaN, as torch's relu
-        *dst = __float2bfloat16_rn(v);
       }
+      bf16* dst = out_plane + at<Ops::kSwizzle>(q, col);
+      v += bias[col];
+      if (c.residual) v += __bfloat162float(*dst);
+      if (c.relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);  // NaN stays NaN, as torch's relu
+      *dst = __float2bfloat16_rn(v);
     });
-    ops.sync_warp();
   }
 }
 
@@ -321,7 +486,7 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
     for (int e = tid; e < 3 * 1024; e += kThreads) {
       const int ch = e / 1024, y = (e % 1024) / 32, x = e % 32;
       const float v = load_input<T>(p.x, draw * p.stride_b + ch * p.stride_c + y * p.stride_h + x * p.stride_w);
-      r1[((y + 1) * 34 + x + 1) * 16 + ch] = __float2bfloat16_rn((v - p.norm[ch]) / p.norm[3 + ch]);
+      r1[at<Ops::kSwizzle>((y + 1) * 34 + x + 1, ch)] = __float2bfloat16_rn((v - p.norm[ch]) / p.norm[3 + ch]);
     }
   });
   ops.sync();
@@ -380,7 +545,8 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
       const bf16* plane = x + (tid / 16) * plane_elems(2);
       float sum = 0.0f;
       for (int y = 0; y < 8; ++y)
-        for (int xx = 0; xx < 8; ++xx) sum += __bfloat162float(plane[((y + 1) * 10 + xx + 1) * 16 + tid % 16]);
+        for (int xx = 0; xx < 8; ++xx)
+          sum += __bfloat162float(plane[at<Ops::kSwizzle>((y + 1) * 10 + xx + 1, tid % 16)]);
       pooled[tid] = sum / 64.0f;
     }
   });
@@ -396,16 +562,16 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
   ops.sync();
 }
 
-template <typename T>
+template <class Ops, typename T>
 __global__ void __launch_bounds__(kThreads, 2) cifar_resnet_kernel(CifarResNetArgs p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const DeviceOps ops;
-  for (int64_t draw = blockIdx.x; draw < p.batch; draw += gridDim.x) forward_draw<DeviceOps, T>(ops, p, draw, smem);
+  const Ops ops;
+  for (int64_t draw = blockIdx.x; draw < p.batch; draw += gridDim.x) forward_draw<Ops, T>(ops, p, draw, smem);
 }
 
-template <typename T>
+template <class Ops, typename T>
 void launch(const CifarResNetArgs& p, int device, cudaStream_t stream) {
-  auto kernel = cifar_resnet_kernel<T>;
+  auto kernel = cifar_resnet_kernel<Ops, T>;
   // Over 48 KB of dynamic shared memory needs an opt-in, once per device (not a stream
   // operation: allowed while a CUDA graph is being captured, but done on the first, eager call).
   static bool opted_in[256] = {};
@@ -417,6 +583,39 @@ void launch(const CifarResNetArgs& p, int device, cudaStream_t stream) {
   const int grid = (int)(p.batch < (1 << 30) ? p.batch : (1 << 30));
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
   check_cuda(cudaGetLastError(), "cifar_resnet launch");
+}
+
+template <class Ops>
+void launch_for_input(const CifarResNetArgs& p, int device, cudaStream_t stream) {
+  switch (p.x_dtype) {
+    case kFloat32:
+      launch<Ops, float>(p, device, stream);
+      break;
+    case kBFloat16:
+      launch<Ops, bf16>(p, device, stream);
+      break;
+    default:
+      launch<Ops, __half>(p, device, stream);
+      break;
+  }
+}
+
+template <class Ops>
+void run_on_host(const CifarResNetArgs& p, const Ops& ops, unsigned char* smem) {
+  for (int64_t draw = 0; draw < p.batch; ++draw) {
+    memset(smem, 0xff, kSmemBytes);  // garbage the program must not read (0xffff is a bf16 NaN)
+    switch (p.x_dtype) {
+      case kFloat32:
+        forward_draw<Ops, float>(ops, p, draw, smem);
+        break;
+      case kBFloat16:
+        forward_draw<Ops, bf16>(ops, p, draw, smem);
+        break;
+      default:
+        forward_draw<Ops, __half>(ops, p, draw, smem);
+        break;
+    }
+  }
 }
 
 }  // namespace
@@ -443,6 +642,7 @@ void check_cifar_resnet(const CifarResNetArgs& p) {
   if (p.blocks < 1 || p.blocks > 1000) throw std::invalid_argument("blocks must be in [1, 1000]");
   if (p.batch < 0 || p.classes < 1) throw std::invalid_argument("batch must be >= 0 and classes >= 1");
   if (p.x_dtype < kFloat32 || p.x_dtype > kFloat16) throw std::invalid_argument("bad input dtype code");
+  if (p.variant != 0 && p.variant != 1) throw std::invalid_argument("variant must be 0 (wmma) or 1 (mma.sync)");
   if (p.weights_len != cifar_resnet_weight_tiles(p.blocks) * kTile)
     throw std::invalid_argument("weights: " + std::to_string(p.weights_len) + " elements, the network needs " +
                                 std::to_string(cifar_resnet_weight_tiles(p.blocks) * kTile));
@@ -452,6 +652,8 @@ void check_cifar_resnet(const CifarResNetArgs& p) {
 }
 
 int cifar_resnet_smem_bytes() { return kSmemBytes; }
+
+int cifar_resnet_mma_b_index(int lane, int half, int reg, int element) { return mma_b_index(lane, half, reg, element); }
 
 void cifar_resnet_cuda(const CifarResNetArgs& p, int device, uintptr_t stream) {
   check_cifar_resnet(p);
@@ -465,16 +667,10 @@ void cifar_resnet_cuda(const CifarResNetArgs& p, int device, uintptr_t stream) {
     throw std::invalid_argument("the CIFAR ResNet kernel needs a GPU of compute capability 8.0 or newer with " +
                                 std::to_string(kSmemBytes) + " bytes of shared memory a block (this one has " +
                                 std::to_string(room) + ")");
-  switch (p.x_dtype) {
-    case kFloat32:
-      launch<float>(p, device, as_stream(stream));
-      break;
-    case kBFloat16:
-      launch<bf16>(p, device, as_stream(stream));
-      break;
-    default:
-      launch<__half>(p, device, as_stream(stream));
-      break;
+  if (p.variant == 0) {
+    launch_for_input<DeviceWmma>(p, device, as_stream(stream));
+  } else {
+    launch_for_input<DeviceMma>(p, device, as_stream(stream));
   }
 }
 
@@ -482,21 +678,14 @@ void cifar_resnet_cuda_on_host(const CifarResNetArgs& p, int order) {
   check_cifar_resnet(p);
   std::vector<unsigned char> smem(kSmemBytes + 128);
   unsigned char* base = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
-  HostOps ops;
-  ops.order = order;
-  for (int64_t draw = 0; draw < p.batch; ++draw) {
-    memset(base, 0xff, kSmemBytes);  // garbage the kernel must not read (0xffff is a bf16 NaN)
-    switch (p.x_dtype) {
-      case kFloat32:
-        forward_draw<HostOps, float>(ops, p, draw, base);
-        break;
-      case kBFloat16:
-        forward_draw<HostOps, bf16>(ops, p, draw, base);
-        break;
-      default:
-        forward_draw<HostOps, __half>(ops, p, draw, base);
-        break;
-    }
+  if (p.variant == 0) {
+    HostWmma ops;
+    ops.order = order;
+    run_on_host(p, ops, base);
+  } else {
+    HostMma ops;
+    ops.order = order;
+    run_on_host(p, ops, base);
   }
 }
 
