@@ -164,10 +164,10 @@ PYBIND11_MODULE(_C_cuda, m) {
     return order;
   }, "Test hook: the mma.sync variant's packed weight tile, element by element, as indices into the "
      "row-major [input channel][output channel] tile.");
-  m.def("cifar_resnet_sizes", [](int64_t blocks) {
+  m.def("cifar_resnet_sizes", [](int64_t blocks, int variant) {
     return py::make_tuple(drt::cifar_resnet_weight_tiles(blocks) * 256, drt::cifar_resnet_biases(blocks),
-                          drt::cifar_resnet_smem_bytes());
-  }, "(weights, biases, shared-memory bytes) of the CIFAR ResNet kernel for `blocks` blocks a stage.");
+                          drt::cifar_resnet_smem_bytes(variant));
+  }, "(weights, biases, shared-memory bytes) of the CIFAR ResNet kernel's `variant` for `blocks` blocks a stage.");
   m.def("vote_on_host", vote_binding<>(drt::vote_cuda_on_host),
         "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
         "pointers; returns 0 for more classes (nothing done).");

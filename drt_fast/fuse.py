@@ -798,8 +798,8 @@ def resnet_kernel_variant(device: torch.device) -> Optional[int]:
     runs CIFAR ResNet members with (`ResNetKernelMember`), or None: only with
     ``DRT_FAST_RESNET_KERNEL`` set to ``mma`` (or ``1``: the mma.sync variant, 1) or ``wmma``
     (variant 0), the CUDA kernels built, and a GPU of compute capability 8.0 or newer with
-    room for the kernel's shared memory (data-center GPUs; an RTX 30/40 has 99 KB a block,
-    short of the kernel's 100.5 KB). Off by default: the kernel has been tested on the host
+    room for the kernel's shared memory (92.5 KB a block for mma.sync, 100.5 KB for wmma: an
+    RTX 30/40 has 99 KB). Off by default: the kernel has been tested on the host
     (its CTA program, ``ops._C_cuda.cifar_resnet_on_host``) but not yet run on a GPU."""
     import os
 
@@ -809,7 +809,7 @@ def resnet_kernel_variant(device: torch.device) -> Optional[int]:
         return None
     props = torch.cuda.get_device_properties(device)
     room = getattr(props, "shared_memory_per_block_optin", 0)
-    return variant if props.major >= 8 and room >= ops._C_cuda.cifar_resnet_sizes(1)[2] else None
+    return variant if props.major >= 8 and room >= ops._C_cuda.cifar_resnet_sizes(1, variant)[2] else None
 
 
 class ResNetKernelMember(nn.Module):

@@ -49,7 +49,7 @@ void cifar_resnet_cuda(const CifarResNetArgs& args, int device, uintptr_t stream
 void cifar_resnet_cuda_on_host(const CifarResNetArgs& args, int order);
 int64_t cifar_resnet_weight_tiles(int64_t blocks);
 int64_t cifar_resnet_biases(int64_t blocks);
-int cifar_resnet_smem_bytes();
+int cifar_resnet_smem_bytes(int variant);
 int cifar_resnet_mma_b_index(int lane, int half, int reg, int element);
 
 }  // namespace drt

@@ -43,6 +43,7 @@
 #include <mma.h>
 #include <string.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -63,7 +64,7 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxTiles = 8;  // M-tiles a warp holds accumulators for (grid 0: 64 tiles / 8 warps)
+constexpr int kMaxTiles = 4;  // M-tiles a warp accumulates at once (a pass; grid 0 has 8 a warp)
 constexpr int kTile = 256;    // elements of a 16x16 tile
 
 // ---- geometry ------------------------------------------------------------------------------
@@ -74,37 +75,52 @@ DRT_HD int pitch(int s) { return side(s) + 2; }
 DRT_HD int positions(int s) { return s == 2 ? 11 * 10 : pitch(s) * pitch(s); }
 DRT_HD int plane_elems(int s) { return positions(s) * 16; }
 
-// Shared memory: three regions; staging holds each warp's fp32 16x16 accumulator tile.
+// Shared memory: three regions; for wmma, staging holds each warp's fp32 16x16 accumulator
+// tile. Region 2 is free in stage 2: the pooled features go there.
 constexpr int kRegion0 = 0;                       // 36,992 B: grid 0, 16 channels
 constexpr int kRegion1 = 34 * 34 * 16 * 2;        // 36,992 B
 constexpr int kRegion2 = 2 * kRegion1;            // 20,736 B: grid 1, 32 channels
 constexpr int kStaging = kRegion2 + 2 * 18 * 18 * 16 * 2;
-constexpr int kSmemBytes = kStaging + kWarps * kTile * 4;  // 102,912 B
+constexpr int kSmemMma = kStaging;                         // 94,720 B
+constexpr int kSmemWmma = kStaging + kWarps * kTile * 4;   // 102,912 B: + the epilogue's staging
 static_assert(kRegion2 % 128 == 0 && kStaging % 128 == 0, "region alignment");
 static_assert(4 * 110 * 16 * 2 <= kRegion1, "grid 2's 64-channel map fits a region");
 
-// The M-tiles of a convolution over grid s: 16 consecutive positions from q0. `down`: only
-// the even rows (a stride-2 convolution; grids 0 and 1 only).
+// The M-tiles of a convolution over grid s: 16 positions, rows 0-7 from q0 on and rows 8-15
+// from q8 on. `down`: only the even rows (a stride-2 convolution; grids 0 and 1 only).
+// Grid 2 has 8-pixel rows: with `kPairs` (a policy whose A rows may be anywhere: mma.sync's
+// ldmatrix takes one address a lane) a tile is two pixel rows (4 tiles, all interior);
+// without (wmma: one row stride), the padded positions 11 .. 90 are tiled linearly (5
+// tiles, 16 of their 80 positions halo).
 struct Tile {
-  int q0;  // first position
-  int y;   // pixel row (row tiles), or -1 (grid 2's linear tiles)
-  int x0;  // first pixel column (row tiles)
+  int q0;  // position of row 0
+  int q8;  // position of row 8
+  int y;   // first pixel row, or -1 (grid 2's linear tiles)
+  int x0;  // first pixel column
 };
 
+DRT_HD int row_position(const Tile& t, int r) { return r < 8 ? t.q0 + r : t.q8 + (r - 8); }
+
+template <bool kPairs>
 DRT_HD int tile_count(int s, bool down) {
-  if (s == 2) return 5;  // positions 11 .. 90 cover rows 1 .. 8 of the padded 10 x 10 grid
+  if (s == 2) return kPairs ? 4 : 5;
   const int per_row = side(s) / 16, rows = down ? side(s) / 2 : side(s);
   return rows * per_row;
 }
 
+template <bool kPairs>
 DRT_HD Tile tile_at(int s, bool down, int t) {
-  if (s == 2) return Tile{pitch(2) + 1 + 16 * t, -1, 0};
+  if (s == 2) {
+    const int P = pitch(2);
+    if (!kPairs) return Tile{P + 1 + 16 * t, P + 9 + 16 * t, -1, 0};
+    return Tile{(2 * t + 1) * P + 1, (2 * t + 2) * P + 1, 2 * t, 0};
+  }
   const int per_row = side(s) / 16;
   const int y = (t / per_row) * (down ? 2 : 1), x0 = (t % per_row) * 16;
-  return Tile{(y + 1) * pitch(s) + 1 + x0, y, x0};
+  const int q0 = (y + 1) * pitch(s) + 1 + x0;
+  return Tile{q0, q0 + 8, y, x0};
 }
 
-// ---- the two policies -----------------------------------------------------------------------
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define DRT_NO_BF16_MMA  // bf16 tensor-core fragments need sm_80; the launch refuses older GPUs
 #endif
@@ -127,17 +143,21 @@ DRT_HD int at(int p, int c) {
 //   swizzled planes (each lane names one row), B loaded as each lane's 16 bytes of a tile
 //   pre-packed in fragment order (one coalesced 512-byte load a warp), and the epilogue
 //   straight from the accumulator registers, whose layout PTX defines.
-// Common interface: zero(acc), load_a(a, plane, q) (rows = positions q .. q+15),
+// Common interface: zero(acc), load_a(a, plane, q0, q8) (rows 0-7 = positions q0 .. q0+7,
+// rows 8-15 = q8 .. q8+7; wmma needs q8 = q0 + 8),
 // load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, value) for the
 // elements of the tile this lane holds), threads(f), warps(f), sync().
 struct DeviceWmma {
-  static constexpr bool kSwizzle = false;
+  static constexpr bool kSwizzle = false, kPairs = false;
+  static constexpr int kSmemBytes = kSmemWmma;
 #ifndef DRT_NO_BF16_MMA
   using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
   using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
   __device__ void zero(Acc& c) const { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  __device__ void load_a(A& a, const bf16* plane, int q) const { nvcuda::wmma::load_matrix_sync(a, plane + q * 16, 16); }
+  __device__ void load_a(A& a, const bf16* plane, int q0, int) const {  // rows 8-15 follow row 7
+    nvcuda::wmma::load_matrix_sync(a, plane + q0 * 16, 16);
+  }
   __device__ void load_b(B& b, const bf16* tile) const { nvcuda::wmma::load_matrix_sync(b, tile, 16); }
   __device__ void mma(Acc& c, const A& a, const B& b) const { nvcuda::wmma::mma_sync(c, a, b, c); }
   template <typename F>
@@ -148,16 +168,10 @@ struct DeviceWmma {
     for (int r = lane / 16; r < 16; r += 2) f(r, lane % 16, staging[r * 16 + lane % 16]);
     __syncwarp();
   }
-#else
+#else  // nothing to run the program with: the kernel writes NaN (cifar_resnet_kernel)
   struct A {};
   struct B {};
   struct Acc {};
-  __device__ void zero(Acc&) const {}
-  __device__ void load_a(A&, const bf16*, int) const {}
-  __device__ void load_b(B&, const bf16*) const {}
-  __device__ void mma(Acc&, const A&, const B&) const {}
-  template <typename F>
-  __device__ void each(const Acc&, float*, F) const {}
 #endif
   template <typename F>
   __device__ void threads(F f) const { f((int)threadIdx.x); }
@@ -179,7 +193,8 @@ DRT_HD int mma_b_index(int lane, int h, int r, int j) {
 }
 
 struct DeviceMma {
-  static constexpr bool kSwizzle = true;
+  static constexpr bool kSwizzle = true, kPairs = true;
+  static constexpr int kSmemBytes = kSmemMma;
   struct A { uint32_t r[4]; };
   struct B { uint32_t r[4]; };   // [half][reg]
   struct Acc { float v[8]; };    // [half][c0..c3]
@@ -188,12 +203,12 @@ struct DeviceMma {
 #pragma unroll
     for (int i = 0; i < 8; ++i) c.v[i] = 0.0f;
   }
-  __device__ void load_a(A& a, const bf16* plane, int q) const {
+  __device__ void load_a(A& a, const bf16* plane, int q0, int q8) const {
     // lanes 0-7: rows 0-7 of channels 0-7, 8-15: rows 8-15 of channels 0-7, 16-23: rows
     // 0-7 of channels 8-15, 24-31: rows 8-15 of channels 8-15 (the four 8x8 matrices, in
     // the order of A's registers).
-    const int lane = (int)threadIdx.x % 32;
-    const bf16* row = plane + at<true>(q + lane % 16, (lane / 16) * 8);
+    const int lane = (int)threadIdx.x % 32, m = lane % 16;
+    const bf16* row = plane + at<true>(m < 8 ? q0 + m : q8 + (m - 8), (lane / 16) * 8);
     const uint32_t address = (uint32_t)__cvta_generic_to_shared(row);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
@@ -223,13 +238,6 @@ struct DeviceMma {
 #pragma unroll
     for (int i = 0; i < 8; ++i) f(g + 8 * ((i / 2) % 2), 8 * (i / 4) + 2 * t + i % 2, c.v[i]);
   }
-#else
-  __device__ void zero(Acc&) const {}
-  __device__ void load_a(A&, const bf16*, int) const {}
-  __device__ void load_b(B&, const bf16*) const {}
-  __device__ void mma(Acc&, const A&, const B&) const {}
-  template <typename F>
-  __device__ void each(const Acc&, float*, F) const {}
 #endif
   template <typename F>
   __device__ void threads(F f) const { f((int)threadIdx.x); }
@@ -263,16 +271,17 @@ struct HostScheduler {
 // wmma on the host: a warp's fragments as whole 16x16 float tiles (the operands hold bf16
 // values, products of two bf16 are exact in fp32, sums run in k order).
 struct HostWmma : HostScheduler {
-  static constexpr bool kSwizzle = false;
+  static constexpr bool kSwizzle = false, kPairs = false;
+  static constexpr int kSmemBytes = kSmemWmma;
   struct A { float v[kTile]; };
   struct B { float v[kTile]; };
   struct Acc { float v[kTile]; };
   DRT_CTA void zero(Acc& c) const {
     for (float& v : c.v) v = 0.0f;
   }
-  DRT_CTA void load_a(A& a, const bf16* plane, int q) const {
+  DRT_CTA void load_a(A& a, const bf16* plane, int q0, int) const {  // as DeviceWmma: one row stride
     for (int r = 0; r < 16; ++r)
-      for (int k = 0; k < 16; ++k) a.v[r * 16 + k] = __bfloat162float(plane[(q + r) * 16 + k]);
+      for (int k = 0; k < 16; ++k) a.v[r * 16 + k] = __bfloat162float(plane[(q0 + r) * 16 + k]);
   }
   DRT_CTA void load_b(B& b, const bf16* tile) const {
     for (int i = 0; i < kTile; ++i) b.v[i] = __bfloat162float(tile[i]);
@@ -301,7 +310,8 @@ struct HostWmma : HostScheduler {
 // them out (see DeviceMma) -- so the swizzle, the packing and the register layouts are
 // exercised here exactly as the GPU uses them.
 struct HostMma : HostScheduler {
-  static constexpr bool kSwizzle = true;
+  static constexpr bool kSwizzle = true, kPairs = true;
+  static constexpr int kSmemBytes = kSmemMma;
   struct A { float v[32][8]; };    // [lane][reg * 2 + element]
   struct B { float v[32][8]; };    // [lane][half * 4 + reg * 2 + element]
   struct Acc { float v[32][8]; };  // [lane][half * 4 + c]
@@ -309,12 +319,12 @@ struct HostMma : HostScheduler {
     for (auto& lane : c.v)
       for (float& v : lane) v = 0.0f;
   }
-  DRT_CTA void load_a(A& a, const bf16* plane, int q) const {
+  DRT_CTA void load_a(A& a, const bf16* plane, int q0, int q8) const {
     for (int i = 0; i < 32; ++i) {
       const int lane = nth(i, 32);
       for (int m = 0; m < 4; ++m) {
-        const int addresser = 8 * m + lane / 4;  // the lane that named this matrix row
-        const bf16* row = plane + at<true>(q + addresser % 16, (addresser / 16) * 8);
+        const int addresser = 8 * m + lane / 4, r = addresser % 16;  // the lane that named this row
+        const bf16* row = plane + at<true>(r < 8 ? q0 + r : q8 + (r - 8), (addresser / 16) * 8);
         for (int e = 0; e < 2; ++e) a.v[lane][2 * m + e] = __bfloat162float(row[2 * (lane % 4) + e]);
       }
     }
@@ -380,70 +390,82 @@ DRT_HD int conv_tiles(int cin, int cout, int taps) { return taps * (cin / 16) * 
 
 // The warp's share of `c`: output-channel chunk n = warp % (cout/16) and the M-tiles
 // g, g + groups, ... (g = warp / (cout/16)), so that each weight tile a warp loads serves all
-// its M-tiles. `staging`: the warp's 256 floats (the wmma epilogue's).
+// its M-tiles; in passes of at most kMaxTiles tiles (their accumulators in registers). Each
+// step's weight tile is loaded while the previous step's tiles multiply. `staging`: the
+// warp's 256 floats (the wmma epilogue's). Not inlined on the device: one copy of the hot
+// loop instead of one per call site.
 #pragma nv_exec_check_disable
 template <class Ops>
-DRT_CTA void conv_warp(const Ops& ops, const Conv& c, int warp, float* staging) {
-  const int n_chunks = c.cout / 16, k_chunks = c.cin / 16;
+__host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, int warp, float* staging) {
+  const int n_chunks = c.cout / 16, k_chunks = c.cin / 16, steps = c.taps * k_chunks;
   const int groups = kWarps / n_chunks;
   const int n = warp % n_chunks, g = warp / n_chunks;
-  const int tiles = tile_count(c.s, c.down);
-  const int count = tiles > g ? (tiles - g + groups - 1) / groups : 0;  // <= kMaxTiles
+  const int tiles = tile_count<Ops::kPairs>(c.s, c.down);
+  const int mine = tiles > g ? (tiles - g + groups - 1) / groups : 0;  // the warp's M-tiles
   const int P = pitch(c.s), in_plane = plane_elems(c.s);
+  const int s_out = c.s + (c.down ? 1 : 0);
+  const int P_out = pitch(s_out);
+  bf16* out_plane = c.out + n * plane_elems(s_out);
+  const float* bias = c.b + n * 16;
+  const bf16* weights = c.w + n * kTile;  // step st's tile: weights + st * n_chunks * kTile
+  const bool down = c.down, relu = c.relu, residual = c.residual;
 
-  typename Ops::Acc acc[kMaxTiles];
-  int q0[kMaxTiles];
+  for (int first = 0; first < mine; first += kMaxTiles) {
+    const int count = mine - first < kMaxTiles ? mine - first : kMaxTiles;
+    typename Ops::Acc acc[kMaxTiles];
+    int q0[kMaxTiles], q8[kMaxTiles];
 #pragma unroll
-  for (int j = 0; j < kMaxTiles; ++j) {
-    q0[j] = j < count ? tile_at(c.s, c.down, g + j * groups).q0 : 0;
-    if (j < count) ops.zero(acc[j]);
-  }
-  for (int tap = 0; tap < c.taps; ++tap) {
-    const int dy = c.taps == 9 ? tap / 3 : 1, dx = c.taps == 9 ? tap % 3 : 1;
-    const int offset = (dy - 1) * P + (dx - 1);
-    for (int kc = 0; kc < k_chunks; ++kc) {
-      typename Ops::B b;
-      ops.load_b(b, c.w + (int64_t)((tap * k_chunks + kc) * n_chunks + n) * kTile);
+    for (int j = 0; j < kMaxTiles; ++j) {
+      const Tile t = tile_at<Ops::kPairs>(c.s, down, g + (first + j) * groups);
+      q0[j] = j < count ? t.q0 : 0;
+      q8[j] = j < count ? t.q8 : 0;
+      if (j < count) ops.zero(acc[j]);
+    }
+    typename Ops::B b;
+    ops.load_b(b, weights);
+    for (int st = 0; st < steps; ++st) {
+      typename Ops::B next;
+      if (st + 1 < steps) ops.load_b(next, weights + (int64_t)(st + 1) * n_chunks * kTile);
+      const int tap = st / k_chunks, kc = st % k_chunks;
+      const int dy = c.taps == 9 ? tap / 3 : 1, dx = c.taps == 9 ? tap % 3 : 1;
+      const int offset = (dy - 1) * P + (dx - 1);
       const bf16* plane = c.in + kc * in_plane;
 #pragma unroll
       for (int j = 0; j < kMaxTiles; ++j) {
         if (j < count) {
           typename Ops::A a;
-          ops.load_a(a, plane, q0[j] + offset);
+          ops.load_a(a, plane, q0[j] + offset, q8[j] + offset);
           ops.mma(acc[j], a, b);
         }
       }
+      if (st + 1 < steps) b = next;
     }
-  }
 
-  // Epilogue: bias, residual, ReLU, one bf16 rounding, for the elements this lane holds.
-  const int s_out = c.s + (c.down ? 1 : 0);
-  const int P_out = pitch(s_out);
-  bf16* out_plane = c.out + n * plane_elems(s_out);
-  const float* bias = c.b + n * 16;
+    // Epilogue: bias, residual, ReLU, one bf16 rounding, for the elements this lane holds.
 #pragma unroll
-  for (int j = 0; j < kMaxTiles; ++j) {
-    if (j >= count) continue;
-    const Tile t = tile_at(c.s, c.down, g + j * groups);
-    ops.each(acc[j], staging, [&](int r, int col, float v) {
-      int q = t.q0 + r;
-      if (c.down) {  // keep the even columns, at their place on grid s + 1
-        const int x = t.x0 + r;
-        if (x % 2) return;
-        q = (t.y / 2 + 1) * P_out + x / 2 + 1;
-      } else if (t.y < 0) {  // grid 2's linear tiles cover halo positions: keep them zero
-        const int row = q / P, column = q % P;
-        if (row < 1 || row > side(c.s) || column < 1 || column > side(c.s)) {
-          out_plane[at<Ops::kSwizzle>(q, col)] = __float2bfloat16_rn(0.0f);
-          return;
+    for (int j = 0; j < kMaxTiles; ++j) {
+      if (j >= count) continue;
+      const Tile t = tile_at<Ops::kPairs>(c.s, down, g + (first + j) * groups);
+      ops.each(acc[j], staging, [&](int r, int col, float v) {
+        int q = row_position(t, r);
+        if (down) {  // keep the even columns, at their place on grid s + 1
+          const int x = t.x0 + r;
+          if (x % 2) return;
+          q = (t.y / 2 + 1) * P_out + x / 2 + 1;
+        } else if (t.y < 0) {  // grid 2's linear tiles cover halo positions: keep them zero
+          const int row = q / P, column = q % P;
+          if (row < 1 || row > side(c.s) || column < 1 || column > side(c.s)) {
+            out_plane[at<Ops::kSwizzle>(q, col)] = __float2bfloat16_rn(0.0f);
+            return;
+          }
         }
-      }
-      bf16* dst = out_plane + at<Ops::kSwizzle>(q, col);
-      v += bias[col];
-      if (c.residual) v += __bfloat162float(*dst);
-      if (c.relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);  // NaN stays NaN, as torch's relu
-      *dst = __float2bfloat16_rn(v);
-    });
+        bf16* dst = out_plane + at<Ops::kSwizzle>(q, col);
+        v += bias[col];
+        if (residual) v += __bfloat162float(*dst);
+        if (relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);  // NaN stays NaN, as torch's relu
+        *dst = __float2bfloat16_rn(v);
+      });
+    }
   }
 }
 
@@ -468,7 +490,7 @@ DRT_CTA void zero_bytes(const Ops& ops, unsigned char* base, int bytes) {
   });
 }
 
-// The whole network for draw `draw`, by one CTA with `smem` (kSmemBytes).
+// The whole network for draw `draw`, by one CTA with `smem` (Ops::kSmemBytes).
 #pragma nv_exec_check_disable
 template <class Ops, typename T>
 DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw, unsigned char* smem) {
@@ -539,7 +561,7 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
   }
 
   // Average pooling over the 8x8 pixels, then the linear layer, in fp32.
-  float* pooled = staging;  // 64 floats
+  float* pooled = reinterpret_cast<float*>(smem + kRegion2);  // 64 floats; region 2 is free in stage 2
   ops.threads([&](int tid) {
     if (tid < 64) {
       const bf16* plane = x + (tid / 16) * plane_elems(2);
@@ -565,8 +587,16 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
 template <class Ops, typename T>
 __global__ void __launch_bounds__(kThreads, 2) cifar_resnet_kernel(CifarResNetArgs p) {
   extern __shared__ __align__(128) unsigned char smem[];
+#ifdef DRT_NO_BF16_MMA
+  // Compiled for a GPU without bf16 tensor cores (and run from its PTX on a newer one): no
+  // logits, NaN, which certify reports and the engine's first-batch check refuses.
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.batch * p.classes;
+       i += (int64_t)gridDim.x * blockDim.x)
+    p.out[i] = __int_as_float(0x7fc00000);
+#else
   const Ops ops;
   for (int64_t draw = blockIdx.x; draw < p.batch; draw += gridDim.x) forward_draw<Ops, T>(ops, p, draw, smem);
+#endif
 }
 
 template <class Ops, typename T>
@@ -574,14 +604,14 @@ void launch(const CifarResNetArgs& p, int device, cudaStream_t stream) {
   auto kernel = cifar_resnet_kernel<Ops, T>;
   // Over 48 KB of dynamic shared memory needs an opt-in, once per device (not a stream
   // operation: allowed while a CUDA graph is being captured, but done on the first, eager call).
-  static bool opted_in[256] = {};
-  if (device < 0 || device >= 256 || !opted_in[device]) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+  static std::atomic<bool> opted_in[256];
+  if (device < 0 || device >= 256 || !opted_in[device].load()) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ops::kSmemBytes),
                "cudaFuncSetAttribute(cifar_resnet)");
-    if (device >= 0 && device < 256) opted_in[device] = true;
+    if (device >= 0 && device < 256) opted_in[device].store(true);
   }
   const int grid = (int)(p.batch < (1 << 30) ? p.batch : (1 << 30));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<grid, kThreads, Ops::kSmemBytes, stream>>>(p);
   check_cuda(cudaGetLastError(), "cifar_resnet launch");
 }
 
@@ -603,7 +633,7 @@ void launch_for_input(const CifarResNetArgs& p, int device, cudaStream_t stream)
 template <class Ops>
 void run_on_host(const CifarResNetArgs& p, const Ops& ops, unsigned char* smem) {
   for (int64_t draw = 0; draw < p.batch; ++draw) {
-    memset(smem, 0xff, kSmemBytes);  // garbage the program must not read (0xffff is a bf16 NaN)
+    memset(smem, 0xff, Ops::kSmemBytes);  // garbage the program must not read (0xffff is a bf16 NaN)
     switch (p.x_dtype) {
       case kFloat32:
         forward_draw<Ops, float>(ops, p, draw, smem);
@@ -651,7 +681,7 @@ void check_cifar_resnet(const CifarResNetArgs& p) {
                                 std::to_string(cifar_resnet_biases(p.blocks)));
 }
 
-int cifar_resnet_smem_bytes() { return kSmemBytes; }
+int cifar_resnet_smem_bytes(int variant) { return variant == 0 ? kSmemWmma : kSmemMma; }
 
 int cifar_resnet_mma_b_index(int lane, int half, int reg, int element) { return mma_b_index(lane, half, reg, element); }
 
@@ -663,9 +693,10 @@ void cifar_resnet_cuda(const CifarResNetArgs& p, int device, uintptr_t stream) {
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
   int room = 0;
   check_cuda(cudaDeviceGetAttribute(&room, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
-  if (major < 8 || room < kSmemBytes)
+  const int need = cifar_resnet_smem_bytes(p.variant);
+  if (major < 8 || room < need)
     throw std::invalid_argument("the CIFAR ResNet kernel needs a GPU of compute capability 8.0 or newer with " +
-                                std::to_string(kSmemBytes) + " bytes of shared memory a block (this one has " +
+                                std::to_string(need) + " bytes of shared memory a block (this one has " +
                                 std::to_string(room) + ")");
   if (p.variant == 0) {
     launch_for_input<DeviceWmma>(p, device, as_stream(stream));
@@ -676,7 +707,7 @@ void cifar_resnet_cuda(const CifarResNetArgs& p, int device, uintptr_t stream) {
 
 void cifar_resnet_cuda_on_host(const CifarResNetArgs& p, int order) {
   check_cifar_resnet(p);
-  std::vector<unsigned char> smem(kSmemBytes + 128);
+  std::vector<unsigned char> smem(kSmemWmma + 128);
   unsigned char* base = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
   if (p.variant == 0) {
     HostWmma ops;
