@@ -83,7 +83,7 @@ constexpr int kRegion2 = 2 * kRegion1;            // 20,736 B: grid 1, 32 channe
 constexpr int kStaging = kRegion2 + 2 * 18 * 18 * 16 * 2;
 constexpr int kSmemMma = kStaging;                         // 94,720 B
 constexpr int kSmemWmma = kStaging + kWarps * kTile * 4;   // 102,912 B: + the epilogue's staging
-static_assert(kRegion2 % 128 == 0 && kStaging % 128 == 0, "region alignment");
+static_assert(kRegion1 % 128 == 0 && kRegion2 % 128 == 0 && kStaging % 128 == 0, "region alignment");
 static_assert(4 * 110 * 16 * 2 <= kRegion1, "grid 2's 64-channel map fits a region");
 
 // The M-tiles of a convolution over grid s: 16 positions, rows 0-7 from q0 on and rows 8-15
@@ -484,9 +484,9 @@ DRT_HD float load_input(const void* x, int64_t i) {
 #pragma nv_exec_check_disable
 template <class Ops>
 DRT_CTA void zero_bytes(const Ops& ops, unsigned char* base, int bytes) {
-  ops.threads([&](int tid) {
-    uint32_t* words = reinterpret_cast<uint32_t*>(base);
-    for (int i = tid; i < bytes / 4; i += kThreads) words[i] = 0u;
+  ops.threads([&](int tid) {  // bytes: a multiple of 16, base 16-byte aligned
+    uint4* words = reinterpret_cast<uint4*>(base);
+    for (int i = tid; i < bytes / 16; i += kThreads) words[i] = make_uint4(0u, 0u, 0u, 0u);
   });
 }
 
