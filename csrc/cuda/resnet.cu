@@ -147,7 +147,16 @@ DRT_HD int at(int p, int c) {
 // rows 8-15 = q8 .. q8+7; wmma needs q8 = q0 + 8),
 // load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, value) for the
 // elements of the tile this lane holds), threads(f), warps(f), sync().
-struct DeviceWmma {
+// A CTA's threads, warps and barrier on the GPU.
+struct DeviceScheduler {
+  template <typename F>
+  __device__ void threads(F f) const { f((int)threadIdx.x); }
+  template <typename F>
+  __device__ void warps(F f) const { f((int)threadIdx.x / 32); }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+struct DeviceWmma : DeviceScheduler {
   static constexpr bool kSwizzle = false, kPairs = false;
   static constexpr int kSmemBytes = kSmemWmma;
 #ifndef DRT_NO_BF16_MMA
@@ -173,11 +182,6 @@ struct DeviceWmma {
   struct B {};
   struct Acc {};
 #endif
-  template <typename F>
-  __device__ void threads(F f) const { f((int)threadIdx.x); }
-  template <typename F>
-  __device__ void warps(F f) const { f((int)threadIdx.x / 32); }
-  __device__ void sync() const { __syncthreads(); }
 };
 
 // mma.sync's fragments, per lane (g = lane / 4, t = lane % 4), as PTX defines them for
@@ -192,7 +196,7 @@ DRT_HD int mma_b_index(int lane, int h, int r, int j) {
   return (2 * (lane % 4) + 8 * r + j) * 16 + 8 * h + lane / 4;
 }
 
-struct DeviceMma {
+struct DeviceMma : DeviceScheduler {
   static constexpr bool kSwizzle = true, kPairs = true;
   static constexpr int kSmemBytes = kSmemMma;
   struct A { uint32_t r[4]; };
@@ -239,11 +243,6 @@ struct DeviceMma {
     for (int i = 0; i < 8; ++i) f(g + 8 * ((i / 2) % 2), 8 * (i / 4) + 2 * t + i % 2, c.v[i]);
   }
 #endif
-  template <typename F>
-  __device__ void threads(F f) const { f((int)threadIdx.x); }
-  template <typename F>
-  __device__ void warps(F f) const { f((int)threadIdx.x / 32); }
-  __device__ void sync() const { __syncthreads(); }
 };
 
 // The host policies run a phase's warps (and threads) one after another, in an order set by
