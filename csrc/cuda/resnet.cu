@@ -146,7 +146,7 @@ DRT_HD int at(int p, int c) {
 // Common interface: zero(acc), load_a(a, plane, q0, q8) (rows 0-7 = positions q0 .. q0+7,
 // rows 8-15 = q8 .. q8+7; wmma needs q8 = q0 + 8),
 // load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, value) for the
-// elements of the tile this lane holds), threads(f), warps(f), sync().
+// elements of the tile this lane holds), threads(f), warps(f), sync(), converge().
 // A CTA's threads, warps and barrier on the GPU.
 struct DeviceScheduler {
   template <typename F>
@@ -154,6 +154,7 @@ struct DeviceScheduler {
   template <typename F>
   __device__ void warps(F f) const { f((int)threadIdx.x / 32); }
   __device__ void sync() const { __syncthreads(); }
+  __device__ void converge() const { __syncwarp(); }
 };
 
 struct DeviceWmma : DeviceScheduler {
@@ -216,7 +217,8 @@ struct DeviceMma : DeviceScheduler {
     const uint32_t address = (uint32_t)__cvta_generic_to_shared(row);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
-                 : "r"(address));
+                 : "r"(address)
+                 : "memory");  // ordered with the epilogue's plain shared-memory stores
   }
   __device__ void load_b(B& b, const bf16* tile) const {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(tile) + threadIdx.x % 32);
@@ -265,6 +267,7 @@ struct HostScheduler {
     for (int i = 0; i < kWarps; ++i) f(nth(i, kWarps));
   }
   DRT_CTA void sync() const {}
+  DRT_CTA void converge() const {}
 };
 
 // wmma on the host: a warp's fragments as whole 16x16 float tiles (the operands hold bf16
@@ -420,24 +423,29 @@ __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, in
       q8[j] = j < count ? t.q8 : 0;
       if (j < count) ops.zero(acc[j]);
     }
+    ops.converge();  // the previous pass's epilogue branched per lane; the loads below are warp-wide
     typename Ops::B b;
     ops.load_b(b, weights);
-    for (int st = 0; st < steps; ++st) {
-      typename Ops::B next;
-      if (st + 1 < steps) ops.load_b(next, weights + (int64_t)(st + 1) * n_chunks * kTile);
-      const int tap = st / k_chunks, kc = st % k_chunks;
-      const int dy = c.taps == 9 ? tap / 3 : 1, dx = c.taps == 9 ? tap % 3 : 1;
-      const int offset = (dy - 1) * P + (dx - 1);
-      const bf16* plane = c.in + kc * in_plane;
+    int st = 0;  // step: tap * k_chunks + kc
+    for (int dy = 0; dy < 3; ++dy) {
+      for (int dx = 0; dx < 3; ++dx) {
+        if (c.taps == 1 && (dy != 1 || dx != 1)) continue;  // a 1x1 convolution: the centre tap
+        const int offset = (dy - 1) * P + (dx - 1);
+        for (int kc = 0; kc < k_chunks; ++kc, ++st) {
+          typename Ops::B next;
+          if (st + 1 < steps) ops.load_b(next, weights + (int64_t)(st + 1) * n_chunks * kTile);
+          const bf16* plane = c.in + kc * in_plane;
 #pragma unroll
-      for (int j = 0; j < kMaxTiles; ++j) {
-        if (j < count) {
-          typename Ops::A a;
-          ops.load_a(a, plane, q0[j] + offset, q8[j] + offset);
-          ops.mma(acc[j], a, b);
+          for (int j = 0; j < kMaxTiles; ++j) {
+            if (j < count) {
+              typename Ops::A a;
+              ops.load_a(a, plane, q0[j] + offset, q8[j] + offset);
+              ops.mma(acc[j], a, b);
+            }
+          }
+          if (st + 1 < steps) b = next;
         }
       }
-      if (st + 1 < steps) b = next;
     }
 
     // Epilogue: bias, residual, ReLU, one bf16 rounding, for the elements this lane holds.
@@ -672,6 +680,8 @@ void check_cifar_resnet(const CifarResNetArgs& p) {
   if (p.batch < 0 || p.classes < 1) throw std::invalid_argument("batch must be >= 0 and classes >= 1");
   if (p.x_dtype < kFloat32 || p.x_dtype > kFloat16) throw std::invalid_argument("bad input dtype code");
   if (p.variant != 0 && p.variant != 1) throw std::invalid_argument("variant must be 0 (wmma) or 1 (mma.sync)");
+  if (reinterpret_cast<uintptr_t>(p.weights) % 32 != 0)
+    throw std::invalid_argument("weights must be 32-byte aligned (they are loaded as whole tiles)");
   if (p.weights_len != cifar_resnet_weight_tiles(p.blocks) * kTile)
     throw std::invalid_argument("weights: " + std::to_string(p.weights_len) + " elements, the network needs " +
                                 std::to_string(cifar_resnet_weight_tiles(p.blocks) * kTile));
