@@ -36,10 +36,11 @@ tail -3 "$out/build.log"
 # First the kernels that have not run on a GPU before, each test file in its own process (a
 # faulting kernel poisons the CUDA context for the rest of a process), and the whole-network
 # ResNet kernel's member forwards against cuDNN's fused members.
-"${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
-"${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
+# (timeout: a kernel that deadlocks must not eat the session's device time)
+timeout 300 "${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
+timeout 300 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
     | tee "$out/tests-ops.log" | tail -5
-"${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
+timeout 300 "${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
     | tee "$out/levers-kernel.log" | grep -E "ms/1000|error|Error" | tail -10
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && exit 0
 

@@ -290,9 +290,10 @@ def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
 
 # ---- on a GPU ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cuda_kernel_matches_the_host_program_and_the_reference(cuda_device, variant):
-    k_cpu = kernel_member(resnet_member(110), variant)
-    k = kernel_member(resnet_member(110), variant).to(cuda_device)
+@pytest.mark.parametrize("depth", [8, 110])
+def test_cuda_kernel_matches_the_host_program_and_the_reference(cuda_device, variant, depth):
+    k_cpu = kernel_member(resnet_member(depth), variant)
+    k = kernel_member(resnet_member(depth), variant).to(cuda_device)
     x = pixels(64)
     got = ops.cifar_resnet(x.to(cuda_device), k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, variant).cpu()
     assert torch.isfinite(got).all()
