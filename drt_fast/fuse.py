@@ -837,9 +837,8 @@ class ResNetKernelMember(nn.Module):
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    """``conv`` followed by eval-mode ``bn`` as (weight, bias), float64."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise _NotLowered("a BatchNorm has no running statistics")
+    """``conv`` followed by eval-mode ``bn`` (with running statistics) as (weight, bias),
+    float64."""
     scale = (bn.weight.detach().double() if bn.affine else 1.0) / torch.sqrt(bn.running_var.double() + bn.eps)
     shift = bn.bias.detach().double() if bn.affine else 0.0
     bias = (conv.bias.detach().double() if conv.bias is not None else 0.0) - bn.running_mean.double()
@@ -859,6 +858,13 @@ def _expect_conv(conv, cin, cout, k, stride) -> None:
 def _expect_bn(bn, channels) -> None:
     if not (type(bn) is nn.BatchNorm2d and bn.num_features == channels):
         raise _NotLowered(f"{bn!r} is not a BatchNorm2d of {channels} channels")
+    if bn.running_mean is None or bn.running_var is None:
+        raise _NotLowered("a BatchNorm has no running statistics")
+
+
+def _expect_relu(relu) -> None:
+    if type(relu) is not nn.ReLU:
+        raise _NotLowered(f"{relu!r} is not the ReLU of a CIFAR ResNet")
 
 
 def _resnet_kernel_parts(member: nn.Module) -> tuple:
@@ -876,6 +882,7 @@ def _resnet_kernel_parts(member: nn.Module) -> tuple:
         raise _NotLowered("it is in training mode")
     _expect_conv(net.conv1, 3, 16, 3, 1)
     _expect_bn(net.bn1, 16)
+    _expect_relu(net.relu)
     layers = (net.layer1, net.layer2, net.layer3)
     if len({len(layer) for layer in layers}) != 1 or len(net.layer1) < 1:
         raise _NotLowered("its stages do not have the same number of blocks")
@@ -889,6 +896,7 @@ def _resnet_kernel_parts(member: nn.Module) -> tuple:
             _expect_conv(block.conv2, ch, ch, 3, 1)
             _expect_bn(block.bn1, ch)
             _expect_bn(block.bn2, ch)
+            _expect_relu(block.relu)
             if entry:
                 ds = block.downsample
                 if not (type(ds) is nn.Sequential and len(ds) == 2):
@@ -923,7 +931,8 @@ def resnet_kernel_for_inference(member: nn.Module, variant: int = 1) -> Inferenc
     biases = torch.cat([b for _, b in convs]).float()
     norm = torch.cat([means, sds]).float()
     device = net.fc.weight.device
+    fc_b = net.fc.bias.detach() if net.fc.bias is not None else torch.zeros(net.fc.out_features, device=device)
     module = ResNetKernelMember(weights.to(device), biases.to(device), norm.to(device),
-                                net.fc.weight.detach().float().clone(), net.fc.bias.detach().float().clone(),
+                                net.fc.weight.detach().float().clone(), fc_b.float().clone(),
                                 len(net.layer1), variant)
     return InferenceMember(module, folded_bn=len(convs), fused=len(convs))

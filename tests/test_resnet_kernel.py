@@ -116,7 +116,20 @@ def test_the_member_without_normalization_and_on_any_input_dtype():
 def test_rewrite_counts_and_describes_the_member():
     rewritten = fuse.resnet_kernel_for_inference(resnet_member(20))
     assert rewritten.fused == rewritten.folded_bn == 21          # stem, 2 per block, 2 downsamples
-    assert "depth=20" in repr(rewritten.module)
+    assert "depth=20" in repr(rewritten.module) and "mma" in repr(rewritten.module)
+
+
+def test_rewrite_takes_convolution_and_linear_biases_into_account():
+    member = resnet_member(8)
+    net = member[1]
+    net.layer2[0].conv1 = nn.Conv2d(16, 32, 3, 2, 1, bias=True)   # a bias the BatchNorm folds in
+    nn.init.uniform_(net.layer2[0].conv1.bias, -0.5, 0.5)
+    net.fc = nn.Linear(64, 10, bias=False)
+    member.eval()
+    k = kernel_member(member)
+    x = pixels(8)
+    with torch.no_grad():
+        assert rel(k(x), member(x)) < 2e-2
 
 
 def _bottleneck():
@@ -129,6 +142,18 @@ def _strided():
     return member
 
 
+def _leaky():
+    member = resnet_member(20)
+    member[1].layer2[0].relu = nn.LeakyReLU()
+    return member
+
+
+def _no_running_stats():
+    member = resnet_member(8)
+    member[1].layer3[0].bn2 = nn.BatchNorm2d(64, track_running_stats=False).eval()
+    return member
+
+
 def _extra_layer():
     member = resnet_member(20)
     return nn.Sequential(member[0], member[1], nn.Identity()).eval()
@@ -138,6 +163,8 @@ def _extra_layer():
     (lambda: resnet_member(20).train(), "training mode"),
     (_bottleneck, "BasicBlocks"),
     (_strided, "convolution"),
+    (_leaky, "ReLU"),
+    (_no_running_stats, "running statistics"),
     (_extra_layer, "not a CIFAR ResNet"),
     (lambda: models.with_normalization(models.create("digits_cnn", 10), [0.5], [0.5]).eval(), "not a CIFAR ResNet"),
     (lambda: models.with_normalization(models.create("cifar_resnet20", 10), [0.5], [0.5]).eval(), "3"),
