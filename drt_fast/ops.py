@@ -764,10 +764,11 @@ def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor,
     _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     if not (x.is_cuda and cuda_available()):
         return reference_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
-    # contiguous, and the weight tiles 32-byte aligned (the kernel loads them as wmma tiles)
+    # contiguous, the weight tiles 32-byte and the biases 8-byte aligned (vector loads)
     params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
-    if params[0].data_ptr() % 32:
-        params[0] = params[0].clone()
+    for i, alignment in ((0, 32), (1, 8)):
+        if params[i].data_ptr() % alignment:
+            params[i] = params[i].clone()
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         try:

@@ -269,7 +269,9 @@ def test_host_program_refuses_weights_that_do_not_make_the_network():
     out = torch.empty(1, 10)
     args = list(ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, 1, out))
     weights, weights_len, biases_len, blocks, variant = 7, 8, 10, 15, 17   # positions in the binding's arguments
+    biases = 9
     for index, value, message in ((weights, args[weights] + 2, "aligned"),
+                                  (biases, args[biases] + 4, "aligned"),
                                   (weights_len, args[weights_len] - 256, "weights"),
                                   (blocks, 2, "weights"),
                                   (biases_len, args[biases_len] + 1, "biases"),

@@ -145,8 +145,8 @@ DRT_HD int at(int p, int c) {
 //   straight from the accumulator registers, whose layout PTX defines.
 // Common interface: zero(acc), load_a(a, plane, q0, q8) (rows 0-7 = positions q0 .. q0+7,
 // rows 8-15 = q8 .. q8+7; wmma needs q8 = q0 + 8),
-// load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, value) for the
-// elements of the tile this lane holds), threads(f), warps(f), sync(), converge().
+// load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, v0, v1) for the
+// pairs of elements (row, col) and (row, col + 1), col even, of the tile this lane holds), threads(f), warps(f), sync(), converge().
 // A CTA's threads, warps and barrier on the GPU.
 struct DeviceScheduler {
   template <typename F>
@@ -174,8 +174,8 @@ struct DeviceWmma : DeviceScheduler {
   __device__ void each(const Acc& c, float* staging, F f) const {
     nvcuda::wmma::store_matrix_sync(staging, c, 16, nvcuda::wmma::mem_row_major);
     __syncwarp();
-    const int lane = (int)threadIdx.x % 32;
-    for (int r = lane / 16; r < 16; r += 2) f(r, lane % 16, staging[r * 16 + lane % 16]);
+    const int lane = (int)threadIdx.x % 32, col = 2 * (lane % 8);
+    for (int r = lane / 8; r < 16; r += 4) f(r, col, staging[r * 16 + col], staging[r * 16 + col + 1]);
     __syncwarp();
   }
 #else  // nothing to run the program with: the kernel writes NaN (cifar_resnet_kernel)
@@ -242,7 +242,7 @@ struct DeviceMma : DeviceScheduler {
   __device__ void each(const Acc& c, float*, F f) const {
     const int lane = (int)threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) f(g + 8 * ((i / 2) % 2), 8 * (i / 4) + 2 * t + i % 2, c.v[i]);
+    for (int i = 0; i < 8; i += 2) f(g + 8 * ((i / 2) % 2), 8 * (i / 4) + 2 * t, c.v[i], c.v[i + 1]);
   }
 #endif
 };
@@ -300,8 +300,8 @@ struct HostWmma : HostScheduler {
   DRT_CTA void each(const Acc& c, float* staging, F f) const {
     memcpy(staging, c.v, sizeof c.v);
     for (int i = 0; i < 32; ++i) {
-      const int lane = nth(i, 32);
-      for (int r = lane / 16; r < 16; r += 2) f(r, lane % 16, staging[r * 16 + lane % 16]);
+      const int lane = nth(i, 32), col = 2 * (lane % 8);
+      for (int r = lane / 8; r < 16; r += 4) f(r, col, staging[r * 16 + col], staging[r * 16 + col + 1]);
     }
   }
 };
@@ -369,7 +369,7 @@ struct HostMma : HostScheduler {
   DRT_CTA void each(const Acc& c, float*, F f) const {
     for (int i = 0; i < 32; ++i) {
       const int lane = nth(i, 32), g = lane / 4, t = lane % 4;
-      for (int k = 0; k < 8; ++k) f(g + 8 * ((k / 2) % 2), 8 * (k / 4) + 2 * t + k % 2, c.v[lane][k]);
+      for (int k = 0; k < 8; k += 2) f(g + 8 * ((k / 2) % 2), 8 * (k / 4) + 2 * t, c.v[lane][k], c.v[lane][k + 1]);
     }
   }
 };
@@ -448,29 +448,40 @@ __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, in
       }
     }
 
-    // Epilogue: bias, residual, ReLU, one bf16 rounding, for the elements this lane holds.
+    // Epilogue: bias, residual, ReLU, one bf16 rounding, for the pairs of adjacent channels
+    // this lane holds (adjacent in the swizzled layout too: one 4-byte access a pair).
 #pragma unroll
     for (int j = 0; j < kMaxTiles; ++j) {
       if (j >= count) continue;
       const Tile t = tile_at<Ops::kPairs>(c.s, down, g + (first + j) * groups);
-      ops.each(acc[j], staging, [&](int r, int col, float v) {
+      ops.each(acc[j], staging, [&](int r, int col, float v0, float v1) {
         int q = row_position(t, r);
         if (down) {  // keep the even columns, at their place on grid s + 1
           const int x = t.x0 + r;
           if (x % 2) return;
           q = (t.y / 2 + 1) * P_out + x / 2 + 1;
-        } else if (t.y < 0) {  // grid 2's linear tiles cover halo positions: keep them zero
+        }
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out_plane + at<Ops::kSwizzle>(q, col));
+        if (!down && t.y < 0) {  // grid 2's linear tiles cover halo positions: keep them zero
           const int row = q / P, column = q % P;
           if (row < 1 || row > side(c.s) || column < 1 || column > side(c.s)) {
-            out_plane[at<Ops::kSwizzle>(q, col)] = __float2bfloat16_rn(0.0f);
+            *dst = __floats2bfloat162_rn(0.0f, 0.0f);
             return;
           }
         }
-        bf16* dst = out_plane + at<Ops::kSwizzle>(q, col);
-        v += bias[col];
-        if (residual) v += __bfloat162float(*dst);
-        if (relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);  // NaN stays NaN, as torch's relu
-        *dst = __float2bfloat16_rn(v);
+        const float2 b2 = *reinterpret_cast<const float2*>(bias + col);
+        v0 += b2.x;
+        v1 += b2.y;
+        if (residual) {
+          const float2 z = __bfloat1622float2(*dst);
+          v0 += z.x;
+          v1 += z.y;
+        }
+        if (relu) {  // NaN stays NaN, as torch's relu
+          v0 = v0 > 0.0f ? v0 : (v0 == v0 ? 0.0f : v0);
+          v1 = v1 > 0.0f ? v1 : (v1 == v1 ? 0.0f : v1);
+        }
+        *dst = __floats2bfloat162_rn(v0, v1);
       });
     }
   }
@@ -680,8 +691,8 @@ void check_cifar_resnet(const CifarResNetArgs& p) {
   if (p.batch < 0 || p.classes < 1) throw std::invalid_argument("batch must be >= 0 and classes >= 1");
   if (p.x_dtype < kFloat32 || p.x_dtype > kFloat16) throw std::invalid_argument("bad input dtype code");
   if (p.variant != 0 && p.variant != 1) throw std::invalid_argument("variant must be 0 (wmma) or 1 (mma.sync)");
-  if (reinterpret_cast<uintptr_t>(p.weights) % 32 != 0)
-    throw std::invalid_argument("weights must be 32-byte aligned (they are loaded as whole tiles)");
+  if (reinterpret_cast<uintptr_t>(p.weights) % 32 != 0 || reinterpret_cast<uintptr_t>(p.biases) % 8 != 0)
+    throw std::invalid_argument("weights must be 32-byte aligned and biases 8-byte aligned (vector loads)");
   if (p.weights_len != cifar_resnet_weight_tiles(p.blocks) * kTile)
     throw std::invalid_argument("weights: " + std::to_string(p.weights_len) + " elements, the network needs " +
                                 std::to_string(cifar_resnet_weight_tiles(p.blocks) * kTile));
