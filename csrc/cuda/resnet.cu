@@ -393,7 +393,8 @@ DRT_HD int conv_tiles(int cin, int cout, int taps) { return taps * (cin / 16) * 
 // The warp's share of `c`: output-channel chunk n = warp % (cout/16) and the M-tiles
 // g, g + groups, ... (g = warp / (cout/16)), so that each weight tile a warp loads serves all
 // its M-tiles; in passes of at most kMaxTiles tiles (their accumulators in registers). Each
-// step's weight tile is loaded while the previous step's tiles multiply. `staging`: the
+// step's weight tile is loaded two steps ahead (from L2: the L1 left beside ~190 KB of shared
+// memory holds little). `staging`: the
 // warp's 256 floats (the wmma epilogue's). Not inlined on the device: one copy of the hot
 // loop instead of one per call site.
 #pragma nv_exec_check_disable
@@ -424,16 +425,18 @@ __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, in
       if (j < count) ops.zero(acc[j]);
     }
     ops.converge();  // the previous pass's epilogue branched per lane; the loads below are warp-wide
-    typename Ops::B b;
+    // Weight tiles two steps ahead: b is this step's, b1 the next one's, b2 is loaded now.
+    typename Ops::B b, b1;
     ops.load_b(b, weights);
+    if (steps > 1) ops.load_b(b1, weights + (int64_t)n_chunks * kTile);
     int st = 0;  // step: tap * k_chunks + kc
     for (int dy = 0; dy < 3; ++dy) {
       for (int dx = 0; dx < 3; ++dx) {
         if (c.taps == 1 && (dy != 1 || dx != 1)) continue;  // a 1x1 convolution: the centre tap
         const int offset = (dy - 1) * P + (dx - 1);
         for (int kc = 0; kc < k_chunks; ++kc, ++st) {
-          typename Ops::B next;
-          if (st + 1 < steps) ops.load_b(next, weights + (int64_t)(st + 1) * n_chunks * kTile);
+          typename Ops::B b2;
+          if (st + 2 < steps) ops.load_b(b2, weights + (int64_t)(st + 2) * n_chunks * kTile);
           const bf16* plane = c.in + kc * in_plane;
 #pragma unroll
           for (int j = 0; j < kMaxTiles; ++j) {
@@ -443,7 +446,8 @@ __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, in
               ops.mma(acc[j], a, b);
             }
           }
-          if (st + 1 < steps) b = next;
+          if (st + 1 < steps) b = b1;
+          if (st + 2 < steps) b1 = b2;
         }
       }
     }
