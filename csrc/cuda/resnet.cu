@@ -630,6 +630,10 @@ void launch(const CifarResNetArgs& p, int device, cudaStream_t stream) {
   if (device < 0 || device >= 256 || !opted_in[device].load()) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ops::kSmemBytes),
                "cudaFuncSetAttribute(cifar_resnet)");
+    // all of the unified L1/shared memory as shared memory: two CTAs an SM on an H100
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    cudaSharedmemCarveoutMaxShared),
+               "cudaFuncSetAttribute(cifar_resnet carveout)");
     if (device >= 0 && device < 256) opted_in[device].store(true);
   }
   const int grid = (int)(p.batch < (1 << 30) ? p.batch : (1 << 30));
