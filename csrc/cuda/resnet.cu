@@ -43,6 +43,7 @@
 #include <mma.h>
 #include <string.h>
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -624,15 +625,21 @@ __global__ void __launch_bounds__(kThreads, 2) cifar_resnet_kernel(CifarResNetAr
 template <class Ops, typename T>
 void launch(const CifarResNetArgs& p, int device, cudaStream_t stream) {
   auto kernel = cifar_resnet_kernel<Ops, T>;
-  // Over 48 KB of dynamic shared memory needs an opt-in, once per device (not a stream
-  // operation: allowed while a CUDA graph is being captured, but done on the first, eager call).
+  // Over 48 KB of dynamic shared memory needs an opt-in, once per device (not stream
+  // operations: allowed while a CUDA graph is being captured, but done on the first, eager call).
   static std::atomic<bool> opted_in[256];
   if (device < 0 || device >= 256 || !opted_in[device].load()) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ops::kSmemBytes),
                "cudaFuncSetAttribute(cifar_resnet)");
-    // all of the unified L1/shared memory as shared memory: two CTAs an SM on an H100
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                    cudaSharedmemCarveoutMaxShared),
+    // as much of the unified L1 / shared memory as shared memory as two CTAs an SM need (an
+    // H100: 191 KB of 228 KB for mma.sync; the driver takes the next carveout, 196 KB, and
+    // leaves the rest as L1 for the weight tiles)
+    int per_sm = 0;
+    check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+               "cudaDeviceGetAttribute");
+    const int64_t two = 2 * ((int64_t)Ops::kSmemBytes + 1024);
+    const int percent = per_sm > 0 ? (int)std::min<int64_t>(100, (100 * two + per_sm - 1) / per_sm) : 100;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent),
                "cudaFuncSetAttribute(cifar_resnet carveout)");
     if (device >= 0 && device < 256) opted_in[device].store(true);
   }
