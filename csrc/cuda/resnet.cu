@@ -19,13 +19,14 @@
 // is C/16 planes of [position][16 channels] bf16 (`at`: the mma.sync variant swizzles the
 // two 8-channel halves), positions on a zero-padded grid of pitch P = side + 2 (a 1-pixel
 // halo, so a 3x3 tap at any pixel is a fixed offset). A convolution is an implicit GEMM: an
-// M-tile is 16 consecutive positions, K runs over (tap, 16-channel chunk), N over 16-channel
-// chunks of the output; the A tile of a tap is the tile shifted by the tap's offset, read
-// straight from shared memory. Grids 0 and 1 use one tile per 16-pixel row segment; grid 2
-// (8-pixel rows) tiles the padded positions linearly and writes zeros to the halo positions
-// its tiles cover. A stride-2 convolution (a stage's first conv1 and its 1x1 downsample)
-// runs as a stride-1 convolution over the even input rows whose epilogue keeps the even
-// columns (2x the multiply-adds of those 2 + 2 convolutions).
+// M-tile is 16 positions (two runs of 8), K runs over (tap, 16-channel chunk), N over
+// 16-channel chunks of the output; the A tile of a tap is the tile shifted by the tap's
+// offset, read straight from shared memory. Grids 0 and 1 use one tile per 16-pixel row
+// segment; on grid 2 (8-pixel rows) a tile is two pixel rows (mma.sync) or 16 consecutive
+// padded positions, halo included (wmma; `tile_at`). A stride-2 convolution (a stage's
+// first conv1 and its 1x1 downsample) runs as a stride-1 convolution over the even input
+// rows whose epilogue keeps the even columns (2x the multiply-adds of those 2 + 2
+// convolutions, about 1 % of ResNet-110's).
 //
 // Two variants of the tensor-core code (`variant`; each packs the weight tiles its own way,
 // drt_fast/ops.py pack_resnet_kernel_weight): 0, nvcuda::wmma; 1, PTX mma.sync m16n8k16 with
@@ -144,11 +145,13 @@ DRT_HD int at(int p, int c) {
 //   swizzled planes (each lane names one row), B loaded as each lane's 16 bytes of a tile
 //   pre-packed in fragment order (one coalesced 512-byte load a warp), and the epilogue
 //   straight from the accumulator registers, whose layout PTX defines.
-// Common interface: zero(acc), load_a(a, plane, q0, q8) (rows 0-7 = positions q0 .. q0+7,
-// rows 8-15 = q8 .. q8+7; wmma needs q8 = q0 + 8),
-// load_b(b, tile), mma(acc, a, b), each(acc, staging, f) (f(row, col, v0, v1) for the
-// pairs of elements (row, col) and (row, col + 1), col even, of the tile this lane holds), threads(f), warps(f), sync(), converge().
-// A CTA's threads, warps and barrier on the GPU.
+// Common interface: zero(acc); load_a(a, plane, q0, q8) (rows 0-7 = positions q0 .. q0+7,
+// rows 8-15 = q8 .. q8+7; wmma needs q8 = q0 + 8); load_b(b, tile); mma(acc, a, b);
+// each(acc, staging, f) (f(row, col, v0, v1) for the pairs of elements (row, col) and
+// (row, col + 1), col even, of the tile this lane holds); threads(f), warps(f), sync(),
+// converge() (the scheduler's).
+
+// A CTA's threads, warps and barriers on the GPU.
 struct DeviceScheduler {
   template <typename F>
   __device__ void threads(F f) const { f((int)threadIdx.x); }
