@@ -53,6 +53,7 @@ import copy
 import io
 import math
 import operator
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -801,8 +802,6 @@ def resnet_kernel_variant(device: torch.device) -> Optional[int]:
     room for the kernel's shared memory (92.5 KB a block for mma.sync, 100.5 KB for wmma: an
     RTX 30/40 has 99 KB). Off by default: the kernel has been tested on the host
     (its CTA program, ``ops._C_cuda.cifar_resnet_on_host``) but not yet run on a GPU."""
-    import os
-
     value = os.environ.get(RESNET_KERNEL_ENV, "")
     variant = {"1": 1, "mma": 1, "wmma": 0}.get(value)
     if variant is None or device.type != "cuda" or not ops.cuda_available():
