@@ -38,6 +38,9 @@ tail -3 "$out/build.log"
 # ResNet kernel's member forwards against cuDNN's fused members.
 # (timeout: a kernel that deadlocks must not eat the session's device time)
 timeout 300 "${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
+if [ "${PIPESTATUS[0]}" != 0 ]; then  # where the GPU parts from the host program, phase by phase
+    timeout 300 "${py[@]}" bench/resnet_kernel_debug.py --depth 8 2>&1 | tee "$out/resnet-kernel-debug.log" | tail -40
+fi
 timeout 300 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
     | tee "$out/tests-ops.log" | tail -5
 timeout 300 "${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \

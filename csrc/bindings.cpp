@@ -71,14 +71,15 @@ auto cifar_resnet_binding(Fn fn) {
   return [fn](uintptr_t x, int x_dtype, int64_t batch, int64_t stride_b, int64_t stride_c, int64_t stride_h,
               int64_t stride_w, uintptr_t weights, int64_t weights_len, uintptr_t biases, int64_t biases_len,
               uintptr_t norm, uintptr_t fc_w, uintptr_t fc_b, int64_t classes, int64_t blocks, uintptr_t out,
-              int variant, Extra... extra) {
+              int variant, int64_t stop_after, uintptr_t snapshot, Extra... extra) {
     const drt::CifarResNetArgs args{ptr<const void>(x), x_dtype,          batch,
                                     stride_b,          stride_c,          stride_h,
                                     stride_w,          ptr<const void>(weights), weights_len,
                                     ptr<const float>(biases), biases_len, ptr<const float>(norm),
                                     ptr<const float>(fc_w), ptr<const float>(fc_b), classes,
                                     blocks,            ptr<float>(out),
-                                    variant};
+                                    variant,           stop_after,
+                                    ptr<unsigned char>(snapshot)};
     py::gil_scoped_release release;
     fn(args, extra...);
   };

@@ -751,11 +751,14 @@ def reference_cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Ten
     return x.mean(dim=(2, 3)) @ fc_w.t() + fc_b
 
 
-def _cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out) -> tuple:
-    """The binding's arguments (resnet.cu CifarResNetArgs); the tensors must stay alive."""
+def _cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out, stop_after=0,
+                       snapshot=None) -> tuple:
+    """The binding's arguments (resnet.cu CifarResNetArgs); the tensors must stay alive.
+    ``stop_after``/``snapshot``: the kernel's debugging hook (cuda_kernels.h)."""
     return (x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], *x.stride(), weights.data_ptr(), weights.numel(),
             biases.data_ptr(), biases.numel(), norm.data_ptr(), fc_w.data_ptr(), fc_b.data_ptr(),
-            fc_w.shape[0], blocks, out.data_ptr(), variant)
+            fc_w.shape[0], blocks, out.data_ptr(), variant, stop_after,
+            0 if snapshot is None else snapshot.data_ptr())
 
 
 def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
@@ -799,3 +802,55 @@ def cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w:
 def _(x, weights, biases, norm, fc_w, fc_b, blocks, variant=0):
     _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     return x.new_empty(x.shape[0], fc_w.shape[0], dtype=torch.float32)
+
+
+# The CIFAR ResNet kernel's debugging hook (cuda_kernels.h stop_after / snapshot): each
+# draw's shared memory after a number of phases, and how to read activation maps out of it.
+RESNET_KERNEL_REGIONS = (0, 36_992, 73_984)  # byte offsets of resnet.cu's regions 0, 1, 2
+
+
+def cifar_resnet_snapshot(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor,
+                          fc_b: Tensor, blocks: int, variant: int, stop_after: int,
+                          on_host: bool = False) -> Tensor:
+    """Each draw's kernel shared memory after ``stop_after`` phases (1: the stem; then one
+    per conv1 -- a stage's entry: conv1 and the downsample -- and one per conv2), uint8
+    ``[B, bytes]``: on x's GPU, or with ``on_host`` the kernel's program on the host (CPU
+    tensors). For debugging the kernel; read maps with `resnet_kernel_map`."""
+    _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
+    if _C_cuda is None:
+        raise DrtFastError("drt_fast was built without its CUDA kernels")
+    size = _C_cuda.cifar_resnet_sizes(blocks, variant)[2]
+    snapshot = torch.zeros(x.shape[0], size, dtype=torch.uint8, device=x.device)
+    out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
+    params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
+    args = _cifar_resnet_args(x, *params, blocks, variant, out, stop_after, snapshot)
+    try:
+        if on_host:
+            _C_cuda.cifar_resnet_on_host(*args, 0)
+        else:
+            with torch.cuda.device(x.device):
+                _C_cuda.cifar_resnet(*args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+    except ValueError as err:
+        raise DrtFastError(str(err)) from None
+    return snapshot
+
+
+def resnet_kernel_map(snapshot: Tensor, variant: int, region: int, grid: int, channels: int) -> Tensor:
+    """The activation map of ``channels`` channels on grid ``grid`` (0, 1, 2: 32, 16, 8
+    pixels a side) stored in ``region`` of `cifar_resnet_snapshot` rows: float ``[B, C, H, W]``
+    (the interior pixels; planes of 16 channels on the zero-padded grid, resnet.cu `at`)."""
+    side = 32 >> grid
+    pitch = side + 2
+    positions = 110 if grid == 2 else pitch * pitch
+    start = RESNET_KERNEL_REGIONS[region]
+    raw = snapshot[:, start:start + channels // 16 * positions * 32].contiguous().view(torch.bfloat16).float()
+    planes = raw.view(-1, channels // 16, positions, 16)
+    if variant == 1:                      # halves of 8 channels swapped at every other 4 positions
+        swapped = ((torch.arange(positions, device=raw.device) >> 2) & 1).bool()
+        halves = planes.view(*planes.shape[:3], 2, 8)
+        halves = torch.where(swapped[None, None, :, None, None], halves.flip(3), halves)
+        planes = halves.reshape(planes.shape)
+    rows = torch.arange(1, side + 1, device=raw.device)
+    index = (rows[:, None] * pitch + rows[None, :]).reshape(-1)
+    interior = planes[:, :, index, :]     # [B, planes, H*W, 16]
+    return interior.permute(0, 1, 3, 2).reshape(-1, channels, side, side)

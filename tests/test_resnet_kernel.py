@@ -363,3 +363,27 @@ def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, 
     # bf16 both ways, different kernels: the top class and its count nearly agree
     assert counts["0"].argmax() == counts[value].argmax()
     assert abs(int(counts["0"].max()) - int(counts[value].max())) <= 60
+
+
+# ---- the debugging hook: shared memory after a phase --------------------------------------
+@needs_cuda_build
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_snapshots_show_the_activations_after_a_phase(variant):
+    import torch.nn.functional as F
+
+    k = kernel_member(resnet_member(8), variant)
+    x = pixels(2)
+    args = (x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, variant)
+    # after the stem: region 0 holds relu(conv(normalized x) + b) in bf16
+    stem = ops.resnet_kernel_map(ops.cifar_resnet_snapshot(*args, 1, on_host=True), variant, 0, 0, 16)
+    w = ops.unpack_resnet_kernel_weight(k.weights[:9 * 256], 16, 16, 9, variant).float()
+    normalized = ((x - k.norm[:3].view(1, 3, 1, 1)) / k.norm[3:].view(1, 3, 1, 1)).to(torch.bfloat16).float()
+    want = F.relu(F.conv2d(F.pad(normalized, (0, 0, 0, 0, 0, 13)), w, k.biases[:16], padding=1))
+    assert rel(stem, want) < 1e-2 and stem.shape == (2, 16, 32, 32)
+    # after the last phase: region 1 holds the 64-channel 8x8 map the head pools
+    last = ops.resnet_kernel_map(ops.cifar_resnet_snapshot(*args, 1 + 6 * k.blocks, on_host=True),
+                                 variant, 1, 2, 64)
+    logits = last.mean(dim=(2, 3)) @ k.fc_w.t() + k.fc_b
+    assert rel(logits, on_host(k, x)) < 1e-5
+    with pytest.raises(DrtFastError, match="stop_after"):
+        ops.cifar_resnet_snapshot(*args, 2 + 6 * k.blocks, on_host=True)

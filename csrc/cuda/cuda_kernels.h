@@ -40,6 +40,12 @@ struct CifarResNetArgs {
   int64_t blocks;       // BasicBlocks per stage (n)
   float* out;           // [batch, classes] logits
   int variant;          // 0: wmma; 1: mma.sync (resnet.cu; each packs its weight tiles its own way)
+  // Debugging: with stop_after = k > 0, each draw stops after k phases (1: the stem; then a
+  // phase per conv1 (a stage's entry: conv1 and downsample) and per conv2; 1 + 6 * blocks in
+  // all) and copies the CTA's shared memory (cifar_resnet_smem_bytes(variant) bytes) to
+  // snapshot + draw * those bytes instead of writing logits.
+  int64_t stop_after;
+  unsigned char* snapshot;
 };
 // Throws std::invalid_argument when the sizes do not make a network of `blocks` blocks per
 // stage (nothing launched), or the device is older than compute capability 8.0.

@@ -539,12 +539,23 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
   });
   ops.sync();
 
-  // Runs convolutions (each warp its share of each, in order) then a barrier.
+  // Runs convolutions (each warp its share of each, in order), then a barrier: one phase.
+  // Returns true when the phase is the one to stop after (`stop_after`, a debugging hook):
+  // the CTA's shared memory has then been copied to `snapshot` and the draw is done.
+  int phase = 0;
   auto run = [&](const Conv* convs, int n) {
     ops.warps([&](int warp) {
       for (int i = 0; i < n; ++i) conv_warp(ops, convs[i], warp, staging + warp * kTile);
     });
     ops.sync();
+    if (++phase != p.stop_after) return false;
+    ops.threads([&](int tid) {
+      const uint4* from = reinterpret_cast<const uint4*>(smem);
+      uint4* to = reinterpret_cast<uint4*>(p.snapshot + draw * Ops::kSmemBytes);
+      for (int i = tid; i < Ops::kSmemBytes / 16; i += kThreads) to[i] = from[i];
+    });
+    ops.sync();
+    return true;
   };
   auto next = [&](int s, int cin, int cout, int taps, bool down, bool relu, bool residual, const bf16* in,
                   bf16* out) {
@@ -556,7 +567,7 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
 
   {
     const Conv stem = next(0, 16, 16, 9, false, true, false, r1, r0);
-    run(&stem, 1);
+    if (run(&stem, 1)) return;
   }
   // x: the block input and output (in place: conv2's epilogue adds it and overwrites it),
   // h: conv1's output.
@@ -574,15 +585,15 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
         ops.sync();
         const Conv entry[2] = {next(s - 1, ch / 2, ch, 9, true, true, false, x, h_new),
                                next(s - 1, ch / 2, ch, 1, true, false, false, x, x_new)};
-        run(entry, 2);
+        if (run(entry, 2)) return;
         x = x_new;
         h = h_new;
       } else {
         const Conv conv1 = next(s, ch, ch, 9, false, true, false, x, h);
-        run(&conv1, 1);
+        if (run(&conv1, 1)) return;
       }
       const Conv conv2 = next(s, ch, ch, 9, false, true, true, h, x);
-      run(&conv2, 1);
+      if (run(&conv2, 1)) return;
     }
   }
 
@@ -709,6 +720,10 @@ void check_cifar_resnet(const CifarResNetArgs& p) {
   if (p.batch < 0 || p.classes < 1) throw std::invalid_argument("batch must be >= 0 and classes >= 1");
   if (p.x_dtype < kFloat32 || p.x_dtype > kFloat16) throw std::invalid_argument("bad input dtype code");
   if (p.variant != 0 && p.variant != 1) throw std::invalid_argument("variant must be 0 (wmma) or 1 (mma.sync)");
+  if (p.stop_after < 0 || p.stop_after > 1 + 6 * p.blocks || (p.stop_after > 0 && p.snapshot == nullptr))
+    throw std::invalid_argument("stop_after must be in [0, 1 + 6 * blocks], with a snapshot buffer when > 0");
+  if (reinterpret_cast<uintptr_t>(p.snapshot) % 16 != 0)
+    throw std::invalid_argument("the snapshot buffer must be 16-byte aligned");
   if (reinterpret_cast<uintptr_t>(p.weights) % 32 != 0 || reinterpret_cast<uintptr_t>(p.biases) % 8 != 0)
     throw std::invalid_argument("weights must be 32-byte aligned and biases 8-byte aligned (vector loads)");
   if (p.weights_len != cifar_resnet_weight_tiles(p.blocks) * kTile)
