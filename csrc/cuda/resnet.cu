@@ -397,10 +397,10 @@ DRT_HD int conv_tiles(int cin, int cout, int taps) { return taps * (cin / 16) * 
 // The warp's share of `c`: output-channel chunk n = warp % (cout/16) and the M-tiles
 // g, g + groups, ... (g = warp / (cout/16)), so that each weight tile a warp loads serves all
 // its M-tiles; in passes of at most kMaxTiles tiles (their accumulators in registers). Each
-// step's weight tile is loaded two steps ahead (from L2: the L1 left beside ~190 KB of shared
-// memory holds little). `staging`: the
-// warp's 256 floats (the wmma epilogue's). Not inlined on the device: one copy of the hot
-// loop instead of one per call site.
+// step's weight tile is loaded two steps ahead (often from L2: two CTAs' ~190 KB of shared
+// memory leave an SM about 60 KB of L1). `staging`: the warp's 256 floats (the wmma
+// epilogue's). Not inlined on the device: one copy of the hot loop instead of one per call
+// site.
 #pragma nv_exec_check_disable
 template <class Ops>
 __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, int warp, float* staging) {
@@ -477,9 +477,9 @@ __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, in
             return;
           }
         }
-        const float2 b2 = *reinterpret_cast<const float2*>(bias + col);
-        v0 += b2.x;
-        v1 += b2.y;
+        const float2 bias2 = *reinterpret_cast<const float2*>(bias + col);
+        v0 += bias2.x;
+        v1 += bias2.y;
         if (residual) {
           const float2 z = __bfloat1622float2(*dst);
           v0 += z.x;
