@@ -761,24 +761,34 @@ def _cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant, ou
             0 if snapshot is None else snapshot.data_ptr())
 
 
+def _launch_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out, stop_after=0, snapshot=None,
+                         on_host=False) -> None:
+    """The CUDA kernel on x's GPU, or with ``on_host`` its CTA program on the host (CPU
+    tensors; `_C_cuda.cifar_resnet_on_host`), writing ``out`` (and ``snapshot``)."""
+    # contiguous, the weight tiles 32-byte and the biases 8-byte aligned (vector loads)
+    params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
+    for i, alignment in ((0, 32), (1, 8)):
+        if params[i].data_ptr() % alignment:
+            params[i] = params[i].clone()
+    args = _cifar_resnet_args(x, *params, blocks, variant, out, stop_after, snapshot)
+    try:
+        if on_host:
+            _C_cuda.cifar_resnet_on_host(*args, 0)
+        else:
+            with torch.cuda.device(x.device):
+                _C_cuda.cifar_resnet(*args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+    except ValueError as err:
+        raise DrtFastError(str(err)) from None
+
+
 def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
                        blocks: int, variant: int = 0) -> Tensor:
     """`cifar_resnet` without the dispatcher (see `noisy_draws_eager`)."""
     _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     if not (x.is_cuda and cuda_available()):
         return reference_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
-    # contiguous, the weight tiles 32-byte and the biases 8-byte aligned (vector loads)
-    params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
-    for i, alignment in ((0, 32), (1, 8)):
-        if params[i].data_ptr() % alignment:
-            params[i] = params[i].clone()
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
-        try:
-            _C_cuda.cifar_resnet(*_cifar_resnet_args(x, *params, blocks, variant, out), x.device.index,
-                                 torch.cuda.current_stream(x.device).cuda_stream)
-        except ValueError as err:
-            raise DrtFastError(str(err)) from None
+    _launch_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out)
     return out
 
 
@@ -822,16 +832,8 @@ def cifar_resnet_snapshot(x: Tensor, weights: Tensor, biases: Tensor, norm: Tens
     size = _C_cuda.cifar_resnet_sizes(blocks, variant)[2]
     snapshot = torch.zeros(x.shape[0], size, dtype=torch.uint8, device=x.device)
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
-    params = [t.contiguous() for t in (weights, biases, norm, fc_w, fc_b)]
-    args = _cifar_resnet_args(x, *params, blocks, variant, out, stop_after, snapshot)
-    try:
-        if on_host:
-            _C_cuda.cifar_resnet_on_host(*args, 0)
-        else:
-            with torch.cuda.device(x.device):
-                _C_cuda.cifar_resnet(*args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
-    except ValueError as err:
-        raise DrtFastError(str(err)) from None
+    _launch_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out, stop_after, snapshot,
+                         on_host)
     return snapshot
 
 

@@ -447,17 +447,17 @@ class SmoothedClassifier:
         one call of drt-fast's whole-network kernel instead -> (rewritten, status)."""
         from . import fuse
 
-        rewritten, kernels = [], 0
+        rewritten = []
         variant = fuse.resnet_kernel_variant(example.device) if run_dtype == torch.bfloat16 else None
         for member in members:
             if variant is not None:
                 kernel = fuse.resnet_kernel_for_inference(member, variant)
                 if kernel.fused:
                     rewritten.append(kernel)
-                    kernels += 1
                     continue
             rewritten.append(fuse.for_inference(member, fuse.cudnn_ops(), run_dtype, example))
         cudnn = [r for r in rewritten if not isinstance(r.module, fuse.ResNetKernelMember)]
+        kernels = len(rewritten) - len(cudnn)
         parts = []
         if kernels:
             parts.append(f"{kernels} member(s) as one CIFAR ResNet kernel each "
