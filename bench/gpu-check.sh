@@ -2,7 +2,11 @@
 # GPU check for a session that gets a lent GPU machine (H100/H200; no package registry there).
 # From the repository root, through the device tool:
 #     bash bench/gpu-check.sh [pytest args for bench/, e.g. -k "gpu or resnet110"]
-#     GPU_CHECK_QUICK=1 bash bench/gpu-check.sh    # build, the new kernels' tests, their timing
+#     GPU_CHECK_MODE=quick bash bench/gpu-check.sh     # build, the new kernels' tests, their timing (~4 min)
+#     GPU_CHECK_MODE=measure bash bench/gpu-check.sh   # build, then only issue 6's figures (~5 min)
+# (GPU_CHECK_QUICK=1 is GPU_CHECK_MODE=quick.) A lent machine has about 15 minutes a session,
+# start-up included, and the whole run (full mode) takes about 15: a session runs quick, then
+# measure, as two calls; full mode is for a machine of one's own.
 # (.gpu/run.sh is the same script, git-ignored.) It builds the package with the CUDA
 # kernels (no build isolation, no deps), checks what was built, runs the CUDA tests and the
 # benchmarks, and leaves logs and the benchmark JSON under $OUT (./gpu-out when unset).
@@ -33,25 +37,43 @@ fi
 tail -3 "$out/build.log"
 "${py[@]}" -c "import drt_fast, drt_fast.ops as o; print('drt_fast from', drt_fast.__file__); print('cuda kernels:', drt_fast.cuda_available())" 2>&1 | tee -a "$out/gpu.txt"
 
+mode="${GPU_CHECK_MODE:-full}"
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && mode=quick
+kernel_case="bench/test_certify.py::test_certify_gpu[cifar_resnet110-bf16-kernel]"
+if [ "$mode" = measure ]; then
+    # Issue 6's open figures, most wanted first, each in its own process under a timeout:
+    # <= 1 s per CIFAR image with the ResNet kernel (and cuDNN's bf16 figure beside it), then
+    # the CUDA noise and vote kernels against their targets, then the noise + vote share.
+    timeout 150 "${py[@]}" -m pytest -q -s "$kernel_case" -p no:cacheprovider --benchmark-json "$out/bench-kernel.json" 2>&1 \
+        | tee "$out/bench-kernel.log" | grep -E "^\[(ratio|abs|fuse|target)\]|passed|skipped|failed|error|Warning" | tail -20
+    timeout 120 "${py[@]}" -m pytest -q -s "bench/test_certify.py::test_certify_gpu[cifar_resnet110-bf16]" -p no:cacheprovider \
+        --benchmark-json "$out/bench-cudnn.json" 2>&1 | tee "$out/bench-cudnn.log" | grep -E "^\[(ratio|abs|fuse|target)\]|passed|skipped|failed|error" | tail -20
+    timeout 150 "${py[@]}" -m pytest -q -s bench/test_kernels.py -k cuda -p no:cacheprovider --benchmark-json "$out/bench-kernels.json" 2>&1 \
+        | tee "$out/bench-kernels.log" | grep -E "^\[(ratio|bandwidth|target)\]|passed|skipped|failed|error" | tail -40
+    timeout 90 "${py[@]}" -m pytest -q -s bench/test_certify.py -k "share and bf16" -p no:cacheprovider 2>&1 \
+        | tee "$out/bench-share.log" | grep -E "^\[(share|target)\]|passed|skipped|failed|error" | tail -10
+    exit 0
+fi
+
 # First the kernels that have not run on a GPU before, each test file in its own process (a
 # faulting kernel poisons the CUDA context for the rest of a process), and the whole-network
 # ResNet kernel's member forwards against cuDNN's fused members.
-# (timeout: a kernel that deadlocks must not eat the session's device time)
-timeout 300 "${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
+# (timeouts: a kernel that deadlocks must not eat the session's device time; quick mode's
+# add up to under 10 minutes, one device call)
+timeout 120 "${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
 if [ "${PIPESTATUS[0]}" != 0 ]; then  # where the GPU parts from the host program, phase by phase
-    timeout 300 "${py[@]}" bench/resnet_kernel_debug.py --depth 8 2>&1 | tee "$out/resnet-kernel-debug.log" | tail -40
+    timeout 90 "${py[@]}" bench/resnet_kernel_debug.py --depth 8 2>&1 | tee "$out/resnet-kernel-debug.log" | tail -40
 fi
-timeout 300 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
+timeout 120 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
     | tee "$out/tests-ops.log" | tail -5
-timeout 300 "${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
+timeout 150 "${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
     | tee "$out/levers-kernel.log" | grep -E "ms/1000|error|Error" | tail -10
-[ "${GPU_CHECK_QUICK:-0}" = 1 ] && exit 0
+[ "$mode" = quick ] && exit 0
 
-kernel_case="bench/test_certify.py::test_certify_gpu[cifar_resnet110-bf16-kernel]"
 "${py[@]}" -m pytest -q tests -k "cuda or gpu" --ignore tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 \
     | tee "$out/tests.log" | tail -15
 # -s: the per-case [ratio] / [abs] / [share] / [bandwidth] / [target] lines go to bench.log as well.
 "${py[@]}" -m pytest -q -s bench/ -p no:cacheprovider --deselect "$kernel_case" --benchmark-json "$out/bench.json" "$@" 2>&1 \
-    | tee "$out/bench.log" | grep -E "^\[(ratio|abs|share|bandwidth|target)\]|passed|failed|error" | tail -100
+    | tee "$out/bench.log" | grep -E "^\[(ratio|abs|fuse|share|bandwidth|target)\]|passed|failed|error" | tail -100
 "${py[@]}" -m pytest -q -s "$kernel_case" -p no:cacheprovider --benchmark-json "$out/bench-kernel.json" 2>&1 \
-    | tee "$out/bench-kernel.log" | grep -E "^\[(ratio|abs|target)\]|passed|failed|error|Warning" | tail -20
+    | tee "$out/bench-kernel.log" | grep -E "^\[(ratio|abs|fuse|target)\]|passed|failed|error|Warning" | tail -20

@@ -289,6 +289,8 @@ def test_certify_gpu(benchmark, monkeypatch, arch, n, batch_size, precision, fus
         num_classes=num_classes, precision=precision, sync=torch.cuda.synchronize,
         autotune=True, fuse=fuse, extra={"device": torch.cuda.get_device_name()})
     print(f"[abs] {name}: drt-fast {ours_s:.3f} s per image, reference {ref_s:.3f} s per image")
+    # which rewrite ran: a kernel member that failed its first-batch check falls back to cuDNN
+    print(f"[fuse] {name}: {benchmark.extra_info.get('fuse')}")
     if arch == "cifar_resnet110" and fuse is None:
         if precision == "fp32":
             check_target("GPU >= 1.3x fp32 on 3x ResNet-110", ratio >= 1.3)
