@@ -202,6 +202,8 @@ class SmoothedClassifier:
         self.fuse_status = "not used yet"
         self._fused = None          # (key, Ensemble of rewritten members, checked?) or None
         self._fuse_failed = None    # why fusion was given up on, for good
+        self._kernel_failed = None  # why the CIFAR ResNet kernel was given up on, for good
+        self._kernel_copies_replaced = None  # the fused copies with the kernel, once replaced
         if not (cuda_graphs is None or isinstance(cuda_graphs, bool)):
             raise DrtFastError(f"cuda_graphs must be None (auto), True or False, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
@@ -368,8 +370,9 @@ class SmoothedClassifier:
     def _forward(self, batch, model_dtype, runner=None):
         """Noisy draws ``[R, *S]`` -> member logits ``[M, R, K]`` in a dtype ``vote_`` takes."""
         try:
-            if self._live(runner) is not self.model:
-                logits = self._fused_forward(runner, batch, model_dtype)
+            live = self._live(runner)
+            if live is not self.model:
+                logits = self._fused_forward(live, batch, model_dtype)
             else:
                 logits = self._run(self.model, batch, model_dtype)
         except RuntimeError as err:
@@ -405,35 +408,59 @@ class SmoothedClassifier:
         tensors = list(self.model.members.parameters()) + list(self.model.members.buffers())
         key = (tuple((t.data_ptr(), t._version) for t in tensors), self.precision, channels_last)
         if self._fused is None or self._fused[0] != key:
-            from . import fuse
-            from .ensemble import Ensemble
-
-            example = xs[:1].to(self._model_dtype)
-            members = list(self.model.members)
-            run_dtype = self._model_dtype if self.precision == "fp32" else PRECISIONS[self.precision]
-            if self._rewrites_with_cudnn(device):
-                rewritten, status = self._cuda_rewrites(members, example, run_dtype)
-            else:
-                rewritten, status = self._cpu_rewrites(members, example, run_dtype, channels_last)
-            gained = sum(r.fused + r.folded_bn + r.dense for r in rewritten)
-            fused = Ensemble([r.module for r in rewritten], mode=self.model.mode)
-            if channels_last:
-                fused.to(memory_format=torch.channels_last)
-            self._fused = [key, fused, False]
-            reasons = sorted({r.reason for r in rewritten if r.reason})
-            self.fuse_status = status + (f" ({'; '.join(reasons)})" if reasons else "")
-            if gained == 0:                          # nothing gained: run the model itself
-                self._fused = None
-                self.fuse_status = f"off: {'; '.join(reasons) or 'nothing to fuse'}"
-                if self.fuse:
-                    raise DrtFastError(f"fuse=True: no member could be rewritten "
-                                       f"({'; '.join(reasons) or 'nothing to fuse'})")
-                return self.model
+            return self._build_fused(key, xs[:1])
         return self._fused[1]
 
+    def _build_fused(self, key, example):
+        """Rewrite the members for ``key`` (tensors, precision, channels-last) from one input
+        ``example`` ``[1, *S]`` -> the fused copies (unchecked), or the model when nothing
+        was gained."""
+        from .ensemble import Ensemble
+
+        channels_last = key[2]
+        example = example.to(self._model_dtype)
+        members = list(self.model.members)
+        run_dtype = self._model_dtype if self.precision == "fp32" else PRECISIONS[self.precision]
+        if self._rewrites_with_cudnn(example.device):
+            rewritten, status = self._cuda_rewrites(members, example, run_dtype,
+                                                    use_kernel=self._kernel_failed is None)
+        else:
+            rewritten, status = self._cpu_rewrites(members, example, run_dtype, channels_last)
+        gained = sum(r.fused + r.folded_bn + r.dense for r in rewritten)
+        fused = Ensemble([r.module for r in rewritten], mode=self.model.mode)
+        if channels_last:
+            fused.to(memory_format=torch.channels_last)
+        self._fused = [key, fused, False]
+        reasons = sorted({r.reason for r in rewritten if r.reason})
+        if self._kernel_failed is not None:
+            reasons.append(f"the CIFAR ResNet kernel was given up on: {self._kernel_failed}")
+        self.fuse_status = status + (f" ({'; '.join(reasons)})" if reasons else "")
+        if gained == 0:                          # nothing gained: run the model itself
+            self._fused = None
+            self.fuse_status = f"off: {'; '.join(reasons) or 'nothing to fuse'}"
+            if self.fuse:
+                raise DrtFastError(f"fuse=True: no member could be rewritten "
+                                   f"({'; '.join(reasons) or 'nothing to fuse'})")
+            return self.model
+        return fused
+
     def _live(self, runner):
-        """``runner``, unless it is fused copies that were given up on since: then the model."""
-        return runner if self._fused is not None and runner is self._fused[1] else self.model
+        """``runner``, unless it is fused copies that were given up on since: then the model,
+        or the copies that replaced them (copies with the CIFAR ResNet kernel, which failed
+        their check, are replaced by copies without it)."""
+        if self._fused is None or runner is self.model:
+            return self.model
+        if runner is self._fused[1]:
+            return runner
+        replaced = runner is not None and runner is self._kernel_copies_replaced
+        return self._fused[1] if replaced else self.model
+
+    @staticmethod
+    def _kernel_members(fused):
+        """Whether the fused copies run a member by drt-fast's CIFAR ResNet kernel."""
+        from . import fuse
+
+        return any(isinstance(m, fuse.ResNetKernelMember) for m in fused.members)
 
     @staticmethod
     def _rewrites_with_cudnn(device):
@@ -441,14 +468,16 @@ class SmoothedClassifier:
         return device.type == "cuda"
 
     @staticmethod
-    def _cuda_rewrites(members, example, run_dtype):
+    def _cuda_rewrites(members, example, run_dtype, use_kernel=True):
         """Each member with BatchNorms folded and conv(+add)+ReLU as cuDNN calls; in bf16,
-        with ``DRT_FAST_RESNET_KERNEL=mma|wmma|1`` (experimental), a CIFAR ResNet member as
-        one call of drt-fast's whole-network kernel instead -> (rewritten, status)."""
+        with ``DRT_FAST_RESNET_KERNEL=mma|wmma|1`` (experimental) and ``use_kernel``, a CIFAR
+        ResNet member as one call of drt-fast's whole-network kernel instead
+        -> (rewritten, status)."""
         from . import fuse
 
         rewritten = []
-        variant = fuse.resnet_kernel_variant(example.device) if run_dtype == torch.bfloat16 else None
+        wanted = use_kernel and run_dtype == torch.bfloat16
+        variant = fuse.resnet_kernel_variant(example.device) if wanted else None
         for member in members:
             if variant is not None:
                 kernel = fuse.resnet_kernel_for_inference(member, variant)
@@ -548,6 +577,18 @@ class SmoothedClassifier:
         except (RuntimeError, _FusionMismatch) as err:
             import warnings
 
+            if self._kernel_members(fused) and self._kernel_failed is None:
+                # drt-fast's CIFAR ResNet kernel failed: the same members as cuDNN's fused
+                # copies instead (checked on this batch in turn), not the plain members
+                self._kernel_failed = first_line(err)
+                self._kernel_copies_replaced = fused
+                runner = self._build_fused(record[0], batch[:1])
+                warnings.warn(f"drt_fast: the CIFAR ResNet kernel was given up on "
+                              f"({self._kernel_failed}); its members run as fused cuDNN copies",
+                              RuntimeWarning, stacklevel=3)
+                if runner is self.model:
+                    return self._run(self.model, batch, model_dtype)
+                return self._fused_forward(runner, batch, model_dtype)
             # A model that fails on these inputs fails here too, with its own error.
             logits = self._run(self.model, batch, model_dtype)
             self._fuse_failed = (f"fused copies gave up ({first_line(err)}); "

@@ -321,6 +321,47 @@ def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
         assert fuse.resnet_kernel_variant(torch.device("cuda")) is None
 
 
+def test_engine_replaces_a_failing_kernel_by_the_fused_copies(monkeypatch):
+    """A kernel member that fails its first-batch check costs the kernel, not the fusion:
+    certification goes on with every member as a fused copy (cuDNN's on a GPU; here oneDNN's
+    stand in), whose counts are those of a run that never asked for the kernel."""
+    from drt_fast.ensemble import Ensemble
+    from drt_fast.smoothing import SmoothedClassifier
+
+    if not fuse.onednn_available(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 kernels for this CPU")
+    monkeypatch.setattr(SmoothedClassifier, "_rewrites_with_cudnn", staticmethod(lambda device: True))
+    monkeypatch.setattr(fuse, "cudnn_ops", fuse.onednn_ops)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    ensemble = Ensemble([resnet_member(8, seed=s) for s in range(2)]).eval()
+    x, keys = pixels(1), torch.tensor([0])
+
+    def counts(variant):
+        monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: variant)
+        smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16", channels_last=True)
+        return smooth, smooth.sample_counts(x, keys, 300, 100)
+
+    plain, want = counts(None)
+    assert "kernel" not in plain.fuse_status and plain.fuse_status.startswith("on: "), plain.fuse_status
+    kernel_forward = fuse.ResNetKernelMember.forward
+    monkeypatch.setattr(fuse.ResNetKernelMember, "forward", lambda self, x: kernel_forward(self, x) * -1.0)
+    calls = []                                      # draws the plain member runs
+    hook = ensemble.members[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with pytest.warns(RuntimeWarning, match="CIFAR ResNet kernel was given up on"):
+        smooth, got = counts(1)
+    hook.remove()
+    assert (got == want).all()
+    assert calls == [64, 64]    # only the two first-batch checks: the later batches ran copies
+    assert smooth._fuse_failed is None and not smooth._kernel_members(smooth._fused[1])
+    assert smooth.fuse_status.startswith("on: ") and "kernel was given up on: fused logits differ" in \
+        smooth.fuse_status, smooth.fuse_status
+    # for good: new copies (the members' tensors changed) are built without the kernel
+    with torch.no_grad():
+        ensemble.members[0][1].fc.bias.add_(0.0)
+    assert (smooth.sample_counts(x, keys, 300, 100) == want).all()
+    assert not smooth._kernel_members(smooth._fused[1])
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("depth", [8, 110])
