@@ -66,7 +66,7 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then  # where the GPU parts from the host progra
 fi
 timeout 120 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
     | tee "$out/tests-ops.log" | tail -5
-timeout 150 "${py[@]}" bench/gpu_levers.py --batches 2000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
+timeout 150 "${py[@]}" bench/gpu_levers.py --batches 2000,4000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
     | tee "$out/levers-kernel.log" | grep -E "ms/1000|error|Error" | tail -10
 [ "$mode" = quick ] && exit 0
 
