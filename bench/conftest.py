@@ -53,6 +53,13 @@ def compare(benchmark):
     return run
 
 
+def pytest_collection_modifyitems(config, items):
+    """The case that runs drt-fast's whole-network CIFAR ResNet kernel on a GPU goes last:
+    the kernel has not yet run on a GPU, and a fault in it would poison the CUDA context of
+    the process, failing every GPU case after it (tests/conftest.py does the same)."""
+    items.sort(key=lambda item: item.name.startswith("test_certify_gpu[") and item.name.endswith("-kernel]"))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     rows = [bench.extra_info for bench in getattr(session, "benchmarks", None) or []

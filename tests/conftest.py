@@ -24,3 +24,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU runs of drt-fast's whole-network CIFAR ResNet kernel go last.
+
+    It is the one kernel that has not yet run on a GPU (it is tested on the host, see
+    tests/test_resnet_kernel.py); a fault in it would poison the CUDA context of the
+    process, failing every CUDA test after it. Last, it can only fail itself.
+    """
+    def runs_the_kernel_on_a_gpu(item):
+        return item.module.__name__.endswith("test_resnet_kernel") and "cuda_device" in item.fixturenames
+
+    items.sort(key=runs_the_kernel_on_a_gpu)      # stable: the rest keep their order

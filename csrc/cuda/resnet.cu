@@ -677,10 +677,14 @@ void launch_for_input(const CifarResNetArgs& p, int device, cudaStream_t stream)
   }
 }
 
+constexpr int kHostGuard = 4096;  // bytes past a CTA's shared memory that the host checks
+
 template <class Ops>
 void run_on_host(const CifarResNetArgs& p, const Ops& ops, unsigned char* smem) {
   for (int64_t draw = 0; draw < p.batch; ++draw) {
-    memset(smem, 0xff, Ops::kSmemBytes);  // garbage the program must not read (0xffff is a bf16 NaN)
+    // garbage the program must not read (0xffff is a bf16 NaN), and past its end a guard
+    // it must not write (on the GPU, an access past the dynamic shared memory faults)
+    memset(smem, 0xff, Ops::kSmemBytes + kHostGuard);
     switch (p.x_dtype) {
       case kFloat32:
         forward_draw<Ops, float>(ops, p, draw, smem);
@@ -692,6 +696,8 @@ void run_on_host(const CifarResNetArgs& p, const Ops& ops, unsigned char* smem) 
         forward_draw<Ops, __half>(ops, p, draw, smem);
         break;
     }
+    for (int i = Ops::kSmemBytes; i < Ops::kSmemBytes + kHostGuard; ++i)
+      if (smem[i] != 0xff) throw std::logic_error("the CTA program wrote past its shared memory");
   }
 }
 
@@ -760,7 +766,7 @@ void cifar_resnet_cuda(const CifarResNetArgs& p, int device, uintptr_t stream) {
 
 void cifar_resnet_cuda_on_host(const CifarResNetArgs& p, int order) {
   check_cifar_resnet(p);
-  std::vector<unsigned char> smem(kSmemWmma + 128);
+  std::vector<unsigned char> smem(kSmemWmma + kHostGuard + 128);
   unsigned char* base = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
   if (p.variant == 0) {
     HostWmma ops;
