@@ -48,11 +48,46 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"drt-fast: error: {message} (see {self.prog} --help)\n")
 
 
+def build_report() -> str:
+    """What ``drt-fast --version`` prints: the version, torch, and which kernels this install
+    runs (the CPU build picked at run time; whether the CUDA kernels were built and a device
+    answers) -- the first things to look at when drt-fast is slower than it should be."""
+    import torch
+
+    from . import ops
+
+    lines = [f"drt-fast {__version__}",
+             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
+    lines.append(f"CPU kernels: {ops._C.cpu_isa()}" if ops._C is not None
+                 else "CPU kernels: not built (pip install . builds them)")
+    if ops._C_cuda is None:
+        lines.append("CUDA kernels: not built (nvcc was not found, or DRT_FAST_CUDA=0, at install)")
+    elif not ops.cuda_available():
+        lines.append("CUDA kernels: built; no CUDA device answers")
+    else:
+        devices = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                   for i in range(torch.cuda.device_count())]
+        lines.append(f"CUDA kernels: built; {', '.join(devices)}")
+    return "\n".join(lines)
+
+
+class _Report(argparse.Action):
+    """``--version``: the report, built only when asked for (it may initialise CUDA)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(build_report())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="drt-fast",
         description="Certify and train robust ensembles with randomized smoothing (DRT, ICLR 2022).")
-    parser.add_argument("--version", action="version", version=f"drt-fast {__version__}")
+    parser.add_argument("--version", action=_Report,
+                        help="the version, torch, and which CPU and CUDA kernels this install runs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     try:                         # the embedded default's own skip/max, for the help text

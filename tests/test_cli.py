@@ -294,6 +294,26 @@ def test_npz_with_idx_uses_the_dataset_index(ckpt, reference_tsv, tmp_path):
     assert ours == [ref[r[0]] for r in ours]  # same noise: the key is the dataset index
 
 
+def test_version_says_which_kernels_run(capsys, monkeypatch):
+    import drt_fast
+    from drt_fast import ops
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"drt-fast {drt_fast.__version__}"
+    assert out[1].startswith(f"torch {torch.__version__} (CUDA build: ")
+    assert out[2] == f"CPU kernels: {ops._C.cpu_isa()}"
+    if ops._C_cuda is None:
+        assert out[3].startswith("CUDA kernels: not built")
+    elif not ops.cuda_available():
+        assert out[3] == "CUDA kernels: built; no CUDA device answers"
+    else:
+        assert out[3].startswith("CUDA kernels: built; ") and torch.cuda.get_device_name(0) in out[3]
+    monkeypatch.setattr(ops, "_C_cuda", None)       # a build without nvcc
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.splitlines()[3].startswith("CUDA kernels: not built")
+
+
 def test_info(ckpt, capsys):
     assert main(["info", ckpt]) == 0
     out = capsys.readouterr().out
