@@ -422,7 +422,9 @@ def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, 
         monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, env)
         smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
         counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
-        assert ("CIFAR ResNet kernel" in smooth.fuse_status) == (env == value), smooth.fuse_status
+        # the kernel ran (a kernel that fails its first-batch check is replaced, with a warning)
+        ran = "as one CIFAR ResNet kernel each" in smooth.fuse_status and "given up" not in smooth.fuse_status
+        assert ran == (env == value), smooth.fuse_status
     # bf16 both ways, different kernels: the top class and its count nearly agree
     assert counts["0"].argmax() == counts[value].argmax()
     assert abs(int(counts["0"].max()) - int(counts[value].max())) <= 60
