@@ -799,8 +799,8 @@ def resnet_kernel_variant(device: torch.device) -> Optional[int]:
     runs CIFAR ResNet members with (`ResNetKernelMember`), or None: only with
     ``DRT_FAST_RESNET_KERNEL`` set to ``mma`` (or ``1``: the mma.sync variant, 1) or ``wmma``
     (variant 0), the CUDA kernels built, and a GPU of compute capability 8.0 or newer with
-    room for the kernel's shared memory (92.5 KB a block for mma.sync, 100.5 KB for wmma: an
-    RTX 30/40 has 99 KB). Off by default: the kernel has been tested on the host
+    room for the kernel's shared memory (76.6 KB a block for mma.sync, 84.6 KB for wmma). Off
+    by default: the kernel has been tested on the host
     (its CTA program, ``ops._C_cuda.cifar_resnet_on_host``) but not yet run on a GPU."""
     value = os.environ.get(RESNET_KERNEL_ENV, "")
     variant = {"1": 1, "mma": 1, "wmma": 0}.get(value)

@@ -816,7 +816,7 @@ def _(x, weights, biases, norm, fc_w, fc_b, blocks, variant=0):
 
 # The CIFAR ResNet kernel's debugging hook (cuda_kernels.h stop_after / snapshot): each
 # draw's shared memory after a number of phases, and how to read activation maps out of it.
-RESNET_KERNEL_REGIONS = (0, 36_992, 73_984)  # byte offsets of resnet.cu's regions 0, 1, 2
+RESNET_KERNEL_REGIONS = (0, 36_992, 57_728)  # byte offsets of resnet.cu's regions 0, 1, 2
 
 
 def cifar_resnet_snapshot(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor,

@@ -78,15 +78,24 @@ DRT_HD int positions(int s) { return s == 2 ? 11 * 10 : pitch(s) * pitch(s); }
 DRT_HD int plane_elems(int s) { return positions(s) * 16; }
 
 // Shared memory: three regions; for wmma, staging holds each warp's fp32 16x16 accumulator
-// tile. Region 2 is free in stage 2: the pooled features go there.
+// tile. Stage 0 keeps its two 16-channel 32x32 maps in regions 0 and 1; stage 1 its two
+// 32-channel 16x16 maps at the start of region 1 and in region 2, which starts where that
+// map ends, inside region 1 (both are written over stage 0's conv1 output, which the stage's
+// entry no longer reads); stage 2 its two 64-channel 8x8 maps at the starts of regions 0
+// and 1, clear of stage 1's output in region 2, which its entry reads. Region 2 is free in
+// stage 2: the pooled features go there. 76.6 KB a CTA (mma.sync): two CTAs an SM fit an
+// A100 (164 KB), and an H100 keeps ~90 KB of L1 for the weight tiles.
 constexpr int kRegion0 = 0;                       // 36,992 B: grid 0, 16 channels
 constexpr int kRegion1 = 34 * 34 * 16 * 2;        // 36,992 B
-constexpr int kRegion2 = 2 * kRegion1;            // 20,736 B: grid 1, 32 channels
-constexpr int kStaging = kRegion2 + 2 * 18 * 18 * 16 * 2;
-constexpr int kSmemMma = kStaging;                         // 94,720 B
-constexpr int kSmemWmma = kStaging + kWarps * kTile * 4;   // 102,912 B: + the epilogue's staging
+constexpr int kGrid1Map = 2 * 18 * 18 * 16 * 2;   // 20,736 B: grid 1, 32 channels
+constexpr int kGrid2Map = 4 * 110 * 16 * 2;       // 14,080 B: grid 2, 64 channels
+constexpr int kRegion2 = kRegion1 + kGrid1Map;    // 57,728
+constexpr int kStaging = kRegion2 + kGrid1Map;    // 78,464
+constexpr int kSmemMma = kStaging;                         // 78,464 B
+constexpr int kSmemWmma = kStaging + kWarps * kTile * 4;   // 86,656 B: + the epilogue's staging
 static_assert(kRegion1 % 128 == 0 && kRegion2 % 128 == 0 && kStaging % 128 == 0, "region alignment");
-static_assert(4 * 110 * 16 * 2 <= kRegion1, "grid 2's 64-channel map fits a region");
+static_assert(kGrid2Map <= kGrid1Map && kRegion1 + kGrid2Map <= kRegion2, "grid 2's maps clear of region 2");
+static_assert(2 * (kSmemMma + 1024) <= 164 * 1024, "two CTAs an SM on an A100 (mma.sync)");
 
 // The M-tiles of a convolution over grid s: 16 positions, rows 0-7 from q0 on and rows 8-15
 // from q8 on. `down`: only the even rows (a stride-2 convolution; grids 0 and 1 only).
@@ -397,10 +406,12 @@ DRT_HD int conv_tiles(int cin, int cout, int taps) { return taps * (cin / 16) * 
 // The warp's share of `c`: output-channel chunk n = warp % (cout/16) and the M-tiles
 // g, g + groups, ... (g = warp / (cout/16)), so that each weight tile a warp loads serves all
 // its M-tiles; in passes of at most kMaxTiles tiles (their accumulators in registers). Each
-// step's weight tile is loaded two steps ahead (often from L2: two CTAs' ~190 KB of shared
-// memory leave an SM about 60 KB of L1). `staging`: the warp's 256 floats (the wmma
-// epilogue's). Not inlined on the device: one copy of the hot loop instead of one per call
-// site.
+// step's weight tile is loaded two steps ahead (from L1 or L2: two CTAs' 155 KB of shared
+// memory leave an H100 about 90 KB of L1, more than a 64-channel convolution's 72 KB of
+// tiles). `staging`: the warp's 256 floats (the wmma epilogue's). Not inlined on the device:
+// one copy of the hot loop instead of one per call site. (It must stay the kernel's only
+// non-inlined callee: with two or more of them -- say, instances for other warp tiles --
+// ptxas spills in all of them at the 128-register cap of two CTAs an SM; tried 2026-11-26.)
 #pragma nv_exec_check_disable
 template <class Ops>
 __host__ __device__ __noinline__ void conv_warp(const Ops& ops, const Conv c, int warp, float* staging) {
@@ -578,10 +589,16 @@ DRT_CTA void forward_draw(const Ops& ops, const CifarResNetArgs& p, int64_t draw
     for (int blk = 0; blk < p.blocks; ++blk) {
       if (s > 0 && blk == 0) {
         // Stage entry: conv1 (stride 2) and the 1x1 downsample both read x on grid s - 1.
+        // Their outputs' halos must be zero: the new maps' bytes are cleared first (in stage
+        // 2's entry, not region 2, where stage 1's output is read).
         bf16* h_new = s == 1 ? r1 : r0;
         bf16* x_new = s == 1 ? r2 : r1;
-        zero_bytes(ops, reinterpret_cast<unsigned char*>(h_new), kRegion1);
-        if (s == 2) zero_bytes(ops, reinterpret_cast<unsigned char*>(x_new), kRegion1);
+        if (s == 1) {
+          zero_bytes(ops, reinterpret_cast<unsigned char*>(r1), 2 * kGrid1Map);
+        } else {
+          zero_bytes(ops, reinterpret_cast<unsigned char*>(r0), kGrid2Map);
+          zero_bytes(ops, reinterpret_cast<unsigned char*>(r1), kGrid2Map);
+        }
         ops.sync();
         const Conv entry[2] = {next(s - 1, ch / 2, ch, 9, true, true, false, x, h_new),
                                next(s - 1, ch / 2, ch, 1, true, false, false, x, x_new)};
@@ -646,8 +663,8 @@ void launch(const CifarResNetArgs& p, int device, cudaStream_t stream) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ops::kSmemBytes),
                "cudaFuncSetAttribute(cifar_resnet)");
     // as much of the unified L1 / shared memory as shared memory as two CTAs an SM need (an
-    // H100: 191 KB of 228 KB for mma.sync; the driver takes the next carveout, 196 KB, and
-    // leaves the rest as L1 for the weight tiles)
+    // H100: 155 KB of 228 KB for mma.sync; the driver takes the next carveout, 164 KB, and
+    // leaves the rest, 92 KB, as L1 for the weight tiles)
     int per_sm = 0;
     check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
                "cudaDeviceGetAttribute");
