@@ -34,6 +34,8 @@ def pytest_collection_modifyitems(config, items):
     process, failing every CUDA test after it. Last, it can only fail itself.
     """
     def runs_the_kernel_on_a_gpu(item):
-        return item.module.__name__.endswith("test_resnet_kernel") and "cuda_device" in item.fixturenames
+        module = getattr(item, "module", None)    # (items that are not test functions have none)
+        return (module is not None and module.__name__.endswith("test_resnet_kernel")
+                and "cuda_device" in getattr(item, "fixturenames", ()))
 
     items.sort(key=runs_the_kernel_on_a_gpu)      # stable: the rest keep their order
