@@ -837,12 +837,15 @@ class ResNetKernelMember(nn.Module):
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
     """``conv`` followed by eval-mode ``bn`` (with running statistics) as (weight, bias),
-    float64."""
-    scale = (bn.weight.detach().double() if bn.affine else 1.0) / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = bn.bias.detach().double() if bn.affine else 0.0
-    bias = (conv.bias.detach().double() if conv.bias is not None else 0.0) - bn.running_mean.double()
-    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
-    return weight, shift + bias * scale
+    folded in float64 (torch's `fuse_conv_bn_weights`)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    def double(t):
+        return None if t is None else t.detach().double()
+
+    weight, bias = fuse_conv_bn_weights(double(conv.weight), double(conv.bias), double(bn.running_mean),
+                                        double(bn.running_var), bn.eps, double(bn.weight), double(bn.bias))
+    return weight.detach(), bias.detach()
 
 
 def _expect_conv(conv, cin, cout, k, stride) -> None:
