@@ -95,6 +95,10 @@ def main():
 
     rows = []
 
+    def wanted(name):
+        """Whether ``--only`` keeps the variant ``name``."""
+        return not args.only or any(o in name for o in args.only.split("|"))
+
     def add(name, batch, ms, extra=""):
         per_k = ms / batch * 1000
         rows.append({"variant": name, "batch": batch, "ms_per_batch": ms, "ms_per_1000": per_k,
@@ -147,7 +151,7 @@ def main():
                     return []
                 m_kernel = Ensemble([r.module for r in members], mode=base.mode).eval()
                 label = f"bf16 CIFAR ResNet kernel, {name} (drt_fast)"
-                if batch == first_batch and not (args.only and not any(o in label for o in args.only.split("|"))):
+                if batch == first_batch and wanted(label):
                     # a timing is only worth reading if the logits are right: noisy draws
                     # through the kernel against the fp32 members, draw by draw
                     draws = (x + 0.25 * torch.randn(64, *x.shape, device=device,
@@ -182,7 +186,7 @@ def main():
     with torch.inference_mode():
         for batch in [int(b) for b in args.batches.split(",")]:
             for name, autotune, model, inp in variants(batch):
-                if args.only and not any(o in name for o in args.only.split("|")):
+                if not wanted(name):
                     continue
                 torch.backends.cudnn.benchmark = autotune
                 try:
