@@ -8,7 +8,8 @@ the levers are measured on them alone, for one batch of noisy draws through all 
 timed with CUDA events (median of ``--iters`` after warm-up): layout (NCHW/channels-last),
 cuDNN autotuning, BatchNorm folded into the convolutions, bf16 (autocast or bf16 weights),
 CUDA-graph replay, the CPU's dense members where they apply (``--arch digits_cnn``),
-drt-fast's whole-network kernel for CIFAR ResNets (``bf16 CIFAR ResNet kernel``), and
+drt-fast's whole-network kernel for CIFAR ResNets (``bf16 CIFAR ResNet kernel``), the members
+as one network of grouped convolutions (``GroupedCifarResNets``, an experiment), and
 optionally torch.compile. Also timed: ``noisy_draws`` and ``vote_``
 for the same batch (their share of a batch). The last lines are a table of ms per 1000
 draws and the certify time per image this projects at n = 100,000. Not collected by pytest.
@@ -35,6 +36,62 @@ def fold_bn(ensemble):
     from torch.fx.experimental.optimization import fuse
     members = [fuse(copy.deepcopy(m).eval(), inplace=True) for m in ensemble.members]
     return Ensemble(members, mode=ensemble.mode, weights=ensemble.weights.clone()).eval()
+
+
+class GroupedCifarResNets(torch.nn.Module):
+    """An experiment for the lever "members as one batched call": M CIFAR ResNets that share
+    their input normalization as ONE network whose activations hold the members' channels side
+    by side (member-major), so that each layer is one grouped convolution (groups=M) for all
+    members instead of M convolutions: BatchNorms folded (`fuse._folded`), conv + bias (+ add)
+    + ReLU as ``fused_ops`` calls (cuDNN's on CUDA), the first convolution shared (all members
+    see the same draw), the heads as one batched matmul. Returns member logits [M, N, K] like
+    an Ensemble. Not in the engine: measured here first."""
+
+    def __init__(self, members, fused_ops, dtype):
+        super().__init__()
+        from drt_fast import fuse
+        parts = [fuse._resnet_kernel_parts(m) for m in members]
+        means, sds = parts[0][0], parts[0][1]
+        if not all(torch.equal(p[0], means) and torch.equal(p[1], sds) for p in parts):
+            raise ValueError("the members normalize their inputs differently")
+        nets = [p[2] for p in parts]
+        self.M, self.ops, self.dtype = len(nets), fused_ops, dtype
+        self.register_buffer("means", means.view(1, 3, 1, 1).clone())
+        self.register_buffer("sds", sds.view(1, 3, 1, 1).clone())
+        self.convs = []
+
+        def conv(pairs, shared=False):
+            weights, biases = zip(*[fuse._folded(c, b) for c, b in pairs])
+            c = pairs[0][0]
+            w = torch.cat(weights).to(dtype).contiguous(memory_format=torch.channels_last)
+            self.convs.append((w, torch.cat(biases).to(dtype), list(c.stride), list(c.padding),
+                               [1, 1], 1 if shared else self.M))
+            return len(self.convs) - 1
+
+        self.first = conv([(n.conv1, n.bn1) for n in nets], shared=True)
+        self.blocks = []
+        for stage in ("layer1", "layer2", "layer3"):
+            for b in range(len(nets[0].layer1)):
+                blocks = [getattr(n, stage)[b] for n in nets]
+                self.blocks.append((conv([(k.conv1, k.bn1) for k in blocks]),
+                                    conv([(k.conv2, k.bn2) for k in blocks]),
+                                    None if blocks[0].downsample is None else
+                                    conv([(k.downsample[0], k.downsample[1]) for k in blocks])))
+        self.fc_w = torch.stack([n.fc.weight.detach() for n in nets]).to(dtype).transpose(1, 2).contiguous()
+        self.fc_b = torch.stack([n.fc.bias.detach() for n in nets]).to(dtype)[:, None]
+
+    def forward(self, x):
+        c = self.convs
+        x = ((x - self.means) / self.sds).to(self.dtype)
+        h = self.ops.conv_relu(x, *c[self.first])
+        for a, b, down in self.blocks:
+            y = self.ops.conv_relu(h, *c[a])
+            w, bias, stride, padding, dilation, groups = c[down] if down is not None else c[a]
+            z = h if down is None else torch.nn.functional.conv2d(h, w, bias, stride, padding, dilation, groups)
+            w, bias, stride, padding, dilation, groups = c[b]
+            h = self.ops.conv_add_relu(y, w, z, 1.0, bias, stride, padding, dilation, groups)
+        pooled = h.mean((2, 3)).view(h.shape[0], self.M, -1).transpose(0, 1)   # [M, N, 64]
+        return torch.baddbmm(self.fc_b, pooled, self.fc_w)                      # [M, N, K]
 
 
 def event_time(fn, iters, warmup=3):
@@ -164,6 +221,31 @@ def main():
                 out.append((label, True, m_kernel, nchw.to(torch.bfloat16)))
             return out
 
+        def grouped():
+            """`GroupedCifarResNets` in fp32 and bf16, checked against the fp32 members first:
+            none where the members are not CIFAR ResNets."""
+            from drt_fast import fuse
+            out = []
+            for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                label = f"{name} channels-last cudnn-fused members grouped (experiment)"
+                try:
+                    model = GroupedCifarResNets(base.members, fuse.cudnn_ops(), dtype)
+                except Exception as err:  # noqa: BLE001 -- reported, not timed
+                    if batch == first_batch and wanted(label):
+                        print(f"{label}: not built: {err}", flush=True)
+                    return []
+                inp = cl.to(dtype)
+                if batch == first_batch and wanted(label):
+                    draws = (x + 0.25 * torch.randn(64, *x.shape, device=device,
+                                                    generator=torch.Generator(device).manual_seed(0))).clamp(0, 1)
+                    draws = draws.contiguous(memory_format=torch.channels_last)
+                    got, want = model(draws.to(dtype)).float(), base(draws).float()
+                    err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
+                    print(f"{label}: logits vs the fp32 members: relative error max {err.max():.2e}",
+                          flush=True)
+                out.append((label, True, model, inp))
+            return out
+
         m_vmap = copy.deepcopy(m_cl)
         m_vmap.batch_members = True              # members as one vmapped call (fp32 only)
         m_fused32 = cudnn_fused(torch.float32)
@@ -179,7 +261,7 @@ def main():
             ("bf16 autocast channels-last", True, autocast(m_cl), bf_cl),
             ("bf16 autocast channels-last BN-folded", True, autocast(m_fold_cl), bf_cl),
             ("bf16 weights channels-last BN-folded", True, m_fold_bf, bf_cl),
-        ] + dense() + resnet_kernel()
+        ] + grouped() + dense() + resnet_kernel()
         return out
 
     first_batch = int(args.batches.split(",")[0])
