@@ -38,7 +38,7 @@ from torch import nn
 from . import data, models
 from .ensemble import Ensemble, as_ensemble
 from .errors import DrtFastError, first_line
-from .io import sha256_file
+from .io import created_file_mode, sha256_file
 from .models.normalize import NormalizeLayer
 
 FORMAT = "drt-fast-ensemble"
@@ -146,6 +146,7 @@ def atomic_torch_save(payload: dict, path: PathLike) -> Path:
     except OSError as exc:
         raise DrtFastError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
     try:
+        os.chmod(tmp, created_file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

@@ -80,15 +80,36 @@ def check_writable(out: str, resume: bool) -> None:
                 raise DrtFastError(
                     f"output file {path!r} already exists; pass --resume to continue it, "
                     f"or choose another --out (drt-fast never overwrites results)")
-    folder = os.path.dirname(os.path.abspath(out))
+    probe_writable(out, "results")
+
+
+def probe_writable(path: str, what: str) -> None:
+    """Raise a DrtFastError unless ``path`` can be written: a temporary file is created and
+    removed in its folder (permission bits alone say nothing when running as root, in /proc
+    or /sys, or on some network file systems) and an existing file is opened for appending
+    (which changes nothing in it). ``what`` names the file in the message."""
+    if os.path.isdir(path):
+        raise DrtFastError(f"cannot write {what} to {path!r}: it is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DrtFastError(f"cannot write {what} to {path!r}: folder {folder} does not exist")
     try:
         fd, probe = tempfile.mkstemp(prefix=".drt-fast-probe-", dir=folder)
         os.close(fd)
         os.remove(probe)
+        if os.path.exists(path):
+            with open(path, "a"):
+                pass
     except OSError as e:
-        raise DrtFastError(f"cannot write results to {out!r}: {e.strerror or e}") from None
-    if os.path.exists(out) and not os.access(out, os.W_OK):
-        raise DrtFastError(f"cannot write results to {out!r}: permission denied")
+        raise DrtFastError(f"cannot write {what} to {path!r}: {e.strerror or e}") from None
+
+
+def created_file_mode() -> int:
+    """The permission bits ``open()`` would give a new file under the current umask
+    (``tempfile.mkstemp`` makes 0600 files; files that are meant to be shared get these)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
@@ -96,6 +117,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
+        os.chmod(tmp, created_file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")

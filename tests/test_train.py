@@ -101,14 +101,18 @@ def test_resume_gives_the_uninterrupted_weights(base, tmp_path, monkeypatch):
 @pytest.mark.parametrize("trainer", ["smoothadv", "drt-smoothadv"])
 def test_smoothadv_trainers_run_and_log(trainer, base, tmp_path):
     out, log = tmp_path / "s.pt", tmp_path / "s.jsonl"
+    drt = ["--rho1", 0.5, "--rho2", 1.0] if trainer == "drt-smoothadv" else []
     assert run_cli("train", "--sigma", SIGMA, "--trainer", trainer, "--epochs", 1, "--m", 2,
-                   "--steps", 2, "--eps", 0.25, "--eps-warmup", 4, "--rho1", 0.5, "--rho2", 1.0,
+                   "--steps", 2, "--eps", 0.25, "--eps-warmup", 4, *drt,
                    "--lr", 0.01, "--init", base, "--out", out, "--log", log, "--quiet") == 0
     (entry,) = [json.loads(l) for l in log.read_text().splitlines()]
     assert set(entry) == {"epoch", "ce", "gd", "cm", "train_acc", "test_acc", "lr", "time", "eps"}
     assert entry["eps"] == pytest.approx(0.25 / 4)      # first epoch of a 4-epoch warm-up
     assert entry["test_acc"] > 0.6                      # fine-tuning kept a working ensemble
-    assert (entry["gd"] > 0) == (trainer == "drt-smoothadv")
+    if trainer == "drt-smoothadv":
+        assert entry["gd"] > 0 and entry["cm"] > 0
+    else:                                               # terms SmoothAdv does not compute
+        assert entry["gd"] is None and entry["cm"] is None
 
 
 def test_pgd_increases_the_smoothed_loss(base):
@@ -160,6 +164,12 @@ def test_round_trip_train_checkpoint_certify(base, tmp_path):
     (["--dataset", "npz", "--data-dir", "/nonexistent/d.npz"], "d.npz"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
     (["--arch", "lenet"], "expects inputs of shape"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--rho1", "1"], "--rho1 applies to the drt and drt-smoothadv trainers"),
+    (["--gd-norm", "sq"], "--gd-norm applies"),
+    (["--trainer", "drt", "--eps", "0.5"], "--eps applies to the smoothadv and drt-smoothadv"),
+    (["--log", "/proc/drt-fast-test.log"], "cannot write the log"),
+    (["--init", "/nonexistent/a.pt", "/nonexistent/b.pt"], "/nonexistent/a.pt does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "keep.pt"
@@ -195,6 +205,74 @@ def test_unwritable_output(tmp_path, capsys):
     code = run_cli("train", "--sigma", SIGMA, "--epochs", 1, "--quiet",
                    "--out", tmp_path / "missing_dir" / "x.pt")
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    # a folder that permission bits call writable but that takes no files: refused before
+    # training, not after the first epoch
+    code = run_cli("train", "--sigma", SIGMA, "--epochs", 1, "--quiet", "--out", "/proc/drt-fast-test.pt",
+                   "--log", tmp_path / "log.jsonl")
+    assert code == 2 and "cannot write the checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_log_files(tmp_path, capsys):
+    """--log: CSV by its name, JSON lines otherwise; an existing log is refused like an
+    existing --out, replaced by --overwrite, continued by --resume; never the checkpoint."""
+    import csv
+
+    out, log = tmp_path / "l.pt", tmp_path / "l.csv"
+    argv = ["train", "--sigma", SIGMA, "--members", 2, "--out", out, "--log", log, "--quiet"]
+    assert run_cli(*argv, "--epochs", 1) == 0
+    rows = list(csv.DictReader(log.open()))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert list(rows[0]) == ["epoch", "ce", "gd", "cm", "train_acc", "test_acc", "lr", "time"]
+    assert rows[0]["gd"] == rows[0]["cm"] == "" and float(rows[0]["ce"]) > 0   # not computed
+    os.remove(out)
+    os.remove(trainer_mod.state_path(str(out)))
+    assert run_cli(*argv, "--epochs", 1) == 2                    # the log alone is a run to keep
+    assert "l.csv exists" in capsys.readouterr().err
+    assert run_cli(*argv, "--epochs", 1, "--overwrite") == 0
+    assert [r["epoch"] for r in csv.DictReader(log.open())] == ["1"]   # replaced, not appended
+    code = run_cli("train", "--sigma", SIGMA, "--out", out, "--log", out, "--overwrite", "--quiet")
+    assert code == 2 and "would overwrite the checkpoint" in capsys.readouterr().err
+    assert load_checkpoint(out)[1]["members"] == 2
+
+
+def test_a_diverging_run_stops_and_writes_nothing(tmp_path, capsys):
+    out, log = tmp_path / "nan.pt", tmp_path / "nan.jsonl"
+    code = run_cli("train", "--sigma", SIGMA, "--epochs", 1, "--lr", 1e4, "--members", 2,
+                   "--out", out, "--log", log, "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "training diverged" in err and "\n" not in err, err
+    assert not out.exists() and not log.exists()
+
+
+def test_init_from_member_files_and_mismatched_classes(base, tmp_path, capsys):
+    """--init takes one file per member (Cohen/DRT base models): the same start as the
+    drt-fast ensemble they came from gives the same weights; a checkpoint with other classes
+    than the data is one line."""
+    import numpy as np
+    from drt_fast import data
+
+    ens, _ = load_checkpoint(base)
+    files = []
+    for i, member in enumerate(ens.members):
+        files.append(tmp_path / f"cohen{i}.pt")
+        torch.save({"arch": "digits_cnn", "state_dict": member.state_dict()}, files[-1])
+    drt = ["train", "--sigma", SIGMA, "--trainer", "drt", "--rho1", 0.5, "--epochs", 1, "--seed", 4,
+           "--quiet"]
+    assert run_cli(*drt, "--init", *files, "--out", tmp_path / "a.pt") == 0
+    assert run_cli(*drt, "--init", base, "--out", tmp_path / "b.pt") == 0
+    for a, b in zip(state_dicts(tmp_path / "a.pt"), state_dicts(tmp_path / "b.pt")):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # 20 classes in the file, 3 in the data
+    digits = data.load("digits", "train")
+    npz = fx.write_npz(tmp_path / "three.npz", digits.x[:200].numpy(), (digits.y[:200] % 3).numpy())
+    wide = fx.save(tmp_path / "wide.pt", fx.members("digits_cnn", 20, *data.normalization("digits"), count=3),
+                   "digits_cnn", "npz", 20, (1, 8, 8), data.normalization("digits"))
+    code = run_cli("train", "--sigma", SIGMA, "--dataset", "npz", "--data-dir", npz, "--epochs", 1,
+                   "--init", wide, "--out", tmp_path / "c.pt", "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "has 20 classes, dataset npz has 3" in err and "\n" not in err, err
+    assert np.load(npz)["y"].max() == 2
 
 
 def test_resume_refuses_a_foreign_checkpoint(base, tmp_path, capsys):
@@ -274,6 +352,19 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert entries[-1]["test_acc"] > 0.8 and entries[-1]["gd"] > 0
     ens, meta = load_checkpoint(out)
     assert len(ens.members) == 3 and meta["train_config"]["epochs_done"] == 2
+    # the batch split depends on the process count: a single-process resume is another run
+    before = out.read_bytes()
+    code = run_cli("train", "--sigma", SIGMA, "--trainer", "drt", "--rho1", 0.5, "--rho2", 1,
+                   "--m", 2, "--epochs", 2, "--batch", 64, "--out", out, "--quiet", "--resume")
+    assert code == 2 and out.read_bytes() == before
+    # a batch too small to give each process an input: one line from each rank, no traceback
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "drt_fast", "--", "train", "--sigma", str(SIGMA), "--epochs", "1", "--batch", "1",
+         "--out", str(tmp_path / "b1.pt"), "--quiet"],
+        env=fx.subprocess_env(), capture_output=True, text=True, timeout=300, cwd=fx.NEUTRAL_CWD)
+    assert proc.returncode != 0 and "cannot give each of the 2 processes an input" in proc.stderr
+    assert "ZeroDivisionError" not in proc.stderr and not (tmp_path / "b1.pt").exists()
 
 
 @pytest.mark.parametrize("trainer", ["drt", "drt-smoothadv"])
@@ -281,8 +372,9 @@ def test_cuda_amp_training_runs_and_resumes_on_cpu(trainer, base, cuda_device, t
     """DRT (double backprop under bf16 autocast) on the GPU: finite losses, a working
     ensemble, a checkpoint that loads on the CPU and certifies there."""
     out, log = tmp_path / "g.pt", tmp_path / "g.jsonl"
+    adv = ["--steps", 2, "--eps", 0.25] if trainer == "drt-smoothadv" else []
     assert run_cli("train", "--sigma", SIGMA, "--trainer", trainer, "--epochs", 2, "--m", 2,
-                   "--steps", 2, "--eps", 0.25, "--rho1", 0.5, "--rho2", 1.0, "--lr", 0.01,
+                   *adv, "--rho1", 0.5, "--rho2", 1.0, "--lr", 0.01,
                    "--init", base, "--device", "cuda", "--out", out, "--log", log,
                    "--quiet") == 0
     entries = [json.loads(l) for l in log.read_text().splitlines()]

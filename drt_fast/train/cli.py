@@ -22,14 +22,17 @@ def register(subparsers) -> None:
     p.add_argument("--members", type=int, default=d.members, help=f"ensemble size (default: {d.members})")
     p.add_argument("--sigma", type=float, required=True, help="training noise level, pixels")
     p.add_argument("--trainer", choices=TRAINERS, default=d.trainer, help=f"default: {d.trainer}")
-    p.add_argument("--rho1", type=float, default=d.rho1, help="weight of GD (default: 0)")
-    p.add_argument("--rho2", type=float, default=d.rho2, help="weight of CM (default: 0)")
-    p.add_argument("--gd-norm", choices=GD_NORMS, default=d.gd_norm,
-                   help="GD as ||g_i+g_j|| (l2, the paper) or its square (sq, the public code)")
+    # The trainer-specific flags default to None here, so that one given to a trainer that
+    # does not use it is refused (run_train) rather than silently ignored.
+    p.add_argument("--rho1", type=float, help="DRT: weight of GD (default: 0)")
+    p.add_argument("--rho2", type=float, help="DRT: weight of CM (default: 0)")
+    p.add_argument("--gd-norm", choices=GD_NORMS,
+                   help="DRT: GD as ||g_i+g_j|| (l2, the paper; default) or its square (sq, the "
+                        "public code)")
     p.add_argument("--m", type=int, default=d.m, help="noise vectors per input (default: 1)")
-    p.add_argument("--eps", type=float, default=d.eps, help="SmoothAdv L2 radius, pixels (default: 0.25)")
-    p.add_argument("--steps", type=int, default=d.steps, help="SmoothAdv PGD steps (default: 1)")
-    p.add_argument("--eps-warmup", type=int, default=d.eps_warmup, metavar="EPOCHS",
+    p.add_argument("--eps", type=float, help="SmoothAdv L2 radius, pixels (default: 0.25)")
+    p.add_argument("--steps", type=int, help="SmoothAdv PGD steps (default: 1)")
+    p.add_argument("--eps-warmup", type=int, metavar="EPOCHS",
                    help="SmoothAdv: grow --eps linearly over the first EPOCHS epochs, as Salman "
                         "et al.'s --warmup (default: 0, the full radius from the start)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
@@ -38,7 +41,9 @@ def register(subparsers) -> None:
                    help="step: x0.1 at 50%% and 75%% of the epochs; cosine (default: step)")
     p.add_argument("--batch", type=int, default=d.batch, help=f"inputs per step (default: {d.batch})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default: {d.weight_decay}")
-    p.add_argument("--init", metavar="CKPT", help="start from this drt-fast ensemble (e.g. Gaussian base)")
+    p.add_argument("--init", metavar="CKPT", nargs="+",
+                   help="start from these weights: a drt-fast ensemble (e.g. the Gaussian base), "
+                        "or one checkpoint per member (Cohen/DRT base models, drt-fast files)")
     p.add_argument("--out", metavar="CKPT", required=True, help="output ensemble checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run that wrote --out")
     p.add_argument("--overwrite", action="store_true",
@@ -46,7 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="default: 0")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:i (default: auto)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")
-    p.add_argument("--log", metavar="FILE", help="append one JSON line per epoch here")
+    p.add_argument("--log", metavar="FILE",
+                   help="a line per epoch (CE, GD, CM, accuracy, lr, time): CSV when FILE ends "
+                        "in .csv, else JSON lines; continued by --resume, replaced by --overwrite")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
     p.set_defaults(func=run_train)
 
@@ -66,15 +73,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_diagnose)
 
 
+# Flags that only some trainers use.
+_TRAINER_FLAGS = {"rho1": ("drt", "drt-smoothadv"), "rho2": ("drt", "drt-smoothadv"),
+                  "gd_norm": ("drt", "drt-smoothadv"), "eps": ("smoothadv", "drt-smoothadv"),
+                  "steps": ("smoothadv", "drt-smoothadv"), "eps_warmup": ("smoothadv", "drt-smoothadv")}
+
+
 def run_train(args) -> int:
+    from .. import distributed
     from .trainer import train
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields and k != "command"}
+    for name, trainers in _TRAINER_FLAGS.items():
+        if values.get(name) is None:
+            values.pop(name, None)                  # TrainConfig's default
+        elif args.trainer not in trainers:
+            raise DrtFastError(f"--{name.replace('_', '-')} applies to the "
+                               f"{' and '.join(trainers)} trainers, not --trainer {args.trainer}")
+    if values.get("init") and len(values["init"]) == 1:
+        values["init"] = values["init"][0]
     argv = getattr(args, "argv", None)
     values["command"] = "drt-fast " + shlex.join(argv) if argv is not None else None
     path = train(TrainConfig(**values))
-    if not args.quiet:
+    if not args.quiet and distributed.from_env().is_main:
         print(f"wrote {path}")
     return 0
 
@@ -107,7 +129,7 @@ def run_diagnose(args) -> int:
     if not result.finite:
         raise DrtFastError(f"checkpoint {args.checkpoint}: the members give NaN or inf logits or "
                            f"gradients on the noisy {dataset} inputs")
-    print(f"{args.checkpoint}: {len(members)} members, {dataset} {args.split} "
+    print(f"{args.checkpoint}: {len(members)} member{'s' if len(members) != 1 else ''}, {dataset} {args.split} "
           f"(first {n} inputs), sigma {sigma}")
     print(format_table(result))
     return 0

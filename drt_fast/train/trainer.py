@@ -14,15 +14,19 @@ Determinism: the data order and all noise of epoch e come from generators seeded
 (seed, e) (and the rank under torchrun), the learning rate is a pure function of the epoch,
 and the checkpoint written at the end of each epoch holds the weights and the optimizer's
 momentum. So ``--resume`` after any finished epoch gives the weights of an uninterrupted run
-(bit-identical on CPU).
+(bit-identical on CPU). A step whose loss is not finite stops the run with an error before
+the optimizer takes it; the checkpoint of the last finished epoch stays as it was.
 
 Files: ``out`` is a drt-fast ensemble checkpoint (``checkpoint.save_ensemble``), rewritten
 atomically after every epoch; ``out + ".state.pt"`` holds what resuming needs (epoch,
-optimizer, config); ``log`` gets one JSON line per epoch.
+optimizer, config); ``log`` gets a line per epoch: a CSV row when its name ends in ``.csv``,
+else a JSON line (terms a trainer does not compute are empty / null).
 
 Multi-process (``torchrun``, gloo on CPU / nccl on CUDA): every rank takes a disjoint share
-of each batch with its own noise, and the gradients are averaged with ``all_reduce`` after
-``backward``. (DistributedDataParallel is not used: its hooks do not support the double
+of each batch (shares differ by at most one input; each rank's loss is scaled by its share, so
+that the average is the whole batch's mean) with its own noise, and the gradients are averaged
+with ``all_reduce`` after ``backward``. The process count is part of the run: a resume must
+use the same. (DistributedDataParallel is not used: its hooks do not support the double
 backward of GD.) Rank 0 writes the files.
 """
 from __future__ import annotations
@@ -50,7 +54,10 @@ LR_SCHEDULES = ("step", "cosine")
 
 # Config fields that may differ between a run and its resumption (they do not change the
 # weights); every other field must match the checkpoint being resumed.
-_RESUME_FREE = ("out", "resume", "overwrite", "quiet", "log", "device", "data_dir", "command", "amp")
+# ``init`` only matters at the start: a resumed run keeps the value its first command had.
+_RESUME_FREE = ("out", "resume", "overwrite", "quiet", "log", "device", "data_dir", "command", "amp",
+                "init")
+_SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -74,7 +81,8 @@ class TrainConfig:
     lr_schedule: str = "step"        # step: x0.1 at 50 % and 75 % of the epochs
     batch: int = 64                  # inputs per step (each gives m noisy copies)
     weight_decay: float = 1e-4
-    init: str | None = None          # drt-fast ensemble to start from
+    init: str | list | None = None   # checkpoint(s) to start from: a drt-fast ensemble, or
+                                     # one file per member (Cohen/DRT or drt-fast)
     out: str = "ensemble.pt"
     data_dir: str | None = None
     resume: bool = False
@@ -112,8 +120,8 @@ class TrainConfig:
             bad(f"--gd-norm must be one of {', '.join(GD_NORMS)}", self.gd_norm)
         if self.lr_schedule not in LR_SCHEDULES:
             bad(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
-        if self.seed < 0:
-            bad("--seed must be >= 0", self.seed)
+        if not 0 <= self.seed < _SEED_LIMIT:
+            bad("--seed must be in [0, 2**63)", self.seed)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             bad("--device must be auto, cpu or cuda[:i]", self.device)
 
@@ -144,14 +152,11 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
-def _check_writable(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise DrtFastError(f"output directory {directory} does not exist (for {path})")
-    if not os.access(directory, os.W_OK):
-        raise DrtFastError(f"output directory {directory} is not writable (for {path})")
-    if os.path.isdir(path):
-        raise DrtFastError(f"output {path} is a directory; expected a file path")
+def init_paths(config: TrainConfig) -> list[str]:
+    """``--init`` as a list of paths (empty without one)."""
+    if not config.init:
+        return []
+    return [config.init] if isinstance(config.init, (str, os.PathLike)) else [str(p) for p in config.init]
 
 
 def _comparable(config: dict) -> dict:
@@ -168,22 +173,38 @@ def build_members(config: TrainConfig, num_classes: int, normalization) -> list[
             for _ in range(config.members)]
 
 
-def _load_init(config: TrainConfig, members: list[nn.Module]) -> None:
-    """Copy the weights of the ``--init`` ensemble into ``members`` (same arch, dataset, M)."""
+def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int) -> None:
+    """Copy the weights of the ``--init`` checkpoint(s) into ``members``: one drt-fast
+    ensemble, or one file per member (Cohen/DRT base models, or drt-fast files), of the run's
+    arch, dataset (where the file names one), classes and member count."""
     from ..checkpoint import load_checkpoint
 
-    if not os.path.isfile(config.init):
-        raise DrtFastError(f"--init checkpoint {config.init} does not exist")
-    ens, meta = load_checkpoint(config.init)
-    for key in ("arch", "dataset"):
-        if meta.get(key) != getattr(config, key):
-            raise DrtFastError(f"--init {config.init} has {key} {meta.get(key)!r}, "
-                               f"this run has {getattr(config, key)!r}")
+    paths = init_paths(config)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DrtFastError(f"--init checkpoint {path} does not exist")
+    what = paths[0] if len(paths) == 1 else f"{paths[0]} ... ({len(paths)} files)"
+    ens, meta = load_checkpoint(paths if len(paths) > 1 else paths[0], dataset=config.dataset)
+    archs = set(meta.get("archs") or [meta.get("arch")])
+    if archs != {config.arch}:
+        raise DrtFastError(f"--init {what} has arch {', '.join(sorted(map(str, archs)))}, "
+                           f"this run has {config.arch!r}")
+    if meta.get("dataset") not in (None, config.dataset):
+        raise DrtFastError(f"--init {what} has dataset {meta.get('dataset')!r}, "
+                           f"this run has {config.dataset!r}")
+    if meta.get("num_classes") != num_classes:
+        raise DrtFastError(f"--init {what} has {meta.get('num_classes')} classes, "
+                           f"dataset {config.dataset} has {num_classes}")
     if len(ens.members) != len(members):
-        raise DrtFastError(f"--init {config.init} has {len(ens.members)} members, "
+        raise DrtFastError(f"--init {what} has {len(ens.members)} member"
+                           f"{'s' if len(ens.members) != 1 else ''}, "
                            f"this run has --members {len(members)}")
-    for dst, src in zip(members, ens.members):
-        dst.load_state_dict(src.state_dict())
+    for i, (dst, src) in enumerate(zip(members, ens.members)):
+        try:
+            dst.load_state_dict(src.state_dict())
+        except RuntimeError as err:
+            raise DrtFastError(f"--init {what}: member {i} does not fit a {config.arch} "
+                               f"member: {str(err).strip().splitlines()[-1].strip()}") from None
 
 
 @torch.no_grad()
@@ -223,7 +244,7 @@ class _Step:
         def noise():
             return c.sigma * torch.randn(x_rep.shape, generator=gen, device=x.device, dtype=x.dtype)
 
-        stats = {"gd": 0.0, "cm": 0.0}
+        stats = {"gd": None, "cm": None}     # None: not computed by this trainer / these weights
         if c.trainer in ("gaussian", "smoothadv"):
             ce_total, correct = 0.0, 0
             loss = 0.0
@@ -265,16 +286,50 @@ class _Step:
             loss = torch.stack(ces).sum()
             if need_terms:
                 loss = loss + c.rho1 * gd - c.rho2 * cm
-                stats.update(gd=gd.item(), cm=cm.item())
+                stats.update(gd=gd.item() if c.rho1 > 0 else None, cm=cm.item())
         correct = sum(int((z.argmax(1) == y_rep).sum()) for z in logits)
         stats.update(ce=float(torch.stack(ces).detach().mean()), acc=correct / (M * len(y_rep)))
         return loss, stats
 
 
 def _log_line(path: str | None, record: dict) -> None:
-    if path:
-        with open(path, "a") as fh:
+    """Append ``record`` to the log: a CSV row (a header first in a new or empty file; None
+    as an empty field) when ``path`` ends in ``.csv``, else a JSON line (None as null)."""
+    if not path:
+        return
+    with open(path, "a", newline="") as fh:
+        if path.lower().endswith(".csv"):
+            import csv
+
+            writer = csv.DictWriter(fh, fieldnames=list(record))
+            if fh.tell() == 0:
+                writer.writeheader()
+            writer.writerow(record)
+        else:
             fh.write(json.dumps(record) + "\n")
+
+
+def _check_outputs(config: TrainConfig) -> None:
+    """Refuse, before anything is trained, outputs that exist (without --resume or
+    --overwrite), that cannot be written, or that collide."""
+    from ..io import probe_writable
+
+    if config.resume and config.overwrite:
+        raise DrtFastError("--resume continues the run that wrote --out, --overwrite replaces it: "
+                           "pass one of them")
+    files = [config.out, state_path(config.out)]
+    if config.log:
+        if os.path.abspath(config.log) in [os.path.abspath(p) for p in files]:
+            raise DrtFastError(f"--log {config.log} would overwrite the checkpoint or its training "
+                               f"state; choose another file")
+        files.append(config.log)
+    if not (config.resume or config.overwrite):
+        existing = [p for p in files if os.path.exists(p)]
+        if existing:
+            raise DrtFastError(f"{existing[0]} exists: pass --resume to continue its run, "
+                               f"--overwrite to replace it, or another --out / --log")
+    for path, what in zip(files, ("the checkpoint", "the training state", "the log")):
+        probe_writable(path, what)
 
 
 def train(config: TrainConfig) -> str:
@@ -291,17 +346,7 @@ def train(config: TrainConfig) -> str:
     models.input_shape(config.arch)                       # unknown arch -> DrtFastError
     group = distributed.from_env()
     device = distributed.init(group, distributed.resolve_device(config.device))
-    _check_writable(config.out)
-    if config.resume and config.overwrite:
-        raise DrtFastError("--resume continues the run that wrote --out, --overwrite replaces it: "
-                           "pass one of them")
-    if not (config.resume or config.overwrite):
-        existing = [p for p in (config.out, state_path(config.out)) if os.path.exists(p)]
-        if existing:
-            raise DrtFastError(f"{existing[0]} exists: pass --resume to continue its run, "
-                               f"--overwrite to replace it, or another --out")
-    if config.log:
-        _check_writable(config.log)
+    _check_outputs(config)
 
     train_set = data_mod.load(config.dataset, "train", config.data_dir)
     test_set = data_mod.load(config.dataset, "test", config.data_dir)
@@ -312,12 +357,16 @@ def train(config: TrainConfig) -> str:
     if tuple(train_set.x.shape[1:]) != expected:
         raise DrtFastError(f"--arch {config.arch} expects inputs of shape {list(expected)}, "
                            f"dataset {config.dataset} has {list(train_set.x.shape[1:])}")
+    if group.active and min(config.batch, len(train_set.y)) < group.world_size:
+        raise DrtFastError(f"--batch {config.batch} (of {len(train_set.y)} training inputs) "
+                           f"cannot give each of the {group.world_size} processes an input")
     members = build_members(config, train_set.num_classes, train_set.normalization)
 
     params = [p for f in members for p in f.parameters()]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
                                 weight_decay=config.weight_decay)
     record = dataclasses.asdict(config)
+    record["world_size"] = group.world_size     # the batch split, hence the weights, depend on it
     start_epoch = 0
     if config.resume:
         path = state_path(config.out)
@@ -327,6 +376,8 @@ def train(config: TrainConfig) -> str:
         saved = state.get("config") if isinstance(state, dict) else None
         if not isinstance(saved, dict) or not {"epoch", "members", "optimizer"} <= set(state):
             raise DrtFastError(f"--resume: {path} is not a drt-fast training state")
+        saved = {"world_size": 1, **saved}      # states written before it was recorded
+        record["init"] = saved.get("init")
         diff = {k: (saved.get(k), v) for k, v in _comparable(record).items() if saved.get(k) != v}
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -336,7 +387,9 @@ def train(config: TrainConfig) -> str:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
     elif config.init:
-        _load_init(config, members)
+        _load_init(config, members, train_set.num_classes)
+    if config.overwrite and config.log and os.path.exists(config.log):
+        open(config.log, "w").close()           # a replaced run starts a new log
 
     for f in members:
         f.to(device).train()
@@ -356,7 +409,7 @@ def train(config: TrainConfig) -> str:
                       train_config={**record, "epochs_done": epoch})
 
     n_train = len(y_train)
-    per_rank = -(-config.batch // group.world_size)
+    world, rank = group.world_size, group.rank
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         lr = lr_at(config, epoch)
@@ -368,25 +421,38 @@ def train(config: TrainConfig) -> str:
             epoch_seed(config.seed, epoch))).to(device)
         gen = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch, group.rank + 1))
         totals = {"ce": 0.0, "gd": 0.0, "cm": 0.0, "acc": 0.0}
+        counted = dict.fromkeys(totals, 0)
         n_steps = 0
         # under torchrun a last partial batch could leave a rank without inputs: drop it
         last = n_train - config.batch + 1 if group.active else n_train
         batches = range(0, max(1, last), config.batch)
         bar = _progress(batches, config, group, epoch)
         for s in bar:
-            idx = order[s:s + config.batch][group.rank * per_rank:(group.rank + 1) * per_rank]
+            chunk = order[s:s + config.batch]
+            idx = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
             loss, stats = step(x_train[idx], y_train[idx], gen, autocast)
+            if world > 1 and len(chunk) % world:
+                loss = loss * (len(idx) * world / len(chunk))   # shares of unequal size
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
+            bad = torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1)
             if group.active:
-                _all_reduce_mean([p.grad for p in params])
+                _all_reduce_mean([p.grad for p in params] + [bad])
+            if float(bad) > 0:                  # all ranks see it: the flag was reduced too
+                raise DrtFastError(f"training diverged: the loss is not finite in epoch {epoch + 1}, "
+                                   f"step {n_steps + 1} (try a smaller --lr); {config.out} holds "
+                                   f"the last finished epoch ({epoch})" if epoch else
+                                   f"training diverged: the loss is not finite in epoch 1, step "
+                                   f"{n_steps + 1} (try a smaller --lr); nothing was written")
             optimizer.step()
             for k in totals:
-                totals[k] += stats.get(k, 0.0)
+                if stats.get(k) is not None:
+                    totals[k] += stats[k]
+                    counted[k] += 1
             n_steps += 1
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(ce=f"{stats['ce']:.3f}", gd=f"{stats['gd']:.3f}", cm=f"{stats['cm']:.3f}")
-        means = {k: v / max(1, n_steps) for k, v in totals.items()}
+                bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("ce", "gd", "cm") if stats.get(k) is not None})
+        means = {k: v / counted[k] if counted[k] else None for k, v in totals.items()}
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
                  "train_acc": means["acc"], "test_acc": clean_accuracy(members, x_test, y_test),
                  "lr": lr, "time": round(time.time() - t0, 3)}
