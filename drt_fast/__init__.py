@@ -1,7 +1,7 @@
 """drt-fast: certify and train robust ensembles with randomized smoothing (DRT, ICLR 2022)."""
 import importlib
 
-from .errors import DrtFastError, NonFiniteLogitsError
+from .errors import DrtFastError, InvalidArgument, InvalidArgumentType, NonFiniteLogitsError
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,7 @@ _LAZY = {
     "train": "train",
 }
 
-__all__ = ["DrtFastError", "NonFiniteLogitsError", "__version__", *_LAZY]
+__all__ = ["DrtFastError", "InvalidArgument", "InvalidArgumentType", "NonFiniteLogitsError", "__version__", *_LAZY]
 
 
 def __getattr__(name):

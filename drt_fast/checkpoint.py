@@ -432,7 +432,11 @@ def _build_member(state, arch, num_classes, means, sds, what: str) -> nn.Sequent
     if not isinstance(state, Mapping):
         raise DrtFastError(f"{what}: expected a state dict, got {type(state).__name__}")
     member = _new_member(arch, num_classes, means, sds)
-    _check_state_dict(state, member.state_dict(), arch, num_classes, what)
+    expected = member.state_dict()
+    # BatchNorm's num_batches_tracked (torch >= 0.4.1) is not in older checkpoints, Cohen's
+    # released models among them; it plays no part in eval mode: keep the fresh member's.
+    state = {**{k: v for k, v in expected.items() if k.endswith(".num_batches_tracked")}, **state}
+    _check_state_dict(state, expected, arch, num_classes, what)
     member.load_state_dict(state, strict=True)   # copies, casting to the member's float32
     return member.eval()
 

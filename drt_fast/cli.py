@@ -8,6 +8,7 @@ cause ends as one line ``drt-fast: error: <message>`` on stderr and exit status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         from .train import cli as train_cli
 
         train_cli.register(sub)
+    for command in sub.choices.values():     # usage errors point at the command's own help
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -184,14 +187,41 @@ def _main(argv: list[str] | None) -> int:
         # torchrun's parser (it would take --n for its --nnodes); some Pythons pass it on.
         argv = argv[1:]
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:     # --help, --version, or a usage error (already said, one line)
         return e.code if isinstance(e.code, int) else 2
     args.argv = argv
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, like errors (not Python's two, with a source line)."""
+    lines = str(message).strip().splitlines()
+    print(f"drt-fast: warning: {lines[0] if lines else category.__name__}", file=sys.stderr)
+
+
+def _dispatch(args) -> int:
     try:
         return args.func(args) or 0
     except DrtFastError as e:
-        print(f"drt-fast: error: {e}", file=sys.stderr)
+        # the engine's API names its options; the command line has flags for them
+        message = str(e).replace("fuse=True:", "--fuse:", 1).replace("cuda_graphs=True:", "--cuda-graphs:", 1)
+        print(f"drt-fast: error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError (CUDA) and the CPU allocator's "can't allocate memory"
+        text = first_line(e)
+        if not (isinstance(e, MemoryError) or "out of memory" in text.lower()
+                or "can't allocate memory" in text):
+            raise
+        print(f"drt-fast: error: out of memory ({text[:200]}); try a smaller --batch", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("drt-fast: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
@@ -282,6 +312,10 @@ def _check_numbers(args, task: str) -> None:
         raise DrtFastError(f"--max must be >= 1, got {args.max}")
     if not 0 <= args.seed < 2 ** 63:
         raise DrtFastError(f"--seed must lie in [0, 2^63), got {args.seed}")
+    draws = args.n + (args.n0 if task == "certify" else 0)
+    if draws > 2 ** 32:
+        raise DrtFastError(f"{'--n0 + --n' if task == 'certify' else '--n'} must be at most 2^32 "
+                           f"(an input's draws are numbered with 32 bits), got {draws}")
     if args.resume and not args.out:
         raise DrtFastError("--resume needs --out (the results file to continue)")
     if args.out:
@@ -347,6 +381,11 @@ def _prepare(args, task: str, device) -> Job:
                            f"expected one of {', '.join(DATASETS)}: pass --dataset")
     if dataset_name == "npz" and data_dir is None:
         raise DrtFastError("--dataset npz needs --data-dir FILE.npz")
+    if dataset_name == "npz" and args.split != "test":
+        raise DrtFastError(f"--split {args.split}: an .npz file ({'the embedded default' if default else data_dir}) "
+                           f"is one set of inputs, with no splits"
+                           + ("; for the digits training split pass --dataset digits --split train"
+                              if default else ""))
     try:
         ds = data.load(dataset_name, split=args.split, data_dir=data_dir)
     except DrtFastError:
@@ -379,6 +418,7 @@ def _prepare(args, task: str, device) -> Job:
         "model_sha256": meta["sha256"],
         "dataset": dataset_name,
         "data": os.path.abspath(data_dir) if data_dir else None,
+        "data_sha256": data.fingerprint(ds),
         "split": args.split,
         "sigma": sigma,
         "n0": args.n0 if task == "certify" else None,
@@ -404,10 +444,7 @@ def _prepare(args, task: str, device) -> Job:
                                   fuse=args.fuse, cuda_graphs=args.cuda_graphs)
     # Build the members' rewrites now: a --fuse that cannot be honored fails before any
     # output, and the first row's time is not charged with the rewrite.
-    try:
-        smoothed.prepare(ds.x[:1])
-    except DrtFastError as e:
-        raise DrtFastError(str(e).replace("fuse=True:", "--fuse:", 1)) from None
+    smoothed.prepare(ds.x[:1])
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
     return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
@@ -483,6 +520,15 @@ def _run(args, job: Job, group) -> None:
         if results is not None:     # said on the one "interrupted" line that _main prints
             raise KeyboardInterrupt(f"{len(records)} new rows kept in {args.out}; "
                                     f"continue with --resume") from None
+        raise
+    except BaseException:
+        if results is not None and not results.done and not records:
+            # Nothing was certified: no header-only file (and sidecar) is left to block a
+            # rerun of the same command.
+            results.close()
+            for path in (args.out, io.sidecar_path(args.out)):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
         raise
     finally:
         progress.close()

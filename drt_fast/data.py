@@ -154,6 +154,25 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
 
+def fingerprint(ds: Dataset) -> str:
+    """A SHA-256 of what certification reads from ``ds``: every row's pixels (for image
+    folders, each file's class folder, name and size), label and index. A results file
+    records it, so that a resume refuses other data under the same name."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if isinstance(ds.x, LazyImages):
+        for path in ds.x.paths:
+            digest.update(f"{path.parent.name}/{path.name}:{path.stat().st_size}\n".encode())
+    else:
+        x = ds.x.detach().cpu().contiguous()
+        digest.update(str((str(x.dtype), tuple(x.shape))).encode())
+        digest.update(x.view(torch.uint8).reshape(-1).numpy().data if x.numel() else b"")
+    for t in (ds.y, ds.idx):
+        digest.update(torch.as_tensor(t).to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def names() -> list[str]:
     """Dataset names `load` accepts."""
     return list(_NAMES)
@@ -373,6 +392,10 @@ def _npz(path: Path) -> Dataset:
     classes fits the file)."""
     if not path.is_file():
         raise DrtFastError(f"npz: expected file {path.name} in {path.parent}; not found")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":       # an .npz is a zip archive of .npy arrays
+            raise DrtFastError(f"cannot read {path} as .npz: it is not a zip archive of arrays "
+                               f"(write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -388,6 +411,8 @@ def _npz(path: Path) -> Dataset:
     if x.ndim != 4:
         raise DrtFastError(f"{path}: x must be [N, C, H, W] or [N, H, W], got shape "
                            f"{list(x.shape)}")
+    if len(x) == 0:
+        raise DrtFastError(f"{path}: x holds no inputs (shape {list(x.shape)})")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating):
@@ -421,6 +446,9 @@ def _npz(path: Path) -> Dataset:
         if idx.shape != (len(x),) or not np.issubdtype(idx.dtype, np.integer):
             raise DrtFastError(f"{path}: idx must be {len(x)} integers, got {idx.dtype} "
                                f"{list(idx.shape)}")
+        if idx.min() < 0 or len(np.unique(idx)) != len(idx):
+            raise DrtFastError(f"{path}: idx must be distinct indices >= 0 (each row's index "
+                               f"in its split: the noise key and the results' idx)")
         idx = torch.from_numpy(idx.astype(np.int64))
     return Dataset(x=torch.from_numpy(np.ascontiguousarray(x)),
                    y=torch.from_numpy(y.astype(np.int64)), num_classes=num_classes,

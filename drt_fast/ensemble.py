@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import DrtFastError
+from .errors import InvalidArgument, InvalidArgumentType
 from .ops import reference_labels
 
 MODES = ("we", "logit", "mme", "mv")
@@ -49,10 +49,10 @@ class Ensemble(nn.Module):
         super().__init__()
         members = list(members)
         if not members:
-            raise DrtFastError("an Ensemble needs at least one member, got none")
+            raise InvalidArgument("an Ensemble needs at least one member, got none")
         for i, member in enumerate(members):
             if not isinstance(member, nn.Module):
-                raise DrtFastError(
+                raise InvalidArgument(
                     f"ensemble members must be torch.nn.Modules, member {i} is {type(member).__name__}")
         self.members = nn.ModuleList(members)
         self.mode = mode
@@ -70,7 +70,7 @@ class Ensemble(nn.Module):
     @mode.setter
     def mode(self, mode):
         if mode not in MODES:
-            raise DrtFastError(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise InvalidArgument(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
         self._mode = mode
 
     def __len__(self):
@@ -93,7 +93,7 @@ class Ensemble(nn.Module):
         first = outputs[0]
         for i, out in enumerate(outputs):
             if out.dim() != 2 or out.shape != first.shape or out.shape[0] != x.shape[0]:
-                raise DrtFastError(
+                raise InvalidArgument(
                     f"every member must return logits of shape [B, K] = [{x.shape[0]}, K] with "
                     f"the same K, member {i} returned {list(out.shape)} "
                     f"(member 0: {list(first.shape)})")
@@ -163,7 +163,7 @@ def as_ensemble(model):
         return model
     if isinstance(model, nn.Module):
         return Ensemble([model])
-    raise DrtFastError(f"expected an nn.Module or a drt_fast.Ensemble, got {type(model).__name__}")
+    raise InvalidArgumentType(f"expected an nn.Module or a drt_fast.Ensemble, got {type(model).__name__}")
 
 
 def aggregate(logits, mode, weights=None):
@@ -174,9 +174,9 @@ def aggregate(logits, mode, weights=None):
     which mirrors ``vote_`` not counting it. Same rules as ``drt_fast.ops.vote_``.
     """
     if mode not in MODES:
-        raise DrtFastError(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InvalidArgument(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
     if logits.dim() != 3:
-        raise DrtFastError(f"logits must have shape [M, R, K], got {list(logits.shape)}")
+        raise InvalidArgument(f"logits must have shape [M, R, K], got {list(logits.shape)}")
     M = logits.shape[0]
     w = torch.full((M,), 1.0 / M, dtype=torch.float64) if weights is None else weights
     return reference_labels(logits, mode, w)
@@ -198,9 +198,9 @@ def _normalized_weights(weights, M):
         return torch.full((M,), 1.0 / M, dtype=torch.float32)
     w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
     if w.numel() != M:
-        raise DrtFastError(f"expected {M} ensemble weights (one per member), got {w.numel()}")
+        raise InvalidArgument(f"expected {M} ensemble weights (one per member), got {w.numel()}")
     if not torch.isfinite(w).all() or (w < 0).any():
-        raise DrtFastError(f"ensemble weights must be finite and non-negative, got {w.tolist()}")
+        raise InvalidArgument(f"ensemble weights must be finite and non-negative, got {w.tolist()}")
     if w.sum() <= 0:
-        raise DrtFastError(f"ensemble weights must have a positive sum, got {w.tolist()}")
+        raise InvalidArgument(f"ensemble weights must have a positive sum, got {w.tolist()}")
     return (w / w.sum()).to(torch.float32)

@@ -17,3 +17,12 @@ def first_line(err: BaseException) -> str:
     what a one-line error or status shows of an underlying failure."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+class InvalidArgument(DrtFastError, ValueError):
+    """A bad value given to the Python API (n < 1, alpha outside (0, 1), an unknown mode, ...):
+    a ValueError as well, as Python code expects of a bad argument."""
+
+
+class InvalidArgumentType(DrtFastError, TypeError):
+    """An argument of the wrong type given to the Python API (n = "100", a non-tensor, ...)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS}
 # not depend on it: noise is counter-based), max (a resumed run may certify more inputs:
 # the first rows stay the same), device (noise is bit-identical on CPU and GPU), paths,
 # the command line and versions (recorded for the reader, not compared).
-RESUME_KEYS = ("task", "model_sha256", "dataset", "split", "sigma", "n0", "n", "alpha",
-               "seed", "mode", "precision", "skip")
+RESUME_KEYS = ("task", "model_sha256", "dataset", "data_sha256", "split", "sigma", "n0", "n",
+               "alpha", "seed", "mode", "precision", "skip")
+# Keys that sidecars of earlier versions lack: compared only when the file has them.
+_RESUME_KEYS_ADDED = ("data_sha256",)
 
 
 def sidecar_path(out: str) -> str:
@@ -148,7 +151,8 @@ def read_sidecar(out: str) -> dict | None:
 def check_resume_compatible(old: dict, new: dict, out: str) -> None:
     """Refuse to resume ``out`` when a result-determining setting differs."""
     diffs = [f"{key}: {old.get(key)!r} in the file, {new.get(key)!r} now"
-             for key in RESUME_KEYS if old.get(key) != new.get(key)]
+             for key in RESUME_KEYS if old.get(key) != new.get(key)
+             and not (key in _RESUME_KEYS_ADDED and key not in old)]
     if diffs:
         raise DrtFastError(f"cannot resume {out!r}: its configuration differs ({'; '.join(diffs)}); "
                            f"use the same settings or another --out")
@@ -186,13 +190,18 @@ def open_results(out: str, task: str, resume: bool) -> ResultsFile:
     """
     columns = COLUMNS[task]
     done = set()
+    if resume and os.path.exists(out):
+        _drop_partial_last_line(out)       # a kill during the header leaves nothing
     if resume and os.path.exists(out) and os.path.getsize(out) > 0:
-        _drop_partial_last_line(out)
         header, rows = _read_rows(out)
         if tuple(header) != columns:
             raise DrtFastError(f"cannot resume {out!r}: its header is {chr(9).join(header)!r}, "
                                f"expected the {task} header {chr(9).join(columns)!r}")
-        done = {int(row[0]) for row in rows}
+        for number, row in enumerate(rows, start=2):
+            if len(row) != len(columns) or not row[0].lstrip("-").isdigit():
+                raise DrtFastError(f"cannot resume {out!r}: row {number} is not a {task} row "
+                                   f"({chr(9).join(row)[:60]!r}); fix or remove it")
+            done.add(int(row[0]))
         f = open(out, "a")
     else:
         f = open(out, "w")
@@ -268,6 +277,8 @@ def read_results(path: str, task: str = "certify") -> Results:
             out.predict.append(int(row[col["predict"]]))
             out.radius.append(float(row[col["radius"]]) if "radius" in col else 0.0)
             out.correct.append(int(row[col["correct"]]))
+            if not 0.0 <= out.radius[-1] < math.inf:       # NaN fails this too
+                raise ValueError
         except (IndexError, ValueError):
             raise DrtFastError(f"results file {path!r}, line {lineno}: expected tab-separated "
                                f"values for {' '.join(header)}, got {chr(9).join(row)!r}") from None

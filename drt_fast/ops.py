@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .errors import DrtFastError
+from .errors import InvalidArgument, InvalidArgumentType
 
 try:  # the CPU kernels; the source tree has none until `pip install .` (or -e .) built it
     from . import _C
@@ -122,83 +122,83 @@ def _shape(t: Tensor) -> list:
 
 def _require_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
-        raise DrtFastError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InvalidArgumentType(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_index_vector(name: str, t: Tensor, length: int, device: torch.device):
     _require_tensor(name, t)
     if t.dtype != torch.int64:
-        raise DrtFastError(f"{name} must be int64, got {t.dtype}")
+        raise InvalidArgument(f"{name} must be int64, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
-        raise DrtFastError(f"{name} must have shape [{length}], got {_shape(t)}")
+        raise InvalidArgument(f"{name} must have shape [{length}], got {_shape(t)}")
     if t.device != device:
-        raise DrtFastError(f"{name} must be on the same device as the other tensors ({device}), got {t.device}")
+        raise InvalidArgument(f"{name} must be on the same device as the other tensors ({device}), got {t.device}")
 
 
 def _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last):
     """Validate noisy_draws' arguments; returns the output dtype (``out_dtype`` resolved)."""
     _require_tensor("x", x)
     if x.dtype not in _INPUT_DTYPES:
-        raise DrtFastError(f"x must be a floating tensor (float32, float64, bfloat16, float16), got {x.dtype}")
+        raise InvalidArgument(f"x must be a floating tensor (float32, float64, bfloat16, float16), got {x.dtype}")
     if x.dim() < 1:
-        raise DrtFastError(f"x must have shape [B, *S] with a batch dimension, got a 0-d tensor")
+        raise InvalidArgument(f"x must have shape [B, *S] with a batch dimension, got a 0-d tensor")
     batch = x.shape[0]
     _check_index_vector("keys", keys, batch, x.device)
     _check_index_vector("first_draw", first_draw, batch, x.device)
     if reps < 1:
-        raise DrtFastError(f"reps must be >= 1, got {reps}")
+        raise InvalidArgument(f"reps must be >= 1, got {reps}")
     if not (math.isfinite(sigma) and sigma >= 0):
-        raise DrtFastError(f"sigma must be a finite number >= 0, got {sigma}")
+        raise InvalidArgument(f"sigma must be a finite number >= 0, got {sigma}")
     if not 0 <= seed < 2**63:
-        raise DrtFastError(f"seed must be in [0, 2**63), got {seed}")
+        raise InvalidArgument(f"seed must be in [0, 2**63), got {seed}")
     if out_dtype is None:
         out_dtype = x.dtype if x.dtype in NOISE_DTYPES else torch.float32
     if out_dtype not in NOISE_DTYPES:
-        raise DrtFastError(f"out_dtype must be one of float32, bfloat16, float16 or None, got {out_dtype}")
+        raise InvalidArgument(f"out_dtype must be one of float32, bfloat16, float16 or None, got {out_dtype}")
     if channels_last and x.dim() != 4:
-        raise DrtFastError(f"channels_last output needs a 4-d input [B, C, H, W], got shape {_shape(x)}")
+        raise InvalidArgument(f"channels_last output needs a 4-d input [B, C, H, W], got shape {_shape(x)}")
     return out_dtype
 
 
 def _check_vote_args(logits, rows, counts, agg, weights):
     _require_tensor("logits", logits)
     if logits.dim() != 3:
-        raise DrtFastError(f"logits must have shape [M, R, K] (members, draws, classes), got {_shape(logits)}")
+        raise InvalidArgument(f"logits must have shape [M, R, K] (members, draws, classes), got {_shape(logits)}")
     if logits.dtype not in LOGIT_DTYPES:
-        raise DrtFastError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        raise InvalidArgument(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     members, draws, classes = logits.shape
     if members < 1 or classes < 1:
-        raise DrtFastError(f"logits must have at least one member and one class, got shape {_shape(logits)}")
+        raise InvalidArgument(f"logits must have at least one member and one class, got shape {_shape(logits)}")
     device = logits.device
     _check_index_vector("rows", rows, draws, device)
     _require_tensor("counts", counts)
     if counts.dtype != torch.int64:
-        raise DrtFastError(f"counts must be int64, got {counts.dtype}")
+        raise InvalidArgument(f"counts must be int64, got {counts.dtype}")
     if counts.dim() != 2 or counts.shape[1] != classes:
-        raise DrtFastError(f"counts must have shape [B, {classes}] (K from logits), got {_shape(counts)}")
+        raise InvalidArgument(f"counts must have shape [B, {classes}] (K from logits), got {_shape(counts)}")
     if not counts.is_contiguous():
-        raise DrtFastError("counts must be contiguous (it is updated in place), got a non-contiguous tensor")
+        raise InvalidArgument("counts must be contiguous (it is updated in place), got a non-contiguous tensor")
     if counts.device != device:
-        raise DrtFastError(f"counts must be on the same device as logits ({device}), got {counts.device}")
+        raise InvalidArgument(f"counts must be on the same device as logits ({device}), got {counts.device}")
     if agg not in AGGREGATIONS:
-        raise DrtFastError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+        raise InvalidArgument(f"agg must be one of {', '.join(AGGREGATIONS)}, got {agg!r}")
     _require_tensor("weights", weights)
     if weights.dtype != torch.float32 or weights.dim() != 1 or weights.shape[0] != members:
-        raise DrtFastError(f"weights must be float32 with shape [{members}], got {weights.dtype} {_shape(weights)}")
+        raise InvalidArgument(f"weights must be float32 with shape [{members}], got {weights.dtype} {_shape(weights)}")
     if weights.device != device:
-        raise DrtFastError(f"weights must be on the same device as logits ({device}), got {weights.device}")
+        raise InvalidArgument(f"weights must be on the same device as logits ({device}), got {weights.device}")
 
 
 def _check_finite_weights(weights: Tensor):
     """Reads the values: not on CUDA in the hot path (it would synchronize with the host)."""
     values = weights.tolist()
     if not math.isfinite(sum(values)):  # float64 sums of float32 values: inf/NaN only from inf/NaN
-        raise DrtFastError(f"weights must be finite, got {values}")
+        raise InvalidArgument(f"weights must be finite, got {values}")
 
 
 def _check_rows_in_range(rows: Tensor, batch: int):
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
-        raise DrtFastError(
+        raise InvalidArgument(
             f"rows must index counts' first dimension, in [0, {batch}), got values in "
             f"[{int(rows.min())}, {int(rows.max())}]"
         )
@@ -421,7 +421,7 @@ def noisy_draws_eager(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int, si
     elif x.device.type == "cpu":
         _require_cpu_kernels().noisy_draws(*args)
     else:
-        raise DrtFastError(f"noisy_draws runs on cpu or cuda tensors, got device {x.device}")
+        raise InvalidArgument(f"noisy_draws runs on cpu or cuda tensors, got device {x.device}")
     return out
 
 
@@ -488,7 +488,7 @@ def vote_eager_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights:
         if bad_row >= 0:  # checked before any count changed
             _check_rows_in_range(rows, counts.shape[0])
     else:
-        raise DrtFastError(f"vote_ runs on cpu or cuda tensors, got device {logits.device}")
+        raise InvalidArgument(f"vote_ runs on cpu or cuda tensors, got device {logits.device}")
 
 
 @vote_.register_fake
@@ -503,13 +503,13 @@ def _check_bias_act_args(h, bias):
     _require_tensor("h", h)
     _require_tensor("bias", bias)
     if h.dim() != 2:
-        raise DrtFastError(f"h must have shape [rows, cols], got {_shape(h)}")
+        raise InvalidArgument(f"h must have shape [rows, cols], got {_shape(h)}")
     if not h.is_floating_point() or bias.dtype != h.dtype:
-        raise DrtFastError(f"h and bias must be one floating dtype, got {h.dtype} and {bias.dtype}")
+        raise InvalidArgument(f"h and bias must be one floating dtype, got {h.dtype} and {bias.dtype}")
     if bias.dim() != 1 or bias.shape[0] != h.shape[1]:
-        raise DrtFastError(f"bias must have shape [{h.shape[1]}], got {_shape(bias)}")
+        raise InvalidArgument(f"bias must have shape [{h.shape[1]}], got {_shape(bias)}")
     if bias.device != h.device:
-        raise DrtFastError(f"bias must be on h's device ({h.device}), got {bias.device}")
+        raise InvalidArgument(f"bias must be on h's device ({h.device}), got {bias.device}")
 
 
 def reference_bias_act_(h: Tensor, bias: Tensor, relu: bool) -> None:
@@ -556,24 +556,24 @@ def _check_dense_chain_args(x, meta, params, out_cols):
     _require_tensor("meta", meta)
     _require_tensor("params", params)
     if x.dim() != 2 or x.dtype != torch.float32:
-        raise DrtFastError(f"x must be float32 [rows, cols], got {x.dtype} {_shape(x)}")
+        raise InvalidArgument(f"x must be float32 [rows, cols], got {x.dtype} {_shape(x)}")
     if meta.dim() != 1 or meta.dtype != torch.int64 or meta.numel() < 4:
-        raise DrtFastError(f"meta must be an int64 plan (fuse._chain_plan), got {meta.dtype} {_shape(meta)}")
+        raise InvalidArgument(f"meta must be an int64 plan (fuse._chain_plan), got {meta.dtype} {_shape(meta)}")
     if params.dim() != 1 or params.dtype != torch.float32:
-        raise DrtFastError(f"params must be float32 [n], got {params.dtype} {_shape(params)}")
+        raise InvalidArgument(f"params must be float32 [n], got {params.dtype} {_shape(params)}")
     if meta.device.type != "cpu":
-        raise DrtFastError(f"meta must be on the CPU, got {meta.device}")
+        raise InvalidArgument(f"meta must be on the CPU, got {meta.device}")
     if params.device != x.device:
-        raise DrtFastError(f"params must be on x's device ({x.device}), got {params.device}")
+        raise InvalidArgument(f"params must be on x's device ({x.device}), got {params.device}")
     if not isinstance(out_cols, int) or out_cols < 1:
-        raise DrtFastError(f"out_cols must be a positive int, got {out_cols!r}")
+        raise InvalidArgument(f"out_cols must be a positive int, got {out_cols!r}")
 
 
 def _check_dense_chain_plan(x, meta, out_cols):
     """The plan's columns against x's and out_cols (reads meta: not for fake tensors)."""
     in_cols, plan_out = int(meta[1]), int(meta[2])
     if x.shape[1] != in_cols or out_cols != plan_out:
-        raise DrtFastError(f"the plan maps {in_cols} columns to {plan_out}; got x with "
+        raise InvalidArgument(f"the plan maps {in_cols} columns to {plan_out}; got x with "
                            f"{x.shape[1]} columns and out_cols={out_cols}")
 
 
@@ -600,7 +600,7 @@ def dense_chain_cpu(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> O
     """``dense_chain``'s CPU kernel called directly, without the dispatcher (a dense member
     calls it once per batch). Returns None, having done nothing, where the kernel does not
     apply (not float32 on the CPU): the caller falls back. A plan that does not fit x or
-    out_cols raises `DrtFastError` (the kernel checks every size and offset of the plan)."""
+    out_cols raises `InvalidArgument` (the kernel checks every size and offset of the plan)."""
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
             and params.dtype == torch.float32 and params.device.type == "cpu" and params.is_contiguous()
             and meta.dtype == torch.int64 and meta.device.type == "cpu" and meta.is_contiguous()) or _C is None:
@@ -612,7 +612,7 @@ def dense_chain_cpu(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> O
         _C.dense_chain(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), out_cols,
                        meta.data_ptr(), meta.numel(), params.data_ptr(), params.numel())
     except ValueError as err:
-        raise DrtFastError(str(err)) from None
+        raise InvalidArgument(str(err)) from None
     return out
 
 
@@ -696,27 +696,27 @@ def _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, varia
                     ("fc_b", fc_b)):
         _require_tensor(name, t)
         if t.device != x.device:
-            raise DrtFastError(f"{name} must be on x's device ({x.device}), got {t.device}")
+            raise InvalidArgument(f"{name} must be on x's device ({x.device}), got {t.device}")
     if x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32) or x.dtype not in LOGIT_DTYPES:
-        raise DrtFastError(f"x must be float32/bfloat16/float16 [B, 3, 32, 32], got {x.dtype} {_shape(x)}")
+        raise InvalidArgument(f"x must be float32/bfloat16/float16 [B, 3, 32, 32], got {x.dtype} {_shape(x)}")
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 1000:
-        raise DrtFastError(f"blocks must be an int in [1, 1000], got {blocks!r}")
+        raise InvalidArgument(f"blocks must be an int in [1, 1000], got {blocks!r}")
     if variant not in (0, 1) or isinstance(variant, bool):
-        raise DrtFastError(f"variant must be 0 (wmma) or 1 (mma.sync), got {variant!r}")
+        raise InvalidArgument(f"variant must be 0 (wmma) or 1 (mma.sync), got {variant!r}")
     convs = resnet_kernel_convs(blocks)
     tiles = sum(taps * cin * cout for cin, cout, taps, _, _ in convs)
     if weights.dtype != torch.bfloat16 or weights.dim() != 1 or weights.numel() != tiles:
-        raise DrtFastError(f"weights must be bfloat16 [{tiles}] for {blocks} blocks a stage, "
+        raise InvalidArgument(f"weights must be bfloat16 [{tiles}] for {blocks} blocks a stage, "
                            f"got {weights.dtype} {_shape(weights)}")
     n_biases = sum(cout for _, cout, _, _, _ in convs)
     if biases.dtype != torch.float32 or biases.dim() != 1 or biases.numel() != n_biases:
-        raise DrtFastError(f"biases must be float32 [{n_biases}], got {biases.dtype} {_shape(biases)}")
+        raise InvalidArgument(f"biases must be float32 [{n_biases}], got {biases.dtype} {_shape(biases)}")
     if norm.dtype != torch.float32 or _shape(norm) != [6]:
-        raise DrtFastError(f"norm must be float32 [6] (3 means, 3 sds), got {norm.dtype} {_shape(norm)}")
+        raise InvalidArgument(f"norm must be float32 [6] (3 means, 3 sds), got {norm.dtype} {_shape(norm)}")
     if fc_w.dtype != torch.float32 or fc_w.dim() != 2 or fc_w.shape[1] != 64 or fc_w.shape[0] < 1:
-        raise DrtFastError(f"fc_w must be float32 [classes, 64], got {fc_w.dtype} {_shape(fc_w)}")
+        raise InvalidArgument(f"fc_w must be float32 [classes, 64], got {fc_w.dtype} {_shape(fc_w)}")
     if fc_b.dtype != torch.float32 or _shape(fc_b) != [fc_w.shape[0]]:
-        raise DrtFastError(f"fc_b must be float32 [{fc_w.shape[0]}], got {fc_b.dtype} {_shape(fc_b)}")
+        raise InvalidArgument(f"fc_b must be float32 [{fc_w.shape[0]}], got {fc_b.dtype} {_shape(fc_b)}")
 
 
 def reference_cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor,
@@ -778,7 +778,7 @@ def _launch_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant, 
             with torch.cuda.device(x.device):
                 _C_cuda.cifar_resnet(*args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
     except ValueError as err:
-        raise DrtFastError(str(err)) from None
+        raise InvalidArgument(str(err)) from None
 
 
 def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w: Tensor, fc_b: Tensor,
@@ -828,7 +828,7 @@ def cifar_resnet_snapshot(x: Tensor, weights: Tensor, biases: Tensor, norm: Tens
     tensors). For debugging the kernel; read maps with `resnet_kernel_map`."""
     _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     if _C_cuda is None:
-        raise DrtFastError("drt_fast was built without its CUDA kernels")
+        raise InvalidArgument("drt_fast was built without its CUDA kernels")
     size = _C_cuda.cifar_resnet_sizes(blocks, variant)[2]
     snapshot = torch.zeros(x.shape[0], size, dtype=torch.uint8, device=x.device)
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)

@@ -28,7 +28,7 @@ import torch
 
 from . import ops, stats
 from .ensemble import as_ensemble
-from .errors import DrtFastError, NonFiniteLogitsError, first_line
+from .errors import InvalidArgument, InvalidArgumentType, NonFiniteLogitsError, first_line
 
 ABSTAIN = -1
 
@@ -183,13 +183,13 @@ class SmoothedClassifier:
         try:
             sigma = float(sigma)
         except (TypeError, ValueError):
-            raise DrtFastError(f"sigma must be a number > 0, got {sigma!r}") from None
+            raise InvalidArgumentType(f"sigma must be a number > 0, got {sigma!r}") from None
         if not (math.isfinite(sigma) and sigma > 0):
-            raise DrtFastError(f"sigma must be a finite number > 0, got {sigma}")
+            raise InvalidArgument(f"sigma must be a finite number > 0, got {sigma}")
         self.sigma = sigma
         self.seed = _int_in_range(seed, "seed", 0, 2**63)
         if precision not in PRECISIONS:
-            raise DrtFastError(
+            raise InvalidArgument(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.channels_last = None if channels_last is None else bool(channels_last)
@@ -197,7 +197,7 @@ class SmoothedClassifier:
         if self.channels_last:
             self._to_channels_last()
         if not (fuse is None or isinstance(fuse, bool)):
-            raise DrtFastError(f"fuse must be None (auto), True or False, got {fuse!r}")
+            raise InvalidArgumentType(f"fuse must be None (auto), True or False, got {fuse!r}")
         self.fuse = fuse
         self.fuse_status = "not used yet"
         self._fused = None          # (key, Ensemble of rewritten members, checked?) or None
@@ -205,14 +205,14 @@ class SmoothedClassifier:
         self._kernel_failed = None  # why the CIFAR ResNet kernel was given up on, for good
         self._kernel_copies_replaced = None  # the fused copies with the kernel, once replaced
         if not (cuda_graphs is None or isinstance(cuda_graphs, bool)):
-            raise DrtFastError(f"cuda_graphs must be None (auto), True or False, got {cuda_graphs!r}")
+            raise InvalidArgumentType(f"cuda_graphs must be None (auto), True or False, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
         self.graph_status = "not used yet"
         self._graphs = {}           # key -> _StepGraph (a few: group sizes, certify/predict)
         self._graphs_owner = None   # (id, tensor addresses) of the module the graphs run
         self._graphs_failed = None  # why capturing was given up on, for good
         self.draws_performed = 0
-        self._output_checked = False
+        self._checked_shape = None  # input shape [*S] the model's output was checked for
 
     # ----------------------------------------------------------------- Cohen's API
     def predict(self, x, n, alpha, batch_size, key=0):
@@ -265,7 +265,7 @@ class SmoothedClassifier:
         """Raw vote counts ``[B, K]`` (int64, numpy) of draws ``first_draw .. first_draw+num-1``
         of each input, from the certify stream (``seed``) or the predict stream."""
         if stream not in ("certify", "predict"):
-            raise DrtFastError(f"stream must be 'certify' or 'predict', got {stream!r}")
+            raise InvalidArgument(f"stream must be 'certify' or 'predict', got {stream!r}")
         seed = self.seed if stream == "certify" else self._predict_seed
         num = _positive_int(num, "num")
         first_draw = _int_in_range(first_draw, "first_draw", 0, None)
@@ -295,7 +295,7 @@ class SmoothedClassifier:
         """
         batch_size = _positive_int(batch_size, "batch_size")
         if first_draw + num > 2**32:
-            raise DrtFastError(f"draw indices must stay below 2^32, got draws up to "
+            raise InvalidArgument(f"draw indices must stay below 2^32, got draws up to "
                                f"{first_draw + num - 1}")
         xs, keys = self._inputs(xs, keys)
         reps = min(num, batch_size)
@@ -376,20 +376,20 @@ class SmoothedClassifier:
             else:
                 logits = self._run(self.model, batch, model_dtype)
         except RuntimeError as err:
-            if self._output_checked:
+            if self._output_checked(batch):
                 raise
             # The first forward is where inputs of the wrong shape for the model show up.
             message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise DrtFastError(f"the model failed on noisy inputs of shape "
+            raise InvalidArgument(f"the model failed on noisy inputs of shape "
                                f"{list(batch.shape)}: {message}") from err
         logits = _vote_logits(logits)
-        if not self._output_checked:
+        if not self._output_checked(batch):
             if logits.dim() != 3 or logits.shape[1:] != (batch.shape[0], self.num_classes):
-                raise DrtFastError(
+                raise InvalidArgument(
                     f"model output does not match num_classes={self.num_classes}: expected "
                     f"logits [{batch.shape[0]}, {self.num_classes}] per member, got "
                     f"{list(logits.shape[1:])}")
-            self._output_checked = True
+            self._checked_shape = tuple(batch.shape[1:])
         return logits
 
     # ----------------------------------------------------------------- fusion
@@ -402,11 +402,13 @@ class SmoothedClassifier:
         why_not = self._fusion_unsupported(device)
         if why_not:
             if self.fuse:
-                raise DrtFastError(f"fuse=True: {why_not}")
+                raise InvalidArgument(f"fuse=True: {why_not}")
             self.fuse_status = f"off: {why_not}"
             return self.model
         tensors = list(self.model.members.parameters()) + list(self.model.members.buffers())
-        key = (tuple((t.data_ptr(), t._version) for t in tensors), self.precision, channels_last)
+        # the input shape too: the CPU's dense rewrite is built for one
+        key = (tuple((t.data_ptr(), t._version) for t in tensors), self.precision, channels_last,
+               tuple(xs.shape[1:]))
         if self._fused is None or self._fused[0] != key:
             return self._build_fused(key, xs[:1])
         return self._fused[1]
@@ -439,7 +441,7 @@ class SmoothedClassifier:
             self._fused = None
             self.fuse_status = f"off: {'; '.join(reasons) or 'nothing to fuse'}"
             if self.fuse:
-                raise DrtFastError(f"fuse=True: no member could be rewritten "
+                raise InvalidArgument(f"fuse=True: no member could be rewritten "
                                    f"({'; '.join(reasons) or 'nothing to fuse'})")
             return self.model
         return fused
@@ -565,6 +567,11 @@ class SmoothedClassifier:
                 got = logits[:, :head.shape[0]].float()
                 tol = 1e-2 if self.precision == "fp32" else 1e-1
                 finite = torch.isfinite(want)
+                if not bool(finite.all()):
+                    # The model itself gives NaN/inf (e.g. NaN weights): its logits are what
+                    # counts (no vote for those draws, reported as NonFiniteLogitsError), and
+                    # the copies, not at fault, are checked on a later batch.
+                    return self._run(self.model, batch, model_dtype)
                 if not torch.equal(finite, torch.isfinite(got)):
                     raise _FusionMismatch("non-finite logits where the model's are finite, "
                                           "or the other way round")
@@ -596,7 +603,7 @@ class SmoothedClassifier:
             self._fused = None
             self.fuse_status = f"off: {self._fuse_failed}"
             if self.fuse:
-                raise DrtFastError(f"fuse=True: {self._fuse_failed}") from err
+                raise InvalidArgument(f"fuse=True: the fused copies failed ({first_line(err)})") from err
             warnings.warn(f"drt_fast: {self._fuse_failed}", RuntimeWarning, stacklevel=3)
             return logits
 
@@ -611,7 +618,7 @@ class SmoothedClassifier:
             return False
         if xs.device.type != "cuda":
             if self.cuda_graphs:
-                raise DrtFastError("cuda_graphs=True: CUDA graphs need the model on a CUDA device")
+                raise InvalidArgument("cuda_graphs=True: CUDA graphs need the model on a CUDA device")
             self.graph_status = "off: not on a CUDA device"
             return False
         if not ops.cuda_available():        # the torch fallbacks sync with the host
@@ -621,7 +628,7 @@ class SmoothedClassifier:
         else:
             return True
         if self.cuda_graphs:
-            raise DrtFastError(f"cuda_graphs=True: {why}")
+            raise InvalidArgument(f"cuda_graphs=True: {why}")
         self.graph_status = f"off: {why}"
         return False
 
@@ -634,7 +641,7 @@ class SmoothedClassifier:
                                  f"(auto is on up to {self._GRAPH_AUTO_ELEMENTS:,})")
             return False
         fused_unchecked = self._fused is not None and not self._fused[2]
-        return self._output_checked and not fused_unchecked
+        return self._output_checked(xs) and not fused_unchecked
 
     def _step_graph(self, xs, keys, counts_shape, step):
         """The captured step for this group (captured on first use), loaded with its inputs;
@@ -659,7 +666,7 @@ class SmoothedClassifier:
                 self.graph_status = f"off: {self._graphs_failed}"
                 self._graphs.clear()
                 if self.cuda_graphs:
-                    raise DrtFastError(f"cuda_graphs=True: {self._graphs_failed}") from err
+                    raise InvalidArgument(f"cuda_graphs=True: {self._graphs_failed}") from err
                 return False
             while len(self._graphs) >= self._GRAPHS_KEPT:
                 self._graphs.pop(next(iter(self._graphs)))
@@ -669,6 +676,11 @@ class SmoothedClassifier:
         return graph
 
     # ----------------------------------------------------------------- helpers
+    def _output_checked(self, batch):
+        """Whether the model's output was checked on inputs of ``batch``'s shape ``[R, *S]``
+        (a call with inputs of another shape is checked, and its errors explained, anew)."""
+        return self._checked_shape == tuple(batch.shape[1:])
+
     @property
     def _model_device(self):
         for tensor in self.model.members.parameters():
@@ -710,16 +722,24 @@ class SmoothedClassifier:
         """Validated inputs ``[B, *S]`` (floating, where they are) and keys ``[B]`` (int64, CPU)."""
         xs = torch.as_tensor(xs)
         if not xs.is_floating_point():
-            raise DrtFastError(f"inputs must be floating-point pixels, got dtype {xs.dtype}")
+            raise InvalidArgument(f"inputs must be floating-point pixels, got dtype {xs.dtype}")
         if xs.dim() < 2:
-            raise DrtFastError(f"inputs must have shape [B, *S], got {list(xs.shape)}")
+            raise InvalidArgument(f"inputs must have shape [B, *S], got {list(xs.shape)}")
+        finite = torch.isfinite(xs).flatten(1).all(1)
+        if not bool(finite.all()):
+            # checked here: a fused or rewritten member need not carry a NaN through (oneDNN's
+            # ReLU turns it into 0), so NaN logits would not reliably report it
+            raise InvalidArgument(f"input {int((~finite).nonzero()[0])} of {xs.shape[0]} has NaN "
+                                  f"or infinite pixels")
         keys = torch.as_tensor(keys).cpu().reshape(-1)
+        if keys.numel() == 0 == xs.shape[0]:
+            keys = keys.to(torch.int64)             # torch.as_tensor([]) is float32
         if keys.is_floating_point() or keys.dtype == torch.bool or keys.numel() != xs.shape[0]:
-            raise DrtFastError(
+            raise InvalidArgument(
                 f"expected {xs.shape[0]} integer keys (one dataset index per input), got "
                 f"{keys.numel()} of dtype {keys.dtype}")
         if keys.numel() and (keys.min() < 0):
-            raise DrtFastError(f"keys (dataset indices) must be >= 0, got {keys.min().item()}")
+            raise InvalidArgument(f"keys (dataset indices) must be >= 0, got {keys.min().item()}")
         return xs, keys.to(torch.int64)
 
     @staticmethod
@@ -745,13 +765,17 @@ def _int_in_range(value, name, low, high):
     try:
         value = operator.index(value)
     except TypeError:
-        raise DrtFastError(f"{name} must be an integer, got {value!r}") from None
+        raise InvalidArgumentType(f"{name} must be an integer, got {value!r}") from None
     if value < low or (high is not None and value >= high):
         bound = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise DrtFastError(f"{name} must be {bound}, got {value}")
+        raise InvalidArgument(f"{name} must be {bound}, got {value}")
     return value
 
 
 def _check_alpha(alpha):
-    if not 0.0 < float(alpha) < 1.0:
-        raise DrtFastError(f"alpha must lie in (0, 1), got {alpha}")
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise InvalidArgumentType(f"alpha must be a number in (0, 1), got {alpha!r}") from None
+    if not 0.0 < value < 1.0:
+        raise InvalidArgument(f"alpha must lie in (0, 1), got {alpha}")

@@ -8,12 +8,12 @@ shared by the engine's tests and ``drt-fast analyze``.
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
-from .errors import DrtFastError
+from .errors import InvalidArgument
 
 
 def _check_alpha(alpha):
     if not 0.0 < alpha < 1.0:
-        raise DrtFastError(f"alpha must lie in (0, 1), got {alpha}")
+        raise InvalidArgument(f"alpha must lie in (0, 1), got {alpha}")
 
 
 def lower_confidence_bound(k, n, alpha):
@@ -25,9 +25,9 @@ def lower_confidence_bound(k, n, alpha):
     """
     k, n = int(k), int(n)
     if n < 1:
-        raise DrtFastError(f"n must be >= 1, got {n}")
+        raise InvalidArgument(f"n must be >= 1, got {n}")
     if not 0 <= k <= n:
-        raise DrtFastError(f"k must lie in [0, n] = [0, {n}], got {k}")
+        raise InvalidArgument(f"k must lie in [0, n] = [0, {n}], got {k}")
     _check_alpha(alpha)
     if k == 0:
         return 0.0
@@ -41,7 +41,7 @@ def binom_pvalue(nA, n):
     """
     nA, n = int(nA), int(n)
     if n < 1 or not 0 <= nA <= n:
-        raise DrtFastError(f"binom_pvalue needs 0 <= nA <= n and n >= 1, got nA={nA}, n={n}")
+        raise InvalidArgument(f"binom_pvalue needs 0 <= nA <= n and n >= 1, got nA={nA}, n={n}")
     return float(binomtest(nA, n, 0.5).pvalue)
 
 
@@ -61,7 +61,7 @@ def max_radius(sigma, n, alpha):
     """
     _check_alpha(alpha)
     if n < 1:
-        raise DrtFastError(f"n must be >= 1, got {n}")
+        raise InvalidArgument(f"n must be >= 1, got {n}")
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
@@ -92,6 +92,6 @@ def _rows(radii, correct):
     radii = np.asarray(radii, dtype=np.float64).reshape(-1)
     correct = np.asarray(correct).reshape(-1).astype(bool)
     if radii.shape != correct.shape:
-        raise DrtFastError(
+        raise InvalidArgument(
             f"radii and correct must have the same length, got {radii.size} and {correct.size}")
     return radii, correct

@@ -172,6 +172,12 @@ def test_cohen_cifar_checkpoint_loads_as_one_member(tmp_path, prefix):
     assert load_checkpoint(path, dataset="imagenet")[1]["normalization"] == data.normalization("imagenet")
     with pytest.raises(DrtFastError, match="3-channel inputs but dataset 'mnist' has 1"):
         load_checkpoint(path, dataset="mnist")
+    # checkpoints of torch < 0.4.1 (Cohen's released models) have no num_batches_tracked
+    legacy = folder / "legacy.pth.tar"
+    torch.save({"arch": "cifar_resnet20",
+                "state_dict": {k: v for k, v in state.items() if "num_batches_tracked" not in k}}, legacy)
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(legacy)[0](x)[0], reference)
 
 
 def test_legacy_serialization_and_mnist_lenet_with_identity_normalization(tmp_path):

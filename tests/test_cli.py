@@ -574,7 +574,8 @@ def test_real_nan_model_in_a_subprocess_one_line_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("drt-fast: error: ") and "NaN" in proc.stderr
-    assert out.read_text().startswith("idx\tlabel")  # header kept, nothing lost
+    # nothing was certified: no header-only file (or sidecar) is left to block a rerun
+    assert not out.exists() and not (tmp_path / "r.tsv.json").exists()
 
 
 def test_closed_stdout_is_no_traceback():
@@ -613,3 +614,104 @@ def test_cuda_certify_agrees_with_the_cpu_run(ckpt, reference_tsv, cuda_device, 
             assert abs(float(c[3]) - float(g[3])) < 0.05           # radius
     with open(out + ".json") as f:
         assert json.load(f)["device"].startswith("cuda")
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+def test_resume_refuses_other_data_under_the_same_name(ckpt, tmp_path, capsys):
+    """The data is part of a results file's configuration: another .npz (same name, same
+    shapes) must not be appended to rows certified on the first."""
+    test = data.load("digits", "test")
+    first = fx.write_npz(tmp_path / "a.npz", test.x[:40].numpy(), test.y[:40].numpy())
+    out = str(tmp_path / "r.tsv")
+    argv = ["certify", "--model", ckpt, "--dataset", "npz", "--n", "100", "--quiet", "--out", out]
+    assert main([*argv, "--data-dir", first, "--max", "2"]) == 0
+    other = fx.write_npz(tmp_path / "a.npz", test.x[40:80].numpy(), test.y[40:80].numpy())
+    before = open(out).read()
+    assert main([*argv, "--data-dir", other, "--resume"]) == 2
+    assert "data_sha256" in _error_line(capsys)
+    assert open(out).read() == before
+
+
+def test_resume_of_a_damaged_file(ckpt, reference_tsv, tmp_path, capsys):
+    out = str(tmp_path / "r.tsv")
+    with open(reference_tsv) as f:
+        lines = f.readlines()
+    meta_text = open(reference_tsv + ".json").read()
+    # a row that is not a results row: one line, the file untouched
+    with open(out, "w") as f:
+        f.writelines(lines[:4] + ["garbage line here\n"] + lines[5:7])
+    with open(out + ".json", "w") as f:
+        f.write(meta_text)
+    before = open(out).read()
+    assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 2
+    assert "row 5 is not a certify row" in _error_line(capsys)
+    assert open(out).read() == before
+    # killed while writing the header: the resumed run starts the file again
+    with open(out, "w") as f:
+        f.write(lines[0][:10])
+    assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 0
+    assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("empty", "holds no inputs"),
+    ("duplicate idx", "idx must be distinct"),
+    ("text", "not a zip archive"),
+])
+def test_bad_npz_files_are_one_line(content, message, ckpt, tmp_path, capsys):
+    path = tmp_path / "d.npz"
+    if content == "empty":
+        fx.write_npz(path, np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64))
+    elif content == "duplicate idx":
+        fx.write_npz(path, np.zeros((3, 1, 8, 8), np.float32), np.zeros(3, np.int64),
+                     idx=np.array([0, 5, 0]))
+    else:
+        path.write_text("1 2 3\n4 5 6\n")
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", str(path), *RUN]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_split_of_an_npz_is_refused(tmp_path, capsys):
+    assert main(["certify", "--split", "train", *RUN]) == 2
+    assert "--dataset digits --split train" in _error_line(capsys)
+
+
+def test_warnings_and_out_of_memory_are_one_line(monkeypatch, capsys):
+    import warnings
+
+    from drt_fast import cli
+
+    def warns(args):
+        warnings.warn("drt_fast: something to know\nwith a second line", RuntimeWarning)
+        return 0
+
+    def out_of_memory(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "400000000000 bytes.\nmore detail")
+
+    def bug(args):
+        raise RuntimeError("an internal error")
+
+    monkeypatch.setattr(cli, "run_info", warns)
+    assert main(["info"]) == 0
+    assert capsys.readouterr().err == "drt-fast: warning: drt_fast: something to know\n"
+    monkeypatch.setattr(cli, "run_info", out_of_memory)
+    assert main(["info"]) == 2
+    assert "out of memory (DefaultCPUAllocator" in _error_line(capsys)
+    monkeypatch.setattr(cli, "run_info", bug)
+    with pytest.raises(RuntimeError, match="an internal error"):   # bugs keep their traceback
+        main(["info"])
+
+
+def test_usage_errors_name_the_command_and_draw_limit(capsys):
+    assert main(["predict", "--n0", "5"]) == 2
+    assert _error_line(capsys).endswith("unrecognized arguments: --n0 5 (see drt-fast predict --help)")
+    assert main(["certify", "--n", str(2**32)]) == 2
+    assert "--n0 + --n must be at most 2^32" in _error_line(capsys)
+
+
+def test_certify_many_of_no_inputs_is_empty(ckpt):
+    smooth = SmoothedClassifier(checkpoint.load_ensemble(ckpt), 10, 0.25)
+    assert smooth.certify_many(torch.zeros(0, 1, 8, 8), [], 10, 100, 0.001, 100) == []
+    assert smooth.predict_many(torch.zeros(0, 1, 8, 8), [], 100, 0.001, 100) == []

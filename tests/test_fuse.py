@@ -503,7 +503,7 @@ def test_engine_gives_up_fused_copies_that_disagree(fusion_on_cpu, monkeypatch):
     with pytest.warns(RuntimeWarning, match="fused copies gave up .*fused logits differ"):
         assert certs(smooth, xs) == plain
     assert smooth.fuse_status.startswith("off: fused copies gave up")
-    with pytest.raises(DrtFastError, match="fuse=True: fused copies gave up"):
+    with pytest.raises(DrtFastError, match="fuse=True: the fused copies failed"):
         certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=True), xs)
 
 
