@@ -273,6 +273,12 @@ def test_init_from_member_files_and_mismatched_classes(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "has 20 classes, dataset npz has 3" in err and "\n" not in err, err
     assert np.load(npz)["y"].max() == 2
+    # an .npz has no held-out split: its log reports no test accuracy rather than the training set's
+    log = tmp_path / "npz.jsonl"
+    assert run_cli("train", "--sigma", SIGMA, "--dataset", "npz", "--data-dir", npz, "--epochs", 1,
+                   "--members", 2, "--out", tmp_path / "d.pt", "--log", log, "--quiet") == 0
+    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entry["test_acc"] is None and 0 <= entry["train_acc"] <= 1
 
 
 def test_resume_refuses_a_foreign_checkpoint(base, tmp_path, capsys):

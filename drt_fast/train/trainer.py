@@ -349,7 +349,8 @@ def train(config: TrainConfig) -> str:
     _check_outputs(config)
 
     train_set = data_mod.load(config.dataset, "train", config.data_dir)
-    test_set = data_mod.load(config.dataset, "test", config.data_dir)
+    # an .npz is one set of inputs: no held-out split to report a test accuracy on
+    test_set = None if config.dataset == "npz" else data_mod.load(config.dataset, "test", config.data_dir)
     if not isinstance(train_set.x, torch.Tensor):
         raise DrtFastError(f"training needs a dataset held in memory; {config.dataset} is read "
                            f"lazily from image folders (convert it to an .npz and use --dataset npz)")
@@ -394,7 +395,8 @@ def train(config: TrainConfig) -> str:
     for f in members:
         f.to(device).train()
     x_train, y_train = train_set.x.to(device), train_set.y.to(device)
-    x_test, y_test = test_set.x.to(device), test_set.y.to(device)
+    if test_set is not None:
+        x_test, y_test = test_set.x.to(device), test_set.y.to(device)
     step = _Step(config, members)
     autocast = _autocast_factory(config, device)
 
@@ -454,7 +456,7 @@ def train(config: TrainConfig) -> str:
                 bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("ce", "gd", "cm") if stats.get(k) is not None})
         means = {k: v / counted[k] if counted[k] else None for k, v in totals.items()}
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
-                 "train_acc": means["acc"], "test_acc": clean_accuracy(members, x_test, y_test),
+                 "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, x_test, y_test),
                  "lr": lr, "time": round(time.time() - t0, 3)}
         if "smoothadv" in config.trainer:
             entry["eps"] = step.eps
