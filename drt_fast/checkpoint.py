@@ -37,7 +37,7 @@ from torch import nn
 
 from . import data, models
 from .ensemble import Ensemble, as_ensemble
-from .errors import DrtFastError, first_line
+from .errors import DrtFastError, InvalidArgument, first_line
 from .io import created_file_mode, sha256_file
 from .models.normalize import NormalizeLayer
 
@@ -65,13 +65,13 @@ def save_ensemble(path: PathLike, ensemble: nn.Module, *, arch: str, dataset: st
     ensemble = as_ensemble(ensemble)
     input_shape = tuple(int(v) for v in (input_shape or models.input_shape(arch)))
     if len(input_shape) != 3:
-        raise DrtFastError(f"input_shape must be (C, H, W), got {input_shape}")
+        raise InvalidArgument(f"input_shape must be (C, H, W), got {input_shape}")
     means, sds = _normalization_of(ensemble, normalization, dataset)
     if len(means) != input_shape[0]:
-        raise DrtFastError(f"normalization has {len(means)} channels but input_shape "
+        raise InvalidArgument(f"normalization has {len(means)} channels but input_shape "
                            f"{input_shape} has {input_shape[0]}")
     if sigma is not None and not (math.isfinite(float(sigma)) and float(sigma) > 0):
-        raise DrtFastError(f"sigma must be a positive number or None, got {sigma!r}")
+        raise InvalidArgument(f"sigma must be a positive number or None, got {sigma!r}")
 
     expected = _new_member(arch, num_classes, means, sds).state_dict()
     members = []
@@ -110,9 +110,9 @@ def _normalization_of(ensemble: Ensemble, normalization, dataset: str):
         means = tuple(float(v) for v in means)
         sds = tuple(float(v) for v in sds)
     except (TypeError, ValueError):
-        raise DrtFastError(f"normalization must be (means, sds), got {normalization!r}") from None
+        raise InvalidArgument(f"normalization must be (means, sds), got {normalization!r}") from None
     if not means or len(means) != len(sds) or min(sds) <= 0:
-        raise DrtFastError(f"normalization needs equally many means and positive sds, got "
+        raise InvalidArgument(f"normalization needs equally many means and positive sds, got "
                            f"means={list(means)} sds={list(sds)}")
     return means, sds
 
@@ -204,7 +204,7 @@ def load_members(paths: Sequence[PathLike], mode: str | None = None, weights=Non
     Returns ``(Ensemble, meta)`` as `load_checkpoint`."""
     paths = [Path(p) for p in paths]
     if not paths:
-        raise DrtFastError("expected at least one checkpoint path, got none")
+        raise InvalidArgument("expected at least one checkpoint path, got none")
     members, metas = [], []
     for p in paths:
         parts, meta = _read_members(p, map_location, dataset)

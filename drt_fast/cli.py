@@ -216,12 +216,12 @@ def _dispatch(args) -> int:
         print(f"drt-fast: error: {message}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        # torch.OutOfMemoryError (CUDA) and the CPU allocator's "can't allocate memory"
-        text = first_line(e)
-        if not (isinstance(e, MemoryError) or "out of memory" in text.lower()
-                or "can't allocate memory" in text):
+        from .smoothing import _out_of_memory
+
+        if not (isinstance(e, MemoryError) or _out_of_memory(e)):
             raise
-        print(f"drt-fast: error: out of memory ({text[:200]}); try a smaller --batch", file=sys.stderr)
+        print(f"drt-fast: error: out of memory ({first_line(e)[:200]}); try a smaller --batch",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("drt-fast: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
@@ -516,19 +516,19 @@ def _run(args, job: Job, group) -> None:
             progress.update(len(rows))
             if errors:
                 raise DrtFastError(errors[0][1])
-    except KeyboardInterrupt:
-        if results is not None:     # said on the one "interrupted" line that _main prints
-            raise KeyboardInterrupt(f"{len(records)} new rows kept in {args.out}; "
-                                    f"continue with --resume") from None
-        raise
-    except BaseException:
-        if results is not None and not results.done and not records:
+    except BaseException as exc:
+        nothing = results is not None and not results.done and not records
+        if nothing:
             # Nothing was certified: no header-only file (and sidecar) is left to block a
             # rerun of the same command.
             results.close()
             for path in (args.out, io.sidecar_path(args.out)):
                 with contextlib.suppress(OSError):
                     os.remove(path)
+        elif isinstance(exc, KeyboardInterrupt) and results is not None:
+            # said on the one "interrupted" line that _main prints
+            raise KeyboardInterrupt(f"{len(records)} new rows kept in {args.out}; "
+                                    f"continue with --resume") from None
         raise
     finally:
         progress.close()

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import DrtFastError
+from .errors import DrtFastError, InvalidArgument
 
 # Per-dataset (means, sds) of the NormalizeLayer.
 # * cifar10, imagenet: the constants of Cohen et al.'s code, so their checkpoints match.
@@ -163,7 +163,11 @@ def fingerprint(ds: Dataset) -> str:
     digest = hashlib.sha256()
     if isinstance(ds.x, LazyImages):
         for path in ds.x.paths:
-            digest.update(f"{path.parent.name}/{path.name}:{path.stat().st_size}\n".encode())
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                raise DrtFastError(f"cannot read {path}: {exc.strerror or exc}") from None
+            digest.update(f"{path.parent.name}/{path.name}:{size}\n".encode())
     else:
         x = ds.x.detach().cpu().contiguous()
         digest.update(str((str(x.dtype), tuple(x.shape))).encode())
@@ -184,7 +188,7 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         raise DrtFastError("an .npz dataset has no fixed normalization; it is read from "
                            "the file's 'means'/'sds' arrays (identity when absent)")
     if name not in _NORMALIZATION:
-        raise DrtFastError(f"unknown dataset {name!r}; expected one of {', '.join(_NAMES)}")
+        raise InvalidArgument(f"unknown dataset {name!r}; expected one of {', '.join(_NAMES)}")
     return _NORMALIZATION[name]
 
 
@@ -197,7 +201,7 @@ def load(name: str, split: str = "test", data_dir: str | os.PathLike | None = No
             raise DrtFastError("dataset 'npz' needs the path of the .npz file as data_dir")
         return _npz(Path(data_dir))
     if name not in _NAMES:
-        raise DrtFastError(f"unknown dataset {name!r}; expected one of {', '.join(_NAMES)}")
+        raise InvalidArgument(f"unknown dataset {name!r}; expected one of {', '.join(_NAMES)}")
     if data_dir is None and name == "imagenet":
         # Cohen et al.'s code reads the ImageNet location from this variable.
         data_dir = os.environ.get("IMAGENET_DIR")
@@ -392,10 +396,14 @@ def _npz(path: Path) -> Dataset:
     classes fits the file)."""
     if not path.is_file():
         raise DrtFastError(f"npz: expected file {path.name} in {path.parent}; not found")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":       # an .npz is a zip archive of .npy arrays
-            raise DrtFastError(f"cannot read {path} as .npz: it is not a zip archive of arrays "
-                               f"(write it with numpy.savez)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise DrtFastError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != b"PK\x03\x04":                   # an .npz is a zip archive of .npy arrays
+        raise DrtFastError(f"cannot read {path} as .npz: it is not a zip archive of arrays "
+                           f"(write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -110,8 +110,12 @@ def probe_writable(path: str, what: str) -> None:
 def created_file_mode() -> int:
     """The permission bits ``open()`` would give a new file under the current umask
     (``tempfile.mkstemp`` makes 0600 files; files that are meant to be shared get these)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:       # Linux says it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .errors import InvalidArgument, InvalidArgumentType
+from .errors import DrtFastError, InvalidArgument, InvalidArgumentType
 
 try:  # the CPU kernels; the source tree has none until `pip install .` (or -e .) built it
     from . import _C
@@ -828,7 +828,7 @@ def cifar_resnet_snapshot(x: Tensor, weights: Tensor, biases: Tensor, norm: Tens
     tensors). For debugging the kernel; read maps with `resnet_kernel_map`."""
     _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     if _C_cuda is None:
-        raise InvalidArgument("drt_fast was built without its CUDA kernels")
+        raise DrtFastError("drt_fast was built without its CUDA kernels")
     size = _C_cuda.cifar_resnet_sizes(blocks, variant)[2]
     snapshot = torch.zeros(x.shape[0], size, dtype=torch.uint8, device=x.device)
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)

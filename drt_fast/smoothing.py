@@ -28,7 +28,7 @@ import torch
 
 from . import ops, stats
 from .ensemble import as_ensemble
-from .errors import InvalidArgument, InvalidArgumentType, NonFiniteLogitsError, first_line
+from .errors import DrtFastError, InvalidArgument, InvalidArgumentType, NonFiniteLogitsError, first_line
 
 ABSTAIN = -1
 
@@ -376,7 +376,7 @@ class SmoothedClassifier:
             else:
                 logits = self._run(self.model, batch, model_dtype)
         except RuntimeError as err:
-            if self._output_checked(batch):
+            if self._output_checked(batch) or _out_of_memory(err):
                 raise
             # The first forward is where inputs of the wrong shape for the model show up.
             message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
@@ -406,9 +406,9 @@ class SmoothedClassifier:
             self.fuse_status = f"off: {why_not}"
             return self.model
         tensors = list(self.model.members.parameters()) + list(self.model.members.buffers())
-        # the input shape too: the CPU's dense rewrite is built for one
-        key = (tuple((t.data_ptr(), t._version) for t in tensors), self.precision, channels_last,
-               tuple(xs.shape[1:]))
+        # and, on the CPU, the input shape: the dense rewrite is built for one
+        shape = None if self._rewrites_with_cudnn(device) else tuple(xs.shape[1:])
+        key = (tuple((t.data_ptr(), t._version) for t in tensors), self.precision, channels_last, shape)
         if self._fused is None or self._fused[0] != key:
             return self._build_fused(key, xs[:1])
         return self._fused[1]
@@ -603,7 +603,7 @@ class SmoothedClassifier:
             self._fused = None
             self.fuse_status = f"off: {self._fuse_failed}"
             if self.fuse:
-                raise InvalidArgument(f"fuse=True: the fused copies failed ({first_line(err)})") from err
+                raise DrtFastError(f"fuse=True: the fused copies failed ({first_line(err)})") from err
             warnings.warn(f"drt_fast: {self._fuse_failed}", RuntimeWarning, stacklevel=3)
             return logits
 
@@ -666,7 +666,7 @@ class SmoothedClassifier:
                 self.graph_status = f"off: {self._graphs_failed}"
                 self._graphs.clear()
                 if self.cuda_graphs:
-                    raise InvalidArgument(f"cuda_graphs=True: {self._graphs_failed}") from err
+                    raise DrtFastError(f"cuda_graphs=True: {self._graphs_failed}") from err
                 return False
             while len(self._graphs) >= self._GRAPHS_KEPT:
                 self._graphs.pop(next(iter(self._graphs)))
@@ -750,6 +750,13 @@ class SmoothedClassifier:
             raise NonFiniteLogitsError(
                 f"model produced NaN/inf logits on {expected - counted} of {expected} noisy "
                 f"draws of input {key}")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA) or the CPU allocator's failure: the batch is too big,
+    which the caller should hear as such (the CLI suggests a smaller --batch)."""
+    text = first_line(err)
+    return "out of memory" in text.lower() or "can't allocate memory" in text
 
 
 def _one(x):

@@ -116,3 +116,16 @@ def test_nan_weights_are_reported_without_giving_up_the_fused_copies():
         with pytest.raises(df.NonFiniteLogitsError, match="NaN/inf logits on 110 of 110"):
             smooth.certify(torch.rand(3, 32, 32), n0=10, n=100, alpha=0.001, batch_size=110)
     assert not smooth.fuse_status.startswith("off")
+
+
+def test_out_of_memory_is_not_called_a_bad_argument():
+    """The first forward explains a model's failure as a bad input shape, but running out of
+    memory is the batch's size: it stays the allocator's error (the CLI says --batch)."""
+    class Hungry(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    smooth = df.SmoothedClassifier(Hungry(), num_classes=10, sigma=0.25)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        smooth.certify(torch.rand(1, 8, 8), n0=10, n=100, alpha=0.001, batch_size=110)
+    assert not isinstance(info.value, df.DrtFastError)

@@ -80,7 +80,7 @@ def test_resume_gives_the_uninterrupted_weights(base, tmp_path, monkeypatch):
     cut = tmp_path / "cut.pt"
     calls = []
 
-    def interrupt(path, record):
+    def interrupt(path, record, new=False):
         calls.append(record["epoch"])
         raise KeyboardInterrupt
 
@@ -231,6 +231,10 @@ def test_log_files(tmp_path, capsys):
     assert "l.csv exists" in capsys.readouterr().err
     assert run_cli(*argv, "--epochs", 1, "--overwrite") == 0
     assert [r["epoch"] for r in csv.DictReader(log.open())] == ["1"]   # replaced, not appended
+    kept = log.read_text()
+    assert run_cli(*argv, "--epochs", 1, "--overwrite", "--lr", 1e4) == 2    # diverges in epoch 1
+    assert "training diverged" in capsys.readouterr().err
+    assert log.read_text() == kept       # the old run's log stays until the new run has an epoch
     code = run_cli("train", "--sigma", SIGMA, "--out", out, "--log", out, "--overwrite", "--quiet")
     assert code == 2 and "would overwrite the checkpoint" in capsys.readouterr().err
     assert load_checkpoint(out)[1]["members"] == 2
@@ -273,6 +277,16 @@ def test_init_from_member_files_and_mismatched_classes(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "has 20 classes, dataset npz has 3" in err and "\n" not in err, err
     assert np.load(npz)["y"].max() == 2
+    # per-member files on an .npz: their normalization must be the file's
+    plain = fx.write_npz(tmp_path / "plain.npz", digits.x[:200].numpy(), digits.y[:200].numpy())
+    code = run_cli(*drt, "--dataset", "npz", "--data-dir", plain, "--init", *files, "--out", tmp_path / "e.pt")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "normalizes inputs with means" in err and "\n" not in err, err
+    means, sds = data.normalization("digits")
+    same = fx.write_npz(tmp_path / "same.npz", digits.x[:200].numpy(), digits.y[:200].numpy(),
+                        means=np.array(means), sds=np.array(sds))
+    assert run_cli(*drt, "--dataset", "npz", "--data-dir", same, "--init", *files,
+                   "--out", tmp_path / "f.pt") == 0
     # an .npz has no held-out split: its log reports no test accuracy rather than the training set's
     log = tmp_path / "npz.jsonl"
     assert run_cli("train", "--sigma", SIGMA, "--dataset", "npz", "--data-dir", npz, "--epochs", 1,

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DrtFastError
+from ..errors import DrtFastError, InvalidArgument
 from .losses import GD_NORMS, drt_terms_from_logits, gaussian_loss, member_forward
 from .smoothadv import pgd_smoothed
 
@@ -95,9 +95,10 @@ class TrainConfig:
     command: str | None = None       # the command line, for the record
 
     def validate(self) -> None:
-        """Raise DrtFastError on any value a run cannot use (before anything is written)."""
+        """Raise InvalidArgument (a DrtFastError and a ValueError) on any value a run cannot
+        use (before anything is written)."""
         def bad(what, value):
-            raise DrtFastError(f"{what}, got {value!r}")
+            raise InvalidArgument(f"{what}, got {value!r}")
 
         if self.trainer not in TRAINERS:
             bad(f"--trainer must be one of {', '.join(TRAINERS)}", self.trainer)
@@ -173,10 +174,11 @@ def build_members(config: TrainConfig, num_classes: int, normalization) -> list[
             for _ in range(config.members)]
 
 
-def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int) -> None:
+def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
+               normalization) -> None:
     """Copy the weights of the ``--init`` checkpoint(s) into ``members``: one drt-fast
     ensemble, or one file per member (Cohen/DRT base models, or drt-fast files), of the run's
-    arch, dataset (where the file names one), classes and member count."""
+    arch, dataset (where the file names one), classes, input normalization and member count."""
     from ..checkpoint import load_checkpoint
 
     paths = init_paths(config)
@@ -184,17 +186,28 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int) 
         if not os.path.isfile(path):
             raise DrtFastError(f"--init checkpoint {path} does not exist")
     what = paths[0] if len(paths) == 1 else f"{paths[0]} ... ({len(paths)} files)"
-    ens, meta = load_checkpoint(paths if len(paths) > 1 else paths[0], dataset=config.dataset)
+    # A Cohen file's normalization follows the dataset it is named for (an .npz has none:
+    # then its arch's, checked against the file's below).
+    ens, meta = load_checkpoint(paths if len(paths) > 1 else paths[0],
+                                dataset=None if config.dataset == "npz" else config.dataset)
     archs = set(meta.get("archs") or [meta.get("arch")])
     if archs != {config.arch}:
         raise DrtFastError(f"--init {what} has arch {', '.join(sorted(map(str, archs)))}, "
                            f"this run has {config.arch!r}")
-    if meta.get("dataset") not in (None, config.dataset):
+    # (a Cohen file names no dataset: the one its arch implies is no reason to refuse it)
+    if meta.get("format") != "cohen" and meta.get("dataset") not in (None, config.dataset):
         raise DrtFastError(f"--init {what} has dataset {meta.get('dataset')!r}, "
                            f"this run has {config.dataset!r}")
     if meta.get("num_classes") != num_classes:
         raise DrtFastError(f"--init {what} has {meta.get('num_classes')} classes, "
                            f"dataset {config.dataset} has {num_classes}")
+    got, want = meta.get("normalization"), normalization
+    if got is None or not (len(got[0]) == len(want[0]) and all(
+            math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+            for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]))):
+        raise DrtFastError(f"--init {what} normalizes inputs with means {list(got[0]) if got else None}, "
+                           f"sds {list(got[1]) if got else None}; dataset {config.dataset} has "
+                           f"{list(want[0])}, {list(want[1])} (an .npz sets them with 'means'/'sds')")
     if len(ens.members) != len(members):
         raise DrtFastError(f"--init {what} has {len(ens.members)} member"
                            f"{'s' if len(ens.members) != 1 else ''}, "
@@ -292,12 +305,20 @@ class _Step:
         return loss, stats
 
 
-def _log_line(path: str | None, record: dict) -> None:
-    """Append ``record`` to the log: a CSV row (a header first in a new or empty file; None
-    as an empty field) when ``path`` ends in ``.csv``, else a JSON line (None as null)."""
+def _diverged(config: TrainConfig, epoch: int, steps: int) -> DrtFastError:
+    kept = (f"{config.out} holds the last finished epoch ({epoch})" if epoch
+            else "no epoch finished, so nothing was written")
+    return DrtFastError(f"training diverged: the loss is not finite in epoch {epoch + 1}, step "
+                        f"{steps + 1} (try a smaller --lr); {kept}")
+
+
+def _log_line(path: str | None, record: dict, new: bool = False) -> None:
+    """Add ``record`` to the log (``new``: replacing what the file held): a CSV row (a header
+    first in a new or empty file; None as an empty field) when ``path`` ends in ``.csv``, else a
+    JSON line (None as null)."""
     if not path:
         return
-    with open(path, "a", newline="") as fh:
+    with open(path, "w" if new else "a", newline="") as fh:
         if path.lower().endswith(".csv"):
             import csv
 
@@ -377,7 +398,7 @@ def train(config: TrainConfig) -> str:
         saved = state.get("config") if isinstance(state, dict) else None
         if not isinstance(saved, dict) or not {"epoch", "members", "optimizer"} <= set(state):
             raise DrtFastError(f"--resume: {path} is not a drt-fast training state")
-        saved = {"world_size": 1, **saved}      # states written before it was recorded
+        saved.setdefault("world_size", group.world_size)    # states written before it was recorded
         record["init"] = saved.get("init")
         diff = {k: (saved.get(k), v) for k, v in _comparable(record).items() if saved.get(k) != v}
         if diff:
@@ -388,9 +409,7 @@ def train(config: TrainConfig) -> str:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
     elif config.init:
-        _load_init(config, members, train_set.num_classes)
-    if config.overwrite and config.log and os.path.exists(config.log):
-        open(config.log, "w").close()           # a replaced run starts a new log
+        _load_init(config, members, train_set.num_classes, train_set.normalization)
 
     for f in members:
         f.to(device).train()
@@ -435,17 +454,19 @@ def train(config: TrainConfig) -> str:
             loss, stats = step(x_train[idx], y_train[idx], gen, autocast)
             if world > 1 and len(chunk) % world:
                 loss = loss * (len(idx) * world / len(chunk))   # shares of unequal size
+            # The loss's terms are on the host already (the step's statistics): a non-finite
+            # one stops the run before the weights take it. Under torchrun the flag travels
+            # with the gradients, so that every rank stops at the same step.
+            finite = all(math.isfinite(v) for v in stats.values() if v is not None)
+            if not (finite or group.active):
+                raise _diverged(config, epoch, n_steps)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            bad = torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1)
             if group.active:
+                bad = torch.tensor([0.0 if finite else 1.0], device=device)
                 _all_reduce_mean([p.grad for p in params] + [bad])
-            if float(bad) > 0:                  # all ranks see it: the flag was reduced too
-                raise DrtFastError(f"training diverged: the loss is not finite in epoch {epoch + 1}, "
-                                   f"step {n_steps + 1} (try a smaller --lr); {config.out} holds "
-                                   f"the last finished epoch ({epoch})" if epoch else
-                                   f"training diverged: the loss is not finite in epoch 1, step "
-                                   f"{n_steps + 1} (try a smaller --lr); nothing was written")
+                if float(bad) > 0:
+                    raise _diverged(config, epoch, n_steps)
             optimizer.step()
             for k in totals:
                 if stats.get(k) is not None:
@@ -462,7 +483,8 @@ def train(config: TrainConfig) -> str:
             entry["eps"] = step.eps
         if group.is_main:
             save(epoch + 1)
-            _log_line(config.log, entry)
+            # a new run (--overwrite included) starts its log with its first epoch
+            _log_line(config.log, entry, new=epoch == start_epoch and not config.resume)
             if not config.quiet:
                 print(json.dumps(entry), file=sys.stderr)
     if start_epoch >= config.epochs and group.is_main and not os.path.exists(config.out):
