@@ -13,13 +13,18 @@ It warms both sides up, runs them alternately ``rounds`` times (pytest-benchmark
 timing per test). Pass ``sync=torch.cuda.synchronize`` for CUDA work.
 
 At the end of the session a table lists every benchmark whose ``extra_info`` holds ``case``
-and ``ratio`` -- also those recorded by other helpers (bench/test_certify.py's ``record``).
+and ``ratio`` -- also those recorded by other helpers (bench/test_certify.py's ``record``) --
+and the training cases' DRT / Gaussian step-time ratios (bench/test_train.py). A case whose
+median round on either side is over ``NOISY_SPREAD`` times its fastest is marked
+(`noise_check`): something else used the cores meanwhile; rerun it.
 """
 import os
 import time
 
 import pytest
 import torch
+
+from noise_check import NOISY_SPREAD, noisy, noisy_note  # noqa: F401 (NOISY_SPREAD: docs)
 
 
 @pytest.fixture
@@ -46,8 +51,10 @@ def compare(benchmark):
         ref_s, ours_s = min(ref_times), min(ours_times)
         ratio = ref_s / ours_s
         benchmark.extra_info.update(case=name, ratio=ratio, ref_min_s=ref_s, ours_min_s=ours_s,
-                                    threads=torch.get_num_threads(), loadavg_1min=os.getloadavg()[0])
-        print(f"\n[ratio] {name}: reference {ref_s * 1e3:.3f} ms / drt-fast {ours_s * 1e3:.3f} ms = {ratio:.2f}x")
+                                    threads=torch.get_num_threads(), loadavg_1min=os.getloadavg()[0],
+                                    noisy=noisy(ref_times, ours_times))
+        print(f"\n[ratio] {name}: reference {ref_s * 1e3:.3f} ms / drt-fast {ours_s * 1e3:.3f} ms = {ratio:.2f}x"
+              + noisy_note(ref_times, ours_times))
         return ratio
 
     return run
@@ -62,9 +69,10 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
-    rows = [bench.extra_info for bench in getattr(session, "benchmarks", None) or []
-            if "ratio" in bench.extra_info and "case" in bench.extra_info]
-    if not rows:
+    infos = [bench.extra_info for bench in getattr(session, "benchmarks", None) or []]
+    rows = [info for info in infos if "ratio" in info and "case" in info]
+    training = [info for info in infos if "ratio_drt_over_gaussian" in info]
+    if not rows and not training:
         return
     width = max(len(str(row["case"])) for row in rows)
     terminalreporter.section("drt-fast / reference ratios (reference time / drt-fast time, fastest rounds)")
@@ -73,5 +81,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ref_s, ours_s = row.get("ref_min_s"), row.get("ours_min_s")
         times = (f"{ref_s * 1e3:>10.3f}ms  {ours_s * 1e3:>10.3f}ms" if ref_s is not None and ours_s is not None
                  else f"{'':>12}  {'':>12}")
-        terminalreporter.write_line(f"{row['case']:<{width}}  {row['ratio']:>7.2f}x  {times}")
+        mark = "  (noisy: rerun)" if row.get("noisy") else ""
+        terminalreporter.write_line(f"{row['case']:<{width}}  {row['ratio']:>7.2f}x  {times}{mark}")
+    if training:
+        terminalreporter.section("DRT step time / Gaussian step time, 3 members (target <= 4x)")
+        for row in training:
+            terminalreporter.write_line(
+                f"{row['train_case']:<40}  {row['ratio_drt_over_gaussian']:>7.2f}x  gaussian "
+                f"{row['gaussian_s'] * 1e3:.1f} ms, drt {row['drt_s'] * 1e3:.1f} ms, peak MiB {row['peak_MiB']}"
+                + ("  (noisy: rerun)" if row.get("noisy") else ""))
     terminalreporter.write_line(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")

@@ -28,6 +28,7 @@ from drt_fast import Ensemble, SmoothedClassifier
 from drt_fast import data as df_data
 from drt_fast import models as df_models
 
+from noise_check import noisy, noisy_note
 from reference import ReferenceSmooth
 
 ALPHA = 0.001
@@ -174,7 +175,8 @@ def record(benchmark, name, ref_times, ours_times, draws=None, extra=None):
     ratio = ref_s / ours_s
     info = {"ratio": ratio, "ref_min_s": ref_s, "ours_min_s": ours_s,
             "ref_times_s": ref_times, "ours_times_s": ours_times,
-            "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0]}
+            "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0],
+            "noisy": noisy(ref_times, ours_times)}
     if draws:
         info["ours_draws_per_s"] = draws / ours_s
         info["ref_draws_per_s"] = draws / ref_s
@@ -184,7 +186,8 @@ def record(benchmark, name, ref_times, ours_times, draws=None, extra=None):
     cpu_ratio = benchmark.extra_info.get("cpu_ratio")
     cpu_note = f", CPU-time ratio {cpu_ratio:.2f}x" if cpu_ratio else ""
     print(f"\n[ratio] {name}: reference {ref_s:.3f} s / drt-fast {ours_s:.3f} s = {ratio:.2f}x"
-          f"  (load {info['loadavg_1min']:.1f}, {info['threads']} threads{cpu_note})")
+          f"  (load {info['loadavg_1min']:.1f}, {info['threads']} threads{cpu_note})"
+          + noisy_note(ref_times, ours_times))
     return ratio, ref_s, ours_s
 
 

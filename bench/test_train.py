@@ -24,6 +24,7 @@ import torch
 from drt_fast import data as df_data
 from drt_fast import models as df_models
 from drt_fast.train.trainer import TrainConfig, _Step
+from noise_check import noisy, noisy_note
 
 ENFORCE = os.environ.get("DRT_BENCH_ENFORCE") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -49,6 +50,7 @@ def make_step(trainer, arch, batch, m, device):
     x = torch.rand((batch, *df_models.input_shape(arch)), device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
+    fit_batch(members, x, y, config.sigma, gen)
     # the trainer's AMP on CUDA (bf16 autocast); plain fp32 on CPU
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
                 else contextlib.nullcontext)
@@ -61,6 +63,28 @@ def make_step(trainer, arch, batch, m, device):
         if device == "cuda":
             torch.cuda.synchronize()
     return run
+
+
+def fit_batch(members, x, y, sigma, gen, steps=400, lr=0.05):
+    """Gaussian-train ``members`` on the one batch until each classifies the noisy copies.
+
+    DRT's terms count only correctly classified samples, and where none is, GD is 0 and the
+    step skips the double backward: fresh members on random labels give DRT steps that cost
+    half of what training pays (measured: ResNet-20 155 ms before the members fit some
+    samples, 320 ms after). The timed steps (lr 1e-3) start from members that fit the batch."""
+    params = [p for f in members for p in f.parameters()]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    for _ in range(steps):
+        noisy = x + sigma * torch.randn(x.shape, generator=gen, device=x.device)
+        logits = [f(noisy) for f in members]
+        if all((z.argmax(1) == y).float().mean() >= 0.9 for z in logits):
+            break
+        loss = sum(torch.nn.functional.cross_entropy(z, y) for z in logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    else:
+        raise RuntimeError("the members did not fit the benchmark batch")
 
 
 _CPU_PEAK = """
@@ -124,13 +148,17 @@ def test_drt_step_over_gaussian_step(benchmark, arch, batch, m, device):
         t_gauss.append(fastest(gauss, 1, 3))
         t_drt.append(fastest(drt, 1, 3))
     ratio = min(t_drt) / min(t_gauss)
-    benchmark.extra_info.update({"drt_s": min(t_drt), "gaussian_s": min(t_gauss),
+    benchmark.extra_info.update({"train_case": f"{arch}, batch {batch}, m={m}, {device}",
+                                 "drt_s": min(t_drt), "gaussian_s": min(t_gauss),
                                  "ratio_drt_over_gaussian": ratio, "device": device,
+                                 "noisy": noisy(t_gauss, t_drt),
                                  "peak_MiB": peak,
                                  "peak_kind": "max_memory_allocated" if device == "cuda"
                                  else "step's rise of VmHWM in a fresh process"})
     benchmark.pedantic(drt, rounds=3, iterations=1)
-    print(f"\n{arch} {device}: gaussian {1e3 * min(t_gauss):.1f} ms, drt {1e3 * min(t_drt):.1f} ms, "
-          f"ratio {ratio:.2f}, peak MiB {peak}" + ("" if device == "cuda" else " (step's own)"))
+    print(f"\n[ratio] DRT step / Gaussian step, {arch} {device}: gaussian {1e3 * min(t_gauss):.1f} ms, "
+          f"drt {1e3 * min(t_drt):.1f} ms = {ratio:.2f}x, peak MiB {peak}"
+          + ("" if device == "cuda" else " (step's own)") + noisy_note(t_gauss, t_drt))
+    print(f"[target] DRT step <= 4x a Gaussian step ({arch}, {device}): {'met' if ratio <= 4.0 else 'MISSED'}")
     if ENFORCE:
         assert ratio <= 4.0
