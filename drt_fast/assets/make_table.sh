@@ -16,8 +16,8 @@ DRT="python -m drt_fast"
 python - "$WORK/gaussian.pt" "$WORK/gaussian_member0.pt" <<'PY'
 import sys
 from drt_fast import Ensemble
-from drt_fast.checkpoint import load_ensemble, save_ensemble
-ens, meta = load_ensemble(sys.argv[1])
+from drt_fast.checkpoint import load_checkpoint, save_ensemble
+ens, meta = load_checkpoint(sys.argv[1])
 save_ensemble(sys.argv[2], Ensemble([ens.members[0]]), arch=meta["arch"], dataset=meta["dataset"],
               num_classes=meta["num_classes"], input_shape=meta["input_shape"],
               normalization=meta["normalization"], sigma=meta["sigma"],
@@ -28,21 +28,23 @@ PY
 # (same init, m, lr, schedule, seed) but without GD and CM
 OMP_NUM_THREADS=1 $DRT train --dataset digits --arch digits_cnn --members 3 --sigma 0.25 \
     --trainer gaussian --m 4 --epochs 10 --lr 0.01 --lr-schedule step --batch 64 \
-    --weight-decay 1e-4 --seed 1 --init "$WORK/gaussian.pt" --out "$WORK/gaussian_cont.pt" --quiet
+    --weight-decay 1e-4 --seed 1 --init "$WORK/gaussian.pt" --out "$WORK/gaussian_cont.pt" --quiet --overwrite
 
-run() {  # name model mode
+run() {  # name model mode (a rerun replaces the table's own results files)
+  rm -f "$WORK/$1.tsv" "$WORK/$1.tsv.json"
   $DRT certify --model "$2" --mode "$3" --n "$N" --n0 100 --alpha 0.001 --skip "$SKIP" \
       --batch 10000 --seed 0 --quiet --out "$WORK/$1.tsv"
 }
 # independent runs: in parallel, one thread each (small models use cores better that way)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run a_gaussian_member "$WORK/gaussian_member0.pt" we &
-run b_gaussian_we "$WORK/gaussian.pt" we &
-run b_gaussian_mme "$WORK/gaussian.pt" mme &
-run b2_gaussian_cont_we "$WORK/gaussian_cont.pt" we &
-run c_drt_we "$WORK/drt.pt" we &
-run c_drt_mme "$WORK/drt.pt" mme &
-wait
+pids=()
+run a_gaussian_member "$WORK/gaussian_member0.pt" we & pids+=($!)
+run b_gaussian_we "$WORK/gaussian.pt" we & pids+=($!)
+run b_gaussian_mme "$WORK/gaussian.pt" mme & pids+=($!)
+run b2_gaussian_cont_we "$WORK/gaussian_cont.pt" we & pids+=($!)
+run c_drt_we "$WORK/drt.pt" we & pids+=($!)
+run c_drt_mme "$WORK/drt.pt" mme & pids+=($!)
+for pid in "${pids[@]}"; do wait "$pid"; done     # a failed run fails the script
 
 python - "$WORK" "$N" "$SKIP" <<'PY'
 import sys
