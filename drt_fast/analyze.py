@@ -68,7 +68,8 @@ def table(results: list[Results], radii: list[float]) -> str:
 
 
 def plot(results: list[Results], out: str) -> None:
-    """Write a PNG of certified accuracy against radius, one line per results file."""
+    """Plot certified accuracy against radius, one line per results file, in the format the
+    name's extension says (png, pdf, svg, ...; png without one)."""
     try:
         # A bare Figure draws with Agg and leaves pyplot's global backend alone.
         from matplotlib.figure import Figure
@@ -79,6 +80,11 @@ def plot(results: list[Results], out: str) -> None:
     largest = max((max(res.radius, default=0.0) for res in results), default=0.0)
     grid = [largest * 1.05 * i / 400 for i in range(401)] if largest > 0 else [0.0]
     fig = Figure(figsize=(6, 4))
+    extension = os.path.splitext(out)[1][1:].lower()
+    formats = fig.canvas.get_supported_filetypes()
+    if extension and extension not in formats:
+        raise DrtFastError(f"--plot {out}: matplotlib writes {', '.join(sorted(formats))}, "
+                           f"not .{extension}")
     ax = fig.add_subplot()
     for label, res in zip(_labels([r.path for r in results]), results):
         ax.plot(grid, certified_accuracy(res, grid), label=label)
@@ -89,7 +95,7 @@ def plot(results: list[Results], out: str) -> None:
     ax.legend()
     fig.tight_layout()
     try:
-        fig.savefig(out, format="png", dpi=120)
+        fig.savefig(out, format=extension or "png", dpi=120)
     except OSError as e:
         raise DrtFastError(f"cannot write the plot to {out!r}: {e.strerror or e}") from None
 

@@ -188,7 +188,7 @@ def load_checkpoint(path: PathLike | Sequence[PathLike], mode: str | None = None
 
 def load_ensemble(path: PathLike | Sequence[PathLike], mode: str | None = None,
                   map_location="cpu", dataset: str | None = None) -> Ensemble:
-    """The public loader of DESIGN.md section 4: `load_checkpoint`'s Ensemble, with its
+    """The public loader of docs/DESIGN.md section 4: `load_checkpoint`'s Ensemble, with its
     metadata dict attached as ``ensemble.meta``."""
     ensemble, meta = load_checkpoint(path, mode=mode, map_location=map_location, dataset=dataset)
     ensemble.meta = meta
@@ -465,14 +465,43 @@ def describe(path: PathLike | Sequence[PathLike]) -> str:
     lines += [
         f"weights        {[round(w, 4) for w in meta['weights']]}",
         f"mode           {meta['mode']}",
-        f"sigma          {'unknown' if meta['sigma'] is None else meta['sigma']}",
+        f"sigma          {'unknown' if meta['sigma'] is None else meta['sigma']}"
+        + (" (from the file's noise_<sigma> folder)" if meta["sigma"] is not None
+           and meta.get("format") == "cohen" else ""),
     ]
-    config = meta.get("train_config") or {}
-    if config:
-        lines.append("training       " + ", ".join(f"{k}={v}" for k, v in config.items()))
-    else:
-        lines.append("training       (no configuration recorded)")
+    lines += _describe_training(meta.get("train_config") or {})
     return "\n".join(lines)
+
+
+# What a `drt-fast train` configuration says about the weights (the rest is plumbing:
+# paths, verbosity, device), and the settings only some trainers use.
+_TRAINING_SHOWN = ("trainer", "rho1", "rho2", "gd_norm", "m", "eps", "steps", "eps_warmup", "epochs",
+                   "lr", "lr_schedule", "batch", "weight_decay", "seed", "init", "world_size")
+_TRAINER_ONLY = {"rho1": "drt", "rho2": "drt", "gd_norm": "drt", "eps": "smoothadv",
+                 "steps": "smoothadv", "eps_warmup": "smoothadv"}
+
+
+def _describe_training(config: Mapping) -> list[str]:
+    """The ``training`` (and ``command``) lines of `describe`."""
+    if not config:
+        return ["training       (no configuration recorded)"]
+    trainer = str(config.get("trainer", ""))
+    if not trainer:                                # not drt-fast's (e.g. a Cohen file's epoch)
+        return ["training       " + ", ".join(f"{k}={v}" for k, v in config.items())]
+    shown = []
+    for key in _TRAINING_SHOWN:
+        value = config.get(key)
+        if value is None or (key in _TRAINER_ONLY and _TRAINER_ONLY[key] not in trainer):
+            continue
+        if key == "epochs" and config.get("epochs_done") not in (None, value):
+            value = f"{value} ({config['epochs_done']} done)"
+        if key == "world_size" and value == 1:
+            continue
+        shown.append(f"{key}={value}")
+    lines = ["training       " + ", ".join(shown)]
+    if config.get("command"):
+        lines.append(f"command        {config['command']}")
+    return lines
 
 
 def check_fits(ensemble, meta: Mapping, ds, model_path, dataset_name: str, device) -> int:

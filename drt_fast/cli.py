@@ -33,12 +33,14 @@ _MAX_GROUP = 32
 
 # ----------------------------------------------------------------------------- parser
 
-_SMOOTHING_EPILOG = (
-    "Without --out nothing is written and only the summary is printed. Rows go to the "
-    "--out TSV in Cohen's format (idx label predict radius correct time, then extra "
-    "columns), the configuration to <out>.json; --resume continues a stopped run. "
-    "Several processes (GPUs): torchrun --nproc_per_node P -m drt_fast -- certify ... "
-    "(the -- keeps torchrun from reading --n as its own option) writes one merged file.")
+def _smoothing_epilog(task: str) -> str:
+    columns = "idx label predict radius correct time" if task == "certify" else "idx label predict correct time"
+    return (f"Without --out nothing is written and only the summary is printed. Rows go to the "
+            f"--out TSV in Cohen's format ({columns}"
+            f"{', then extra columns' if task == 'certify' else ''}), the configuration to "
+            f"<out>.json; --resume continues a stopped run. Several processes (GPUs): torchrun "
+            f"--nproc_per_node P -m drt_fast -- {task} ... (the -- keeps torchrun from reading "
+            f"--n as its own option) writes one merged file.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         embedded = {}
     for task, doc in (("certify", "Cohen's CERTIFY: certified radius of the smoothed ensemble per input"),
                       ("predict", "Cohen's PREDICT: prediction of the smoothed ensemble per input")):
-        p = sub.add_parser(task, help=doc, description=doc, epilog=_SMOOTHING_EPILOG)
+        p = sub.add_parser(task, help=doc, description=doc, epilog=_smoothing_epilog(task))
         _add_smoothing_options(p, task, embedded)
         p.set_defaults(func=lambda args, task=task: run_smoothing(args, task))
 
@@ -138,7 +140,7 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict
     p.add_argument("--n", type=int, default=100_000, help="estimation draws (default: 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
     p.add_argument("--batch", type=int, default=1000, help="noisy draws per forward pass (default: 1000)")
-    p.add_argument("--skip", type=int, help=f"certify every skip-th input (default: 1; "
+    p.add_argument("--skip", type=int, help=f"{task} every skip-th input (default: 1; "
                                              f"{embedded.get('skip', 1)} with the embedded default)")
     # A count of inputs: Cohen's certify.py stops at *index* max, which with --skip is
     # easy to get wrong (and never triggers unless max is a multiple of skip).
@@ -605,7 +607,7 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
         results = io.Results("this run", *columns)  # idx, label, predict, radius, correct
     count = len(results)
     source = os.path.basename(cfg["data"]) if cfg["dataset"] == "npz" else f"{cfg['dataset']} ({cfg['split']})"
-    lines = [f"drt-fast {job.task}: {count} inputs of {source}, sigma={cfg['sigma']:g}, "
+    lines = [f"drt-fast {job.task}: {count} input{'s' if count != 1 else ''} of {source}, sigma={cfg['sigma']:g}, "
              f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}n={cfg['n']}, alpha={cfg['alpha']:g}, "
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
     if cfg["device"].startswith("cuda"):
@@ -629,7 +631,7 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
         speed = f"{new / elapsed:.2f} inputs/s, {new * job.draws_per_input / elapsed:,.0f} draws/s"
     else:
         speed = "nothing left to do"
-    lines.append(f"this run: {new} inputs in {io.format_time(elapsed)} ({speed})"
+    lines.append(f"this run: {new} input{'s' if new != 1 else ''} in {elapsed:.2f} s ({speed})"
                  + (f"; {resumed} rows were already in the file" if resumed else ""))
     if args.out:
         lines.append(f"rows written to {args.out} (configuration in {io.sidecar_path(args.out)})")

@@ -5,7 +5,7 @@ Every member sees the same (noisy) input; ``forward`` returns the stacked member
 the fused ``drt_fast.ops.vote_`` on the certification hot path, or in ``aggregate`` here
 (pure torch, same rules) for clean accuracy and tests.
 
-Aggregation modes (DESIGN.md section 3), per input:
+Aggregation modes (docs/DESIGN.md section 3), per input:
 * ``we``    — weighted average of member softmax probabilities, argmax (the paper's WE);
 * ``logit`` — weighted average of member logits, argmax;
 * ``mme``   — the member with the largest softmax top-1 minus top-2 margin decides with

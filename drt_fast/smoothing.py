@@ -7,7 +7,7 @@ The algorithm is the one of Cohen's ``core.py`` (see paper-notes.md); the speed 
 
 and the counts cross to the host once per group of inputs, never once per batch.
 
-Noise is counter-based (DESIGN.md section 3): draw ``d`` of the input with key ``k`` is a
+Noise is counter-based (docs/DESIGN.md section 3): draw ``d`` of the input with key ``k`` is a
 pure function of ``(seed, k, d)``. CERTIFY selects with draws ``0 .. n0-1`` and estimates
 with draws ``n0 .. n0+n-1`` of stream ``seed``; PREDICT uses draws ``0 .. n-1`` of stream
 ``seed ^ PREDICT_STREAM``. The key is the input's dataset index. So the same seed gives

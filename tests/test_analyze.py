@@ -61,6 +61,12 @@ def test_cli_analyze_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ACR" in out and "0.400" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the format follows the extension; one matplotlib cannot write is refused
+    assert main(["analyze", a, "--plot", str(tmp_path / "plot.pdf")]) == 0
+    assert (tmp_path / "plot.pdf").read_bytes()[:5] == b"%PDF-"
+    capsys.readouterr()
+    assert main(["analyze", a, "--plot", str(tmp_path / "plot.xyz")]) == 2
+    assert "not .xyz" in capsys.readouterr().err and not (tmp_path / "plot.xyz").exists()
 
 
 @pytest.mark.parametrize("content, message", [

@@ -139,6 +139,21 @@ def test_describe_says_what_the_file_holds(tmp_path):
         assert expected in text, expected
 
 
+def test_describe_shows_what_training_did_not_its_plumbing():
+    """The embedded default's training: the settings that made its weights, the command on its
+    own line, not paths, verbosity or a trainer's unused settings."""
+    from pathlib import Path
+
+    import drt_fast
+
+    text = describe(Path(drt_fast.__file__).parent / "assets" / "default.pt")
+    training = next(line for line in text.splitlines() if line.startswith("training"))
+    assert "trainer=drt" in training and "rho1=0.5" in training and "m=4" in training
+    for hidden in ("quiet=", "out=", "log=", "eps=", "steps=", "resume="):
+        assert hidden not in training, hidden
+    assert "\ncommand        drt-fast train " in text
+
+
 # ----------------------------------------------------------------- Cohen/DRT checkpoints
 
 @pytest.mark.parametrize("prefix", ["1.module.", "module.1.", "1."])

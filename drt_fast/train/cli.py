@@ -60,16 +60,21 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "diagnose", help="member gradient cosines and margins on noisy inputs",
         description="Per member pair the mean cosine of margin input-gradients, per member and "
-                    "for the ensemble the mean confidence margin and accuracy, on noisy inputs.")
-    p.add_argument("checkpoint", metavar="CKPT")
+                    "for the ensemble the mean confidence margin and accuracy, on noisy inputs.",
+        epilog="margin: the softmax probability of the true class minus the largest other one "
+               "(the paper's confidence margin; negative where the input is misclassified). "
+               "gradient cosine: cosine of two members' input gradients of their margins (DRT's "
+               "GD term drives it down: diverse members).")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?",
+                   help="a drt-fast ensemble or Cohen/DRT checkpoint (default: the embedded digits ensemble)")
     p.add_argument("--dataset", help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
     p.add_argument("--split", default="test", help="default: test")
     p.add_argument("--sigma", type=float, help="default: the checkpoint's training sigma")
     p.add_argument("--n-inputs", type=int, default=500, help="first N inputs of the split (default: 500)")
     p.add_argument("--noise-draws", type=int, default=8, help="noise vectors per input (default: 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:i (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default: auto)")
     p.set_defaults(func=run_diagnose)
 
 
@@ -109,6 +114,10 @@ def run_diagnose(args) -> int:
     if args.n_inputs < 1 or args.noise_draws < 1:
         raise DrtFastError(f"--n-inputs and --noise-draws must be >= 1, got {args.n_inputs} and "
                            f"{args.noise_draws}")
+    if args.checkpoint is None:
+        from ..cli import _embedded_default
+
+        args.checkpoint = _embedded_default()["model"]
     if not os.path.isfile(args.checkpoint):
         raise DrtFastError(f"checkpoint {args.checkpoint} does not exist")
     ensemble, meta = load_checkpoint(args.checkpoint)
