@@ -285,6 +285,7 @@ def run_smoothing(args, task: str) -> int:
     if args.cuda_graphs and device.type != "cuda":
         raise DrtFastError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
     device = distributed.init(group, device)
+    args.thread_note = fit_threads_to_load() if device.type == "cpu" else ""
     try:
         job = _prepare(args, task, device)
         _run(args, job, group)
@@ -294,6 +295,51 @@ def run_smoothing(args, task: str) -> int:
     finally:
         distributed.shutdown(group)
     return 0
+
+
+def fit_threads_to_load() -> str:
+    """Use fewer CPU threads when other processes keep cores busy (OMP_NUM_THREADS unset).
+
+    torch takes a thread per core; when another job holds a core, its OpenMP threads wait
+    for one another at every barrier and a small model runs many times slower (measured: the
+    README's certify of 20 digits inputs, 2 cores, one busy: 48 s on 2 threads, 5 s on 1;
+    idle: 3.8 s vs 4.8 s). The cores busy now (`_busy_cores`, not the load average, which
+    still counts a build that just ended) are left alone; at least one thread, never more
+    than torch's. Returns what was done, for the summary ('' if nothing)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ or threads <= 1:
+        return ""
+    busy = _busy_cores()
+    if busy is None:
+        return ""
+    free = max(1, min(threads, len(os.sched_getaffinity(0))) - int(busy + 0.5))
+    if free >= threads:
+        return ""
+    torch.set_num_threads(free)
+    return (f"{free} CPU thread{'s' if free != 1 else ''} of {threads}: other processes keep "
+            f"{busy:.1f} cores busy; OMP_NUM_THREADS=N chooses")
+
+
+def _busy_cores(window: float = 0.1):
+    """How many cores other processes keep busy now: the non-idle share of all CPUs' time
+    over ``window`` seconds (Linux /proc/stat; this process sleeps meanwhile), times the CPU
+    count. None where /proc/stat cannot be read."""
+    def ticks():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]            # all, idle + iowait
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(window)
+        total1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def _check_numbers(args, task: str) -> None:
@@ -615,6 +661,8 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
                      f"CUDA graphs: {job.smoothed.graph_status}")
     else:
         lines.append(f"fused members: {job.smoothed.fuse_status}")
+    if getattr(args, "thread_note", ""):
+        lines.append(args.thread_note)
     if job.task == "certify":
         radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
         acc = certified_accuracy(results, radii)

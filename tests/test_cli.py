@@ -728,3 +728,37 @@ def test_interrupted_before_the_first_row_leaves_no_file(ckpt, tmp_path, monkeyp
     assert main(["certify", "--model", ckpt, *RUN, "--out", str(out)]) == 130
     assert capsys.readouterr().err == "drt-fast: interrupted\n"
     assert not out.exists() and not (tmp_path / "r.tsv.json").exists()
+
+
+def test_threads_fit_the_cores_other_processes_leave(monkeypatch):
+    from drt_fast import cli
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(4)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+        monkeypatch.setattr(cli, "_busy_cores", lambda: 0.2)        # idle: keep them all
+        assert cli.fit_threads_to_load() == "" and torch.get_num_threads() == 4
+        monkeypatch.setattr(cli, "_busy_cores", lambda: 2.6)
+        assert cli.fit_threads_to_load().startswith("1 CPU thread of 4: other processes keep 2.6 cores busy")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(4)
+        monkeypatch.setattr(cli, "_busy_cores", lambda: 9.0)        # never fewer than one
+        cli.fit_threads_to_load()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")                   # the user's choice stands
+        assert cli.fit_threads_to_load() == "" and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_busy_cores_reads_proc_stat():
+    from drt_fast import cli
+
+    busy = cli._busy_cores(0.05)
+    if not os.path.exists("/proc/stat"):
+        assert busy is None
+    else:
+        assert 0.0 <= busy <= os.cpu_count() + 0.01

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 from ..errors import DrtFastError
 from .losses import GD_NORMS
@@ -100,6 +101,14 @@ def run_train(args) -> int:
         values["init"] = values["init"][0]
     argv = getattr(args, "argv", None)
     values["command"] = "drt-fast " + shlex.join(argv) if argv is not None else None
+    import torch
+
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        from ..cli import fit_threads_to_load
+
+        note = fit_threads_to_load()
+        if note and not args.quiet:
+            print(f"drt-fast: note: {note}", file=sys.stderr)
     path = train(TrainConfig(**values))
     if not args.quiet and distributed.from_env().is_main:
         print(f"wrote {path}")
