@@ -43,7 +43,8 @@ kernel_case="bench/test_certify.py::test_certify_gpu[cifar_resnet110-bf16-kernel
 if [ "$mode" = measure ]; then
     # Issue 6's open figures, most wanted first, each in its own process under a timeout:
     # <= 1 s per CIFAR image with the ResNet kernel (and cuDNN's bf16 figure beside it), then
-    # the CUDA noise and vote kernels against their targets, then the noise + vote share.
+    # the CUDA noise and vote kernels against their targets, then the noise + vote share, then
+    # the DRT / Gaussian training-step ratio.
     timeout 150 "${py[@]}" -m pytest -q -s "$kernel_case" -p no:cacheprovider --benchmark-json "$out/bench-kernel.json" 2>&1 \
         | tee "$out/bench-kernel.log" | grep -E "^\[(ratio|abs|fuse|target)\]|passed|skipped|failed|error|Warning" | tail -20
     timeout 120 "${py[@]}" -m pytest -q -s "bench/test_certify.py::test_certify_gpu[cifar_resnet110-bf16]" -p no:cacheprovider \
@@ -52,6 +53,9 @@ if [ "$mode" = measure ]; then
         | tee "$out/bench-kernels.log" | grep -E "^\[(ratio|bandwidth|target)\]|passed|skipped|failed|error" | tail -40
     timeout 90 "${py[@]}" -m pytest -q -s bench/test_certify.py -k "share and bf16" -p no:cacheprovider 2>&1 \
         | tee "$out/bench-share.log" | grep -E "^\[(share|target)\]|passed|skipped|failed|error" | tail -10
+    # the DRT / Gaussian step ratio, owed again since the bench fits its members to the batch
+    timeout 120 "${py[@]}" -m pytest -q -s bench/test_train.py -k cuda -p no:cacheprovider --benchmark-json "$out/bench-train.json" 2>&1 \
+        | tee "$out/bench-train.log" | grep -E "^\[(ratio|target)\]|passed|skipped|failed|error" | tail -10
     exit 0
 fi
 
