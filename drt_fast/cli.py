@@ -323,13 +323,21 @@ def fit_threads_to_load() -> str:
 
 
 def _busy_cores(window: float = 0.1):
-    """How many cores other processes keep busy now: the non-idle share of all CPUs' time
-    over ``window`` seconds (Linux /proc/stat; this process sleeps meanwhile), times the CPU
-    count. None where /proc/stat cannot be read."""
+    """How many of the cores this process may run on other processes keep busy now: the
+    non-idle share of those CPUs' time over ``window`` seconds (Linux /proc/stat; this process
+    sleeps meanwhile), times their count. None where /proc/stat cannot be read."""
+    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+
     def ticks():
+        total = idle = 0
         with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-        return sum(values), values[3] + values[4]            # all, idle + iowait
+            for line in f:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu" or (mine is not None and name not in mine):
+                    continue
+                values = [int(v) for v in fields[:8]]
+                total, idle = total + sum(values), idle + values[3] + values[4]   # idle + iowait
+        return total, idle
 
     try:
         total0, idle0 = ticks()
@@ -339,7 +347,8 @@ def _busy_cores(window: float = 0.1):
         return None
     if total1 <= total0:
         return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+    cpus = len(mine) if mine else (os.cpu_count() or 1)
+    return cpus * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def _check_numbers(args, task: str) -> None:
@@ -430,10 +439,11 @@ def _prepare(args, task: str, device) -> Job:
     if dataset_name == "npz" and data_dir is None:
         raise DrtFastError("--dataset npz needs --data-dir FILE.npz")
     if dataset_name == "npz" and args.split != "test":
-        raise DrtFastError(f"--split {args.split}: an .npz file ({'the embedded default' if default else data_dir}) "
+        embedded = args.dataset is None and default is not None and args.data_dir is None
+        raise DrtFastError(f"--split {args.split}: an .npz file ({'the embedded default' if embedded else data_dir}) "
                            f"is one set of inputs, with no splits"
                            + ("; for the digits training split pass --dataset digits --split train"
-                              if default else ""))
+                              if embedded else ""))
     try:
         ds = data.load(dataset_name, split=args.split, data_dir=data_dir)
     except DrtFastError:
@@ -530,6 +540,13 @@ def _run(args, job: Job, group) -> None:
             results = io.open_results(args.out, job.task, args.resume)
         except OSError as e:
             raise DrtFastError(f"cannot write results to {args.out!r}: {e.strerror or e}") from None
+        selectable = set(job.keys[::job.config["skip"]])      # --max may grow on a resume
+        foreign = sorted(results.done - selectable)
+        if foreign:
+            results.close()
+            raise DrtFastError(f"cannot resume {args.out!r}: it has rows for inputs this "
+                               f"configuration does not select (idx {foreign[0]}"
+                               f"{' and %d more' % (len(foreign) - 1) if len(foreign) > 1 else ''})")
         return results.done
 
     done = distributed.run_on_main(group, open_output)

@@ -201,11 +201,18 @@ def open_results(out: str, task: str, resume: bool) -> ResultsFile:
         if tuple(header) != columns:
             raise DrtFastError(f"cannot resume {out!r}: its header is {chr(9).join(header)!r}, "
                                f"expected the {task} header {chr(9).join(columns)!r}")
-        for number, row in enumerate(rows, start=2):
-            if len(row) != len(columns) or not row[0].lstrip("-").isdigit():
-                raise DrtFastError(f"cannot resume {out!r}: row {number} is not a {task} row "
-                                   f"({chr(9).join(row)[:60]!r}); fix or remove it")
-            done.add(int(row[0]))
+        # every row as analysis will read it (numbers, a finite radius), each input once
+        try:
+            kept = read_results(out, task)
+        except DrtFastError as e:
+            raise DrtFastError(f"cannot resume: {e}; fix or remove that row") from None
+        if any(len(row) != len(columns) for row in rows):
+            number = next(n for n, row in enumerate(rows, start=2) if len(row) != len(columns))
+            raise DrtFastError(f"cannot resume {out!r}: line {number} does not have the "
+                               f"{len(columns)} columns of a {task} row; fix or remove it")
+        done = set(kept.idx)
+        if len(done) != len(kept.idx):
+            raise DrtFastError(f"cannot resume {out!r}: it holds some idx twice")
         f = open(out, "a")
     else:
         f = open(out, "w")

@@ -645,7 +645,17 @@ def test_resume_of_a_damaged_file(ckpt, reference_tsv, tmp_path, capsys):
         f.write(meta_text)
     before = open(out).read()
     assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 2
-    assert "row 5 is not a certify row" in _error_line(capsys)
+    assert "line 5: expected tab-separated values" in _error_line(capsys)
+    assert open(out).read() == before
+    # a radius that is no number, an idx twice, an input not selected: refused before any work
+    for damage in (lines[3].replace(lines[3].split("\t")[3], "nan", 1), lines[3],
+                   "999\t" + lines[3].split("\t", 1)[1]):
+        with open(out, "w") as f:
+            f.writelines(lines[:4] + [damage])
+        before = open(out).read()
+        assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 2
+        assert "cannot resume" in _error_line(capsys)
+        assert open(out).read() == before
     assert open(out).read() == before
     # killed while writing the header: the resumed run starts the file again
     with open(out, "w") as f:

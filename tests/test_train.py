@@ -423,3 +423,26 @@ def test_resume_from_a_file_that_is_not_a_training_state(tmp_path, capsys):
     assert run_cli(*argv) == 2
     assert capsys.readouterr().err.strip() == \
         f"drt-fast: error: --resume: {state} is not a drt-fast training state"
+
+
+def test_a_directory_as_out_or_log_is_named_so(tmp_path, capsys):
+    for flag in ("--out", "--log"):
+        argv = ["train", "--sigma", SIGMA, "--epochs", 1, "--quiet", "--out", tmp_path / "x.pt", flag, tmp_path]
+        assert run_cli(*argv) == 2
+        assert f"{flag} {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_a_last_step_that_breaks_the_weights_is_caught(tmp_path, capsys):
+    """Divergence shows in the next step's loss; the epoch's last step is checked on the
+    weights (one step here: 60 inputs, batch 64)."""
+    import numpy as np
+    from drt_fast import data
+
+    digits = data.load("digits", "train")
+    npz = fx.write_npz(tmp_path / "small.npz", digits.x[:60].numpy(), digits.y[:60].numpy(),
+                       means=np.array(data.normalization("digits")[0]),
+                       sds=np.array(data.normalization("digits")[1]), num_classes=np.array(10))
+    code = run_cli("train", "--sigma", SIGMA, "--dataset", "npz", "--data-dir", npz, "--epochs", 1,
+                   "--members", 2, "--lr", 1e38, "--out", tmp_path / "big.pt", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged" in err and not (tmp_path / "big.pt").exists()

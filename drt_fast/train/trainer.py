@@ -237,6 +237,19 @@ def clean_accuracy(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tenso
     return correct / max(1, len(x))
 
 
+@torch.no_grad()
+def _finite_outputs(members: Sequence[nn.Module], x: torch.Tensor) -> bool:
+    """Whether every member's eval-mode logits on ``x`` are finite."""
+    modes = [f.training for f in members]
+    try:
+        for f in members:
+            f.eval()
+        return all(bool(torch.isfinite(f(x)).all()) for f in members)
+    finally:
+        for f, mode in zip(members, modes):
+            f.train(mode)
+
+
 class _Step:
     """One optimization step's loss for the configured trainer (returns loss and statistics)."""
 
@@ -338,6 +351,9 @@ def _check_outputs(config: TrainConfig) -> None:
     if config.resume and config.overwrite:
         raise DrtFastError("--resume continues the run that wrote --out, --overwrite replaces it: "
                            "pass one of them")
+    for path, flag in ((config.out, "--out"), (config.log, "--log")):
+        if path and os.path.isdir(path):
+            raise DrtFastError(f"{flag} {path} is a directory; expected a file path")
     files = [config.out, state_path(config.out)]
     if config.log:
         if os.path.abspath(config.log) in [os.path.abspath(p) for p in files]:
@@ -475,6 +491,11 @@ def train(config: TrainConfig) -> str:
             n_steps += 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("ce", "gd", "cm") if stats.get(k) is not None})
+        # the epoch's last step is checked here (a step's loss shows the weights before it):
+        # finite weights and finite logits on a few training inputs
+        if not (all(bool(torch.isfinite(p).all()) for p in params)
+                and _finite_outputs(members, x_train[:64])):
+            raise _diverged(config, epoch, n_steps - 1)
         means = {k: v / counted[k] if counted[k] else None for k, v in totals.items()}
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
                  "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, x_test, y_test),
