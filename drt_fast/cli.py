@@ -301,9 +301,9 @@ def fit_threads_to_load() -> str:
     """Use fewer CPU threads when other processes keep cores busy (OMP_NUM_THREADS unset).
 
     torch takes a thread per core; when another job holds a core, its OpenMP threads wait
-    for one another at every barrier and a small model runs many times slower (measured: the
-    README's certify of 20 digits inputs, 2 cores, one busy: 48 s on 2 threads, 5 s on 1;
-    idle: 3.8 s vs 4.8 s). The cores busy now (`_busy_cores`, not the load average, which
+    for one another at every barrier and a small model runs several times slower (measured:
+    the README's certify of 20 digits inputs, 2 cores, one kept busy: 3.3-10x slower on 2
+    threads than on 1; idle, 2 threads are 1.3-1.5x faster). The cores busy now (`_busy_cores`, not the load average, which
     still counts a build that just ended) are left alone; at least one thread, never more
     than torch's. Returns what was done, for the summary ('' if nothing)."""
     import torch
