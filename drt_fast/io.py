@@ -288,9 +288,10 @@ def read_results(path: str, task: str = "certify") -> Results:
             out.predict.append(int(row[col["predict"]]))
             out.radius.append(float(row[col["radius"]]) if "radius" in col else 0.0)
             out.correct.append(int(row[col["correct"]]))
-            if not 0.0 <= out.radius[-1] < math.inf:       # NaN fails this too
-                raise ValueError
         except (IndexError, ValueError):
             raise DrtFastError(f"results file {path!r}, line {lineno}: expected tab-separated "
                                f"values for {' '.join(header)}, got {chr(9).join(row)!r}") from None
+        if not 0.0 <= out.radius[-1] < math.inf:           # NaN fails this too
+            raise DrtFastError(f"results file {path!r}, line {lineno}: radius {row[col['radius']]!r} "
+                               f"is not a finite number >= 0")
     return out

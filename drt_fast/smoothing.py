@@ -721,6 +721,8 @@ class SmoothedClassifier:
     def _inputs(self, xs, keys):
         """Validated inputs ``[B, *S]`` (floating, where they are) and keys ``[B]`` (int64, CPU)."""
         xs = torch.as_tensor(xs)
+        if xs.numel() == 0 and xs.dim() < 2:
+            xs = xs.reshape(0, 0).float()           # no inputs (e.g. a plain []): no work
         if not xs.is_floating_point():
             raise InvalidArgument(f"inputs must be floating-point pixels, got dtype {xs.dtype}")
         if xs.dim() < 2:

@@ -94,7 +94,7 @@ def test_cli_analyze_refuses_a_radius_that_is_no_radius(radius, tmp_path, capsys
     a = _write(tmp_path / "a.tsv", ROWS_A[:2] + [(3, 3, radius)])
     assert main(["analyze", a]) == 2
     err = capsys.readouterr().err.strip()
-    assert "line 4" in err and "\n" not in err
+    assert "line 4: radius" in err and "\n" not in err
 
 
 def test_leading_double_dash_is_ignored(tmp_path, capsys):

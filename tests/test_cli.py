@@ -725,6 +725,7 @@ def test_certify_many_of_no_inputs_is_empty(ckpt):
     smooth = SmoothedClassifier(checkpoint.load_ensemble(ckpt), 10, 0.25)
     assert smooth.certify_many(torch.zeros(0, 1, 8, 8), [], 10, 100, 0.001, 100) == []
     assert smooth.predict_many(torch.zeros(0, 1, 8, 8), [], 100, 0.001, 100) == []
+    assert smooth.certify_many([], [], 10, 100, 0.001, 100) == []
 
 
 def test_interrupted_before_the_first_row_leaves_no_file(ckpt, tmp_path, monkeypatch, capsys):

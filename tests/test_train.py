@@ -287,6 +287,9 @@ def test_init_from_member_files_and_mismatched_classes(base, tmp_path, capsys):
                         means=np.array(means), sds=np.array(sds))
     assert run_cli(*drt, "--dataset", "npz", "--data-dir", same, "--init", *files,
                    "--out", tmp_path / "f.pt") == 0
+    # a drt-fast ensemble of another dataset, when its normalization is the npz's
+    assert run_cli(*drt, "--dataset", "npz", "--data-dir", same, "--init", base,
+                   "--out", tmp_path / "g.pt") == 0
     # an .npz has no held-out split: its log reports no test accuracy rather than the training set's
     log = tmp_path / "npz.jsonl"
     assert run_cli("train", "--sigma", SIGMA, "--dataset", "npz", "--data-dir", npz, "--epochs", 1,

@@ -194,8 +194,10 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
     if archs != {config.arch}:
         raise DrtFastError(f"--init {what} has arch {', '.join(sorted(map(str, archs)))}, "
                            f"this run has {config.arch!r}")
-    # (a Cohen file names no dataset: the one its arch implies is no reason to refuse it)
-    if meta.get("format") != "cohen" and meta.get("dataset") not in (None, config.dataset):
+    # (a Cohen file names no dataset: the one its arch implies is no reason to refuse it; an
+    # .npz holds any data, which the normalization check below matches)
+    if (meta.get("format") != "cohen" and config.dataset != "npz"
+            and meta.get("dataset") not in (None, config.dataset)):
         raise DrtFastError(f"--init {what} has dataset {meta.get('dataset')!r}, "
                            f"this run has {config.dataset!r}")
     if meta.get("num_classes") != num_classes:
