@@ -209,17 +209,22 @@ def main():
                 m_kernel = Ensemble([r.module for r in members], mode=base.mode).eval()
                 label = f"bf16 CIFAR ResNet kernel, {name} (drt_fast)"
                 if batch == first_batch and wanted(label):
-                    # a timing is only worth reading if the logits are right: noisy draws
-                    # through the kernel against the fp32 members, draw by draw
-                    draws = (x + 0.25 * torch.randn(64, *x.shape, device=device,
-                                                    generator=torch.Generator(device).manual_seed(0))).clamp(0, 1)
-                    got, want = m_kernel(draws.to(torch.bfloat16)).float(), base(draws).float()
-                    err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
-                    print(f"{label}: logits vs the fp32 members on 64 noisy draws: relative error "
-                          f"max {err.max():.2e}, median {err.median():.2e}, argmax agreement "
-                          f"{(got.argmax(-1) == want.argmax(-1)).float().mean():.3f}", flush=True)
+                    check_logits(label, m_kernel, torch.bfloat16)
                 out.append((label, True, m_kernel, nchw.to(torch.bfloat16)))
             return out
+
+        def check_logits(label, model, dtype, channels_last=False):
+            """A timing is only worth reading if the logits are right: 64 noisy draws through
+            ``model`` (in ``dtype``) against the fp32 members, draw by draw."""
+            draws = (x + 0.25 * torch.randn(64, *x.shape, device=device,
+                                            generator=torch.Generator(device).manual_seed(0))).clamp(0, 1)
+            if channels_last:
+                draws = draws.contiguous(memory_format=torch.channels_last)
+            got, want = model(draws.to(dtype)).float(), base(draws).float()
+            err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
+            print(f"{label}: logits vs the fp32 members on 64 noisy draws: relative error "
+                  f"max {err.max():.2e}, median {err.median():.2e}, argmax agreement "
+                  f"{(got.argmax(-1) == want.argmax(-1)).float().mean():.3f}", flush=True)
 
         def grouped():
             """`GroupedCifarResNets` in fp32 and bf16, checked against the fp32 members first:
@@ -236,13 +241,7 @@ def main():
                     return []
                 inp = cl.to(dtype)
                 if batch == first_batch and wanted(label):
-                    draws = (x + 0.25 * torch.randn(64, *x.shape, device=device,
-                                                    generator=torch.Generator(device).manual_seed(0))).clamp(0, 1)
-                    draws = draws.contiguous(memory_format=torch.channels_last)
-                    got, want = model(draws.to(dtype)).float(), base(draws).float()
-                    err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
-                    print(f"{label}: logits vs the fp32 members: relative error max {err.max():.2e}",
-                          flush=True)
+                    check_logits(label, model, dtype, channels_last=True)
                 out.append((label, True, model, inp))
             return out
 
