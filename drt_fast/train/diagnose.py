@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import margins, member_forward
+from .losses import eval_mode, margins, member_forward
 
 
 @dataclass
@@ -59,16 +59,13 @@ def diagnose(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, sig
     Each input gets ``noise_draws`` noise vectors from a generator seeded by ``seed``. The
     members are put in eval mode and restored afterwards; their parameters get no gradient.
     """
-    modes = [f.training for f in members]
-    for f in members:
-        f.eval()
     M = len(members)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     sums = {"margin": torch.zeros(M, dtype=torch.float64), "acc": torch.zeros(M, dtype=torch.float64),
             "cos": {p: 0.0 for p in itertools.combinations(range(M), 2)},
             "ens_margin": 0.0, "ens_acc": 0.0}
     count = 0
-    try:
+    with eval_mode(members):
         for _ in range(noise_draws):
             for s in range(0, len(x), batch):
                 xb, yb = x[s:s + batch], y[s:s + batch]
@@ -89,9 +86,6 @@ def diagnose(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, sig
                 sums["ens_margin"] += float(m_ens.double().sum())
                 sums["ens_acc"] += float(ok_ens.double().sum())
                 count += len(yb)
-    finally:
-        for f, mode in zip(members, modes):
-            f.train(mode)
     n = max(1, count)
     return Diagnosis(member_margin=(sums["margin"] / n).tolist(),
                      member_accuracy=(sums["acc"] / n).tolist(),

@@ -25,6 +25,7 @@ gradients are exactly per sample.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Sequence
 
@@ -33,6 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 
 GD_NORMS = ("l2", "sq")
+
+
+@contextlib.contextmanager
+def eval_mode(members: Sequence[nn.Module]):
+    """``members`` in eval mode inside the block, each back in its own mode after it."""
+    modes = [f.training for f in members]
+    try:
+        for f in members:
+            f.eval()
+        yield
+    finally:
+        for f, mode in zip(members, modes):
+            f.train(mode)
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DrtFastError, InvalidArgument
-from .losses import GD_NORMS, drt_terms_from_logits, gaussian_loss, member_forward
+from .losses import GD_NORMS, drt_terms_from_logits, eval_mode, gaussian_loss, member_forward
 from .smoothadv import pgd_smoothed
 
 TRAINERS = ("gaussian", "smoothadv", "drt", "drt-smoothadv")
@@ -226,30 +226,20 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
 def clean_accuracy(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
                    batch: int = 1000) -> float:
     """Accuracy of the clean WE ensemble (mean of member softmax) on x [N, *S], y [N]."""
-    modes = [f.training for f in members]
-    for f in members:
-        f.eval()
     correct = 0
-    for s in range(0, len(x), batch):
-        xb = x[s:s + batch]
-        p = torch.stack([torch.softmax(f(xb).float(), 1) for f in members]).mean(0)
-        correct += int((p.argmax(1) == y[s:s + batch]).sum())
-    for f, mode in zip(members, modes):
-        f.train(mode)
+    with eval_mode(members):
+        for s in range(0, len(x), batch):
+            xb = x[s:s + batch]
+            p = torch.stack([torch.softmax(f(xb).float(), 1) for f in members]).mean(0)
+            correct += int((p.argmax(1) == y[s:s + batch]).sum())
     return correct / max(1, len(x))
 
 
 @torch.no_grad()
 def _finite_outputs(members: Sequence[nn.Module], x: torch.Tensor) -> bool:
     """Whether every member's eval-mode logits on ``x`` are finite."""
-    modes = [f.training for f in members]
-    try:
-        for f in members:
-            f.eval()
+    with eval_mode(members):
         return all(bool(torch.isfinite(f(x)).all()) for f in members)
-    finally:
-        for f, mode in zip(members, modes):
-            f.train(mode)
 
 
 class _Step:
