@@ -203,7 +203,7 @@ def open_results(out: str, task: str, resume: bool) -> ResultsFile:
                                f"expected the {task} header {chr(9).join(columns)!r}")
         # every row as analysis will read it (numbers, a finite radius), each input once
         try:
-            kept = read_results(out, task)
+            kept = _parse_results(out, header, rows, task)
         except DrtFastError as e:
             raise DrtFastError(f"cannot resume: {e}; fix or remove that row") from None
         if any(len(row) != len(columns) for row in rows):
@@ -270,6 +270,11 @@ def read_results(path: str, task: str = "certify") -> Results:
         header, rows = _read_rows(path)
     except UnicodeDecodeError:
         raise DrtFastError(f"results file {path!r} is not a text TSV file") from None
+    return _parse_results(path, header, rows, task)
+
+
+def _parse_results(path: str, header: list, rows: list, task: str) -> Results:
+    """`read_results` of a file's header and rows (as `_read_rows` gives them)."""
     header = [h.strip() for h in header]
     needed = ("idx", "label", "predict", "radius", "correct")
     if task == "predict":
