@@ -55,6 +55,18 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".
                      ".webp")
 
 
+def read_image(path: Path, transform) -> torch.Tensor:
+    """Image ``path`` as RGB, through ``transform(img, PIL.Image) -> img``, as a float32
+    ``[3, H, W]`` tensor in [0, 1]; DrtFastError when the file cannot be decoded."""
+    Image = _pillow()
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(transform(img.convert("RGB"), Image), dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise DrtFastError(f"cannot read image {path}: {exc}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
 class LazyImages:
     """Images of a class-folder tree, decoded and preprocessed when indexed.
 
@@ -94,25 +106,19 @@ class LazyImages:
     def _load(self, path: Path) -> torch.Tensor:
         """Torchvision's ``Resize(256)`` (shorter side, bilinear) + ``CenterCrop(224)`` +
         ``ToTensor()``, with Pillow."""
-        Image = _pillow()
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                w, h = img.size
-                # As torchvision: the shorter side becomes exact, the longer one truncates.
-                if w <= h:
-                    size = (self.resize, int(self.resize * h / w))
-                else:
-                    size = (int(self.resize * w / h), self.resize)
-                img = img.resize(size, Image.BILINEAR)
-                w, h = img.size
-                left = int(round((w - self.crop) / 2.0))
-                top = int(round((h - self.crop) / 2.0))
-                img = img.crop((left, top, left + self.crop, top + self.crop))
-                array = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            raise DrtFastError(f"cannot read image {path}: {exc}") from None
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        def resize_center_crop(img, Image):
+            w, h = img.size
+            # As torchvision: the shorter side becomes exact, the longer one truncates.
+            if w <= h:
+                size = (self.resize, int(self.resize * h / w))
+            else:
+                size = (int(self.resize * w / h), self.resize)
+            img = img.resize(size, Image.BILINEAR)
+            w, h = img.size
+            left = int(round((w - self.crop) / 2.0))
+            top = int(round((h - self.crop) / 2.0))
+            return img.crop((left, top, left + self.crop, top + self.crop))
+        return read_image(path, resize_center_crop)
 
     def __repr__(self) -> str:
         return f"LazyImages({len(self)} images, {self.resize}->{self.crop})"

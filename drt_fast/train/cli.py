@@ -7,6 +7,7 @@ import sys
 
 from ..errors import DrtFastError
 from .losses import GD_NORMS
+from .inputs import AUGMENTS
 from .trainer import LR_SCHEDULES, TRAINERS, TrainConfig
 
 
@@ -36,6 +37,14 @@ def register(subparsers) -> None:
     p.add_argument("--eps-warmup", type=int, metavar="EPOCHS",
                    help="SmoothAdv: grow --eps linearly over the first EPOCHS epochs, as Salman "
                         "et al.'s --warmup (default: 0, the full radius from the start)")
+    p.add_argument("--augment", choices=AUGMENTS, default=d.augment,
+                   help="data augmentation, as Cohen et al.'s train.py: crop-flip (pad 4, random "
+                        "crop, flip; cifar10's default), resized-crop-flip (random 8-100%% crop "
+                        "resized to 224, flip; imagenet's default), none (the other datasets' "
+                        "default); auto picks the dataset's (default: auto)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes decoding image folders (imagenet) during training; 0 decodes "
+                        "in the main process (default: up to 8, the cores shared among ranks)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"initial SGD learning rate (default: {d.lr})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,

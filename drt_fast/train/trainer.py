@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DrtFastError, InvalidArgument
+from .inputs import AUGMENTS, TrainInputs, eval_batches, resolve_augment
 from .losses import GD_NORMS, drt_terms_from_logits, eval_mode, gaussian_loss, member_forward
 from .smoothadv import pgd_smoothed
 
@@ -56,7 +57,7 @@ LR_SCHEDULES = ("step", "cosine")
 # weights); every other field must match the checkpoint being resumed.
 # ``init`` only matters at the start: a resumed run keeps the value its first command had.
 _RESUME_FREE = ("out", "resume", "overwrite", "quiet", "log", "device", "data_dir", "command", "amp",
-                "init")
+                "init", "workers")
 _SEED_LIMIT = 2**63
 
 
@@ -73,6 +74,8 @@ class TrainConfig:
     rho2: float = 0.0                # weight of CM
     gd_norm: str = "l2"
     m: int = 1                       # noise vectors per input
+    augment: str = "auto"            # data augmentation (inputs.AUGMENTS; auto: Cohen's per dataset)
+    workers: int | None = None       # DataLoader processes decoding image folders (None: up to 8)
     eps: float = 0.25                # SmoothAdv L2 radius (pixels)
     steps: int = 1                   # SmoothAdv PGD steps
     eps_warmup: int = 0              # SmoothAdv: grow eps linearly over this many epochs (0: none)
@@ -115,6 +118,10 @@ class TrainConfig:
                 bad(f"--{name} must be >= 1", getattr(self, name))
         if self.eps_warmup < 0:
             bad("--eps-warmup must be >= 0", self.eps_warmup)
+        if self.augment not in AUGMENTS:
+            bad(f"--augment must be one of {', '.join(AUGMENTS)}", self.augment)
+        if self.workers is not None and self.workers < 0:
+            bad("--workers must be >= 0", self.workers)
         if self.trainer.startswith("drt") and self.members < 2:
             bad("the DRT trainers compare members and need --members >= 2", self.members)
         if self.gd_norm not in GD_NORMS:
@@ -223,15 +230,17 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
 
 
 @torch.no_grad()
-def clean_accuracy(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                   batch: int = 1000) -> float:
-    """Accuracy of the clean WE ensemble (mean of member softmax) on x [N, *S], y [N]."""
-    correct = 0
+def clean_accuracy(members: Sequence[nn.Module], x, y: torch.Tensor, batch: int = 1000,
+                   workers: int = 0) -> float:
+    """Accuracy of the clean WE ensemble (mean of member softmax) on x [N, *S] (a tensor or
+    `data.LazyImages`, read by ``workers`` processes), y [N], on the members' device."""
+    device = next(members[0].parameters()).device
+    correct, s = 0, 0
     with eval_mode(members):
-        for s in range(0, len(x), batch):
-            xb = x[s:s + batch]
+        for xb in eval_batches(x, batch, device, workers):
             p = torch.stack([torch.softmax(f(xb).float(), 1) for f in members]).mean(0)
-            correct += int((p.argmax(1) == y[s:s + batch]).sum())
+            correct += int((p.argmax(1).cpu() == y[s:s + len(xb)].cpu()).sum())
+            s += len(xb)
     return correct / max(1, len(x))
 
 
@@ -380,9 +389,7 @@ def train(config: TrainConfig) -> str:
     train_set = data_mod.load(config.dataset, "train", config.data_dir)
     # an .npz is one set of inputs: no held-out split to report a test accuracy on
     test_set = None if config.dataset == "npz" else data_mod.load(config.dataset, "test", config.data_dir)
-    if not isinstance(train_set.x, torch.Tensor):
-        raise DrtFastError(f"training needs a dataset held in memory; {config.dataset} is read "
-                           f"lazily from image folders (convert it to an .npz and use --dataset npz)")
+    augment = resolve_augment(config.augment, config.dataset, isinstance(train_set.x, torch.Tensor))
     expected = tuple(models.input_shape(config.arch))
     if tuple(train_set.x.shape[1:]) != expected:
         raise DrtFastError(f"--arch {config.arch} expects inputs of shape {list(expected)}, "
@@ -397,6 +404,7 @@ def train(config: TrainConfig) -> str:
                                 weight_decay=config.weight_decay)
     record = dataclasses.asdict(config)
     record["world_size"] = group.world_size     # the batch split, hence the weights, depend on it
+    record["augment"] = augment                 # what "auto" meant
     start_epoch = 0
     if config.resume:
         path = state_path(config.out)
@@ -407,6 +415,7 @@ def train(config: TrainConfig) -> str:
         if not isinstance(saved, dict) or not {"epoch", "members", "optimizer"} <= set(state):
             raise DrtFastError(f"--resume: {path} is not a drt-fast training state")
         saved.setdefault("world_size", group.world_size)    # states written before it was recorded
+        saved.setdefault("augment", "none")                 # (written before there was any)
         record["init"] = saved.get("init")
         diff = {k: (saved.get(k), v) for k, v in _comparable(record).items() if saved.get(k) != v}
         if diff:
@@ -421,9 +430,10 @@ def train(config: TrainConfig) -> str:
 
     for f in members:
         f.to(device).train()
-    x_train, y_train = train_set.x.to(device), train_set.y.to(device)
-    if test_set is not None:
-        x_test, y_test = test_set.x.to(device), test_set.y.to(device)
+    workers = config.workers
+    if workers is None:      # image folders: decode in parallel, sharing the cores among ranks
+        workers = min(8, max(1, (os.cpu_count() or 1) // group.world_size))
+    inputs = TrainInputs(train_set.x, train_set.y, augment, config.seed, device, workers)
     step = _Step(config, members)
     autocast = _autocast_factory(config, device)
 
@@ -437,7 +447,7 @@ def train(config: TrainConfig) -> str:
                       normalization=train_set.normalization, sigma=config.sigma,
                       train_config={**record, "epochs_done": epoch})
 
-    n_train = len(y_train)
+    n_train = len(inputs)
     world, rank = group.world_size, group.rank
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
@@ -447,21 +457,20 @@ def train(config: TrainConfig) -> str:
         step.eps = eps_at(config, epoch)
         torch.manual_seed(epoch_seed(config.seed, epoch, group.rank))   # anything on the global RNG
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
-            epoch_seed(config.seed, epoch))).to(device)
+            epoch_seed(config.seed, epoch)))
         gen = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch, group.rank + 1))
         totals = {"ce": 0.0, "gd": 0.0, "cm": 0.0, "acc": 0.0}
         counted = dict.fromkeys(totals, 0)
         n_steps = 0
         # under torchrun a last partial batch could leave a rank without inputs: drop it
         last = n_train - config.batch + 1 if group.active else n_train
-        batches = range(0, max(1, last), config.batch)
-        bar = _progress(batches, config, group, epoch)
-        for s in bar:
-            chunk = order[s:s + config.batch]
-            idx = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
-            loss, stats = step(x_train[idx], y_train[idx], gen, autocast)
+        chunks = [order[s:s + config.batch] for s in range(0, max(1, last), config.batch)]
+        shares = [c[rank * len(c) // world:(rank + 1) * len(c) // world] for c in chunks]
+        bar = _progress(zip(chunks, inputs.epoch(epoch, shares)), len(chunks), config, group, epoch)
+        for chunk, (xb, yb) in bar:
+            loss, stats = step(xb, yb, gen, autocast)
             if world > 1 and len(chunk) % world:
-                loss = loss * (len(idx) * world / len(chunk))   # shares of unequal size
+                loss = loss * (len(yb) * world / len(chunk))    # shares of unequal size
             # The loss's terms are on the host already (the step's statistics): a non-finite
             # one stops the run before the weights take it. Under torchrun the flag travels
             # with the gradients, so that every rank stops at the same step.
@@ -484,13 +493,13 @@ def train(config: TrainConfig) -> str:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("ce", "gd", "cm") if stats.get(k) is not None})
         # the epoch's last step is checked here (a step's loss shows the weights before it):
-        # finite weights and finite logits on a few training inputs
+        # finite weights and finite logits on a few training inputs (of the last batch)
         if not (all(bool(torch.isfinite(p).all()) for p in params)
-                and _finite_outputs(members, x_train[:64])):
+                and _finite_outputs(members, xb[:64])):
             raise _diverged(config, epoch, n_steps - 1)
         means = {k: v / counted[k] if counted[k] else None for k, v in totals.items()}
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
-                 "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, x_test, y_test),
+                 "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, test_set.x, test_set.y, workers=workers),
                  "lr": lr, "time": round(time.time() - t0, 3)}
         if "smoothadv" in config.trainer:
             entry["eps"] = step.eps
@@ -539,9 +548,10 @@ def _autocast_factory(config: TrainConfig, device: torch.device):
     return lambda: torch.autocast("cuda", dtype=dtype)
 
 
-def _progress(batches, config: TrainConfig, group, epoch: int):
+def _progress(batches, total: int, config: TrainConfig, group, epoch: int):
     if config.quiet or not group.is_main or not sys.stderr.isatty():
         return batches
     from tqdm import tqdm
 
-    return tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, file=sys.stderr)
+    return tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                file=sys.stderr)

@@ -1,0 +1,268 @@
+"""Training inputs: Cohen's augmentations, image-folder (ImageNet) training, determinism."""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drt_fast import cli, models
+from drt_fast.checkpoint import load_checkpoint
+from drt_fast.errors import DrtFastError
+from drt_fast.train import inputs
+from drt_fast.train import trainer as trainer_mod
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_cli(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def weights(path):
+    ens, meta = load_checkpoint(path)
+    return [m.state_dict() for m in ens.members], meta
+
+
+def assert_same_weights(a, b):
+    for sa, sb in zip(a, b):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+# --------------------------------------------------------------------------- crop + flip
+
+def test_crop_flip_is_torchvisions_random_crop_and_flip():
+    x = torch.rand(6, 3, 32, 32)
+    offsets, flips = inputs.crop_flip_plan(6, seed=3, epoch=1)
+    out = inputs.crop_flip(x, offsets, flips)
+    for i in range(6):        # reference: pad 4 with zeros, crop 32x32 at the offset, then flip
+        top, left = offsets[i].tolist()
+        ref = F.pad(x[i], (4, 4, 4, 4))[:, top:top + 32, left:left + 32]
+        if flips[i]:
+            ref = ref.flip(-1)
+        assert torch.equal(out[i], ref)
+
+
+def test_crop_flip_plan_is_seeded_per_epoch_and_uniform():
+    a = inputs.crop_flip_plan(20000, seed=0, epoch=0)
+    assert all(torch.equal(u, v) for u, v in zip(a, inputs.crop_flip_plan(20000, seed=0, epoch=0)))
+    assert not torch.equal(a[0], inputs.crop_flip_plan(20000, seed=0, epoch=1)[0])
+    assert not torch.equal(a[0], inputs.crop_flip_plan(20000, seed=1, epoch=0)[0])
+    offsets, flips = a
+    counts = torch.bincount(offsets.reshape(-1), minlength=9).double()
+    assert counts.numel() == 9 and counts.min() > 0           # every offset 0..8 occurs
+    expected = 40000 / 9                                      # chi-square, 8 dof: 26.1 at p=0.001
+    assert float(((counts - expected) ** 2 / expected).sum()) < 26.1
+    assert abs(float(flips.double().mean()) - 0.5) < 4 * 0.5 / math.sqrt(20000)
+
+
+# --------------------------------------------------------------------------- resized crop
+
+def test_resized_crop_box_follows_torchvisions_rules():
+    rng = np.random.default_rng(0)
+    fractions, ratios = [], []
+    for _ in range(4000):
+        left, top, w, h = inputs.resized_crop_box(500, 375, rng)
+        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375 and w > 0 and h > 0
+        fractions.append(w * h / (500 * 375))
+        ratios.append(w / h)
+    fractions, ratios = np.array(fractions), np.array(ratios)
+    assert fractions.min() > 0.075 and fractions.max() <= 1.0
+    assert ratios.min() > 0.74 and ratios.max() < 1.35
+    # (area fraction, log ratio) uniform on [0.08, 1] x [log 3/4, log 4/3], kept where the
+    # crop fits the image: the same law, sampled independently
+    mc = np.random.default_rng(1)
+    s = mc.uniform(0.08, 1.0, 200000)
+    r = np.exp(mc.uniform(math.log(3 / 4), math.log(4 / 3), 200000))
+    w, h = np.round(np.sqrt(s * 187500 * r)), np.round(np.sqrt(s * 187500 / r))
+    fits = (w <= 500) & (h <= 375)
+    from scipy.stats import ks_2samp
+    assert ks_2samp(fractions, w[fits] * h[fits] / 187500).pvalue > 0.001
+    assert ks_2samp(ratios, w[fits] / h[fits]).pvalue > 0.001
+    # a strip no crop of the allowed ratios fits: the central crop of the closest ratio
+    assert inputs.resized_crop_box(1000, 10, np.random.default_rng(0)) == (493, 0, 13, 10)
+    assert inputs.resized_crop_box(10, 1000, np.random.default_rng(0)) == (0, 493, 10, 13)
+
+
+def test_resolve_augment():
+    assert inputs.resolve_augment("auto", "cifar10", True) == "crop-flip"
+    assert inputs.resolve_augment("auto", "imagenet", False) == "resized-crop-flip"
+    for name in ("digits", "mnist", "npz"):
+        assert inputs.resolve_augment("auto", name, True) == "none"
+    assert inputs.resolve_augment("crop-flip", "npz", True) == "crop-flip"
+    with pytest.raises(DrtFastError, match="resized-crop-flip is for image folders"):
+        inputs.resolve_augment("resized-crop-flip", "cifar10", True)
+    with pytest.raises(DrtFastError, match="crop-flip is for datasets held in memory"):
+        inputs.resolve_augment("crop-flip", "imagenet", False)
+
+
+# --------------------------------------------------------------------------- CIFAR-10 training
+
+def write_cifar_train(folder, n_per_batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n_per_batch)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return folder
+
+
+def test_cifar10_training_crops_and_flips_by_default(tmp_path, monkeypatch):
+    folder = write_cifar_train(tmp_path / "cifar-10-batches-py")
+    seen = []
+    real = inputs.crop_flip
+    monkeypatch.setattr(inputs, "crop_flip", lambda *a: seen.append(a[0].shape) or real(*a))
+    common = ["train", "--dataset", "cifar10", "--data-dir", folder, "--arch", "cifar_resnet20",
+              "--members", 1, "--sigma", 0.25, "--epochs", 1, "--batch", 10, "--quiet"]
+    assert run_cli(*common, "--out", tmp_path / "a.pt") == 0
+    assert seen == [(10, 3, 32, 32), (10, 3, 32, 32)]          # 20 training inputs, batch 10
+    _, meta = weights(tmp_path / "a.pt")
+    assert meta["train_config"]["augment"] == "crop-flip"       # what "auto" meant
+    seen.clear()
+    assert run_cli(*common, "--augment", "none", "--out", tmp_path / "b.pt") == 0
+    assert seen == []
+
+
+def test_augment_that_does_not_apply_is_one_line(tmp_path, capsys):
+    folder = write_cifar_train(tmp_path / "c")
+    code = run_cli("train", "--dataset", "cifar10", "--data-dir", folder, "--arch", "cifar_resnet20",
+                   "--sigma", 0.25, "--augment", "resized-crop-flip", "--out", tmp_path / "x.pt")
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "image folders" in err
+    assert not os.path.exists(tmp_path / "x.pt")
+
+
+# --------------------------------------------------------------------------- image folders
+
+class Tiny224(nn.Module):
+    """A small network for 3x224x224 inputs, so that folder training runs in a test."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 8, stride=8)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+@pytest.fixture
+def tiny224(monkeypatch):
+    entry = models._Entry(Tiny224, (3, 224, 224), "imagenet", "fc")
+    monkeypatch.setitem(models._REGISTRY, "tiny224", entry)
+    return "tiny224"
+
+
+def write_image_folder(root, per_class=3, seed=0):
+    """train/ and val/ of a 2-class ImageNet-style tree: JPEG, PNG and a grayscale image,
+    of different sizes."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c, wnid in enumerate(("n01440764", "n01443537")):
+            (root / split / wnid).mkdir(parents=True)
+            for j in range(per_class):
+                w, h = int(rng.integers(180, 400)), int(rng.integers(180, 400))
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                arr[..., c] = 255 - arr[..., c] // 4       # a class signal
+                img = Image.fromarray(arr)
+                if j == 2:
+                    img.convert("L").save(root / split / wnid / f"img{j}.png")
+                else:
+                    img.save(root / split / wnid / f"img{j}.JPEG", quality=90)
+    return root
+
+
+def folder_train(root, out, arch, *extra):
+    return run_cli("train", "--dataset", "imagenet", "--data-dir", root, "--arch", arch,
+                   "--members", 2, "--sigma", 0.25, "--batch", 4, "--lr", 0.01, "--quiet",
+                   "--out", out, *extra)
+
+
+def test_image_folder_training_is_deterministic_and_resumes(tmp_path, tiny224, monkeypatch):
+    root = write_image_folder(tmp_path / "imagenet")
+    log = tmp_path / "log.jsonl"
+    assert folder_train(root, tmp_path / "w0.pt", tiny224, "--epochs", 2, "--workers", 0,
+                        "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5, "--log", log) == 0
+    w0, meta = weights(tmp_path / "w0.pt")
+    assert meta["train_config"]["augment"] == "resized-crop-flip"
+    assert meta["dataset"] == "imagenet" and meta["num_classes"] == 2
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["epoch"] for e in lines] == [1, 2] and all(0 <= e["test_acc"] <= 1 for e in lines)
+    # worker processes decode the same crops
+    assert folder_train(root, tmp_path / "w2.pt", tiny224, "--epochs", 2, "--workers", 2,
+                        "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5) == 0
+    assert_same_weights(w0, weights(tmp_path / "w2.pt")[0])
+    # interrupted after the first epoch's checkpoint, then --resume: the uninterrupted weights
+    def interrupt(path, record, new=False):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer_mod, "_log_line", interrupt)
+        assert folder_train(root, tmp_path / "r.pt", tiny224, "--epochs", 2, "--workers", 0,
+                            "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5) != 0
+    assert weights(tmp_path / "r.pt")[1]["train_config"]["epochs_done"] == 1
+    assert folder_train(root, tmp_path / "r.pt", tiny224, "--epochs", 2, "--workers", 1,
+                        "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5, "--resume") == 0
+    assert_same_weights(w0, weights(tmp_path / "r.pt")[0])
+    # without augmentation the epoch sees the evaluation view: other weights
+    assert folder_train(root, tmp_path / "n.pt", tiny224, "--epochs", 2, "--workers", 0,
+                        "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5, "--augment", "none") == 0
+    assert not all(torch.equal(a["1.fc.weight"], b["1.fc.weight"])
+                   for a, b in zip(w0, weights(tmp_path / "n.pt")[0]))
+
+
+def test_resized_crops_differ_per_epoch_and_match_the_box(tmp_path):
+    from PIL import Image
+    from drt_fast import data
+
+    root = write_image_folder(tmp_path / "imagenet", per_class=1)
+    ds = data.load("imagenet", "train", root)
+    first = inputs._FolderImages(ds.x, "resized-crop-flip", seed=0, epoch=0)
+    a, b = first[0], inputs._FolderImages(ds.x, "resized-crop-flip", seed=0, epoch=1)[0]
+    assert a.shape == (3, 224, 224) and not torch.equal(a, b)
+    assert torch.equal(a, first[0])                          # a pure function of (seed, epoch, index)
+    # reference: the same box and flip, drawn from the same generator, with Pillow directly
+    rng = np.random.default_rng([0, 0, 2**32 - 1, 0])
+    with Image.open(ds.x.paths[0]) as img:
+        img = img.convert("RGB")
+        left, top, w, h = inputs.resized_crop_box(img.width, img.height, rng)
+        ref = img.resize((224, 224), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+    ref = torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(a, ref)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_training_image_is_one_line(tmp_path, tiny224, capsys, workers):
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    bad = root / "train" / "n01440764" / "img1.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    code = folder_train(root, tmp_path / "x.pt", tiny224, "--epochs", 1, "--workers", workers)
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "cannot read image" in err and "img1.JPEG" in err
+    assert not os.path.exists(tmp_path / "x.pt")
+
+
+def test_resnet50_trains_on_an_image_folder_and_certifies(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "r50.pt"
+    assert run_cli("train", "--dataset", "imagenet", "--data-dir", root, "--arch", "resnet50",
+                   "--members", 1, "--sigma", 0.5, "--batch", 2, "--epochs", 1, "--lr", 0.001,
+                   "--workers", 0, "--quiet", "--out", out) == 0
+    tsv = tmp_path / "cert.tsv"
+    assert run_cli("certify", "--model", out, "--dataset", "imagenet", "--data-dir", root,
+                   "--n0", 4, "--n", 8, "--batch", 8, "--max", 1, "--quiet", "--out", tsv) == 0
+    assert len(tsv.read_text().splitlines()) == 2
