@@ -136,8 +136,9 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--sigma", type=float, help="noise level (default: the checkpoint's training sigma)")
     if task == "certify":
-        p.add_argument("--n0", type=int, default=100, help="selection draws (default: 100)")
-    p.add_argument("--n", type=int, default=100_000, help="estimation draws (default: 100000)")
+        # (--N0 / --N: the spelling of Cohen et al.'s certify.py and predict.py)
+        p.add_argument("--n0", "--N0", type=int, default=100, help="selection draws (default: 100)")
+    p.add_argument("--n", "--N", type=int, default=100_000, help="estimation draws (default: 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
     p.add_argument("--batch", type=int, default=1000, help="noisy draws per forward pass (default: 1000)")
     p.add_argument("--skip", type=int, help=f"{task} every skip-th input (default: 1; "

@@ -387,7 +387,7 @@ def test_bad_numbers_one_line_before_any_work(flag, value, message, capsys):
                                   "'mme', 'mv') (see drt-fast certify --help)"),
     (["certify", "--dataset", "svhn"], "argument --dataset: invalid choice: 'svhn'"),
     (["certify", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
-    (["certify", "--n", "abc"], "argument --n: invalid int value: 'abc'"),
+    (["certify", "--n", "abc"], "argument --n/--N: invalid int value: 'abc'"),
     (["predict", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["certify", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:i, got 'tpu'"),
     (["certify", "--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:i, got 'cuda:x'"),
@@ -773,3 +773,16 @@ def test_busy_cores_reads_proc_stat():
         assert busy is None
     else:
         assert 0.0 <= busy <= os.cpu_count() + 0.01
+
+
+def test_cohens_spelling_of_n0_and_n(tmp_path, capsys):
+    """--N0 / --N as in Cohen et al.'s certify.py and predict.py: the same run as --n0 / --n."""
+    runs = {"cohen": ["--N0", "12", "--N", "40"], "ours": ["--n0", "12", "--n", "40"]}
+    for name, flags in runs.items():
+        assert main(["certify", *flags, "--max", "3", "--quiet", "--out", str(tmp_path / f"{name}.tsv")]) == 0
+        assert main(["predict", flags[2], flags[3], "--max", "3", "--quiet",
+                     "--out", str(tmp_path / f"{name}-p.tsv")]) == 0
+    assert json.loads((tmp_path / "cohen.tsv.json").read_text())["n"] == 40
+    for suffix in (".tsv", "-p.tsv"):
+        assert (fx.rows_without_time(tmp_path / f"cohen{suffix}")
+                == fx.rows_without_time(tmp_path / f"ours{suffix}"))
