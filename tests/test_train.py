@@ -327,6 +327,36 @@ def test_lr_schedules():
     cos = TrainConfig(epochs=4, lr=0.1, lr_schedule="cosine")
     assert trainer_mod.lr_at(cos, 0) == pytest.approx(0.1)
     assert trainer_mod.lr_at(cos, 2) == pytest.approx(0.05)
+    cohen = TrainConfig(epochs=90, lr=0.1, lr_step=30)            # Cohen et al.'s schedule
+    assert [trainer_mod.lr_at(cohen, e) for e in (0, 29, 30, 59, 60, 89)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    half = TrainConfig(epochs=4, lr=0.1, lr_step=1, lr_gamma=0.5)
+    assert [trainer_mod.lr_at(half, e) for e in range(4)] == pytest.approx([0.1, 0.05, 0.025, 0.0125])
+    for bad, message in ((dict(lr_step=0), "--lr-step must be >= 1"),
+                         (dict(lr_gamma=0.0), "--lr-gamma must be in"),
+                         (dict(lr_gamma=1.5), "--lr-gamma must be in"),
+                         (dict(lr_schedule="cosine", lr_step=10), "shape the step schedule")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad).validate()
+
+
+def test_resume_of_a_state_written_before_a_setting_existed(tmp_path):
+    """A training state from an older drt-fast lacks the newer settings: it ran as their
+    defaults do, so a resume with the defaults goes on."""
+    common = dict(sigma=SIGMA, epochs=2, batch=256, quiet=True)
+    whole = tmp_path / "whole.pt"
+    train(TrainConfig(out=str(whole), **common))
+    cut = tmp_path / "cut.pt"
+    train(TrainConfig(out=str(cut), **{**common, "epochs": 1}))
+    state = torch.load(trainer_mod.state_path(str(cut)), weights_only=True)
+    for key in ("lr_step", "lr_gamma", "augment", "eps_warmup", "world_size"):
+        del state["config"][key]
+    state["config"]["epochs"] = 2
+    torch.save(state, trainer_mod.state_path(str(cut)))
+    train(TrainConfig(out=str(cut), resume=True, **common))
+    for a, b in zip(state_dicts(whole), state_dicts(cut)):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_smoothadv_eps_warmup_schedule():

@@ -48,7 +48,13 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"initial SGD learning rate (default: {d.lr})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-                   help="step: x0.1 at 50%% and 75%% of the epochs; cosine (default: step)")
+                   help="step: x0.1 at 50%% and 75%% of the epochs (or as --lr-step, --lr-gamma "
+                        "say); cosine (default: step)")
+    p.add_argument("--lr-step", type=int, metavar="EPOCHS",
+                   help="step schedule: drop the learning rate every EPOCHS epochs, as Cohen et "
+                        "al.'s --lr_step_size (default: at 50%% and 75%% of the epochs)")
+    p.add_argument("--lr-gamma", type=float, default=d.lr_gamma,
+                   help=f"step schedule: the factor of each drop (default: {d.lr_gamma})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"inputs per step (default: {d.batch})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default: {d.weight_decay}")
     p.add_argument("--init", metavar="CKPT", nargs="+",

@@ -81,7 +81,9 @@ class TrainConfig:
     eps_warmup: int = 0              # SmoothAdv: grow eps linearly over this many epochs (0: none)
     epochs: int = 10
     lr: float = 0.1
-    lr_schedule: str = "step"        # step: x0.1 at 50 % and 75 % of the epochs
+    lr_schedule: str = "step"        # step: x lr_gamma at 50 % and 75 % of the epochs
+    lr_step: int | None = None       # step: x lr_gamma every lr_step epochs instead (Cohen: 30)
+    lr_gamma: float = 0.1            # step: the factor of each drop
     batch: int = 64                  # inputs per step (each gives m noisy copies)
     weight_decay: float = 1e-4
     init: str | list | None = None   # checkpoint(s) to start from: a drt-fast ensemble, or
@@ -128,6 +130,13 @@ class TrainConfig:
             bad(f"--gd-norm must be one of {', '.join(GD_NORMS)}", self.gd_norm)
         if self.lr_schedule not in LR_SCHEDULES:
             bad(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        if self.lr_step is not None and self.lr_step < 1:
+            bad("--lr-step must be >= 1", self.lr_step)
+        if not (math.isfinite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
+            bad("--lr-gamma must be in (0, 1]", self.lr_gamma)
+        if self.lr_schedule != "step" and (self.lr_step is not None or self.lr_gamma != 0.1):
+            raise InvalidArgument("--lr-step and --lr-gamma shape the step schedule, not "
+                                  f"--lr-schedule {self.lr_schedule}")
         if not 0 <= self.seed < _SEED_LIMIT:
             bad("--seed must be in [0, 2**63)", self.seed)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -138,8 +147,11 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     """Learning rate of (0-based) ``epoch``: a pure function, so resuming needs no scheduler state."""
     if config.lr_schedule == "cosine":
         return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
-    drops = sum(epoch >= math.ceil(f * config.epochs) for f in (0.5, 0.75))
-    return config.lr * 0.1 ** drops
+    if config.lr_step:
+        drops = epoch // config.lr_step
+    else:
+        drops = sum(epoch >= math.ceil(f * config.epochs) for f in (0.5, 0.75))
+    return config.lr * config.lr_gamma ** drops
 
 
 def eps_at(config: TrainConfig, epoch: int) -> float:
@@ -414,8 +426,10 @@ def train(config: TrainConfig) -> str:
         saved = state.get("config") if isinstance(state, dict) else None
         if not isinstance(saved, dict) or not {"epoch", "members", "optimizer"} <= set(state):
             raise DrtFastError(f"--resume: {path} is not a drt-fast training state")
-        saved.setdefault("world_size", group.world_size)    # states written before it was recorded
-        saved.setdefault("augment", "none")                 # (written before there was any)
+        # A state written before a setting existed ran as its default did (no augmentation
+        # then); world_size was not recorded at first.
+        older = {**dataclasses.asdict(TrainConfig()), "augment": "none", "world_size": group.world_size}
+        saved = {**older, **saved}
         record["init"] = saved.get("init")
         diff = {k: (saved.get(k), v) for k, v in _comparable(record).items() if saved.get(k) != v}
         if diff:
