@@ -118,13 +118,15 @@ def run_train(args) -> int:
     values["command"] = "drt-fast " + shlex.join(argv) if argv is not None else None
     import torch
 
+    config = TrainConfig(**values)
+    config.validate()               # a bad value is the only line, before any note
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         from ..cli import fit_threads_to_load
 
         note = fit_threads_to_load()
         if note and not args.quiet:
             print(f"drt-fast: note: {note}", file=sys.stderr)
-    path = train(TrainConfig(**values))
+    path = train(config)
     if not args.quiet and distributed.from_env().is_main:
         print(f"wrote {path}")
     return 0
