@@ -142,8 +142,9 @@ class SmoothedClassifier:
     """The smoothed ensemble g(x) = argmax_c P(ensemble(x + N(0, sigma^2 I)) = c).
 
     model: a drt_fast.Ensemble or a bare nn.Module (one member) mapping ``[B, *S]`` pixels
-    to logits ``[B, num_classes]``; it is switched to eval mode (smoothing assumes a fixed
-    base classifier). sigma: noise level in pixel units. seed: noise stream, 0 <= seed < 2^63.
+    to logits ``[B, num_classes]``; it is switched to eval mode here and at every call that
+    samples, as in Cohen's ``core.py`` (smoothing assumes a fixed base classifier).
+    sigma: noise level in pixel units. seed: noise stream, 0 <= seed < 2^63.
     precision: "fp32" runs the model in its own dtype; "bf16"/"fp16" write the noisy draws
     in that dtype and run the model under ``torch.autocast`` (weights stay as they are,
     matmuls and convolutions run in the low precision). channels_last: write 4-D draws
@@ -294,6 +295,10 @@ class SmoothedClassifier:
         min(num, batch_size)`` draws each per forward; its counts cross to the host once.
         """
         batch_size = _positive_int(batch_size, "batch_size")
+        # Every call, as Cohen's core.py: a model put back in train mode since (a training
+        # loop between certifications) would sample with dropout and batch statistics, and
+        # update its BatchNorm running statistics.
+        self.model.eval()
         if first_draw + num > 2**32:
             raise InvalidArgument(f"draw indices must stay below 2^32, got draws up to "
                                f"{first_draw + num - 1}")

@@ -371,6 +371,32 @@ def test_model_output_and_input_shapes_are_checked():
                                                         batch_size=64)
 
 
+@pytest.mark.parametrize("fuse", [False, None])
+def test_a_model_put_back_in_train_mode_is_sampled_in_eval_mode(fuse):
+    """Cohen's core.py calls eval() in every predict/certify: a training loop that certifies
+    now and then must not sample with dropout or batch statistics (nor move BatchNorm's
+    running statistics), whether or not the members run as fused copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    smooth = SmoothedClassifier(model, 3, sigma=0.5, seed=0, fuse=fuse)
+    x, args = torch.rand(4), dict(n0=10, n=200, alpha=0.001, batch_size=100, key=1)
+    before = smooth.certify(x, **args)
+    label = smooth.predict(x, n=200, alpha=0.001, batch_size=100, key=1)
+    running = model[1].running_mean.clone()
+    model.train()
+    after = smooth.certify(x, **args)
+    np.testing.assert_array_equal(after.estimation_counts, before.estimation_counts)
+    assert after == before
+    model.train()
+    assert smooth.predict(x, n=200, alpha=0.001, batch_size=100, key=1) == label
+    assert torch.equal(model[1].running_mean, running)
+    assert not model.training
+
+
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 def test_cuda_certificates_equal_cpu_ones(cuda_device):
     # The noise is bit-identical on CPU and GPU; float64 row-wise logits rounded to fp32
