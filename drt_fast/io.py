@@ -270,6 +270,8 @@ def read_results(path: str, task: str = "certify") -> Results:
         header, rows = _read_rows(path)
     except UnicodeDecodeError:
         raise DrtFastError(f"results file {path!r} is not a text TSV file") from None
+    except OSError as e:                         # a directory, no read permission, ...
+        raise DrtFastError(f"cannot read results file {path!r}: {e.strerror or e}") from None
     return _parse_results(path, header, rows, task)
 
 

@@ -73,10 +73,13 @@ def test_cli_analyze_and_plot(tmp_path, capsys):
     (None, "does not exist"),
     ("idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0:00:01\n", "radius"),
     ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tbig\t1\t0:00:01\n", "line 2"),
+    ("a directory", "Is a directory"),
 ])
 def test_cli_analyze_bad_files_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "r.tsv"
-    if content is not None:
+    if content == "a directory":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content)
     assert main(["analyze", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
