@@ -228,7 +228,7 @@ class SmoothedClassifier:
     def predict_many(self, xs, keys, n, alpha, batch_size):
         """PREDICT for inputs xs ``[B, *S]`` with dataset indices ``keys`` ``[B]`` -> B labels."""
         n = _positive_int(n, "n")
-        _check_alpha(alpha)
+        alpha = _check_alpha(alpha)
         labels = []
         for keys_g, counts in self._sample_groups(xs, keys, n, batch_size, self._predict_seed):
             for key, c in zip(keys_g, counts[:, 0]):
@@ -246,7 +246,7 @@ class SmoothedClassifier:
         inputs per forward); the certificates equal those of ``certify`` on each input.
         """
         n0, n = _positive_int(n0, "n0"), _positive_int(n, "n")
-        _check_alpha(alpha)
+        alpha = _check_alpha(alpha)
         certs = []
         for keys_g, counts in self._sample_groups(xs, keys, n0 + n, batch_size, self.seed,
                                                   split=n0):
@@ -793,3 +793,4 @@ def _check_alpha(alpha):
         raise InvalidArgumentType(f"alpha must be a number in (0, 1), got {alpha!r}") from None
     if not 0.0 < value < 1.0:
         raise InvalidArgument(f"alpha must lie in (0, 1), got {alpha}")
+    return value

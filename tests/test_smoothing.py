@@ -355,6 +355,10 @@ def test_bad_arguments_raise_clear_errors():
             smooth.certify(x, **(good | bad))
     with pytest.raises(DrtFastError, match="n must be"):
         smooth.predict(x, n=0, alpha=0.01, batch_size=32)
+    # alpha is validated as float(alpha) (like sigma), and that float is what is used
+    assert smooth.certify(x, **(good | dict(alpha="0.01"))) == smooth.certify(x, **good)
+    assert (smooth.predict(x, n=100, alpha="0.01", batch_size=32)
+            == smooth.predict(x, n=100, alpha=0.01, batch_size=32))
     with pytest.raises(DrtFastError, match="expected 2 integer keys"):
         smooth.certify_many(torch.zeros(2, 2), [0], **good)
     with pytest.raises(DrtFastError, match="floating-point"):
