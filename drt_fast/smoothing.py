@@ -725,6 +725,13 @@ class SmoothedClassifier:
 
     def _inputs(self, xs, keys):
         """Validated inputs ``[B, *S]`` (floating, where they are) and keys ``[B]`` (int64, CPU)."""
+        if isinstance(xs, (list, tuple)) and xs and all(isinstance(x, torch.Tensor) for x in xs):
+            # B inputs [*S] as a list (torch.as_tensor takes only one-element tensors there)
+            try:
+                xs = torch.stack(list(xs))
+            except RuntimeError as err:
+                raise InvalidArgument(f"inputs given as a list of tensors must have one shape "
+                                      f"and device: {first_line(err)}") from None
         xs = torch.as_tensor(xs)
         if xs.numel() == 0 and xs.dim() < 2:
             xs = xs.reshape(0, 0).float()           # no inputs (e.g. a plain []): no work

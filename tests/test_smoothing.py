@@ -226,6 +226,11 @@ def test_results_are_identical_across_batch_sizes_and_packing():
                    for x, key in zip(xs, keys)]
     for batch_size in (7, 64, 1000):
         assert smooth.predict_many(xs, keys, n=n, alpha=0.01, batch_size=batch_size) == predictions
+    # the inputs as a list of tensors [*S] (one per input), as a user may hold them
+    assert smooth.certify_many(list(xs), keys, n0=n0, n=n, alpha=0.01, batch_size=150) == single
+    assert smooth.predict_many(tuple(xs), keys, n=n, alpha=0.01, batch_size=64) == predictions
+    with pytest.raises(DrtFastError, match="one shape"):
+        smooth.certify_many([xs[0], xs[1, :3]], keys[:2], n0=n0, n=n, alpha=0.01, batch_size=150)
 
 
 def test_predict_follows_the_binomial_test_and_abstains_on_a_tie():
