@@ -11,7 +11,7 @@ import math
 import os
 
 from . import stats
-from .errors import DrtFastError
+from .errors import DrtFastError, first_line
 from .io import Results, read_results
 
 
@@ -98,6 +98,8 @@ def plot(results: list[Results], out: str) -> None:
         fig.savefig(out, format=extension or "png", dpi=120)
     except OSError as e:
         raise DrtFastError(f"cannot write the plot to {out!r}: {e.strerror or e}") from None
+    except RuntimeError as e:    # e.g. .pgf without a LaTeX installation ('xelatex' not found)
+        raise DrtFastError(f"cannot write the plot to {out!r}: {first_line(e)}") from None
 
 
 def analyze(paths: list[str], radii: list[float] | None = None, plot_path: str | None = None) -> str:

@@ -69,6 +69,16 @@ def test_cli_analyze_and_plot(tmp_path, capsys):
     assert "not .xyz" in capsys.readouterr().err and not (tmp_path / "plot.xyz").exists()
 
 
+def test_cli_analyze_plot_that_matplotlib_cannot_write_is_one_line(tmp_path, capsys, monkeypatch):
+    """.pgf is a format matplotlib lists, but it needs a LaTeX program to write it."""
+    pytest.importorskip("matplotlib")
+    a = _write(tmp_path / "a.tsv", ROWS_A)
+    monkeypatch.setenv("PATH", str(tmp_path))        # no xelatex to be found
+    assert main(["analyze", a, "--plot", str(tmp_path / "plot.pgf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("drt-fast: error: cannot write the plot") and "\n" not in err
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     ("idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0:00:01\n", "radius"),
