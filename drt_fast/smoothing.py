@@ -745,7 +745,11 @@ class SmoothedClassifier:
             # ReLU turns it into 0), so NaN logits would not reliably report it
             raise InvalidArgument(f"input {int((~finite).nonzero()[0])} of {xs.shape[0]} has NaN "
                                   f"or infinite pixels")
-        keys = torch.as_tensor(keys).cpu().reshape(-1)
+        try:
+            keys = torch.as_tensor(keys).cpu().reshape(-1)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:   # None, "3", 2**64
+            raise InvalidArgumentType(f"keys must be integer dataset indices in [0, 2^63), got "
+                                      f"{keys!r} ({first_line(err)})") from None
         if keys.numel() == 0 == xs.shape[0]:
             keys = keys.to(torch.int64)             # torch.as_tensor([]) is float32
         if keys.is_floating_point() or keys.dtype == torch.bool or keys.numel() != xs.shape[0]:

@@ -366,6 +366,9 @@ def test_bad_arguments_raise_clear_errors():
             == smooth.predict(x, n=100, alpha=0.01, batch_size=32))
     with pytest.raises(DrtFastError, match="expected 2 integer keys"):
         smooth.certify_many(torch.zeros(2, 2), [0], **good)
+    for key in (None, "3", 2**64):
+        with pytest.raises(DrtFastError, match="keys must be integer dataset indices"):
+            smooth.certify(x, **good, key=key)
     with pytest.raises(DrtFastError, match="floating-point"):
         smooth.certify(torch.zeros(2, dtype=torch.int64), **good)
 
