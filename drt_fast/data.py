@@ -26,6 +26,7 @@ import gzip
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -273,7 +274,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:   # zlib: corrupt .gz data
         raise DrtFastError(f"cannot read idx file {path}: {exc}") from None
     header = 4 + 4 * ndim
     expected_magic = 0x0800 + ndim
@@ -413,7 +414,7 @@ def _npz(path: Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DrtFastError(f"cannot read {path} as .npz: {exc}") from None
     for key in ("x", "y"):
         if key not in arrays:

@@ -142,6 +142,11 @@ def test_mnist_corrupt_files(tmp_path, mnist_arrays):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DrtFastError, match="cannot read idx file"):
         data.load("mnist", "test", tmp_path)
+    # a gzip header followed by a damaged deflate stream (a reserved block type): zlib.error
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x07" + bytes(20))
+    with pytest.raises(DrtFastError, match="cannot read idx file"):
+        data.load("mnist", "test", tmp_path)
 
 
 # ---------------------------------------------------------------------------- cifar10
@@ -305,3 +310,12 @@ def test_npz_missing_and_corrupt(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(DrtFastError, match="cannot read"):
         data.load("npz", data_dir=tmp_path / "junk.npz")
+    # numpy.savez_compressed with a damaged deflate stream (zlib.error, not BadZipFile)
+    rng = np.random.default_rng(0)
+    np.savez_compressed(tmp_path / "c.npz", x=rng.random((20, 3, 8, 8)), y=np.zeros(20, np.int64))
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    for i in range(200, len(raw) // 2, 13):
+        raw[i] ^= 0xff
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    with pytest.raises(DrtFastError, match="cannot read .* as .npz"):
+        data.load("npz", data_dir=tmp_path / "c.npz")
