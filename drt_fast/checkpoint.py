@@ -243,8 +243,17 @@ def _read_members(path: Path, map_location, dataset: str | None):
         parts, meta = _from_drt_fast(checkpoint, path)
     elif isinstance(checkpoint, dict) and "arch" in checkpoint and "state_dict" in checkpoint:
         parts, meta = _from_cohen(checkpoint, path, dataset)
+    elif isinstance(checkpoint, dict) and checkpoint and all(
+            isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        # torch.save(model.state_dict()): name its size, not its hundreds of keys
+        raise DrtFastError(f"{path} is a bare state dict ({len(checkpoint)} tensors, e.g. "
+                           f"{_few(list(map(str, checkpoint)))}) with no architecture; save it "
+                           f"as {{'arch': NAME, 'state_dict': ...}} (arch one of "
+                           f"{', '.join(models.names())})")
     else:
         keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        if isinstance(keys, list) and len(keys) > 10:
+            keys = f"{keys[:10]} and {len(keys) - 10} more keys"
         raise DrtFastError(f"{path} is neither a drt-fast ensemble file nor a Cohen/DRT "
                            f"checkpoint ({{'arch', 'state_dict'}}); it holds {keys}")
     meta.update(sha256=sha, paths=[str(path)], members=len(parts))

@@ -329,6 +329,15 @@ def test_wrong_format_and_unknown_arch(tmp_path):
     torch.save({"model": {}}, tmp_path / "dict.pt")
     with pytest.raises(DrtFastError, match=r"it holds \['model'\]"):
         load_checkpoint(tmp_path / "dict.pt")
+    # torch.save(model.state_dict()): one short line that says what is missing, not 300 keys
+    torch.save(models.create("resnet50", 1000).state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(DrtFastError, match=r"bare state dict \(320 tensors.*no architecture") as err:
+        load_checkpoint(tmp_path / "bare.pth")
+    assert len(str(err.value)) < 400
+    torch.save({f"key{i}": i for i in range(50)}, tmp_path / "many.pt")
+    with pytest.raises(DrtFastError, match="and 40 more keys") as err:
+        load_checkpoint(tmp_path / "many.pt")
+    assert len(str(err.value)) < 400
     torch.save({"arch": "cifar_densenet40", "state_dict": {}}, tmp_path / "dense.pt")
     with pytest.raises(DrtFastError, match="unknown architecture 'cifar_densenet40'"):
         load_checkpoint(tmp_path / "dense.pt")
