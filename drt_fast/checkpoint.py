@@ -89,9 +89,22 @@ def save_ensemble(path: PathLike, ensemble: nn.Module, *, arch: str, dataset: st
         "weights": [float(w) for w in ensemble.weights.tolist()],
         "mode": ensemble.mode,
         "sigma": None if sigma is None else float(sigma),
-        "train_config": dict(train_config or {}),
+        "train_config": plain_config(dict(train_config or {})),
     }
     return atomic_torch_save(payload, Path(path))
+
+
+def plain_config(value):
+    """``value`` with every ``os.PathLike`` (a ``pathlib.Path`` given to the Python API) made
+    a str, through nested dicts, lists and tuples: a weights-only load cannot rebuild a Path,
+    so a file holding one could never be read back."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {k: plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_config(v) for v in value)
+    return value
 
 
 def _normalization_of(ensemble: Ensemble, normalization, dataset: str):

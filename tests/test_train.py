@@ -249,6 +249,23 @@ def test_a_diverging_run_stops_and_writes_nothing(tmp_path, capsys):
     assert not out.exists() and not log.exists()
 
 
+def test_paths_given_to_the_api_leave_files_that_load(tmp_path):
+    """TrainConfig(init=Path(...)) (init_paths takes any os.PathLike): the checkpoint and the
+    training state hold it as a str, so that their weights-only loads can read them back."""
+    from pathlib import Path
+
+    from drt_fast.checkpoint import safe_load
+
+    default = Path(cli.ASSETS) / "default.pt"
+    out = tmp_path / "api.pt"
+    train(TrainConfig(init=default, data_dir=tmp_path, epochs=1, lr=0.01, out=str(out), quiet=True))
+    _, meta = load_checkpoint(out)
+    assert meta["train_config"]["init"] == str(default)
+    assert meta["train_config"]["data_dir"] == str(tmp_path)
+    state = safe_load(trainer_mod.state_path(str(out)), "cpu", "training state")
+    assert state["config"]["init"] == str(default)
+
+
 def test_init_from_member_files_and_mismatched_classes(base, tmp_path, capsys):
     """--init takes one file per member (Cohen/DRT base models): the same start as the
     drt-fast ensemble they came from gives the same weights; a checkpoint with other classes

@@ -389,7 +389,7 @@ def train(config: TrainConfig) -> str:
     """
     from .. import data as data_mod
     from .. import distributed, models
-    from ..checkpoint import atomic_torch_save, safe_load, save_ensemble
+    from ..checkpoint import atomic_torch_save, plain_config, safe_load, save_ensemble
     from ..ensemble import Ensemble
 
     config.validate()
@@ -414,7 +414,7 @@ def train(config: TrainConfig) -> str:
     params = [p for f in members for p in f.parameters()]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
                                 weight_decay=config.weight_decay)
-    record = dataclasses.asdict(config)
+    record = plain_config(dataclasses.asdict(config))     # a Path as init: the state must load
     record["world_size"] = group.world_size     # the batch split, hence the weights, depend on it
     record["augment"] = augment                 # what "auto" meant
     start_epoch = 0
