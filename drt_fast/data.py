@@ -401,6 +401,9 @@ def _npz(path: Path) -> Dataset:
     source split), ``means``/``sds`` ``[C]`` (identity normalization when absent),
     ``num_classes`` (when absent, ``max(y) + 1``, taken as a lower bound: a model with more
     classes fits the file)."""
+    if path.is_dir():
+        raise DrtFastError(f"npz: {path} is a folder; dataset 'npz' reads one .npz file, "
+                           f"given as the data path itself")
     if not path.is_file():
         raise DrtFastError(f"npz: expected file {path.name} in {path.parent}; not found")
     try:

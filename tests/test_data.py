@@ -307,6 +307,9 @@ def test_npz_missing_and_corrupt(tmp_path):
         data.load("npz", data_dir=tmp_path / "none.npz")
     with pytest.raises(DrtFastError, match="needs the path"):
         data.load("npz")
+    # a folder (e.g. the one holding the file) exists: "not found" would mislead
+    with pytest.raises(DrtFastError, match="is a folder; dataset 'npz' reads one .npz file"):
+        data.load("npz", data_dir=tmp_path)
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(DrtFastError, match="cannot read"):
         data.load("npz", data_dir=tmp_path / "junk.npz")
