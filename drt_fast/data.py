@@ -456,8 +456,12 @@ def _npz(path: Path) -> Dataset:
     means = tuple(float(v) for v in arrays.get("means", np.zeros(channels)).ravel())
     sds = tuple(float(v) for v in arrays.get("sds", np.ones(channels)).ravel())
     if len(means) != channels or len(sds) != channels or min(sds) <= 0:
+        # x written as N, H, W, C (numpy/PIL/Keras order) is read with H as the channels
+        layout = (f"; x has shape {list(x.shape)}: if that is N, H, W, C, write it as N, C, H, W "
+                  f"(x.transpose(0, 3, 1, 2))"
+                  if len(means) == len(sds) == x.shape[3] != channels else "")
         raise DrtFastError(f"{path}: means/sds must hold {channels} values (sds > 0), got "
-                           f"{len(means)} and {len(sds)}")
+                           f"{len(means)} and {len(sds)}{layout}")
     idx = None
     if "idx" in arrays:
         idx = arrays["idx"]

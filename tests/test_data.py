@@ -295,6 +295,9 @@ def test_npz_float_and_uint8(tmp_path):
     (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 5]), num_classes=np.array(3)), "below num_classes=3"),
     (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]), idx=np.array([1])), "idx must be 2 integers"),
     (dict(x=np.zeros((2, 3, 4, 4), np.float32), y=np.array([0, 1]), means=np.zeros(1), sds=np.ones(1)), "means/sds must hold 3"),
+    # channels last: the means/sds of its 3 channels do not fit "32 channels"; say why
+    (dict(x=np.zeros((2, 32, 32, 3), np.float32), y=np.array([0, 1]), means=np.zeros(3), sds=np.ones(3)),
+     r"must hold 32 values .*if that is N, H, W, C, write it as N, C, H, W"),
 ])
 def test_npz_validation(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
