@@ -448,11 +448,23 @@ def _npz(path: Path) -> Dataset:
                            f"{list(y.shape)}")
     if y.size and y.min() < 0:
         raise DrtFastError(f"{path}: labels must be >= 0, found {int(y.min())}")
-    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else int(y.max(initial=-1)) + 1
+    if "num_classes" in arrays:
+        given = arrays["num_classes"]
+        if (given.size != 1 or not np.issubdtype(given.dtype, np.number)
+                or not float(given.ravel()[0]).is_integer() or given.ravel()[0] < 1):
+            raise DrtFastError(f"{path}: num_classes must be one integer >= 1, got {given.dtype} "
+                               f"{given.ravel()[:4].tolist()}")
+        num_classes = int(given.ravel()[0])
+    else:
+        num_classes = int(y.max(initial=-1)) + 1
     if y.size and y.max() >= num_classes:
         raise DrtFastError(f"{path}: labels must be below num_classes={num_classes}, found "
                            f"{int(y.max())}")
     channels = x.shape[1]
+    for key in ("means", "sds"):
+        if key in arrays and not (np.issubdtype(arrays[key].dtype, np.number)
+                                  and np.isfinite(arrays[key]).all()):
+            raise DrtFastError(f"{path}: {key} must be finite numbers, got {arrays[key].dtype}")
     means = tuple(float(v) for v in arrays.get("means", np.zeros(channels)).ravel())
     sds = tuple(float(v) for v in arrays.get("sds", np.ones(channels)).ravel())
     if len(means) != channels or len(sds) != channels or min(sds) <= 0:

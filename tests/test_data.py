@@ -294,6 +294,9 @@ def test_npz_float_and_uint8(tmp_path):
     (dict(x=np.zeros((2, 1, 4, 4), np.int32), y=np.array([0, 1])), "float in"),
     (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 5]), num_classes=np.array(3)), "below num_classes=3"),
     (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]), idx=np.array([1])), "idx must be 2 integers"),
+    (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]), num_classes=np.array([10, 10])), "num_classes must be one integer"),
+    (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]), num_classes=np.array("ten")), "num_classes must be one integer"),
+    (dict(x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]), means=np.array(["a"]), sds=np.ones(1)), "means must be finite numbers"),
     (dict(x=np.zeros((2, 3, 4, 4), np.float32), y=np.array([0, 1]), means=np.zeros(1), sds=np.ones(1)), "means/sds must hold 3"),
     # channels last: the means/sds of its 3 channels do not fit "32 channels"; say why
     (dict(x=np.zeros((2, 32, 32, 3), np.float32), y=np.array([0, 1]), means=np.zeros(3), sds=np.ones(3)),
