@@ -25,7 +25,6 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import DrtFastError, InvalidArgument
+from .errors import DrtFastError, InvalidArgument, first_line
 
 # Per-dataset (means, sds) of the NormalizeLayer.
 # * cifar10, imagenet: the constants of Cohen et al.'s code, so their checkpoints match.
@@ -330,9 +329,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError,
-            AttributeError, IndexError) as exc:
-        raise DrtFastError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
+    except Exception as exc:   # a damaged pickle fails in many ways (OverflowError, MemoryError, ...)
+        raise DrtFastError(f"cannot read CIFAR-10 batch {path}: {first_line(exc)}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DrtFastError(f"{path} is not a CIFAR-10 python batch (a dict with b'data' "
                            f"and b'labels')")
@@ -417,8 +415,8 @@ def _npz(path: Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DrtFastError(f"cannot read {path} as .npz: {exc}") from None
+    except Exception as exc:   # zipfile/numpy: BadZipFile, zlib.error, NotImplementedError, ...
+        raise DrtFastError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     for key in ("x", "y"):
         if key not in arrays:
             raise DrtFastError(f"{path}: expected an array {key!r}; the file holds "

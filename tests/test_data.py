@@ -207,6 +207,10 @@ def test_cifar10_refuses_foreign_pickles_and_bad_batches(tmp_path):
     (tmp_path / "test_batch").write_bytes(b"\x80\x02garbage")
     with pytest.raises(DrtFastError, match="cannot read CIFAR-10 batch"):
         data.load("cifar10", "test", tmp_path)
+    # a damaged length field: pickle raises OverflowError, not an UnpicklingError
+    (tmp_path / "test_batch").write_bytes(b"\x80\x05\x96" + (2**64 - 1).to_bytes(8, "little"))
+    with pytest.raises(DrtFastError, match="cannot read CIFAR-10 batch"):
+        data.load("cifar10", "test", tmp_path)
 
 
 # --------------------------------------------------------------------------- imagenet
@@ -328,3 +332,14 @@ def test_npz_missing_and_corrupt(tmp_path):
     (tmp_path / "c.npz").write_bytes(bytes(raw))
     with pytest.raises(DrtFastError, match="cannot read .* as .npz"):
         data.load("npz", data_dir=tmp_path / "c.npz")
+    # a zip whose members use a method zipfile lacks (Deflate64, 9): NotImplementedError
+    np.savez(tmp_path / "d64.npz", x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 1]))
+    raw = bytearray((tmp_path / "d64.npz").read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):   # local, central headers
+        at = raw.find(signature)
+        while at >= 0:
+            raw[at + offset] = 9
+            at = raw.find(signature, at + 4)
+    (tmp_path / "d64.npz").write_bytes(bytes(raw))
+    with pytest.raises(DrtFastError, match="cannot read .* as .npz: .*compression method"):
+        data.load("npz", data_dir=tmp_path / "d64.npz")
