@@ -62,7 +62,7 @@ def read_image(path: Path, transform) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             array = np.asarray(transform(img.convert("RGB"), Image), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DrtFastError(f"cannot read image {path}: {exc}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -331,11 +331,13 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as exc:   # a damaged pickle fails in many ways (OverflowError, MemoryError, ...)
         raise DrtFastError(f"cannot read CIFAR-10 batch {path}: {first_line(exc)}") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+    if isinstance(batch, dict):     # the original files have bytes keys; a re-save in Python 3, str
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
         raise DrtFastError(f"{path} is not a CIFAR-10 python batch (a dict with b'data' "
                            f"and b'labels')")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"])
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DrtFastError(f"{path}: data must be uint8 [N, 3072], got {data.dtype} "
                            f"{list(data.shape)}")
@@ -380,10 +382,13 @@ def _imagenet(split: str, data_dir: Path) -> Dataset:
         raise DrtFastError(f"imagenet: no class folders in {root}")
     paths, labels = [], []
     for label, wnid in enumerate(classes):
-        for path in sorted((root / wnid).iterdir()):
-            if path.is_file() and path.suffix.lower() in _IMAGE_EXTENSIONS:
-                paths.append(path)
-                labels.append(label)
+        # torchvision's ImageFolder order: sub-folders too, each folder's files sorted
+        for folder, _, names in sorted(os.walk(root / wnid, followlinks=True)):
+            for name in sorted(names):
+                path = Path(folder) / name
+                if path.suffix.lower() in _IMAGE_EXTENSIONS and path.is_file():
+                    paths.append(path)
+                    labels.append(label)
     if not paths:
         raise DrtFastError(f"imagenet: no images ({', '.join(_IMAGE_EXTENSIONS)}) under {root}")
     return Dataset(x=LazyImages(paths), y=torch.tensor(labels, dtype=torch.int64),

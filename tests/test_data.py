@@ -343,3 +343,35 @@ def test_npz_missing_and_corrupt(tmp_path):
     (tmp_path / "d64.npz").write_bytes(bytes(raw))
     with pytest.raises(DrtFastError, match="cannot read .* as .npz: .*compression method"):
         data.load("npz", data_dir=tmp_path / "d64.npz")
+
+
+def test_cifar10_batches_resaved_by_python3(tmp_path):
+    """A batch re-pickled in Python 3 has str keys (torchvision reads it; so do we)."""
+    rng = np.random.default_rng(4)
+    data_u8 = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "x", "data": data_u8, "labels": [1, 0, 9]}, f)
+    ds = data.load("cifar10", "test", tmp_path)
+    assert ds.y.tolist() == [1, 0, 9]
+    torch.testing.assert_close(ds.x, torch.from_numpy(data_u8.reshape(3, 3, 32, 32)).float() / 255)
+
+
+def test_imagenet_walks_sub_folders_in_imagefolder_order(tmp_path):
+    from PIL import Image
+    for rel in ("n01/b.png", "n01/sub/a.png", "n01/a.png", "n01/sub/deeper/c.png", "n02/z.png"):
+        (tmp_path / "val" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / rel)
+    ds = data.load("imagenet", "val", tmp_path)
+    # torchvision: sorted(os.walk(class folder)), each folder's files sorted
+    assert [str(p.relative_to(tmp_path / "val")) for p in ds.x.paths] == [
+        "n01/a.png", "n01/b.png", "n01/sub/a.png", "n01/sub/deeper/c.png", "n02/z.png"]
+    assert ds.y.tolist() == [0, 0, 0, 0, 1]
+
+
+def test_imagenet_decompression_bomb_is_one_error(tmp_path, monkeypatch):
+    from PIL import Image
+    (tmp_path / "val" / "n01").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "val" / "n01" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 4096 pixels > 2x the limit
+    with pytest.raises(DrtFastError, match="cannot read image .*big.png"):
+        data.load("imagenet", "val", tmp_path).x[0]
