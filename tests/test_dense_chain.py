@@ -192,6 +192,32 @@ def test_bad_plans_are_refused_before_any_write(change, message):
         ops.dense_chain_cpu(torch.randn(4, 12), bad_meta, bad_params, out_cols)
 
 
+def zero_row_blocks_that_wrap(meta):
+    """The first layer's block split in four that cover its 64 columns only with int64
+    wrap-around: two blocks of no rows whose widths are near 2^63 (they would write far
+    outside the layer's buffer), then one that starts at column -32."""
+    assert meta[7] == 1 and meta[11] == 64  # one block, 64 columns wide
+    lo, hi, w_off = int(meta[8]), int(meta[9]), int(meta[12])
+    blocks = [lo, hi, 0, 32, w_off, 0, 0, 32, 2**63 - 32, 0, 0, 0, -2**63, 2**63 - 32, 0, lo, hi, -32, 96, w_off]
+    return torch.cat([meta[:7], torch.tensor([4] + blocks), meta[13:]])
+
+
+# Values whose sums and products overflow int64 must be refused, not wrapped past the checks:
+# each of these read or wrote outside the tensors (a heap corruption for the last two).
+@pytest.mark.parametrize("change,message", [
+    (lambda m: tampered(m, 6, 2**63 - 16), "bias offset"),
+    (lambda m: tampered(m, 12, 2**63 - 16), "weight offset"),
+    (lambda m: tampered(m, 7, 0x3333333333333334), "truncated"),     # 5 * blocks wraps to 4
+    (lambda m: tampered(m, 3, 2**62), "sizes"),                       # the scratch's size wraps
+    (zero_row_blocks_that_wrap, "block columns"),
+], ids=["bias offset", "weight offset", "blocks", "max width", "block widths"])
+def test_plans_that_overflow_int64_are_refused(change, message):
+    layers = chain(12, 33, 5)
+    meta, params, out_cols = plan(layers)
+    with pytest.raises(DrtFastError, match=message):
+        ops.dense_chain_cpu(torch.randn(4, 12), change(meta), params, out_cols)
+
+
 def test_bad_arguments():
     layers = chain(12, 33, 5)
     meta, params, out_cols = plan(layers)

@@ -108,28 +108,34 @@ void check_dense_chain(const DenseChainArgs& p) {
   const int64_t layers = m[0], in_cols = m[1], out_cols = m[2], max_width = m[3];
   if (layers < 1 || in_cols < 1 || out_cols < 1 || max_width < 1) fail("sizes");
   if (p.cols != in_cols || p.out_cols != out_cols || (p.rows > 1 && p.ldx < in_cols)) fail("input or output columns");
-  int64_t at = 4, src_width = in_cols, width = 0;
+  // Every bound below is written so that no sum or product can overflow: a plan's values
+  // come from a tensor, and a wrapped check would let a huge offset reach memory.
+  int64_t at = 4, src_width = in_cols, width = 0, widest = 0;
   for (int64_t l = 0; l < layers; ++l) {
     if (at + 4 > p.meta_len) fail("truncated");
     width = m[at];
     const int64_t bias_off = m[at + 2], blocks = m[at + 3];
     at += 4;
     if (width < kDenseChunk || width % kDenseChunk || width > max_width || blocks < 1) fail("layer width");
-    if (bias_off < 0 || bias_off % 16 || bias_off + width > p.params_len) fail("bias offset");
+    if (bias_off < 0 || bias_off % 16 || bias_off > p.params_len - width) fail("bias offset");
     if (m[at - 3] != 0 && m[at - 3] != 1) fail("relu flag");
-    if (at + 5 * blocks > p.meta_len) fail("truncated");
+    if (blocks > (p.meta_len - at) / 5) fail("truncated");
     int64_t covered = 0;  // the blocks write the layer's columns in order, each exactly once
     for (int64_t b = 0; b < blocks; ++b, at += 5) {
       const int64_t lo = m[at], hi = m[at + 1], c0 = m[at + 2], bw = m[at + 3], w_off = m[at + 4];
       if (lo < 0 || hi < lo || hi > src_width) fail("block rows");
-      if (c0 != covered || bw < kDenseChunk || bw % kDenseChunk || c0 + bw > width) fail("block columns");
-      if (w_off < 0 || w_off % 16 || w_off + (hi - lo) * bw > p.params_len) fail("weight offset");
+      if (c0 != covered || bw < kDenseChunk || bw % kDenseChunk || bw > width - c0) fail("block columns");
+      if (w_off < 0 || w_off % 16 || w_off > p.params_len || (hi > lo && bw > (p.params_len - w_off) / (hi - lo)))
+        fail("weight offset");
       covered += bw;
     }
     if (covered != width) fail("block columns");
     src_width = width;
+    widest = width > widest ? width : widest;
   }
   if (at != p.meta_len || out_cols > width) fail("length");
+  // the kernel's scratch is sized by max_width: it must be the widest layer, no more
+  if (max_width != widest) fail("sizes");
 }
 
 }  // namespace
