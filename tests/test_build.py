@@ -56,3 +56,21 @@ def test_pyproject_requirements():
     torch_dep = [d for d in meta["project"]["dependencies"] if d.startswith("torch")]
     assert torch_dep == ["torch>=2.4"]  # a range, never a pin
     assert meta["project"]["scripts"]["drt-fast"] == "drt_fast.cli:main"
+
+
+def test_sdist_carries_the_build_inputs_and_the_whole_test_suite(tmp_path):
+    """What `python -m build --sdist` packs (setuptools' SOURCES.txt): everything CMake builds
+    from, and every tests/ file -- setuptools adds only tests/test*.py by itself, and those
+    need conftest.py's fixtures and the helpers beside them."""
+    pytest.importorskip("setuptools")
+    if not (ROOT / "setup.py").exists():
+        pytest.skip("needs the source tree")
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True)
+    sources = set((tmp_path / "drt_fast.egg-info" / "SOURCES.txt").read_text().split())
+    needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md"]
+    for pattern in ("csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "drt_fast/assets/*",
+                    "tests/*.py"):
+        needed += [path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern)]
+    assert "tests/conftest.py" in needed and "csrc/bindings.cpp" in needed
+    assert sorted(set(needed) - sources) == []
