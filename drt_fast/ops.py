@@ -147,6 +147,8 @@ def _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, c
     _check_index_vector("first_draw", first_draw, batch, x.device)
     if reps < 1:
         raise InvalidArgument(f"reps must be >= 1, got {reps}")
+    if reps > 2**32:  # (else torch's allocation fails first, or its size overflows, unclearly)
+        raise InvalidArgument(f"reps must be at most 2**32 (draw indices stay below 2^32), got {reps}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise InvalidArgument(f"sigma must be a finite number >= 0, got {sigma}")
     if not 0 <= seed < 2**63:

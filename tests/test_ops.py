@@ -294,6 +294,8 @@ def _noisy_ok():
     (dict(keys=torch.zeros(2, dtype=torch.int32)), "keys must be int64"),
     (dict(first_draw=torch.zeros(2, 1, dtype=torch.int64)), "first_draw must have shape"),
     (dict(reps=0), "reps must be >= 1"),
+    (dict(reps=2**40), "reps must be at most 2\\*\\*32"),
+    (dict(reps=2**62), "reps must be at most 2\\*\\*32"),
     (dict(sigma=-1.0), "sigma must be"),
     (dict(sigma=float("nan")), "sigma must be"),
     (dict(seed=-1), "seed must be in"),
