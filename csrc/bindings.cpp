@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "fastdiv.h"
@@ -133,6 +134,8 @@ PYBIND11_MODULE(_C, m) {
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "drt-fast CUDA kernels (raw pointers and streams; call through drt_fast.ops only)";
   m.def("device_count", &drt::cuda_device_count);
+  m.def("architectures", [] { return std::string(DRT_FAST_CUDA_ARCHS); },
+        "CMAKE_CUDA_ARCHITECTURES of the build, comma-separated (e.g. \"80,90\").");
   m.def("noisy_draws", noisy_binding<int, uintptr_t>(drt::noisy_draws_cuda));
   m.def("noisy_draws_on_host", noisy_binding<>(drt::noisy_draws_cuda_on_host),
         "Test hook: the CUDA kernel's work items run on the host with CPU pointers; returns the path "

@@ -68,9 +68,13 @@ def build_report() -> str:
     elif not ops.cuda_available():
         lines.append("CUDA kernels: built; no CUDA device answers")
     else:
-        devices = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                   for i in range(torch.cuda.device_count())]
-        lines.append(f"CUDA kernels: built; {', '.join(devices)}")
+        archs = getattr(ops._C_cuda, "architectures", lambda: "")()
+        devices = []
+        for i in range(torch.cuda.device_count()):
+            capability = torch.cuda.get_device_capability(i)
+            covered = "" if ops.arch_covers(archs, capability) else ": not built for it (torch fallback)"
+            devices.append(f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, capability))}{covered})")
+        lines.append(f"CUDA kernels: built for {archs or 'unknown architectures'}; {', '.join(devices)}")
     return "\n".join(lines)
 
 

@@ -804,7 +804,7 @@ def resnet_kernel_variant(device: torch.device) -> Optional[int]:
     (its CTA program, ``ops._C_cuda.cifar_resnet_on_host``) but not yet run on a GPU."""
     value = os.environ.get(RESNET_KERNEL_ENV, "")
     variant = {"1": 1, "mma": 1, "wmma": 0}.get(value)
-    if variant is None or device.type != "cuda" or not ops.cuda_available():
+    if variant is None or device.type != "cuda" or not ops.kernels_run_on(device):
         return None
     props = torch.cuda.get_device_properties(device)
     room = getattr(props, "shared_memory_per_block_optin", 0)

@@ -87,6 +87,54 @@ def cuda_available() -> bool:
     return _cuda_ok
 
 
+def arch_covers(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for ``CMAKE_CUDA_ARCHITECTURES`` ``archs`` (comma- or
+    semicolon-separated: ``"80,90"``, ``"80-real,90-virtual"``, ``"90a"``) holds code a GPU of
+    compute ``capability`` ``(major, minor)`` runs: a cubin of its major version and no higher
+    minor one, or PTX of no higher version (which the driver compiles). A list CMake expands
+    itself (``native``, ``all``, ``all-major``) or an empty one cannot be judged: True."""
+    entries = [e.strip() for e in archs.replace(";", ",").split(",") if e.strip()]
+    for entry in entries:
+        name, _, kind = entry.partition("-")
+        specific = name[-1:] in ("a", "f")          # 90a, 100f: that GPU family only
+        digits = name[:-1] if specific else name
+        if not digits.isdigit():
+            return True
+        major, minor = divmod(int(digits), 10)
+        if kind in ("", "real") and major == capability[0] and minor <= capability[1]:
+            if not specific or minor == capability[1]:
+                return True
+        if kind in ("", "virtual") and not specific and (major, minor) <= tuple(capability):
+            return True
+    return not entries
+
+
+_device_ok: dict = {}
+
+
+def kernels_run_on(device) -> bool:
+    """Whether the CUDA kernels were built, a driver answers, and the build holds code for
+    ``device``'s GPU (`arch_covers`). Where it does not, CUDA tensors on it use the pure-torch
+    references, with one warning saying how to rebuild."""
+    if not cuda_available():
+        return False
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_ok:
+        archs = getattr(_C_cuda, "architectures", lambda: "")()
+        capability = torch.cuda.get_device_capability(index)
+        _device_ok[index] = arch_covers(archs, capability)
+        if not _device_ok[index]:
+            cc = "".join(map(str, capability))
+            _warn_cuda_fallback(
+                f"drt_fast's CUDA kernels were built for architectures {archs}, which hold no code "
+                f"for {torch.cuda.get_device_name(index)} (sm_{cc}); CUDA tensors there use the "
+                f"slower pure-torch reference implementation. Rebuild for it with "
+                f"CMAKE_CUDA_ARCHITECTURES=\"{archs.replace(',', ';')};{cc}\" pip install . for the "
+                f"fused kernels.")
+    return _device_ok[index]
+
+
 def _require_cpu_kernels():
     if _C is None:
         raise ImportError(
@@ -100,11 +148,12 @@ def _require_cpu_kernels():
 _warned_cuda_fallback = False
 
 
-def _warn_cuda_fallback():
+def _warn_cuda_fallback(message: Optional[str] = None):
     global _warned_cuda_fallback
     if not _warned_cuda_fallback:
         _warned_cuda_fallback = True
         warnings.warn(
+            message or
             "drt_fast was built without CUDA kernels (or no CUDA driver answers); CUDA tensors "
             "use the slower pure-torch reference implementation. Rebuild with nvcc on the PATH "
             "(DRT_FAST_CUDA=1 pip install .) for the fused kernels.",
@@ -405,7 +454,7 @@ def noisy_draws_eager(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int, si
     traceable. For eager callers in a hot loop (the engine's steps), where the custom op's
     overhead -- 10-45 us a call, measured on the CPU -- is a few % of a small model's batch."""
     out_dtype = _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
-    if x.is_cuda and not cuda_available():
+    if x.is_cuda and not kernels_run_on(x.device):
         _warn_cuda_fallback()
         return reference_noisy_draws(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
     out = _empty_output(x, reps, out_dtype, channels_last)
@@ -471,7 +520,7 @@ def vote_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tenso
 def vote_eager_(logits: Tensor, rows: Tensor, counts: Tensor, agg: str, weights: Tensor) -> None:
     """`vote_` without the dispatcher (see `noisy_draws_eager`)."""
     _check_vote_args(logits, rows, counts, agg, weights)
-    if logits.is_cuda and not cuda_available():
+    if logits.is_cuda and not kernels_run_on(logits.device):
         _warn_cuda_fallback()
         reference_vote_(logits, rows, counts, agg, weights)
         return
@@ -787,7 +836,7 @@ def cifar_resnet_eager(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor,
                        blocks: int, variant: int = 0) -> Tensor:
     """`cifar_resnet` without the dispatcher (see `noisy_draws_eager`)."""
     _check_cifar_resnet_args(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
-    if not (x.is_cuda and cuda_available()):
+    if not (x.is_cuda and kernels_run_on(x.device)):
         return reference_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
     out = torch.empty(x.shape[0], fc_w.shape[0], dtype=torch.float32, device=x.device)
     _launch_cifar_resnet(x, weights, biases, norm, fc_w, fc_b, blocks, variant, out)

@@ -626,8 +626,8 @@ class SmoothedClassifier:
                 raise InvalidArgument("cuda_graphs=True: CUDA graphs need the model on a CUDA device")
             self.graph_status = "off: not on a CUDA device"
             return False
-        if not ops.cuda_available():        # the torch fallbacks sync with the host
-            why = "drt_fast was built without its CUDA kernels"
+        if not ops.kernels_run_on(xs.device):   # the torch fallbacks sync with the host
+            why = "drt_fast's CUDA kernels were not built (for this GPU)"
         elif self.model.batch_members:      # its stacked weights are not the module's tensors
             why = "the ensemble runs its members batched (batch_members=True)"
         else:

@@ -38,6 +38,31 @@ def test_cuda_module_imports_and_answers_without_a_driver():
     assert drt_fast.cuda_available() == (count > 0)
 
 
+def test_cuda_module_names_the_architectures_it_was_built_for():
+    if ops._C_cuda is None:
+        pytest.skip("built without CUDA kernels")
+    archs = ops._C_cuda.architectures()
+    assert archs and ";" not in archs
+    # the build's own: the default 80;90 unless CMAKE_CUDA_ARCHITECTURES chose others
+    cache = list(Path(__file__).resolve().parents[1].glob("build/*/cmake/CMakeCache.txt"))
+    if cache and not Path(drt_fast.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()):
+        line = [l for l in cache[0].read_text().splitlines() if l.startswith("CMAKE_CUDA_ARCHITECTURES:")]
+        assert line and line[0].split("=", 1)[1].replace(";", ",") == archs
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("80,90", (8, 0), True), ("80,90", (8, 6), True), ("80,90", (8, 9), True),
+    ("80,90", (9, 0), True), ("80,90", (10, 0), True),     # compute_90 PTX, compiled by the driver
+    ("80,90", (7, 5), False), ("80,90", (7, 0), False),     # T4, V100: nothing to run
+    ("80-real,90-real", (10, 0), False), ("80-real,90-real", (8, 6), True),
+    ("86-real", (8, 0), False), ("90-virtual", (12, 0), True), ("90-virtual", (8, 9), False),
+    ("90a", (9, 0), True), ("90a", (10, 0), False), ("75", (7, 5), True),
+    ("native", (7, 5), True), ("all-major", (6, 1), True), ("", (7, 5), True), ("80;90", (7, 5), False),
+])
+def test_arch_covers_follows_cuda_compatibility(archs, capability, runs):
+    assert ops.arch_covers(archs, capability) is runs
+
+
 def test_import_needs_no_cuda_driver_in_a_fresh_interpreter():
     code = "import drt_fast, drt_fast.ops as o; print(drt_fast.cuda_available(), o._C is not None)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
