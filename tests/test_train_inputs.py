@@ -232,12 +232,15 @@ def test_resized_crops_differ_per_epoch_and_match_the_box(tmp_path):
     a, b = first[0], inputs._FolderImages(ds.x, "resized-crop-flip", seed=0, epoch=1)[0]
     assert a.shape == (3, 224, 224) and not torch.equal(a, b)
     assert torch.equal(a, first[0])                          # a pure function of (seed, epoch, index)
-    # reference: the same box and flip, drawn from the same generator, with Pillow directly
+    # reference: the same box and flip, drawn from the same generator, applied as torchvision's
+    # F.resized_crop does on a PIL image (crop, then resize: the crop's edge pixels see
+    # nothing outside it)
     rng = np.random.default_rng([0, 0, 2**32 - 1, 0])
     with Image.open(ds.x.paths[0]) as img:
         img = img.convert("RGB")
         left, top, w, h = inputs.resized_crop_box(img.width, img.height, rng)
-        ref = img.resize((224, 224), Image.BILINEAR, box=(left, top, left + w, top + h))
+        assert (w, h) != (img.width, img.height)             # a real crop
+        ref = img.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR)
         if rng.random() < 0.5:
             ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
     ref = torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255).permute(2, 0, 1)

@@ -133,7 +133,9 @@ class _FolderImages(torch.utils.data.Dataset):
 
             def transform(img, Image):
                 left, top, w, h = resized_crop_box(img.width, img.height, rng)
-                img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+                # crop, then resize, as torchvision: resize(box=...) would let the filter
+                # reach pixels outside the box at the crop's edges
+                img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
                 return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
             return read_image(self.images.paths[index], transform)
         except DrtFastError as err:
