@@ -269,3 +269,24 @@ def test_resnet50_trains_on_an_image_folder_and_certifies(tmp_path):
     assert run_cli("certify", "--model", out, "--dataset", "imagenet", "--data-dir", root,
                    "--n0", 4, "--n", 8, "--batch", 8, "--max", 1, "--quiet", "--out", tsv) == 0
     assert len(tsv.read_text().splitlines()) == 2
+
+
+def test_a_killed_decoding_worker_is_one_line(tmp_path, tiny224, capsys, monkeypatch):
+    """A worker the kernel kills (the OOM killer, a bus error on a full /dev/shm) surfaced as
+    torch's RuntimeError with a traceback."""
+    import signal
+
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    real = inputs.resized_crop_box
+
+    def dies_in_a_worker(*args):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    monkeypatch.setattr(inputs, "resized_crop_box", dies_in_a_worker)
+    code = folder_train(root, tmp_path / "x.pt", tiny224, "--epochs", 1, "--workers", 1)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "worker" in err and "--workers" in err
+    assert not os.path.exists(tmp_path / "x.pt")

@@ -5,7 +5,7 @@ import os
 import shlex
 import sys
 
-from ..errors import DrtFastError
+from ..errors import DrtFastError, first_line
 from .losses import GD_NORMS
 from .inputs import AUGMENTS
 from .trainer import LR_SCHEDULES, TRAINERS, TrainConfig
@@ -126,7 +126,15 @@ def run_train(args) -> int:
         note = fit_threads_to_load()
         if note and not args.quiet:
             print(f"drt-fast: note: {note}", file=sys.stderr)
-    path = train(config)
+    try:
+        path = train(config)
+    except RuntimeError as err:
+        # torch's report of a DataLoader worker the kernel ended (the OOM killer, a bus error
+        # on a full /dev/shm); it may come from its SIGCHLD handler at any point of a step
+        if not str(err).startswith("DataLoader worker"):
+            raise
+        raise DrtFastError(f"an image-decoding worker process stopped ({first_line(err)}): out of "
+                           f"memory or of shared memory (/dev/shm)? try fewer --workers") from None
     if not args.quiet and distributed.from_env().is_main:
         print(f"wrote {path}")
     return 0
