@@ -290,3 +290,21 @@ def test_a_killed_decoding_worker_is_one_line(tmp_path, tiny224, capsys, monkeyp
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "worker" in err and "--workers" in err
     assert not os.path.exists(tmp_path / "x.pt")
+
+
+def test_the_epochs_decoding_workers_are_gone_before_the_test_accuracy(tmp_path, tiny224, monkeypatch):
+    """The epoch's loader was left suspended after its last batch, so its workers idled (holding
+    their memory) through the test accuracy's own workers and the checkpoint writing."""
+    import multiprocessing
+
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    alive = []
+    real = trainer_mod.clean_accuracy
+
+    def counting(*args, **kwargs):
+        alive.append(len(multiprocessing.active_children()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "clean_accuracy", counting)
+    assert folder_train(root, tmp_path / "x.pt", tiny224, "--epochs", 2, "--workers", 2) == 0
+    assert alive == [0, 0]

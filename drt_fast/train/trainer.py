@@ -480,8 +480,9 @@ def train(config: TrainConfig) -> str:
         last = n_train - config.batch + 1 if group.active else n_train
         chunks = [order[s:s + config.batch] for s in range(0, max(1, last), config.batch)]
         shares = [c[rank * len(c) // world:(rank + 1) * len(c) // world] for c in chunks]
-        bar = _progress(zip(chunks, inputs.epoch(epoch, shares)), len(chunks), config, group, epoch)
-        for chunk, (xb, yb) in bar:
+        # the batches first: zip then runs their loader to its end, which stops its workers
+        bar = _progress(zip(inputs.epoch(epoch, shares), chunks), len(chunks), config, group, epoch)
+        for (xb, yb), chunk in bar:
             loss, stats = step(xb, yb, gen, autocast)
             if world > 1 and len(chunk) % world:
                 loss = loss * (len(yb) * world / len(chunk))    # shares of unequal size
