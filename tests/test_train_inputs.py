@@ -308,3 +308,57 @@ def test_the_epochs_decoding_workers_are_gone_before_the_test_accuracy(tmp_path,
     monkeypatch.setattr(trainer_mod, "clean_accuracy", counting)
     assert folder_train(root, tmp_path / "x.pt", tiny224, "--epochs", 2, "--workers", 2) == 0
     assert alive == [0, 0]
+
+
+_TORCHRUN_WRAPPER = '''
+import os, sys
+sys.path.insert(0, {tests!r})
+from drt_fast import cli, models
+from drt_fast.train import inputs
+from test_train_inputs import Tiny224
+
+models._REGISTRY["tiny224"] = models._Entry(Tiny224, (3, 224, 224), "imagenet", "fc")
+real = inputs._FolderImages.__getitem__
+
+
+def counted(self, index):       # the evaluation views this rank decodes (--workers 0)
+    if self.augment == "none":
+        with open({count!r} + os.environ["RANK"], "a") as fh:
+            fh.write(f"{{index}}\\n")
+    return real(self, index)
+
+
+inputs._FolderImages.__getitem__ = counted
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_torchrun_trains_on_image_folders_and_shares_the_test_accuracy(tmp_path, tiny224):
+    """2 gloo processes on an image folder: each rank decodes its share of every batch and of
+    the validation set (every rank decoded all of it), and the logged test accuracy is the
+    single-process one."""
+    import subprocess
+    import sys
+
+    import cli_fixtures as fx
+    from drt_fast import data
+
+    root = write_image_folder(tmp_path / "imagenet", per_class=3)
+    count = str(tmp_path / "eval-rank")
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(_TORCHRUN_WRAPPER.format(tests=os.path.dirname(__file__), count=count))
+    out, log = tmp_path / "d.pt", tmp_path / "d.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(wrapper), "--", "train", "--dataset", "imagenet", "--data-dir", str(root), "--arch",
+         "tiny224", "--members", "2", "--sigma", "0.25", "--batch", "4", "--lr", "0.01",
+         "--epochs", "2", "--workers", "0", "--out", str(out), "--log", str(log), "--quiet"],
+        env=fx.subprocess_env(), capture_output=True, text=True, timeout=300, cwd=fx.NEUTRAL_CWD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["epoch"] for e in entries] == [1, 2]
+    seen = [sorted(map(int, open(count + str(r)).read().split())) for r in (0, 1)]
+    assert sorted(seen[0] + seen[1]) == sorted(list(range(6)) * 2)     # 6 val images, 2 epochs
+    ens, _ = load_checkpoint(out)
+    val = data.load("imagenet", "test", root)
+    assert entries[-1]["test_acc"] == trainer_mod.clean_accuracy(ens.members, val.x, val.y)

@@ -192,11 +192,14 @@ class TrainInputs:
             yield x, self.y[torch.as_tensor(idx, device=self.device)]
 
 
-def eval_batches(x, batch: int, device: torch.device, workers: int = 0) -> Iterator[torch.Tensor]:
-    """``x`` (a tensor or `LazyImages`, evaluation view) in consecutive batches on ``device``."""
+def eval_batches(x, batch: int, device: torch.device, workers: int = 0, start: int = 0,
+                 stop: int | None = None) -> Iterator[torch.Tensor]:
+    """``x[start:stop]`` (a tensor or `LazyImages`, evaluation view) in consecutive batches on
+    ``device``."""
+    stop = len(x) if stop is None else stop
     if isinstance(x, torch.Tensor):
-        for s in range(0, len(x), batch):
-            yield x[s:s + batch].to(device)
+        for s in range(start, stop, batch):
+            yield x[s:min(s + batch, stop)].to(device)
         return
-    lists = [list(range(s, min(s + batch, len(x)))) for s in range(0, len(x), batch)]
+    lists = [list(range(s, min(s + batch, stop))) for s in range(start, stop, batch)]
     yield from _folder_loader(_FolderImages(x, "none", 0, 0), lists, workers, device)

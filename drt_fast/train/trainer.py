@@ -243,16 +243,30 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
 
 @torch.no_grad()
 def clean_accuracy(members: Sequence[nn.Module], x, y: torch.Tensor, batch: int = 1000,
-                   workers: int = 0) -> float:
+                   workers: int = 0, group=None) -> float:
     """Accuracy of the clean WE ensemble (mean of member softmax) on x [N, *S] (a tensor or
-    `data.LazyImages`, read by ``workers`` processes), y [N], on the members' device."""
+    `data.LazyImages`, read by ``workers`` processes), y [N], on the members' device.
+
+    Under torchrun (``group`` active; every rank calls it) each rank evaluates a contiguous
+    share and the counts are summed: the same number, without every rank decoding the whole
+    validation set."""
     device = next(members[0].parameters()).device
-    correct, s = 0, 0
+    start, stop = 0, len(x)
+    if group is not None and group.active:
+        start = group.rank * len(x) // group.world_size
+        stop = (group.rank + 1) * len(x) // group.world_size
+    correct, s = 0, start
     with eval_mode(members):
-        for xb in eval_batches(x, batch, device, workers):
+        for xb in eval_batches(x, batch, device, workers, start, stop):
             p = torch.stack([torch.softmax(f(xb).float(), 1) for f in members]).mean(0)
             correct += int((p.argmax(1).cpu() == y[s:s + len(xb)].cpu()).sum())
             s += len(xb)
+    if group is not None and group.active:
+        import torch.distributed as dist
+
+        total = torch.tensor([float(correct)], device=device)
+        dist.all_reduce(total)
+        correct = int(total.item())
     return correct / max(1, len(x))
 
 
@@ -514,7 +528,7 @@ def train(config: TrainConfig) -> str:
             raise _diverged(config, epoch, n_steps - 1)
         means = {k: v / counted[k] if counted[k] else None for k, v in totals.items()}
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
-                 "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, test_set.x, test_set.y, workers=workers),
+                 "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, test_set.x, test_set.y, workers=workers, group=group),
                  "lr": lr, "time": round(time.time() - t0, 3)}
         if "smoothadv" in config.trainer:
             entry["eps"] = step.eps
