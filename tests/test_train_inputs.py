@@ -362,3 +362,15 @@ def test_torchrun_trains_on_image_folders_and_shares_the_test_accuracy(tmp_path,
     ens, _ = load_checkpoint(out)
     val = data.load("imagenet", "test", root)
     assert entries[-1]["test_acc"] == trainer_mod.clean_accuracy(ens.members, val.x, val.y)
+
+
+def test_image_folder_evaluation_batches_stay_small(tmp_path, monkeypatch):
+    """The test accuracy asks for batches of 1000; decoded by 8 workers with 2 batches each in
+    flight that was ~20 GB of host (and shared) memory per rank on ImageNet's val/."""
+    from drt_fast import data
+
+    root = write_image_folder(tmp_path / "imagenet", per_class=1)
+    images = data.LazyImages(data.load("imagenet", "test", root).x.paths * 110)   # 220
+    monkeypatch.setattr(data, "read_image", lambda path, transform: torch.zeros(3, 224, 224))
+    sizes = [len(b) for b in inputs.eval_batches(images, 1000, torch.device("cpu"))]
+    assert sum(sizes) == 220 and max(sizes) <= 100

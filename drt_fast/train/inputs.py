@@ -32,6 +32,7 @@ from ..errors import DrtFastError
 AUGMENTS = ("auto", "none", "crop-flip", "resized-crop-flip")
 _DEFAULT = {"cifar10": "crop-flip", "imagenet": "resized-crop-flip"}
 CROP_PAD = 4
+FOLDER_EVAL_BATCH = 100      # the most images of an evaluation batch decoded from image folders
 # the third SeedSequence word of the augmentation's stream (ranks use small ones: no collision)
 _AUGMENT_STREAM = 2**32 - 1
 
@@ -201,5 +202,9 @@ def eval_batches(x, batch: int, device: torch.device, workers: int = 0, start: i
         for s in range(start, stop, batch):
             yield x[s:min(s + batch, stop)].to(device)
         return
+    # A batch of decoded 224x224 images is 0.6 MB an image, and the loader keeps 2 per worker
+    # in flight (in shared memory, and again in each worker while it stacks them): at 1000 an
+    # image, 8 workers held ~20 GB per rank. Small batches keep that near 1 GB.
+    batch = min(batch, FOLDER_EVAL_BATCH)
     lists = [list(range(s, min(s + batch, stop))) for s in range(start, stop, batch)]
     yield from _folder_loader(_FolderImages(x, "none", 0, 0), lists, workers, device)
