@@ -374,3 +374,22 @@ def test_image_folder_evaluation_batches_stay_small(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "read_image", lambda path, transform: torch.zeros(3, 224, 224))
     sizes = [len(b) for b in inputs.eval_batches(images, 1000, torch.device("cpu"))]
     assert sum(sizes) == 220 and max(sizes) <= 100
+
+
+def test_default_workers_count_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """os.cpu_count() is the machine's: a batch job given 2 of 64 cores started 8 workers."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    got = []
+    real = trainer_mod.TrainInputs
+
+    def recording(*args, **kwargs):
+        got.append(args[5] if len(args) > 5 else kwargs["workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "TrainInputs", recording)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert run_cli("train", "--epochs", 1, "--members", 1, "--sigma", 0.25, "--quiet",
+                   "--out", tmp_path / "x.pt") == 0
+    assert got == [2]

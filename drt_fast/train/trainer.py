@@ -460,7 +460,10 @@ def train(config: TrainConfig) -> str:
         f.to(device).train()
     workers = config.workers
     if workers is None:      # image folders: decode in parallel, sharing the cores among ranks
-        workers = min(8, max(1, (os.cpu_count() or 1) // group.world_size))
+        # (the cores this process may run on: a batch job or a container gets fewer than
+        # the machine has)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = min(8, max(1, (cores or 1) // group.world_size))
     inputs = TrainInputs(train_set.x, train_set.y, augment, config.seed, device, workers)
     step = _Step(config, members)
     autocast = _autocast_factory(config, device)
