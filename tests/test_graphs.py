@@ -128,7 +128,7 @@ def test_graphs_on_the_cpu_are_off_or_refused():
 
 
 @pytest.mark.parametrize("case,why", [
-    ("no kernels", "drt_fast was built without its CUDA kernels"),      # the fallbacks sync
+    ("no kernels", "drt_fast's CUDA kernels were not built (for this GPU)"),   # the fallbacks sync
     ("batch_members", "the ensemble runs its members batched (batch_members=True)"),
 ])
 def test_graphs_stay_off_where_a_capture_would_be_wrong(monkeypatch, case, why):
@@ -137,7 +137,7 @@ def test_graphs_stay_off_where_a_capture_would_be_wrong(monkeypatch, case, why):
 
     ens = ensemble()
     ens.batch_members = case == "batch_members"
-    monkeypatch.setattr(ops, "cuda_available", lambda: case != "no kernels")
+    monkeypatch.setattr(ops, "kernels_run_on", lambda device: case != "no kernels")
     cuda_batch = type("Batch", (), {"device": torch.device("cuda")})()
     smooth = SmoothedClassifier(ens, K, sigma=0.5)
     assert smooth._graphs_possible(cuda_batch) is False and smooth.graph_status == f"off: {why}"
