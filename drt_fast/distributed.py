@@ -60,6 +60,7 @@ def resolve_device(name: str) -> torch.device:
     """``--device``: ``auto`` (CUDA when torch sees a GPU), ``cpu``, ``cuda`` or ``cuda:i``.
 
     A device torch cannot use is a DrtFastError (one line), never a traceback later on.
+    ``cuda:i`` becomes the current CUDA device.
     """
     import torch
 
@@ -78,6 +79,10 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DrtFastError(f"--device {name} was asked for, but torch sees "
                                f"{torch.cuda.device_count()} CUDA device(s)")
+        if device.index is not None:
+            # made current, so that what follows the current device (pinned-memory copies,
+            # CUDA graphs, streams) creates nothing on GPU 0
+            torch.cuda.set_device(device)
     return device
 
 

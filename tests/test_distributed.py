@@ -63,3 +63,24 @@ def test_refusal_on_rank_0_stops_every_rank(single):
     # Each rank prints the one line (torchrun then adds its own report of failed children).
     assert proc.stderr.count("drt-fast: error: output file") == 2
     assert fx.PACKAGE_DIR not in proc.stderr  # no traceback through our code
+
+
+def test_device_resolution(monkeypatch):
+    """--device cuda:i is checked and made the current device (stand-in CUDA: no GPU here)."""
+    import torch
+
+    from drt_fast import distributed
+    from drt_fast.errors import DrtFastError
+
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert distributed.resolve_device("cuda") == torch.device("cuda") and current == []
+    assert distributed.resolve_device("cuda:1") == torch.device("cuda:1")
+    assert current == [torch.device("cuda:1")]
+    for bad, message in (("cuda:2", "torch sees 2 CUDA device"), ("tpu", "must be auto, cpu"),
+                         ("cuda:x", "must be auto, cpu")):
+        with pytest.raises(DrtFastError, match=message):
+            distributed.resolve_device(bad)
