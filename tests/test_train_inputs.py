@@ -393,3 +393,20 @@ def test_default_workers_count_the_cores_this_process_may_use(tmp_path, monkeypa
     assert run_cli("train", "--epochs", 1, "--members", 1, "--sigma", 0.25, "--quiet",
                    "--out", tmp_path / "x.pt") == 0
     assert got == [2]
+
+
+def test_an_unreadable_test_image_keeps_the_epoch(tmp_path, tiny224, capsys):
+    """The epoch's checkpoint is written before the test accuracy reads val/: a bad image
+    there ends the run with one line, the epoch kept for --resume."""
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    bad = root / "val" / "n01443537" / "img0.JPEG"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "k.pt"
+    assert folder_train(root, out, tiny224, "--epochs", 2, "--workers", 0) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot read image" in err and "img0.JPEG" in err
+    assert weights(out)[1]["train_config"]["epochs_done"] == 1
+    bad.write_bytes(good)
+    assert folder_train(root, out, tiny224, "--epochs", 2, "--workers", 0, "--resume") == 0
+    assert weights(out)[1]["train_config"]["epochs_done"] == 2

@@ -529,14 +529,19 @@ def train(config: TrainConfig) -> str:
         if not (all(bool(torch.isfinite(p).all()) for p in params)
                 and _finite_outputs(members, xb[:64])):
             raise _diverged(config, epoch, n_steps - 1)
+        # The epoch's weights are saved before the test accuracy, which may fail (an
+        # unreadable image in an ImageNet val/ folder) or be interrupted: the epoch stays.
+        if group.is_main:
+            save(epoch + 1)
         means = {k: v / counted[k] if counted[k] else None for k, v in totals.items()}
+        test_acc = None if test_set is None else clean_accuracy(
+            members, test_set.x, test_set.y, workers=workers, group=group)
         entry = {"epoch": epoch + 1, "ce": means["ce"], "gd": means["gd"], "cm": means["cm"],
-                 "train_acc": means["acc"], "test_acc": None if test_set is None else clean_accuracy(members, test_set.x, test_set.y, workers=workers, group=group),
+                 "train_acc": means["acc"], "test_acc": test_acc,
                  "lr": lr, "time": round(time.time() - t0, 3)}
         if "smoothadv" in config.trainer:
             entry["eps"] = step.eps
         if group.is_main:
-            save(epoch + 1)
             # a new run (--overwrite included) starts its log with its first epoch
             _log_line(config.log, entry, new=epoch == start_epoch and not config.resume)
             if not config.quiet:
