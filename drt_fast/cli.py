@@ -63,7 +63,9 @@ def build_report() -> str:
              f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
     lines.append(f"CPU kernels: {ops._C.cpu_isa()}" if ops._C is not None
                  else "CPU kernels: not built (pip install . builds them)")
-    if ops._C_cuda is None:
+    if ops._C_CUDA_IMPORT_ERROR is not None:
+        lines.append(f"CUDA kernels: built, but they fail to load: {ops._C_CUDA_IMPORT_ERROR}")
+    elif ops._C_cuda is None:
         lines.append("CUDA kernels: not built (nvcc was not found, or DRT_FAST_CUDA=0, at install)")
     elif not ops.cuda_available():
         lines.append("CUDA kernels: built; no CUDA device answers")

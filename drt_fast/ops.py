@@ -34,10 +34,16 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _C = None
     _C_IMPORT_ERROR = exc
 
+_C_CUDA_IMPORT_ERROR = None
 try:  # the CUDA kernels, only built where nvcc was found
     from . import _C_cuda
-except ImportError:
+except ImportError as exc:
     _C_cuda = None
+    # not built (no such module) is normal; a module that exists but fails to load is not
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C_cuda") is not None:
+        _C_CUDA_IMPORT_ERROR = exc
 
 __all__ = [
     "noisy_draws",

@@ -1,4 +1,5 @@
 """drt-fast certify / predict / info end to end, through main(argv) and a few subprocesses."""
+import glob
 import io as io_module
 import json
 import os
@@ -308,10 +309,37 @@ def test_version_says_which_kernels_run(capsys, monkeypatch):
     elif not ops.cuda_available():
         assert out[3] == "CUDA kernels: built; no CUDA device answers"
     else:
-        assert out[3].startswith("CUDA kernels: built; ") and torch.cuda.get_device_name(0) in out[3]
+        assert out[3].startswith(f"CUDA kernels: built for {ops._C_cuda.architectures()}; ")
+        assert torch.cuda.get_device_name(0) in out[3]
     monkeypatch.setattr(ops, "_C_cuda", None)       # a build without nvcc
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.splitlines()[3].startswith("CUDA kernels: not built")
+    monkeypatch.setattr(ops, "_C_CUDA_IMPORT_ERROR", ImportError("_C_cuda.so: undefined symbol: x"))
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.splitlines()[3] == (
+        "CUDA kernels: built, but they fail to load: _C_cuda.so: undefined symbol: x")
+
+
+def test_a_cuda_module_that_fails_to_load_is_told_apart_from_none(tmp_path):
+    """A copy of the package whose _C_cuda is damaged, and one without it."""
+    import shutil
+
+    import drt_fast
+
+    source = os.path.dirname(drt_fast.__file__)
+    # (an editable install's finder would supply the missing module from the source tree)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'ditable' not in repr(f)]\n"
+            "import drt_fast.ops as o; print(o._C_cuda is None, repr(o._C_CUDA_IMPORT_ERROR))")
+    for case in ("damaged", "absent"):
+        pkg = tmp_path / case / "drt_fast"
+        shutil.copytree(source, pkg, ignore=shutil.ignore_patterns("_C_cuda*", "__pycache__"))
+        if case == "damaged":
+            (pkg / os.path.basename(next(iter(glob.glob(os.path.join(source, "_C.*.so")))))
+             .replace("_C.", "_C_cuda.")).write_bytes(b"not a shared object")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=tmp_path / case, check=True).stdout.split(maxsplit=1)
+        assert out[0] == "True"
+        assert (out[1].strip() == "None") == (case == "absent"), out
 
 
 def test_info(ckpt, capsys):
