@@ -158,6 +158,10 @@ def _warn_cuda_fallback(message: Optional[str] = None):
     global _warned_cuda_fallback
     if not _warned_cuda_fallback:
         _warned_cuda_fallback = True
+        if message is None and _C_CUDA_IMPORT_ERROR is not None:
+            message = (f"drt_fast's CUDA kernels fail to load ({_C_CUDA_IMPORT_ERROR}); CUDA tensors "
+                       "use the slower pure-torch reference implementation. Reinstall drt-fast "
+                       "(pip install .) against this torch and CUDA driver.")
         warnings.warn(
             message or
             "drt_fast was built without CUDA kernels (or no CUDA driver answers); CUDA tensors "
