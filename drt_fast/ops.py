@@ -265,6 +265,16 @@ def _check_rows_in_range(rows: Tensor, batch: int):
         )
 
 
+def _check_draws_in_range(first_draw: Tensor, reps: int):
+    """Draw indices ``first_draw[b] + r`` must lie in [0, 2^32) (they are 32-bit counters: a
+    larger one would wrap onto another draw's noise). Reads the values: not on CUDA."""
+    if first_draw.numel():
+        low, high = (int(v) for v in torch.aminmax(first_draw))
+        if low < 0 or high + reps > 2**32:
+            raise InvalidArgument(f"draw indices must lie in [0, 2^32): first_draw holds values in "
+                                  f"[{low}, {high}] and reps is {reps}")
+
+
 def _empty_output(x: Tensor, reps: int, out_dtype, channels_last: bool) -> Tensor:
     shape = (x.shape[0] * reps, *x.shape[1:])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -383,6 +393,7 @@ def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int
                           out_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> Tensor:
     """Pure-torch :func:`noisy_draws`: same arguments, bit-identical result, any device."""
     out_dtype = _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels_last)
+    _check_draws_in_range(first_draw, reps)
     batch, elem_shape = x.shape[0], x.shape[1:]
     num_elements = math.prod(elem_shape)
     r = torch.arange(reps, dtype=torch.int64, device=x.device)
@@ -480,6 +491,7 @@ def noisy_draws_eager(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int, si
         with torch.cuda.device(x.device):
             _C_cuda.noisy_draws(*args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
     elif x.device.type == "cpu":
+        _check_draws_in_range(first_c, reps)
         _require_cpu_kernels().noisy_draws(*args)
     else:
         raise InvalidArgument(f"noisy_draws runs on cpu or cuda tensors, got device {x.device}")

@@ -296,6 +296,8 @@ def _noisy_ok():
     (dict(reps=0), "reps must be >= 1"),
     (dict(reps=2**40), "reps must be at most 2\\*\\*32"),
     (dict(reps=2**62), "reps must be at most 2\\*\\*32"),
+    (dict(first_draw=torch.tensor([0, -1])), "draw indices must lie in \\[0, 2\\^32\\)"),
+    (dict(first_draw=torch.tensor([2**32 - 2, 0])), "first_draw holds values in \\[0, 4294967294\\] and reps is 3"),
     (dict(sigma=-1.0), "sigma must be"),
     (dict(sigma=float("nan")), "sigma must be"),
     (dict(seed=-1), "seed must be in"),
