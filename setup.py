@@ -59,9 +59,14 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         # A cache from an earlier build may point at a deleted isolated env (its ninja, its
-        # python): drop only the cache, keep the object files for an incremental build.
+        # python): drop the cache and CMake's probes (compiler checks, try-compiles), keep the
+        # object files (CMakeFiles/<target>.dir) for an incremental build. Ninja rebuilds an
+        # object whose command line changed, so a reused one is always one this build wants.
         (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
-        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+        if (build_dir / "CMakeFiles").is_dir():
+            for entry in (build_dir / "CMakeFiles").iterdir():
+                if not (entry.is_dir() and entry.name.endswith(".dir")):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
         outputs = [(ext, Path(self.get_ext_fullpath(ext.name)).resolve()) for ext in self.extensions]
         out_dir = outputs[0][1].parent
