@@ -74,9 +74,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     training = [info for info in infos if "ratio_drt_over_gaussian" in info]
     if not rows and not training:
         return
-    width = max(len(str(row["case"])) for row in rows)
-    terminalreporter.section("drt-fast / reference ratios (reference time / drt-fast time, fastest rounds)")
-    terminalreporter.write_line(f"{'case':<{width}}  {'ratio':>8}  {'reference':>12}  {'drt-fast':>12}")
+    if rows:   # none when only training cases ran (pytest bench/test_train.py)
+        width = max(len(str(row["case"])) for row in rows)
+        terminalreporter.section("drt-fast / reference ratios (reference time / drt-fast time, fastest rounds)")
+        terminalreporter.write_line(f"{'case':<{width}}  {'ratio':>8}  {'reference':>12}  {'drt-fast':>12}")
     for row in rows:
         ref_s, ours_s = row.get("ref_min_s"), row.get("ours_min_s")
         times = (f"{ref_s * 1e3:>10.3f}ms  {ours_s * 1e3:>10.3f}ms" if ref_s is not None and ours_s is not None
