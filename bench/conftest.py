@@ -60,6 +60,27 @@ def compare(benchmark):
     return run
 
 
+# What a case prints for the reader: shown as the case ends even without -s (below).
+_CASE_LINES = ("[ratio]", "[target]", "[abs]", "[fuse]", "[share]", "[bandwidth]")
+_config = []     # the session's config, for its terminal reporter
+
+
+def pytest_configure(config):
+    _config[:] = [config]
+
+
+def pytest_runtest_logreport(report):
+    """Without -s pytest keeps a passing case's output to itself: its [ratio] / [target] /
+    ... lines are written to the terminal here as the case ends (with -s they were printed
+    as they came, and nothing was captured)."""
+    terminal = _config[0].pluginmanager.get_plugin("terminalreporter") if _config else None
+    if report.when != "call" or terminal is None:
+        return
+    for line in report.capstdout.splitlines():
+        if line.startswith(_CASE_LINES):
+            terminal.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     """The case that runs drt-fast's whole-network CIFAR ResNet kernel on a GPU goes last:
     the kernel has not yet run on a GPU, and a fault in it would poison the CUDA context of

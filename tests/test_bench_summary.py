@@ -56,3 +56,16 @@ def test_ratio_and_training_tables(bench_conftest):
     assert any(line.startswith("certify digits") and "2.50x" in line for line in lines)
     assert any("3.00x" in line for line in lines)
     assert _summary(bench_conftest, []) == []
+
+
+def test_case_lines_reach_the_terminal_without_dash_s(bench_conftest):
+    # plain `pytest bench/` captures a passing case's stdout: its [ratio] / [target] lines
+    # are written out as it ends, the rest of what it printed is not
+    reporter = _Reporter()
+    plugins = SimpleNamespace(get_plugin=lambda name: reporter if name == "terminalreporter" else None)
+    bench_conftest.pytest_configure(SimpleNamespace(pluginmanager=plugins))
+    out = "\n[ratio] vote_: reference 2 ms / drt-fast 1 ms = 2.00x\nother\n[target] vote_ >= 2x: met\n"
+    for when in ("setup", "call", "teardown"):
+        bench_conftest.pytest_runtest_logreport(SimpleNamespace(when=when, capstdout=out))
+    assert reporter.lines == ["[ratio] vote_: reference 2 ms / drt-fast 1 ms = 2.00x",
+                              "[target] vote_ >= 2x: met"]
