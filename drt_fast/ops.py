@@ -21,6 +21,7 @@ device, dtype, shape and contiguity happens here, before a pointer crosses into 
 """
 import math
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -141,8 +142,38 @@ def kernels_run_on(device) -> bool:
     return _device_ok[index]
 
 
+def _shadowed_install() -> Optional[str]:
+    """The folder of a pip-installed drt_fast with compiled kernels, when the drt_fast
+    imported is another copy (the source tree, first on sys.path for `python -m drt_fast`
+    and `torchrun -m drt_fast` run from the repository root); else None."""
+    from importlib import metadata
+
+    here = Path(__file__).resolve().parent
+    for dist in metadata.distributions():   # the source tree's egg-info is one of them
+        try:
+            if (dist.metadata["Name"] or "").lower().replace("_", "-") != "drt-fast":
+                continue
+            installed = Path(dist.locate_file("drt_fast")).resolve()
+        except Exception:
+            continue
+        # an editable install has no package folder of its own
+        if installed != here and installed.is_dir() and any(installed.glob("_C.*")):
+            return str(installed)
+    return None
+
+
 def _require_cpu_kernels():
     if _C is None:
+        installed = _shadowed_install()
+        if installed is not None:
+            raise ImportError(
+                f"drt_fast._C (the compiled CPU kernels) is missing from the drt_fast imported "
+                f"here, the source tree {Path(__file__).resolve().parent}, which shadows the "
+                f"installed one in {installed} (`python -m drt_fast` and `torchrun -m drt_fast` "
+                f"put the current directory first on sys.path): run them from another "
+                f"directory, use the `drt-fast` command (torchrun --no-python ... drt-fast -- "
+                f"certify ...), or build the source tree too (pip install -e .)"
+            )
         raise ImportError(
             "drt_fast._C (the compiled CPU kernels) is missing: drt_fast must be built and "
             "installed with `pip install .` (or `pip install -e .` for development) before "

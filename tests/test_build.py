@@ -99,3 +99,36 @@ def test_sdist_carries_the_build_inputs_and_the_whole_test_suite(tmp_path):
         needed += [path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern)]
     assert "tests/conftest.py" in needed and "csrc/bindings.cpp" in needed
     assert sorted(set(needed) - sources) == []
+
+
+class _FakeDist:
+    def __init__(self, folder):
+        self.metadata = {"Name": "drt-fast"}
+        self._folder = folder
+
+    def locate_file(self, name):
+        return self._folder / name
+
+
+def test_missing_kernels_name_the_installed_copy_the_source_tree_shadows(tmp_path, monkeypatch):
+    # `python -m drt_fast` / `torchrun -m drt_fast` from the repository root after a plain
+    # `pip install .` import the source tree, which has no _C: the error must say so and
+    # where the installed copy is, not ask for the `pip install .` that was already done.
+    installed = tmp_path / "site-packages" / "drt_fast"
+    installed.mkdir(parents=True)
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    here = Path(ops.__file__).resolve().parent
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_C_IMPORT_ERROR", ImportError("cannot import name '_C'"), raising=False)
+    monkeypatch.setattr("importlib.metadata.distributions",
+                        lambda: [_FakeDist(here.parent), _FakeDist(installed.parent)])
+    with pytest.raises(ImportError) as err:
+        ops._require_cpu_kernels()
+    message = str(err.value)
+    assert str(installed.resolve()) in message and "shadows" in message
+    assert "drt-fast -- certify" in message and "\n" not in message
+    # Only the source tree (or an editable install, with no package folder): the plain message.
+    monkeypatch.setattr("importlib.metadata.distributions",
+                        lambda: [_FakeDist(here.parent), _FakeDist(tmp_path / "nowhere")])
+    with pytest.raises(ImportError, match="must be built and installed"):
+        ops._require_cpu_kernels()
