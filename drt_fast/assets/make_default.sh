@@ -10,7 +10,9 @@
 set -euo pipefail
 WORK=${1:-assets-work}
 ASSETS=$(cd "$(dirname "$0")" && pwd)
-DRT="python -m drt_fast"
+# The installed command: `python -m drt_fast` from the repository root would import the
+# checkout, which has no compiled kernels after a plain `pip install .`.
+if command -v drt-fast >/dev/null; then DRT=drt-fast; else DRT="python -m drt_fast"; fi
 mkdir -p "$WORK"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

@@ -10,7 +10,9 @@ set -euo pipefail
 WORK=${1:-assets-work}
 N=${2:-10000}
 SKIP=${3:-2}
-DRT="python -m drt_fast"
+# The installed command: `python -m drt_fast` from the repository root would import the
+# checkout, which has no compiled kernels after a plain `pip install .`.
+if command -v drt-fast >/dev/null; then DRT=drt-fast; else DRT="python -m drt_fast"; fi
 
 # (a) member 0 of the Gaussian ensemble as a one-member checkpoint
 python - "$WORK/gaussian.pt" "$WORK/gaussian_member0.pt" <<'PY'
