@@ -814,3 +814,18 @@ def test_cohens_spelling_of_n0_and_n(tmp_path, capsys):
     for suffix in (".tsv", "-p.tsv"):
         assert (fx.rows_without_time(tmp_path / f"cohen{suffix}")
                 == fx.rows_without_time(tmp_path / f"ours{suffix}"))
+
+
+@pytest.mark.parametrize("script", ["make_default.sh", "make_table.sh"])
+def test_asset_scripts_run_the_installed_command(script, tmp_path):
+    """From the repository root `python -m drt_fast` imports the checkout, which has no
+    compiled kernels after a plain `pip install .`: the scripts must run `drt-fast`."""
+    lines = (ASSETS / script).read_text().splitlines()
+    line = next(l for l in lines if l.startswith("DRT=") or ("DRT=" in l and l.startswith("if ")))
+    fake = tmp_path / "drt-fast"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "-c", line + '\necho "$DRT"'], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "drt-fast"
