@@ -148,11 +148,11 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
     p.add_argument("--batch", type=int, default=1000, help="noisy draws per forward pass (default: 1000)")
     p.add_argument("--skip", type=int, help=f"{task} every skip-th input (default: 1; "
-                                             f"{embedded.get('skip', 1)} with the embedded default)")
+                                             f"{embedded.get('skip', 1)} on the embedded default's test inputs)")
     # A count of inputs: Cohen's certify.py stops at *index* max, which with --skip is
     # easy to get wrong (and never triggers unless max is a multiple of skip).
     p.add_argument("--max", type=int, help=f"at most this many of the selected inputs (default: all; "
-                                            f"{embedded.get('max') or 'all'} with the embedded default)")
+                                            f"{embedded.get('max') or 'all'} on the embedded default's test inputs)")
     p.add_argument("--mode", choices=MODES, help="ensemble aggregation (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:i}",
@@ -466,8 +466,10 @@ def _prepare(args, task: str, device) -> Job:
     if sigma is None:
         raise DrtFastError(f"checkpoint {model_path!r} has no training sigma; pass --sigma")
     sigma = float(sigma)
-    skip = args.skip if args.skip is not None else (default.get("skip", 1) if default else 1)
-    max_inputs = args.max if args.max is not None else (default.get("max") if default else None)
+    # The default subset is that of the embedded test inputs, not of data the user names.
+    subset = default if default is not None and args.dataset is None and args.data_dir is None else {}
+    skip = args.skip if args.skip is not None else subset.get("skip", 1)
+    max_inputs = args.max if args.max is not None else subset.get("max")
 
     ensemble = ensemble.to(device).eval()
     num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)

@@ -372,6 +372,14 @@ def test_default_model_and_data_come_from_the_assets_folder(ckpt, tmp_path, monk
                  "--out", out2]) == 0
     assert [r[0] for r in fx.rows_without_time(out2)[1:]] == ["100", "110"]
     assert json.load(open(out2 + ".json"))["sigma"] == 0.25
+    # The default subset belongs to the embedded test inputs: data the user names is used whole.
+    for i, extra in enumerate((["--dataset", "npz", "--data-dir", str(assets / "test.npz")],
+                               ["--dataset", "digits"])):
+        out3 = str(tmp_path / f"d3_{i}.tsv")
+        assert main(["certify", "--n", "100", "--quiet", "--out", out3] + extra) == 0
+        expected = [str(r) for r in rows] if i == 0 else [str(r) for r in range(len(test.y))]
+        assert [r[0] for r in fx.rows_without_time(out3)[1:]] == expected
+        assert (json.load(open(out3 + ".json"))["skip"], json.load(open(out3 + ".json"))["max"]) == (1, None)
     capsys.readouterr()
     monkeypatch.setattr("drt_fast.cli.ASSETS", tmp_path / "empty")
     assert main(["certify", "--n", "100"]) == 2
