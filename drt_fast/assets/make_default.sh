@@ -3,7 +3,7 @@
 #
 #   bash drt_fast/assets/make_default.sh [WORKDIR]
 #
-# Runs from the repository root (or with drt-fast installed). Training takes about a minute
+# Runs from the repository root (or with drt-fast installed). Training takes about 20 s
 # on 2 CPU cores. The commands below are the recipe recorded in default.json; the run that
 # produced the shipped default.pt used OMP_NUM_THREADS=1 (CPU results can differ in the last
 # bits with another thread count).
