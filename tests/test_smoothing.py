@@ -190,6 +190,17 @@ def test_counts_come_from_the_documented_noise_streams():
     np.testing.assert_array_equal(cert.estimation_counts,
                                   manual_counts(ens, x, key, seed, n0, n, sigma, k))
     assert cert.count == cert.estimation_counts[cert.selection_counts.argmax()]
+    # sample_counts' first_draw picks the same draws: the estimation sample is draws n0.. on
+    np.testing.assert_array_equal(smooth.sample_counts(x[None], [key], n, 64, first_draw=n0)[0],
+                                  cert.estimation_counts)
+    np.testing.assert_array_equal(smooth.sample_counts(x[None], [key], n0, 64)[0],
+                                  cert.selection_counts)
+    # draw indices run up to 2^32 - 1 inclusive, not further
+    last = 2**32 - 1
+    np.testing.assert_array_equal(smooth.sample_counts(x[None], [key], 1, 64, first_draw=last)[0],
+                                  manual_counts(ens, x, key, seed, last, 1, sigma, k))
+    with pytest.raises(DrtFastError, match="below 2\\^32"):
+        smooth.sample_counts(x[None], [key], 2, 64, first_draw=last)
     # predict: draws 0..n-1 of stream seed ^ PREDICT_STREAM
     predict_counts = smooth.sample_counts(x[None], [key], n, 64, stream="predict")[0]
     np.testing.assert_array_equal(predict_counts,
@@ -250,6 +261,77 @@ def test_predict_follows_the_binomial_test_and_abstains_on_a_tie():
     assert -1 in labels and 0 in labels
 
 
+def test_the_bound_uses_the_estimation_count_of_the_class_the_selection_draws_picked():
+    """CERTIFY's cA is the top class of the n0 selection draws (ties: the smaller class) and
+    its bound is Clopper-Pearson of *cA's* count among the n estimation draws: not the
+    estimation sample's own top count, nor a class picked from all draws."""
+    num, n0, n, alpha = 40, 6, 100, 0.2
+    # s = t along w, t in [-0.3, 0.27]: p(class 0) = Phi(t / sigma) in [0.27, 0.71], so six
+    # selection draws often pick (or tie on) the class the estimation draws do not favour
+    xs = torch.stack([(-B + 0.015 * (i - 20)) * W for i in range(num)])
+    smooth = SmoothedClassifier(LinearScore(W, B), num_classes=2, sigma=SIGMA, seed=5)
+    certs = smooth.certify_many(xs, range(num), n0=n0, n=n, alpha=alpha, batch_size=256)
+    disagree = ties = certified = 0
+    for c in certs:
+        assert c.selection_counts.sum() == n0 and c.estimation_counts.sum() == n
+        selected = int(np.argmax(c.selection_counts))             # first maximum
+        assert c.count == c.estimation_counts[selected]
+        assert c.pA_lower == stats.lower_confidence_bound(c.count, n, alpha)
+        if c.pA_lower < 0.5:
+            assert (c.label, c.radius) == (-1, 0.0)
+        else:
+            assert (c.label, c.radius) == (selected, stats.radius(SIGMA, c.pA_lower))
+            certified += 1
+        disagree += selected != int(np.argmax(c.estimation_counts))
+        ties += c.selection_counts[0] == c.selection_counts[1]
+    assert disagree >= 5 and ties >= 3 and certified >= 3            # not vacuous
+
+
+def test_a_lower_bound_of_exactly_one_half_certifies_radius_zero():
+    # Cohen's CERTIFY abstains when pA_lower < 1/2 only. All n draws agreeing give the bound
+    # alpha ** (1/n): exactly 1/2 for n = 1, alpha = 1/2 and n = 2, alpha = 1/4.
+    smooth = SmoothedClassifier(LinearScore(W, B), num_classes=2, sigma=SIGMA, seed=0)
+    far = (3.0 - B) * W                                   # s = 6 sigma: every draw votes 0
+    for n, alpha in [(1, 0.5), (2, 0.25)]:
+        assert stats.lower_confidence_bound(n, n, alpha) == 0.5
+        assert smooth.certify(far, n0=1, n=n, alpha=alpha, batch_size=8) == Certificate(0, 0.0, 0.5, n, n)
+
+
+def test_predict_abstains_only_when_the_p_value_exceeds_alpha():
+    smooth = SmoothedClassifier(LinearScore(W, B), num_classes=2, sigma=SIGMA, seed=0)
+    far = (3.0 - B) * W                                   # s = 6 sigma: every draw votes 0
+    p = stats.binom_pvalue(10, 10)                        # 10 of 10: exactly 2 * 0.5^10
+    assert p == 2 * 0.5 ** 10
+    assert smooth.predict(far, n=10, alpha=p, batch_size=16) == 0
+    assert smooth.predict(far, n=10, alpha=p * 0.999, batch_size=16) == -1
+
+
+class ThreeWay(nn.Module):
+    """Logits [x0, x1, 0] in float64: class 2 wins where both coordinates are negative."""
+
+    def forward(self, x):
+        x = x.flatten(1).double()
+        return torch.stack([x[:, 0], x[:, 1], torch.zeros_like(x[:, 0])], dim=1)
+
+
+def test_predict_tests_the_top_two_counts_not_the_top_count_against_n():
+    # PREDICT's binomial test is nA of nA + nB (the top two), as Cohen's: with a third class
+    # holding many votes, nA can be significant against nB while it is not against n.
+    n, alpha = 200, 0.05
+    grid = [(a, b) for a in np.linspace(-0.4, 0.8, 9) for b in np.linspace(-0.8, 0.4, 7)]
+    xs = torch.tensor(grid, dtype=torch.float32)
+    smooth = SmoothedClassifier(ThreeWay(), num_classes=3, sigma=1.0, seed=2)
+    labels = smooth.predict_many(xs, range(len(grid)), n=n, alpha=alpha, batch_size=512)
+    counts = smooth.sample_counts(xs, range(len(grid)), n, 512, stream="predict")
+    against_n_differs = 0
+    for label, c in zip(labels, counts):
+        top, second = np.argsort(-c, kind="stable")[:2]
+        p = stats.binom_pvalue(c[top], c[top] + c[second])
+        assert label == (int(top) if p <= alpha else -1)
+        against_n_differs += (p <= alpha) != (stats.binom_pvalue(c[top], n) <= alpha)
+    assert against_n_differs >= 3 and -1 in labels and len(set(labels)) >= 3
+
+
 def test_certify_abstains_below_one_half():
     smooth = SmoothedClassifier(LinearScore(W, B), num_classes=2, sigma=SIGMA, seed=0)
     cert = smooth.certify(-B * W, n0=20, n=200, alpha=0.001, batch_size=64)
@@ -265,10 +347,12 @@ def test_certify_abstains_below_one_half():
 class DtypeProbe(nn.Module):
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.seen = inner, set()
+        self.inner, self.seen, self.autocast = inner, set(), set()
 
     def forward(self, x):
         self.seen.add(x.dtype)
+        cpu = torch.is_autocast_enabled("cpu")
+        self.autocast.add(torch.get_autocast_dtype("cpu") if cpu else None)
         return self.inner(x)
 
 
@@ -285,6 +369,7 @@ def test_low_precision_runs_on_cpu_and_mostly_agrees_with_fp32(precision, dtype)
     low = SmoothedClassifier(ens, k, sigma=0.25, seed=0, precision=precision).certify_many(
         xs, range(num), n0=32, n=400, alpha=0.01, batch_size=512)
     assert probe.seen == {torch.float32, dtype}        # the draws were written in low precision
+    assert probe.autocast == {None, dtype}             # and the model ran under autocast to it
     agree = sum(a.label == b.label for a, b in zip(fp32, low))
     assert agree >= 0.85 * num
     close = sum(abs(a.pA_lower - b.pA_lower) < 0.1 for a, b in zip(fp32, low))
@@ -371,6 +456,11 @@ def test_bad_arguments_raise_clear_errors():
             smooth.certify(x, **good, key=key)
     with pytest.raises(DrtFastError, match="floating-point"):
         smooth.certify(torch.zeros(2, dtype=torch.int64), **good)
+    # a negative key would alias key 2^64 - 1 in the kernels' unsigned key
+    with pytest.raises(DrtFastError, match=r"keys \(dataset indices\) must be >= 0, got -1"):
+        smooth.certify(x, **good, key=-1)
+    with pytest.raises(DrtFastError, match="must be >= 0"):
+        smooth.sample_counts(torch.zeros(2, 2), [3, -2], 10, 32)
 
 
 def test_model_output_and_input_shapes_are_checked():
