@@ -241,6 +241,15 @@ def test_vote_ties_go_to_the_smaller_index(vote, agg):
     assert label == (2 if agg == "mme" else 0)
 
 
+@pytest.mark.parametrize("vote", [ops.vote_, ops.reference_vote_], ids=["kernel", "reference"])
+def test_mv_at_zero_weights_a_class_no_member_voted_for_never_wins(vote):
+    # member 0 votes 3, member 1 votes 2; classes 0 and 1 got no vote. At zero weights the
+    # voted classes tie at 0 (the smaller, 2, wins), the unvoted ones stay below.
+    logits = torch.tensor([[[0.0, 1.0, 0.0, 5.0]], [[0.0, 0.0, 3.0, 0.0]]])
+    for weights, label in [([0.0, 0.0], 2), ([0.0, 1.0], 2), ([1.0, 0.0], 3)]:
+        assert int(_per_draw_labels(vote, logits, "mv", torch.tensor(weights))[0]) == label
+
+
 def test_vote_weights_matter():
     # member 0 says class 0, members 1 and 2 say class 1
     logits = torch.tensor([[[5.0, 0.0]], [[0.0, 5.0]], [[0.0, 5.0]]])
