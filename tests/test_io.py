@@ -69,6 +69,15 @@ def test_resume_compatibility_ignores_batch_device_and_max():
         io.check_resume_compatible(old, old | {"sigma": 0.5}, "r.tsv")
 
 
+# Spelled out (not io.RESUME_KEYS): a key dropped from RESUME_KEYS must fail here.
+@pytest.mark.parametrize("key", ["task", "model_sha256", "dataset", "data_sha256", "split", "sigma",
+                                 "n0", "n", "alpha", "seed", "mode", "precision", "skip"])
+def test_resume_compatibility_compares_every_result_determining_setting(key):
+    old = {k: 1 for k in io.RESUME_KEYS}
+    with pytest.raises(DrtFastError, match=f"{key}: 1 in the file, 2 now"):
+        io.check_resume_compatible(old, old | {key: 2}, "r.tsv")
+
+
 def test_check_writable_refuses_existing_and_unwritable(tmp_path):
     out = tmp_path / "r.tsv"
     io.check_writable(str(out), resume=False)
