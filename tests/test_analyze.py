@@ -47,9 +47,20 @@ def test_table_values_by_hand(tmp_path):
     assert text.splitlines()[1].split() == ["radius", "a.tsv", "b.tsv"]
 
 
+def test_class_zero_is_a_prediction_not_an_abstention_and_radii_are_sorted(tmp_path):
+    a = _write(tmp_path / "a.tsv", [(0, 0, 0.4), (-1, 0, 0.0), (0, 1, 0.7), (2, 2, 0.9)])
+    text = analyze([a], radii=[0.5, 0.0])
+    assert [line.split()[0] for line in text.splitlines()[3:5]] == ["0", "0.5"]
+    values = {line.split()[0]: line.split()[-1] for line in text.splitlines()[3:]
+              if not line.startswith("-")}
+    assert values["abstain"] == "25.0"                     # only the -1 row abstained
+    assert (values["0"], values["0.5"]) == ("50.0", "25.0")
+
+
 def test_default_radii_reach_the_largest_radius(tmp_path):
     assert default_radii(0.8) == [0.0, 0.25, 0.5, 0.75]
     assert default_radii(0.0) == [0.0]
+    assert default_radii(0.3, step=0.1) == [0.0, 0.1, 0.2, 0.3]     # 0.3 / 0.1 < 3 in floats
     a = _write(tmp_path / "a.tsv", ROWS_A)
     assert [line.split()[0] for line in analyze([a]).splitlines()[3:8]] == ["0", "0.25", "0.5", "0.75", "1"]
 
