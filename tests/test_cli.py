@@ -293,6 +293,14 @@ def test_npz_with_idx_uses_the_dataset_index(ckpt, reference_tsv, tmp_path):
     ref = {r[0]: r for r in fx.rows_without_time(reference_tsv)[1:]}
     assert [r[0] for r in ours] == ["30", "60", "90"]
     assert ours == [ref[r[0]] for r in ours]  # same noise: the key is the dataset index
+    # resume skips the rows by their idx (the dataset index), not by their position in the file
+    with open(out) as f:
+        lines = f.readlines()
+    with open(out, "w") as f:
+        f.writelines(lines[:2])                  # header and the row of idx 30
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", npz, "--n", "200", "--quiet",
+                 "--out", out, "--resume"]) == 0
+    assert fx.rows_without_time(out)[1:] == ours
 
 
 def test_version_says_which_kernels_run(capsys, monkeypatch):
