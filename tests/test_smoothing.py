@@ -430,6 +430,7 @@ def test_non_finite_logits_raise():
 def test_bad_arguments_raise_clear_errors():
     model = LinearScore(W, B)
     for kwargs, pattern in [(dict(sigma=0.0), "sigma"), (dict(sigma=-1.0), "sigma"),
+                            (dict(sigma=float("inf")), "sigma"), (dict(seed=2**63), "seed"),
                             (dict(precision="fp64"), "precision"), (dict(seed=-1), "seed"),
                             (dict(num_classes=0), "num_classes")]:
         args = dict(num_classes=2, sigma=0.5) | kwargs
