@@ -819,6 +819,16 @@ def test_busy_cores_reads_proc_stat():
         assert 0.0 <= busy <= os.cpu_count() + 0.01
 
 
+def test_defaults_are_cohens():
+    """Cohen et al.'s certify.py / predict.py defaults: N0 = 100, N = 100000, alpha = 0.001."""
+    from drt_fast.cli import build_parser
+
+    certify = build_parser().parse_args(["certify"])
+    assert (certify.n0, certify.n, certify.alpha, certify.seed) == (100, 100_000, 0.001, 0)
+    predict = build_parser().parse_args(["predict"])
+    assert (predict.n, predict.alpha, predict.seed) == (100_000, 0.001, 0)
+
+
 def test_cohens_spelling_of_n0_and_n(tmp_path, capsys):
     """--N0 / --N as in Cohen et al.'s certify.py and predict.py: the same run as --n0 / --n."""
     runs = {"cohen": ["--N0", "12", "--N", "40"], "ours": ["--n0", "12", "--n", "40"]}
