@@ -98,6 +98,12 @@ def test_noisy_draws_accepts_other_input_dtypes():
     assert torch.equal(out, ops.noisy_draws(half.float(), keys, first, 3, 0.25, 1, torch.float16))
     cl = x.contiguous(memory_format=torch.channels_last)  # a channels-last input reads the same values
     assert torch.equal(ops.noisy_draws(cl, keys, first, 3, 0.25, 1), ref)
+    # float64 pixels that fp32 cannot hold: rounded to fp32 first, then summed in fp32 (a float64
+    # sum rounded once differs in the last bit for some elements), by the kernel and the reference
+    fine = x.double() + torch.rand(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-8
+    want = ops.noisy_draws(fine.float(), keys, first, 3, 0.25, 1)
+    assert torch.equal(ops.noisy_draws(fine, keys, first, 3, 0.25, 1), want)
+    assert torch.equal(ops.reference_noisy_draws(fine, keys, first, 3, 0.25, 1), want)
 
 
 def test_noisy_draws_gradient_sums_over_draws():
