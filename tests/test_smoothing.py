@@ -376,6 +376,43 @@ def test_low_precision_runs_on_cpu_and_mostly_agrees_with_fp32(precision, dtype)
     assert close >= 0.85 * num
 
 
+class CloseFloat64Logits(nn.Module):
+    """float64 logits [1000, 1000.125]: fp32 holds both, fp16/bf16 round them to a tie."""
+
+    def forward(self, x):
+        base = torch.full((x.shape[0], 1), 1000.0, dtype=torch.float64)
+        return torch.cat([base, base + 0.125], dim=1) + 0.0 * x.flatten(1).double().sum(1, keepdim=True)
+
+
+class CountingProbe(nn.Module):
+    """Records the batch size of every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_float64_logits_are_voted_in_float32():
+    smooth = SmoothedClassifier(CloseFloat64Logits(), num_classes=2, sigma=0.5, seed=0)
+    cert = smooth.certify(torch.zeros(3), n0=10, n=50, alpha=0.01, batch_size=64)
+    assert cert.label == 1 and cert.count == 50
+
+
+def test_certify_many_packs_several_inputs_into_one_forward():
+    # n0 + n = 70 draws per input, batch 1000: 14 inputs (980 draws) per forward pass
+    probe = CountingProbe(RowwiseAffine(6, 3, seed=0))
+    smooth = SmoothedClassifier(probe, 3, sigma=0.5, seed=0, fuse=False)
+    smooth.certify_many(torch.rand(20, 6), range(20), n0=10, n=60, alpha=0.01, batch_size=1000)
+    assert probe.batches == [980, 420]
+    probe.batches.clear()
+    smooth.predict_many(torch.rand(5, 6), range(5), n=300, alpha=0.01, batch_size=1000)
+    assert probe.batches == [900, 600]
+
+
 def test_channels_last_does_not_break_cpu():
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
