@@ -77,6 +77,8 @@ def test_certified_accuracy_and_acr():
     radii = [0.0, 0.3, 0.8, 1.2, 0.5]
     correct = [0, 1, 1, 0, 1]   # row 0 abstained, row 3 certified but wrong
     assert stats.certified_accuracy(radii, correct, 0.0) == pytest.approx(3 / 5)
+    assert type(stats.certified_accuracy(radii, correct, 0.5)) is float    # a float for a scalar r
+    assert stats.certified_accuracy(radii, correct, [[0.0], [0.5]]).shape == (2, 1)
     assert stats.certified_accuracy(radii, correct, 0.5) == pytest.approx(2 / 5)
     assert stats.certified_accuracy(radii, correct, 1.0) == 0.0
     np.testing.assert_allclose(stats.certified_accuracy(radii, correct, [0.0, 0.3, 0.81]),
