@@ -496,3 +496,107 @@ def test_a_last_step_that_breaks_the_weights_is_caught(tmp_path, capsys):
                    "--members", 2, "--lr", 1e38, "--out", tmp_path / "big.pt", "--quiet")
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and not (tmp_path / "big.pt").exists()
+
+
+# ------------------------------------------------------------------ one step of each trainer
+
+class _ModeLinear(torch.nn.Module):
+    """f(x) = W (x - 1/2), with logits doubled in eval mode (as BatchNorm, eval and train
+    differ)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.as_tensor(weight, dtype=torch.float64))
+
+    def forward(self, x):
+        return ((x.flatten(1) - 0.5) @ self.weight.T) * (1.0 if self.training else 2.0)
+
+
+def _step_case(trainer, **kw):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 6))
+    members = [_ModeLinear(3 * base + rng.normal(size=(4, 6))) for _ in range(3)]
+    x = torch.tensor(rng.uniform(0.05, 0.95, size=(5, 6)))
+    y = ((x - 0.5) @ torch.tensor(base).T).argmax(1)
+    assert len(set(y.tolist())) > 2
+    config = TrainConfig(trainer=trainer, members=3, m=2, sigma=0.1, **kw)
+    return config, members, x, y
+
+
+def _run_step(config, members, x, y):
+    import contextlib
+
+    gen = torch.Generator().manual_seed(11)
+    return trainer_mod._Step(config, members)(x, y, gen, contextlib.nullcontext)
+
+
+def _draws(config, shape):
+    """The step's noise, in the order it draws it: sigma * N(0, I) of ``shape`` per call."""
+    gen = torch.Generator().manual_seed(11)
+    return lambda: config.sigma * torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def _pgd_in_eval_mode(models, x, y, noise, config):
+    from drt_fast.train.smoothadv import pgd_smoothed
+
+    for f in models:
+        f.eval()
+    x_adv = pgd_smoothed(models, x, y, noise, config.m, config.eps, config.steps)
+    for f in models:
+        f.train()
+    assert (x_adv - x).abs().max() > 1e-3           # the attack moved the inputs
+    return x_adv
+
+
+@pytest.mark.parametrize("trainer, rho1, rho2, gd_norm", [
+    ("drt", 0.5, 0.0, "l2"), ("drt", 0.0, 0.7, "l2"), ("drt", 0.5, 0.7, "sq"),
+    ("drt-smoothadv", 0.5, 0.7, "l2")])
+def test_drt_step_loss_is_ce_plus_rho1_gd_minus_rho2_cm(trainer, rho1, rho2, gd_norm):
+    """loss = sum_i CE(f_i(x + eps), y) + rho1 GD - rho2 CM on m noisy copies per input
+    (rows b*m + j), the same copies for every member; drt-smoothadv: at the PGD point of the
+    smoothed ensemble (eval mode), with the same noise. Terms with a zero weight are off
+    (GD is not even computed when rho1 = 0, CM still is when rho2 > 0)."""
+    import torch.nn.functional as F
+    from drt_fast.train.losses import drt_terms
+
+    adv = dict(eps=0.15, steps=2) if trainer == "drt-smoothadv" else {}
+    config, members, x, y = _step_case(trainer, rho1=rho1, rho2=rho2, gd_norm=gd_norm, **adv)
+    loss, stats = _run_step(config, members, x, y)
+
+    eps = _draws(config, (10, 6))()
+    y_rep = y.repeat_interleave(2)
+    point = x if trainer == "drt" else _pgd_in_eval_mode(members, x, y, eps, config)
+    x_noisy = point.repeat_interleave(2, dim=0) + eps
+    ces = [F.cross_entropy(f(x_noisy), y_rep) for f in members]
+    gd, cm = drt_terms(members, x_noisy, y_rep, gd_norm)
+    assert 0 < gd.item() and 0 < cm.item()
+    expected = sum(ces) + rho1 * gd - rho2 * cm
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert stats["ce"] == pytest.approx(sum(c.item() for c in ces) / 3, rel=1e-6)
+    assert stats["cm"] == pytest.approx(cm.item(), rel=1e-6)
+    assert stats["gd"] == (None if rho1 == 0 else pytest.approx(gd.item(), rel=1e-6))
+
+
+@pytest.mark.parametrize("trainer", ["gaussian", "smoothadv"])
+def test_gaussian_and_smoothadv_steps_give_each_member_its_own_noise(trainer):
+    """gaussian: sum_i CE(f_i(x + sigma eps_i), y), eps_i drawn per member; smoothadv: per
+    member, PGD of that member's smoothed classifier (eval mode) with eps_i, then CE at
+    the adversarial point plus the same eps_i."""
+    import torch.nn.functional as F
+
+    adv = dict(eps=0.15, steps=2) if trainer == "smoothadv" else {}
+    config, members, x, y = _step_case(trainer, **adv)
+    loss, stats = _run_step(config, members, x, y)
+
+    draw = _draws(config, (10, 6))
+    y_rep = y.repeat_interleave(2)
+    ces = []
+    for f in members:
+        eps_i = draw()
+        point = x if trainer == "gaussian" else _pgd_in_eval_mode([f], x, y, eps_i, config)
+        ces.append(F.cross_entropy(f(point.repeat_interleave(2, dim=0) + eps_i), y_rep))
+    assert loss.item() == pytest.approx(sum(ces).item(), rel=1e-6)
+    assert stats["ce"] == pytest.approx(sum(ces).item() / 3, rel=1e-6)
+    assert stats["gd"] is None and stats["cm"] is None
