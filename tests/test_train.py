@@ -600,3 +600,55 @@ def test_gaussian_and_smoothadv_steps_give_each_member_its_own_noise(trainer):
     assert loss.item() == pytest.approx(sum(ces).item(), rel=1e-6)
     assert stats["ce"] == pytest.approx(sum(ces).item() / 3, rel=1e-6)
     assert stats["gd"] is None and stats["cm"] is None
+
+
+def _reference_pgd(models, x, y, noise, m, eps, steps):
+    """Salman et al.'s PGD_L2 on the smoothed soft classifier, written out per input:
+    G(x)_y = mean over models and the m draws of softmax(f(x + noise_j))_y (noise rows
+    b*m .. b*m+m-1 belong to input b); `steps` ascent steps of -log G_y of size 2 eps/steps
+    along the unit-L2 gradient, each followed by the pixel box and the L2 ball."""
+    out = []
+    for b in range(len(x)):
+        x0, delta = x[b:b + 1], torch.zeros_like(x[b:b + 1])
+        draws = noise[b * m:(b + 1) * m]
+        for _ in range(steps):
+            d = delta.clone().requires_grad_(True)
+            probs = [torch.softmax(f(x0 + d + draws[j:j + 1]), dim=1)[0, y[b]]
+                     for f in models for j in range(m)]
+            loss = -torch.log(sum(probs) / len(probs))
+            (grad,) = torch.autograd.grad(loss, [d])
+            with torch.no_grad():
+                delta = delta + (2 * eps / steps) * grad / grad.norm()
+                delta = (x0 + delta).clamp(0, 1) - x0
+                if delta.norm() > eps:
+                    delta = delta * (eps / delta.norm())
+        out.append(x0 + delta)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("n_models", [1, 2])
+def test_pgd_matches_a_per_input_reference(n_models):
+    """The step direction (unit L2), size (2 eps / steps), projections, and the attacked
+    function (log of the mean softmax over draws and models, not the mean log-softmax)."""
+    import numpy as np
+    from drt_fast.train.smoothadv import pgd_smoothed, smoothed_soft_log_prob
+
+    rng = np.random.default_rng(3)
+    models = [_ModeLinear(2 * rng.normal(size=(4, 6))).eval() for _ in range(n_models)]
+    x = torch.tensor(rng.uniform(0.05, 0.95, size=(5, 6)))
+    y = torch.tensor([0, 1, 2, 3, 1])
+    m, eps, steps = 3, 0.4, 4
+    noise = 0.5 * torch.randn((5 * m, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = pgd_smoothed(models, x, y, noise, m, eps, steps)
+    want = _reference_pgd(models, x, y, noise, m, eps, steps)
+    # (torch.renorm divides by norm + 1e-7: inside the ball by ~1e-7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    norms = (got - x).norm(dim=1)
+    assert norms.max() <= eps + 1e-12 and norms.min() > 0.1     # it moved every input
+    # the attacked function: log of the average probability, per input
+    x_rep = x.repeat_interleave(m, dim=0)
+    with torch.no_grad():
+        avg = torch.stack([torch.softmax(f(x_rep + noise), 1) for f in models]).mean(0)
+        want_log = avg.view(5, m, 4).mean(1)[torch.arange(5), y].log()
+        torch.testing.assert_close(smoothed_soft_log_prob(models, x_rep, noise, y, m), want_log,
+                                   rtol=1e-12, atol=0)
