@@ -64,6 +64,8 @@ def test_matches_closed_form_for_linear_members():
         cos[(i, j)] = np.mean(vals)
     ens_p = [np.mean([pd[i][3] for i in range(3)], 0) for pd in per_draw]
     ens_acc = np.mean([np.argmax(p, 1) == y for p in ens_p])
+    ens_margin = np.mean([p[np.arange(len(y)), y] - np.where(np.eye(4, dtype=bool)[y], -np.inf, p).max(1)
+                          for p in ens_p])                # on the averaged probabilities
 
     assert d.num_samples == 90
     assert d.member_margin == pytest.approx(margin, rel=1e-9)
@@ -72,6 +74,7 @@ def test_matches_closed_form_for_linear_members():
     for k in cos:
         assert d.pair_cosine[k] == pytest.approx(cos[k], rel=1e-9)
     assert d.ensemble_accuracy == pytest.approx(ens_acc)
+    assert d.ensemble_margin == pytest.approx(ens_margin, rel=1e-6)
     assert 0 < min(acc) and max(acc) < 1                  # a non-trivial case
 
 
@@ -85,6 +88,29 @@ def test_identical_members_have_cosine_one_and_modes_are_restored():
     assert net.training and all(p.grad is None for p in net.parameters())
     table = format_table(d)
     assert "gradient cosine" in table and "ensemble (WE)" in table
+
+
+class _ModeRecording(Linear):
+    """A linear member that records its mode at every forward (eval and train differ in
+    members with BatchNorm: diagnose must see the eval-mode ones)."""
+
+    def __init__(self, weight):
+        super().__init__(weight)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return super().forward(x)
+
+
+def test_members_are_diagnosed_in_eval_mode_and_restored():
+    rng = np.random.default_rng(2)
+    members = [_ModeRecording(rng.normal(size=(3, 5))) for _ in range(2)]
+    members[1].eval()
+    diagnose(members, torch.tensor(rng.normal(size=(8, 5))), torch.tensor([0, 1, 2] * 2 + [0, 1]),
+             sigma=0.2, noise_draws=2, batch=4)
+    assert all(f.modes == [False] * 4 for f in members)
+    assert members[0].training and not members[1].training
 
 
 def _digits_members(k=2):
