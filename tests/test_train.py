@@ -12,6 +12,7 @@ from drt_fast import cli
 from drt_fast.checkpoint import load_checkpoint
 from drt_fast.train import TrainConfig, train
 from drt_fast.train import trainer as trainer_mod
+from drt_fast.errors import DrtFastError
 from drt_fast.train.diagnose import diagnose
 
 SIGMA = 0.25
@@ -349,6 +350,8 @@ def test_lr_schedules():
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     half = TrainConfig(epochs=4, lr=0.1, lr_step=1, lr_gamma=0.5)
     assert [trainer_mod.lr_at(half, e) for e in range(4)] == pytest.approx([0.1, 0.05, 0.025, 0.0125])
+    milestones = TrainConfig(epochs=4, lr=0.1, lr_gamma=0.5)      # --lr-gamma without --lr-step
+    assert [trainer_mod.lr_at(milestones, e) for e in range(4)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
     for bad, message in ((dict(lr_step=0), "--lr-step must be >= 1"),
                          (dict(lr_gamma=0.0), "--lr-gamma must be in"),
                          (dict(lr_gamma=1.5), "--lr-gamma must be in"),
@@ -652,3 +655,90 @@ def test_pgd_matches_a_per_input_reference(n_models):
         want_log = avg.view(5, m, 4).mean(1)[torch.arange(5), y].log()
         torch.testing.assert_close(smoothed_soft_log_prob(models, x_rep, noise, y, m), want_log,
                                    rtol=1e-12, atol=0)
+
+
+def test_resume_continues_the_log_and_each_epoch_is_shuffled_anew(tmp_path, monkeypatch):
+    """The resumed run appends its epochs to the log (each with that epoch's learning rate),
+    and every epoch visits the training set in its own order."""
+    out, log = tmp_path / "r.pt", tmp_path / "r.jsonl"
+    common = dict(sigma=SIGMA, members=1, epochs=2, batch=256, log=str(log), quiet=True)
+    orders = []
+
+    class Recording(trainer_mod.TrainInputs):
+        def epoch(self, epoch, index_lists):
+            orders.append(torch.cat(list(index_lists)))
+            return super().epoch(epoch, index_lists)
+
+    monkeypatch.setattr(trainer_mod, "TrainInputs", Recording)
+    real = trainer_mod._log_line
+
+    def log_then_interrupt(path, record, new=False):
+        real(path, record, new)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer_mod, "_log_line", log_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(out=str(out), **common))
+    train(TrainConfig(out=str(out), resume=True, **common))
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["epoch"] for e in entries] == [1, 2]
+    config = TrainConfig(**common)
+    assert [e["lr"] for e in entries] == [trainer_mod.lr_at(config, 0), trainer_mod.lr_at(config, 1)]
+    assert entries[0]["lr"] != entries[1]["lr"]
+    assert len(orders) == 2
+    n = len(orders[0])
+    assert all(torch.equal(o.sort().values, torch.arange(n)) for o in orders)
+    assert not torch.equal(orders[0], orders[1])
+
+
+def test_resume_refuses_any_setting_that_changes_the_weights(tmp_path, capsys):
+    out = tmp_path / "d.pt"
+    common = dict(sigma=SIGMA, trainer="drt", rho1=0.5, rho2=0.5, members=2, epochs=2, batch=256,
+                  quiet=True, out=str(out))
+    train(TrainConfig(**{**common, "epochs": 1}))
+    state = open(trainer_mod.state_path(str(out)), "rb").read()
+    changes = dict(rho1=0.25, rho2=0.25, gd_norm="sq", m=2, lr=0.05, lr_step=1, lr_gamma=0.5,
+                   seed=1, batch=128, weight_decay=0.0, sigma=0.5, epochs=1 + 2)
+    for key, value in changes.items():
+        with pytest.raises(DrtFastError, match=f"different run .*{key}: checkpoint"):
+            train(TrainConfig(**{**common, "epochs": 1, key: value}, resume=True))
+    assert open(trainer_mod.state_path(str(out)), "rb").read() == state
+    # while the plumbing may change
+    train(TrainConfig(**{**common, "epochs": 1, "quiet": False, "amp": False}, resume=True))
+
+
+def test_a_step_with_a_non_finite_loss_is_never_taken(tmp_path, monkeypatch):
+    """The check before the optimizer step: the error names the step, nothing is written."""
+    real = trainer_mod._Step.__call__
+    calls = []
+
+    def nan_at_step_2(self, *args):
+        loss, stats = real(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            return loss * float("nan"), {**stats, "ce": float("nan")}
+        return loss, stats
+
+    monkeypatch.setattr(trainer_mod._Step, "__call__", nan_at_step_2)
+    out = tmp_path / "n.pt"
+    with pytest.raises(DrtFastError, match=r"not finite in epoch 1, step 2 \("):
+        train(TrainConfig(sigma=SIGMA, members=1, epochs=1, out=str(out), quiet=True))
+    assert len(calls) == 2 and not out.exists()
+
+
+def test_clean_accuracy_is_that_of_the_averaged_probabilities():
+    """The logged test accuracy is the WE ensemble's: argmax of the mean member softmax
+    (here not the argmax of the mean logits)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double() for _ in range(3)]
+    with torch.no_grad():
+        members[0][1].weight.mul_(20)                   # one confident member
+    x = torch.randn(200, 6, dtype=torch.float64)
+    with torch.no_grad():
+        z = torch.stack([f(x) for f in members])
+    y = z.softmax(2).mean(0).argmax(1)
+    assert not torch.equal(y, z.mean(0).argmax(1))     # the two rules disagree somewhere
+    assert trainer_mod.clean_accuracy(members, x, y, batch=64) == 1.0
