@@ -62,6 +62,24 @@ def test_crop_flip_plan_is_seeded_per_epoch_and_uniform():
     assert abs(float(flips.double().mean()) - 0.5) < 4 * 0.5 / math.sqrt(20000)
 
 
+def test_in_memory_batches_crop_each_input_by_its_own_index():
+    """A batch's inputs get the crops and flips the epoch's plan gives their indices (not
+    their positions in the batch): the same input, the same augmentation, whatever batch or
+    rank it falls in."""
+    x = torch.rand(12, 3, 32, 32)
+    y = torch.arange(12)
+    train = inputs.TrainInputs(x, y, "crop-flip", seed=5, device=torch.device("cpu"))
+    lists = [torch.tensor([7, 2, 9]), torch.tensor([0, 11, 4, 5])]
+    offsets, flips = inputs.crop_flip_plan(12, seed=5, epoch=3)
+    got = list(train.epoch(3, lists))
+    assert len(got) == 2
+    for (xb, yb), idx in zip(got, lists):
+        assert torch.equal(yb, idx)
+        assert torch.equal(xb, inputs.crop_flip(x[idx], offsets[idx], flips[idx]))
+    assert all(torch.equal(xb, x[idx]) for (xb, _), idx in
+               zip(inputs.TrainInputs(x, y, "none", 5, torch.device("cpu")).epoch(3, lists), lists))
+
+
 # --------------------------------------------------------------------------- resized crop
 
 def test_resized_crop_box_follows_torchvisions_rules():
@@ -245,6 +263,36 @@ def test_resized_crops_differ_per_epoch_and_match_the_box(tmp_path):
             ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
     ref = torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255).permute(2, 0, 1)
     torch.testing.assert_close(a, ref)
+
+
+def test_resized_crops_and_flips_are_drawn_per_image(monkeypatch):
+    """Each image of an epoch gets its own box and its own flip (probability 1/2)."""
+    from PIL import Image
+    from drt_fast import data
+
+    n, size = 300, 8
+    ramp = np.tile(np.arange(200, dtype=np.uint8), (150, 1))
+    picture = Image.fromarray(np.stack([ramp] * 3, axis=-1))       # brighter to the right
+    boxes = []
+    real_box = inputs.resized_crop_box
+
+    def full_box(width, height, rng):     # draw the box as usual, then keep the whole image
+        boxes.append(real_box(width, height, rng))
+        return 0, 0, width, height
+
+    monkeypatch.setattr(inputs, "resized_crop_box", full_box)
+    monkeypatch.setattr(inputs, "read_image", lambda path, transform: torch.from_numpy(
+        np.asarray(transform(picture.copy(), Image), dtype=np.float32)).permute(2, 0, 1))
+    images = inputs._FolderImages(data.LazyImages([f"img{i}" for i in range(n)], crop=size),
+                                  "resized-crop-flip", seed=0, epoch=0)
+    flipped = []
+    for i in range(n):
+        row = images[i][0, 0]
+        steps = row.diff()
+        assert bool((steps > 0).all()) or bool((steps < 0).all())    # the ramp, maybe mirrored
+        flipped.append(bool(row[0] > row[-1]))
+    assert abs(np.mean(flipped) - 0.5) < 4 * 0.5 / math.sqrt(n)
+    assert len(set(boxes)) > n // 2
 
 
 @pytest.mark.parametrize("workers", [0, 2])
