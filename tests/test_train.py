@@ -742,3 +742,31 @@ def test_clean_accuracy_is_that_of_the_averaged_probabilities():
     y = z.softmax(2).mean(0).argmax(1)
     assert not torch.equal(y, z.mean(0).argmax(1))     # the two rules disagree somewhere
     assert trainer_mod.clean_accuracy(members, x, y, batch=64) == 1.0
+
+
+def test_torchrun_with_unequal_shares_takes_the_single_process_steps(tmp_path):
+    """Batches of 3 on 2 processes: shares of 1 and 2 inputs. Each rank's loss weighted by
+    its share and the gradients averaged give the whole batch's mean gradient, so with
+    (next to) no noise the weights are the single-process run's."""
+    from drt_fast import data
+
+    digits = data.load("digits", "train")
+    npz = fx.write_npz(tmp_path / "nine.npz", digits.x[:9].numpy(), digits.y[:9].numpy(),
+                       means=torch.tensor(data.normalization("digits")[0]).numpy(),
+                       sds=torch.tensor(data.normalization("digits")[1]).numpy(), num_classes=10)
+    args = ["train", "--dataset", "npz", "--data-dir", npz, "--members", "1", "--sigma", "1e-9",
+            "--epochs", "1", "--batch", "3", "--lr", "0.5", "--weight-decay", "0", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "drt_fast", "--", *args, "--out", str(tmp_path / "two.pt")],
+        env=fx.subprocess_env(), capture_output=True, text=True, timeout=300, cwd=fx.NEUTRAL_CWD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_cli(*args, "--out", tmp_path / "one.pt") == 0
+    torch.manual_seed(0)                    # the initial weights (build_members: seed 0)
+    from drt_fast import models
+    start = models.with_normalization(models.create("digits_cnn", 10), *data.normalization("digits")).state_dict()
+    (two,), (one,) = state_dicts(tmp_path / "two.pt"), state_dicts(tmp_path / "one.pt")
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert moved > 1e-2                                    # 3 steps did move the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4 * moved)
