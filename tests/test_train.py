@@ -579,6 +579,9 @@ def test_drt_step_loss_is_ce_plus_rho1_gd_minus_rho2_cm(trainer, rho1, rho2, gd_
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert stats["ce"] == pytest.approx(sum(c.item() for c in ces) / 3, rel=1e-6)
     assert stats["cm"] == pytest.approx(cm.item(), rel=1e-6)
+    # the logged train_acc: the fraction of (member, noisy copy) predictions that are right
+    assert stats["acc"] == pytest.approx(
+        torch.stack([f(x_noisy).argmax(1) == y_rep for f in members]).double().mean().item())
     assert stats["gd"] == (None if rho1 == 0 else pytest.approx(gd.item(), rel=1e-6))
 
 
@@ -595,11 +598,14 @@ def test_gaussian_and_smoothadv_steps_give_each_member_its_own_noise(trainer):
 
     draw = _draws(config, (10, 6))
     y_rep = y.repeat_interleave(2)
-    ces = []
+    ces, right = [], []
     for f in members:
         eps_i = draw()
         point = x if trainer == "gaussian" else _pgd_in_eval_mode([f], x, y, eps_i, config)
-        ces.append(F.cross_entropy(f(point.repeat_interleave(2, dim=0) + eps_i), y_rep))
+        logits = f(point.repeat_interleave(2, dim=0) + eps_i)
+        ces.append(F.cross_entropy(logits, y_rep))
+        right.append(logits.argmax(1) == y_rep)
+    assert stats["acc"] == pytest.approx(torch.stack(right).double().mean().item())
     assert loss.item() == pytest.approx(sum(ces).item(), rel=1e-6)
     assert stats["ce"] == pytest.approx(sum(ces).item() / 3, rel=1e-6)
     assert stats["gd"] is None and stats["cm"] is None

@@ -412,6 +412,15 @@ def test_torchrun_trains_on_image_folders_and_shares_the_test_accuracy(tmp_path,
     assert entries[-1]["test_acc"] == trainer_mod.clean_accuracy(ens.members, val.x, val.y)
 
 
+def test_evaluation_batches_of_a_tensor_cover_exactly_start_to_stop():
+    """A rank's share [start, stop) of the test set (clean_accuracy under torchrun)."""
+    x = torch.arange(23.0)[:, None]
+    got = list(inputs.eval_batches(x, 4, torch.device("cpu"), start=5, stop=15))
+    assert [len(b) for b in got] == [4, 4, 2]
+    assert torch.equal(torch.cat(got), x[5:15])
+    assert torch.equal(torch.cat(list(inputs.eval_batches(x, 10, torch.device("cpu")))), x)
+
+
 def test_image_folder_evaluation_batches_stay_small(tmp_path, monkeypatch):
     """The test accuracy asks for batches of 1000; decoded by 8 workers with 2 batches each in
     flight that was ~20 GB of host (and shared) memory per rank on ImageNet's val/."""
