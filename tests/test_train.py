@@ -750,10 +750,33 @@ def test_clean_accuracy_is_that_of_the_averaged_probabilities():
     assert trainer_mod.clean_accuracy(members, x, y, batch=64) == 1.0
 
 
+_NOISE_RECORDER = """
+import os, sys
+import torch
+from drt_fast import cli
+from drt_fast.train import trainer
+
+real = trainer.gaussian_loss
+
+
+def recording(model, x, y, sigma, generator=None):   # the next noise this rank would draw
+    state = generator.get_state()
+    with open({path!r} + os.environ["RANK"], "a") as fh:
+        fh.write(repr(torch.randn(4, generator=generator).tolist()) + "\\n")
+    generator.set_state(state)
+    return real(model, x, y, sigma, generator)
+
+
+trainer.gaussian_loss = recording
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_torchrun_with_unequal_shares_takes_the_single_process_steps(tmp_path):
     """Batches of 3 on 2 processes: shares of 1 and 2 inputs. Each rank's loss weighted by
     its share and the gradients averaged give the whole batch's mean gradient, so with
-    (next to) no noise the weights are the single-process run's."""
+    (next to) no noise the weights are the single-process run's. And each rank draws its
+    own noise."""
     from drt_fast import data
 
     digits = data.load("digits", "train")
@@ -762,11 +785,17 @@ def test_torchrun_with_unequal_shares_takes_the_single_process_steps(tmp_path):
                        sds=torch.tensor(data.normalization("digits")[1]).numpy(), num_classes=10)
     args = ["train", "--dataset", "npz", "--data-dir", npz, "--members", "1", "--sigma", "1e-9",
             "--epochs", "1", "--batch", "3", "--lr", "0.5", "--weight-decay", "0", "--quiet"]
+    noise = str(tmp_path / "noise-rank")
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(_NOISE_RECORDER.format(path=noise))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "drt_fast", "--", *args, "--out", str(tmp_path / "two.pt")],
+         str(wrapper), "--", *args, "--out", str(tmp_path / "two.pt")],
         env=fx.subprocess_env(), capture_output=True, text=True, timeout=300, cwd=fx.NEUTRAL_CWD)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    draws = [open(noise + str(r)).read().splitlines() for r in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) == 3                  # 3 steps, 1 member
+    assert all(a != b for a, b in zip(*draws))
     assert run_cli(*args, "--out", tmp_path / "one.pt") == 0
     torch.manual_seed(0)                    # the initial weights (build_members: seed 0)
     from drt_fast import models
