@@ -158,3 +158,22 @@ def test_parameters_receive_gradient_through_gd():
 def test_bad_gd_norm():
     with pytest.raises(ValueError, match="gd_norm"):
         drt_terms([tiny_mlp(0)], torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1]), "l1")
+
+
+def test_saturated_members_give_finite_gradients():
+    """Confident float32 members: softmax saturates to exactly 1, the margin gradients are
+    exactly 0 and so is ||g_i + g_j||, whose sqrt has an infinite derivative there; the
+    parameters' gradient must stay finite (0 here), or one such batch turns the weights NaN."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(4, 6))
+    members = [Linear(torch.tensor(500 * w, dtype=torch.float32)),
+               Linear(torch.tensor(500 * w + rng.normal(size=(4, 6)), dtype=torch.float32))]
+    x = torch.tensor(rng.normal(size=(8, 6)), dtype=torch.float32)
+    y = (x @ torch.tensor(w, dtype=torch.float32).T).argmax(1)
+    for norm in ("l2", "sq"):
+        gd, cm = drt_terms(members, x, y, norm)
+        assert gd.item() < 1e-6 and cm.item() == pytest.approx(1.0)
+        for f in members:
+            f.weight.grad = None
+        (gd - cm).backward()
+        assert all(bool(torch.isfinite(f.weight.grad).all()) for f in members)
