@@ -532,7 +532,9 @@ def _run_step(config, members, x, y):
     import contextlib
 
     gen = torch.Generator().manual_seed(11)
-    return trainer_mod._Step(config, members)(x, y, gen, contextlib.nullcontext)
+    step = trainer_mod._Step(config, members)
+    step.eps = config.eps / 2            # the epoch's radius (eps_at, during an eps warm-up)
+    return step(x, y, gen, contextlib.nullcontext)
 
 
 def _draws(config, shape):
@@ -546,7 +548,7 @@ def _pgd_in_eval_mode(models, x, y, noise, config):
 
     for f in models:
         f.eval()
-    x_adv = pgd_smoothed(models, x, y, noise, config.m, config.eps, config.steps)
+    x_adv = pgd_smoothed(models, x, y, noise, config.m, config.eps / 2, config.steps)
     for f in models:
         f.train()
     assert (x_adv - x).abs().max() > 1e-3           # the attack moved the inputs
@@ -559,12 +561,12 @@ def _pgd_in_eval_mode(models, x, y, noise, config):
 def test_drt_step_loss_is_ce_plus_rho1_gd_minus_rho2_cm(trainer, rho1, rho2, gd_norm):
     """loss = sum_i CE(f_i(x + eps), y) + rho1 GD - rho2 CM on m noisy copies per input
     (rows b*m + j), the same copies for every member; drt-smoothadv: at the PGD point of the
-    smoothed ensemble (eval mode), with the same noise. Terms with a zero weight are off
+    smoothed ensemble (eval mode, the epoch's radius), with the same noise. Terms with a zero weight are off
     (GD is not even computed when rho1 = 0, CM still is when rho2 > 0)."""
     import torch.nn.functional as F
     from drt_fast.train.losses import drt_terms
 
-    adv = dict(eps=0.15, steps=2) if trainer == "drt-smoothadv" else {}
+    adv = dict(eps=0.3, steps=2) if trainer == "drt-smoothadv" else {}
     config, members, x, y = _step_case(trainer, rho1=rho1, rho2=rho2, gd_norm=gd_norm, **adv)
     loss, stats = _run_step(config, members, x, y)
 
@@ -592,7 +594,7 @@ def test_gaussian_and_smoothadv_steps_give_each_member_its_own_noise(trainer):
     the adversarial point plus the same eps_i."""
     import torch.nn.functional as F
 
-    adv = dict(eps=0.15, steps=2) if trainer == "smoothadv" else {}
+    adv = dict(eps=0.3, steps=2) if trainer == "smoothadv" else {}
     config, members, x, y = _step_case(trainer, **adv)
     loss, stats = _run_step(config, members, x, y)
 
