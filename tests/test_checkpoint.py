@@ -254,6 +254,38 @@ def test_load_members_joins_one_file_per_member(tmp_path):
     torch.testing.assert_close(joined.weights, torch.full((4,), 0.25))
 
 
+def test_a_cohen_files_own_normalization_and_innermost_noise_folder_win(tmp_path):
+    """A codebase whose NormalizeLayer keeps [C] buffers: the file's means/sds are used (not
+    the dataset's); the sigma comes from the innermost noise_<sigma> folder."""
+    torch.manual_seed(0)
+    model = models.create("cifar_resnet20", 10).eval()
+    state = {**cohen_state(model), "0.means": torch.tensor([0.5, 0.4, 0.3]),
+             "0.sds": torch.tensor([0.25, 0.2, 0.1])}
+    folder = tmp_path / "noise_1.00" / "cifar10" / "noise_0.25"
+    folder.mkdir(parents=True)
+    torch.save({"arch": "cifar_resnet20", "state_dict": state}, folder / "checkpoint.pth.tar")
+    ens, meta = load_checkpoint(folder / "checkpoint.pth.tar")
+    assert meta["normalization"] == ((0.5, 0.4, 0.3), (0.25, 0.2, 0.1))
+    assert meta["sigma"] == 0.25
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model((x - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1))
+                     / torch.tensor([0.25, 0.2, 0.1]).view(3, 1, 1))
+        torch.testing.assert_close(ens(x)[0], want)
+
+
+def test_load_members_of_different_sigmas_or_datasets(tmp_path):
+    """Members trained at different noise levels have no one sigma; files of different
+    datasets (same shapes and classes) do not join."""
+    _, a = save_digits(tmp_path / "a.pt", members=digits_members(1), sigma=0.25)
+    _, b = save_digits(tmp_path / "b.pt", members=digits_members(1, seed=1), sigma=0.5)
+    assert load_members([a, a])[1]["sigma"] == 0.25
+    assert load_members([a, b])[1]["sigma"] is None
+    _, c = save_digits(tmp_path / "c.pt", members=digits_members(1), dataset="npz")
+    with pytest.raises(DrtFastError, match="disagree on dataset"):
+        load_members([a, c])
+
+
 # --------------------------------------------------------------------------- bad files
 
 def test_missing_truncated_and_garbage_files(tmp_path):
