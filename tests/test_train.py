@@ -667,10 +667,20 @@ def test_pgd_matches_a_per_input_reference(n_models):
 
 def test_resume_continues_the_log_and_each_epoch_is_shuffled_anew(tmp_path, monkeypatch):
     """The resumed run appends its epochs to the log (each with that epoch's learning rate),
-    and every epoch visits the training set in its own order."""
+    and every epoch visits the training set in its own order, with its own noise."""
     out, log = tmp_path / "r.pt", tmp_path / "r.jsonl"
     common = dict(sigma=SIGMA, members=1, epochs=2, batch=256, log=str(log), quiet=True)
-    orders = []
+    orders, first_noise = [], []
+    real_loss = trainer_mod.gaussian_loss
+
+    def recording_loss(model, x, y, sigma, generator=None):
+        if len(first_noise) < len(orders):          # the epoch's first step: its next draw
+            state = generator.get_state()
+            first_noise.append(torch.randn(4, generator=generator))
+            generator.set_state(state)
+        return real_loss(model, x, y, sigma, generator)
+
+    monkeypatch.setattr(trainer_mod, "gaussian_loss", recording_loss)
 
     class Recording(trainer_mod.TrainInputs):
         def epoch(self, epoch, index_lists):
@@ -698,6 +708,7 @@ def test_resume_continues_the_log_and_each_epoch_is_shuffled_anew(tmp_path, monk
     n = len(orders[0])
     assert all(torch.equal(o.sort().values, torch.arange(n)) for o in orders)
     assert not torch.equal(orders[0], orders[1])
+    assert len(first_noise) == 2 and not torch.equal(first_noise[0], first_noise[1])
 
 
 def test_resume_refuses_any_setting_that_changes_the_weights(tmp_path, capsys):
