@@ -41,6 +41,10 @@ class ProcessGroup:
     def active(self) -> bool:
         return self.world_size > 1
 
+    def share(self, length: int) -> slice:
+        """This rank's contiguous share of ``length`` items (shares differ by at most one)."""
+        return slice(self.rank * length // self.world_size, (self.rank + 1) * length // self.world_size)
+
 
 def from_env() -> ProcessGroup:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a single process when unset)."""

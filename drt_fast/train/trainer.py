@@ -251,10 +251,8 @@ def clean_accuracy(members: Sequence[nn.Module], x, y: torch.Tensor, batch: int 
     share and the counts are summed: the same number, without every rank decoding the whole
     validation set."""
     device = next(members[0].parameters()).device
-    start, stop = 0, len(x)
-    if group is not None and group.active:
-        start = group.rank * len(x) // group.world_size
-        stop = (group.rank + 1) * len(x) // group.world_size
+    mine = group.share(len(x)) if group is not None else slice(0, len(x))
+    start, stop = mine.start, mine.stop
     correct, s = 0, start
     with eval_mode(members):
         for xb in eval_batches(x, batch, device, workers, start, stop):
@@ -479,7 +477,7 @@ def train(config: TrainConfig) -> str:
                       train_config={**record, "epochs_done": epoch})
 
     n_train = len(inputs)
-    world, rank = group.world_size, group.rank
+    world = group.world_size
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         lr = lr_at(config, epoch)
@@ -496,7 +494,7 @@ def train(config: TrainConfig) -> str:
         # under torchrun a last partial batch could leave a rank without inputs: drop it
         last = n_train - config.batch + 1 if group.active else n_train
         chunks = [order[s:s + config.batch] for s in range(0, max(1, last), config.batch)]
-        shares = [c[rank * len(c) // world:(rank + 1) * len(c) // world] for c in chunks]
+        shares = [c[group.share(len(c))] for c in chunks]
         # the batches first: zip then runs their loader to its end, which stops its workers
         bar = _progress(zip(inputs.epoch(epoch, shares), chunks), len(chunks), config, group, epoch)
         for (xb, yb), chunk in bar:
