@@ -938,3 +938,10 @@ def resnet_kernel_for_inference(member: nn.Module, variant: int = 1) -> Inferenc
                                 net.fc.weight.detach().float().clone(), fc_b.float().clone(),
                                 len(net.layer1), variant)
     return InferenceMember(module, folded_bn=len(convs), fused=len(convs))
+
+
+# Names of the kernel's pieces after the ops/fuse split (branch pkg); temporary aliases.
+cifar_resnet_variant = resnet_kernel_variant
+cifar_resnet_for_inference = resnet_kernel_for_inference
+CifarResNetMember = ResNetKernelMember
+CIFAR_RESNET_ENV = RESNET_KERNEL_ENV
