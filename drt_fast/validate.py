@@ -76,8 +76,9 @@ def draw_range(first_draw, num_draws, what="draw indices"):
     """Draws ``first_draw .. first_draw + num_draws - 1`` of an input must lie in
     [0, DRAW_LIMIT): the one place this is checked for every device (no device sync)."""
     if first_draw < 0 or first_draw + num_draws > DRAW_LIMIT:
-        raise InvalidArgument(f"{what} must lie in [0, 2^32) (an input's draws are numbered with "
-                              f"32 bits), got draws {first_draw} .. {first_draw + num_draws - 1}")
+        raise InvalidArgument(f"{what} must be >= 0 and stay below 2^32 (an input's draws are "
+                              f"numbered with 32 bits), got draws {first_draw} .. "
+                              f"{first_draw + num_draws - 1}")
 
 
 def aggregation(value, name="mode"):

@@ -5,6 +5,7 @@ import torch
 
 import drt_fast as df
 from drt_fast import data, models
+from drt_fast.engine import State
 from drt_fast.models import with_normalization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,7 +116,7 @@ def test_nan_weights_are_reported_without_giving_up_the_fused_copies():
         warnings.simplefilter("error")
         with pytest.raises(df.NonFiniteLogitsError, match="NaN/inf logits on 110 of 110"):
             smooth.certify(torch.rand(3, 32, 32), n0=10, n=100, alpha=0.001, batch_size=110)
-    assert not smooth.fuse_status.startswith("off")
+    assert smooth.fuse_status.state is not State.OFF
 
 
 def test_out_of_memory_is_not_called_a_bad_argument():

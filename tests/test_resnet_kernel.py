@@ -294,75 +294,6 @@ def test_host_program_refuses_weights_that_do_not_make_the_network():
     assert ops._C_cuda.cifar_resnet_sizes(18, 1)[2] <= 81 * 1024   # mma.sync: two CTAs an SM on an A100
 
 
-def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
-    from drt_fast.smoothing import SmoothedClassifier
-
-    bottleneck = _bottleneck()
-    members = [resnet_member(8, seed=0), bottleneck, resnet_member(8, seed=1)]
-    example = pixels(1)
-    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "wmma")
-    monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: 0)
-    rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, torch.bfloat16)
-    assert [isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten] == [True, False, True]
-    assert rewritten[0].module.variant == 0
-    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_RESNET_KERNEL=wmma); "
-                             "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), status
-    with torch.no_grad():                           # on the CPU: the kernel's torch reference
-        assert rel(rewritten[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
-    for dtype in (torch.float32, torch.float16):    # the kernel computes in bf16: bf16 runs only
-        rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, dtype)
-        assert not any(isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten)
-        assert "kernel" not in status
-    monkeypatch.undo()
-    for value in ("1", "mma", "wmma"):              # never on the CPU
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
-        assert fuse.resnet_kernel_variant(torch.device("cpu")) is None
-    for value in ("0", "", "yes"):                  # off, whatever the device
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
-        assert fuse.resnet_kernel_variant(torch.device("cuda")) is None
-
-
-def test_engine_replaces_a_failing_kernel_by_the_fused_copies(monkeypatch):
-    """A kernel member that fails its first-batch check costs the kernel, not the fusion:
-    certification goes on with every member as a fused copy (cuDNN's on a GPU; here oneDNN's
-    stand in), whose counts are those of a run that never asked for the kernel."""
-    from drt_fast.ensemble import Ensemble
-    from drt_fast.smoothing import SmoothedClassifier
-
-    if not fuse.onednn_available(torch.bfloat16):
-        pytest.skip("oneDNN has no bf16 kernels for this CPU")
-    monkeypatch.setattr(SmoothedClassifier, "_rewrites_with_cudnn", staticmethod(lambda device: True))
-    monkeypatch.setattr(fuse, "cudnn_ops", fuse.onednn_ops)
-    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    ensemble = Ensemble([resnet_member(8, seed=s) for s in range(2)]).eval()
-    x, keys = pixels(1), torch.tensor([0])
-
-    def counts(variant):
-        monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: variant)
-        smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16", channels_last=True)
-        return smooth, smooth.sample_counts(x, keys, 300, 100)
-
-    plain, want = counts(None)
-    assert "kernel" not in plain.fuse_status and plain.fuse_status.startswith("on: "), plain.fuse_status
-    kernel_forward = fuse.ResNetKernelMember.forward
-    monkeypatch.setattr(fuse.ResNetKernelMember, "forward", lambda self, x: kernel_forward(self, x) * -1.0)
-    calls = []                                      # draws the plain member runs
-    hook = ensemble.members[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    with pytest.warns(RuntimeWarning, match="CIFAR ResNet kernel was given up on"):
-        smooth, got = counts(1)
-    hook.remove()
-    assert (got == want).all()
-    assert calls == [64, 64]    # only the two first-batch checks: the later batches ran copies
-    assert smooth._fuse_failed is None and not smooth._kernel_members(smooth._fused[1])
-    assert smooth.fuse_status.startswith("on: ") and "kernel was given up on: fused logits differ" in \
-        smooth.fuse_status, smooth.fuse_status
-    # for good: new copies (the members' tensors changed) are built without the kernel
-    with torch.no_grad():
-        ensemble.members[0][1].fc.bias.add_(0.0)
-    assert (smooth.sample_counts(x, keys, 300, 100) == want).all()
-    assert not smooth._kernel_members(smooth._fused[1])
-
-
 # ---- on a GPU ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("depth", [8, 110])
@@ -409,26 +340,6 @@ def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype, vari
     x[7, 0, 3, 3] = float("nan")
     out = k(x)
     assert torch.isnan(out[7]).all() and torch.isfinite(out[:7]).all()
-
-
-@pytest.mark.parametrize("value", ["mma", "wmma"])
-def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, value):
-    from drt_fast.ensemble import Ensemble
-    from drt_fast.smoothing import SmoothedClassifier
-
-    ensemble = Ensemble([resnet_member(20, seed=s) for s in range(3)]).to(cuda_device).eval()
-    x = pixels(1)[0].to(cuda_device)
-    counts = {}
-    for env in ("0", value):
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, env)
-        smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
-        counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
-        # the kernel ran (a kernel that fails its first-batch check is replaced, with a warning)
-        ran = "as one CIFAR ResNet kernel each" in smooth.fuse_status and "given up" not in smooth.fuse_status
-        assert ran == (env == value), smooth.fuse_status
-    # bf16 both ways, different kernels: the top class and its count nearly agree
-    assert counts["0"].argmax() == counts[value].argmax()
-    assert abs(int(counts["0"].max()) - int(counts[value].max())) <= 60
 
 
 # ---- the debugging hook: shared memory after a phase --------------------------------------

@@ -433,12 +433,11 @@ def test_default_layout_is_channels_last_on_cpu_for_three_or_more_channels(chann
     smooth = SmoothedClassifier(conv, 3, sigma=0.25, seed=1)
     xs = torch.rand(2, channels, 4, 4)
     smooth.certify_many(xs, range(2), n0=8, n=32, alpha=0.01, batch_size=64)
-    assert smooth._model_channels_last == expected
     if channels == 3:   # (a 1-channel conv weight is channels-last whatever the layout)
         assert conv[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert smooth._draws_channels_last(xs.contiguous()) == expected
+    assert smooth.engine.draws_channels_last(xs.contiguous()) == expected
     # An explicit choice wins.
-    assert not SmoothedClassifier(conv, 3, 0.25, channels_last=False)._draws_channels_last(xs)
+    assert not SmoothedClassifier(conv, 3, 0.25, channels_last=False).engine.draws_channels_last(xs)
 
 
 # ------------------------------------------------------------------ errors
