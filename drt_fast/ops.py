@@ -241,8 +241,8 @@ def _check_noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, c
         raise InvalidArgument(f"reps must be at most 2**32 (draw indices stay below 2^32), got {reps}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise InvalidArgument(f"sigma must be a finite number >= 0, got {sigma}")
-    if not 0 <= seed < 2**63:
-        raise InvalidArgument(f"seed must be in [0, 2**63), got {seed}")
+    if not 0 <= seed < 2**64:     # a 64-bit Philox key (the predict stream sets bit 63)
+        raise InvalidArgument(f"seed must be in [0, 2**64), got {seed}")
     if out_dtype is None:
         out_dtype = x.dtype if x.dtype in NOISE_DTYPES else torch.float32
     if out_dtype not in NOISE_DTYPES:

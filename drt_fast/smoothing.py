@@ -9,6 +9,9 @@ of stream ``seed ^ PREDICT_STREAM``. So a seed gives the same certificates whate
 batch size, packing or order of the inputs (exactly so for a model whose output for one
 row does not depend on the other rows of its batch).
 """
+import contextlib
+import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +25,15 @@ from .errors import InvalidArgument, InvalidArgumentType, NonFiniteLogitsError
 
 ABSTAIN = -1
 
-# PREDICT's noise stream is seed ^ PREDICT_STREAM, so that predict and certify never share
-# noise (docs/internals.md).
-PREDICT_STREAM = 0x5EED_0F_9EDC7
+# PREDICT's noise stream is seed + PREDICT_STREAM: seeds are below 2^63, so no certify stream
+# is ever a predict stream, whatever the two seeds (docs/internals.md).
+PREDICT_STREAM = 2**63
+
+# `certify` / `predict` without a key take the next of these: keys no dataset index reaches
+# (those are below AUTO_KEYS), never the same twice in a process, so the noise of every
+# such call is its own, as in Cohen's code.
+AUTO_KEYS = 2**62
+_auto_keys = itertools.count(AUTO_KEYS)
 
 
 @dataclass(frozen=True)
@@ -68,9 +77,11 @@ class SmoothedClassifier:
 
     def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=None,
                  fuse=None, cuda_graphs=None, rewriter=None):
-        self.model = as_ensemble(model).eval()
+        self.model = as_ensemble(model)
         self.num_classes = validate.positive_int(num_classes, "num_classes")
         self.sigma = validate.sigma(sigma)
+        # The kernels add float32(sigma) * z: radii use the smaller of the two noise levels.
+        self.radius_sigma = min(self.sigma, float(np.float32(self.sigma)))
         self.seed = validate.seed(seed)
         self.precision = validate.precision(precision)
         for name, value in (("fuse", fuse), ("cuda_graphs", cuda_graphs)):
@@ -79,6 +90,7 @@ class SmoothedClassifier:
         self.engine = Engine(self.model, self.num_classes, self.sigma, self.precision,
                              None if channels_last is None else bool(channels_last), fuse,
                              cuda_graphs, rewriter)
+        self._warned_range = False
 
     @property
     def fuse_status(self):
@@ -93,19 +105,24 @@ class SmoothedClassifier:
         return self.engine.draws_performed
 
     # ----------------------------------------------------------------- Cohen's algorithms
-    def predict(self, x, n, alpha, batch_size, key=0):
+    def predict(self, x, n, alpha, batch_size, key=None):
         """PREDICT for one input x ``[*S]`` with dataset index ``key``: the top class, or -1
-        when the two-sided binomial test of the top two counts has p-value > alpha."""
+        when the two-sided binomial test of the top two counts has p-value > alpha.
+        ``key=None``: noise no other call draws (see `AUTO_KEYS`)."""
+        key = next(_auto_keys) if key is None else key
         return self.predict_many(torch.as_tensor(x)[None], [key], n, alpha, batch_size)[0]
 
-    def certify(self, x, n0, n, alpha, batch_size, key=0):
-        """CERTIFY for one input x ``[*S]`` with dataset index ``key`` -> Certificate."""
+    def certify(self, x, n0, n, alpha, batch_size, key=None):
+        """CERTIFY for one input x ``[*S]`` with dataset index ``key`` -> Certificate.
+        ``key=None``: noise no other call draws (see `AUTO_KEYS`); pass the input's dataset
+        index for certificates that a later run reproduces."""
+        key = next(_auto_keys) if key is None else key
         return self.certify_many(torch.as_tensor(x)[None], [key], n0, n, alpha, batch_size)[0]
 
     def predict_many(self, xs, keys, n, alpha, batch_size):
         """PREDICT for inputs xs ``[B, *S]`` with dataset indices ``keys`` ``[B]`` -> B labels."""
         n, alpha = validate.positive_int(n, "n"), validate.alpha(alpha)
-        keys, counts = self._sample(xs, keys, [(0, n)], batch_size, self.seed ^ PREDICT_STREAM)
+        keys, counts = self._sample(xs, keys, [(0, n)], batch_size, self.seed + PREDICT_STREAM)
         labels = []
         for key, (c,) in zip(keys, counts):
             _check_total(c.sum(), n, key)
@@ -129,8 +146,8 @@ class SmoothedClassifier:
             if pA_lower < 0.5:
                 certs.append(Certificate(ABSTAIN, 0.0, pA_lower, nA, n, selection, estimation))
             else:
-                certs.append(Certificate(cA, stats.radius(self.sigma, pA_lower), pA_lower, nA, n,
-                                         selection, estimation))
+                certs.append(Certificate(cA, stats.radius(self.radius_sigma, pA_lower), pA_lower, nA,
+                                         n, selection, estimation))
         return certs
 
     # ----------------------------------------------------------------- sampling
@@ -141,7 +158,7 @@ class SmoothedClassifier:
             raise InvalidArgument(f"stream must be 'certify' or 'predict', got {stream!r}")
         num = validate.positive_int(num, "num")
         first_draw = validate.int_in_range(first_draw, "first_draw", 0)
-        seed = self.seed if stream == "certify" else self.seed ^ PREDICT_STREAM
+        seed = self.seed if stream == "certify" else self.seed + PREDICT_STREAM
         return self._sample(xs, keys, [(first_draw, num)], batch_size, seed)[1][:, 0]
 
     def prepare(self, xs):
@@ -149,7 +166,8 @@ class SmoothedClassifier:
         the rewritten copies. A ``fuse=True`` that cannot be honored fails here (the copies
         are still checked on the first batch)."""
         example = torch.as_tensor(xs)[:1].to(device=self.engine.device, dtype=torch.float32)
-        self.engine.begin(example)
+        with _eval_mode(self.model):
+            self.engine.begin(example)
 
     def _sample(self, xs, keys, ranges, batch_size, seed):
         """(keys, counts ``[B, P, K]``) of the draw ``ranges`` ``[(first, num)]`` of each input."""
@@ -157,10 +175,35 @@ class SmoothedClassifier:
         for first, num in ranges:
             validate.draw_range(first, num)
         xs, keys = check_inputs(xs, keys)
-        # Every call, as Cohen's core.py: a model put back in train mode since (a training
-        # loop between certifications) would sample with dropout and batch statistics.
-        self.model.eval()
-        return keys, count_ranges(self.engine, xs, keys, ranges, batch_size, seed)
+        self._check_range(xs)
+        with _eval_mode(self.model):
+            return keys, count_ranges(self.engine, xs, keys, ranges, batch_size, seed)
+
+    def _check_range(self, xs):
+        """Noise is added in the data's pixel space, [0, 1] for images (normalization lives in
+        the model): say once when inputs are outside it, as normalized images would be."""
+        if self._warned_range or xs.numel() == 0:
+            return
+        low, high = (float(v) for v in torch.aminmax(xs))
+        if low < 0.0 or high > 1.0:
+            self._warned_range = True
+            warnings.warn(f"drt_fast: inputs hold values in [{low:.4g}, {high:.4g}], outside [0, 1]: "
+                          f"noise is added to the inputs as given, so sigma is in their units; for "
+                          f"images pass pixels in [0, 1] and put the normalization in the model "
+                          f"(drt_fast.models.NormalizeLayer)", RuntimeWarning, stacklevel=4)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode while sampling, as in Cohen's core.py (dropout and batch
+    statistics would make the base classifier random); each module's mode is restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def _check_total(counted, expected, key):

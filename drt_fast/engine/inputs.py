@@ -38,6 +38,13 @@ def check_inputs(xs, keys):
         raise InvalidArgument(
             f"expected {xs.shape[0]} integer keys (one dataset index per input), got "
             f"{keys.numel()} of dtype {keys.dtype}")
-    if keys.numel() and (keys.min() < 0):
-        raise InvalidArgument(f"keys (dataset indices) must be >= 0, got {keys.min().item()}")
-    return xs, keys.to(torch.int64).tolist()
+    keys = keys.to(torch.int64).tolist()
+    if keys and min(keys) < 0:       # (int64 holds no key of 2^63 or more)
+        raise InvalidArgument(f"keys (dataset indices) must be >= 0, got {min(keys)}")
+    if len(set(keys)) != len(keys):
+        seen = set()
+        repeated = next(k for k in keys if k in seen or seen.add(k))
+        # inputs with one key would get the same noise: their errors would be one event
+        raise InvalidArgument(f"keys must be distinct, one dataset index per input (each "
+                              f"input's noise is drawn from its key); key {repeated} repeats")
+    return xs, keys

@@ -137,14 +137,15 @@ class Sampler:
 
     def open(self, x: torch.Tensor, key: int, seed: int) -> Lane:
         """A lane for input ``x`` ``[*S]`` (floating pixels) with dataset index ``key`` on
-        the noise stream ``seed``."""
+        the noise stream ``seed`` (in [0, 2^64))."""
         if self._shape is None:
             self._shape = tuple(x.shape)
         elif tuple(x.shape) != self._shape:
             raise InvalidArgument(f"inputs of one sampler share a shape: {list(self._shape)}, "
                                   f"then {list(x.shape)}")
+        # seed: the noise stream, a 64-bit Philox key (a user's seed, or a derived stream)
         lane = Lane(self, x, validate.int_in_range(key, "key", 0, validate.SEED_LIMIT),
-                    validate.seed(seed))
+                    validate.int_in_range(seed, "seed", 0, 2**64))
         self._pending.append(lane)
         self._changed()
         return lane
