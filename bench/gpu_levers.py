@@ -204,7 +204,7 @@ def main():
             DRT_FAST_RESNET_KERNEL=mma|wmma): none where a member is not a CIFAR ResNet."""
             from drt_fast import fuse
             out = []
-            for variant, name in enumerate(ops.RESNET_KERNEL_VARIANTS):
+            for variant, name in enumerate(ops.CIFAR_RESNET_VARIANTS):
                 members = [fuse.resnet_kernel_for_inference(m, variant) for m in base.members]
                 if not all(r.fused for r in members):
                     return []

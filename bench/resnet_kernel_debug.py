@@ -26,8 +26,8 @@ def locate(index: int) -> str:
     planes of [position][16]; mma.sync swaps a position's two 8-channel halves at every other
     group of 4 positions of its plane (resnet.cu `at`)."""
     offset = 2 * index
-    region = max(i for i, start in enumerate(ops.RESNET_KERNEL_REGIONS) if start <= offset)
-    position, slot = divmod((offset - ops.RESNET_KERNEL_REGIONS[region]) // 2, 16)
+    region = max(i for i, start in enumerate(ops.CIFAR_RESNET_REGIONS) if start <= offset)
+    position, slot = divmod((offset - ops.CIFAR_RESNET_REGIONS[region]) // 2, 16)
     return f"region {region}, position {position} from the region's start, slot {slot}"
 
 
@@ -43,9 +43,9 @@ def main():
     member = resnet_member(args.depth)
     x = pixels(args.draws)
     blocks = (args.depth - 2) // 6
-    end = ops.RESNET_KERNEL_REGIONS[2] + 2 * 18 * 18 * 16 * 2   # regions 0-2, as bf16
+    end = ops.CIFAR_RESNET_REGIONS[2] + 2 * 18 * 18 * 16 * 2   # regions 0-2, as bf16
     for name in args.variants.split(","):
-        variant = ops.RESNET_KERNEL_VARIANTS.index(name)
+        variant = ops.CIFAR_RESNET_VARIANTS.index(name)
         k = fuse.resnet_kernel_for_inference(member, variant).module
         k_gpu = fuse.resnet_kernel_for_inference(member, variant).module.to(device)
         host_args = (x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, blocks, variant)

@@ -801,14 +801,14 @@ def resnet_kernel_variant(device: torch.device) -> Optional[int]:
     (variant 0), the CUDA kernels built, and a GPU of compute capability 8.0 or newer with
     room for the kernel's shared memory (76.6 KB a block for mma.sync, 84.6 KB for wmma). Off
     by default: the kernel has been tested on the host
-    (its CTA program, ``ops._C_cuda.cifar_resnet_on_host``) but not yet run on a GPU."""
+    (its CTA program, ``ops.cifar_resnet_on_host``) but not yet run on a GPU."""
     value = os.environ.get(RESNET_KERNEL_ENV, "")
     variant = {"1": 1, "mma": 1, "wmma": 0}.get(value)
     if variant is None or device.type != "cuda" or not ops.kernels_run_on(device):
         return None
     props = torch.cuda.get_device_properties(device)
     room = getattr(props, "shared_memory_per_block_optin", 0)
-    return variant if props.major >= 8 and room >= ops._C_cuda.cifar_resnet_sizes(1, variant)[2] else None
+    return variant if props.major >= 8 and room >= ops.extension.cuda_kernels.cifar_resnet_sizes(1, variant)[2] else None
 
 
 class ResNetKernelMember(nn.Module):
@@ -831,8 +831,8 @@ class ResNetKernelMember(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"depth={6 * self.blocks + 2}, classes={self.fc_w.shape[0]}, "
-                f"{len(ops.resnet_kernel_convs(self.blocks))} convolutions as bf16 tiles, "
-                f"{ops.RESNET_KERNEL_VARIANTS[self.variant]}")
+                f"{len(ops.cifar_resnet_convs(self.blocks))} convolutions as bf16 tiles, "
+                f"{ops.CIFAR_RESNET_VARIANTS[self.variant]}")
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
@@ -929,7 +929,7 @@ def resnet_kernel_for_inference(member: nn.Module, variant: int = 1) -> Inferenc
             if block.downsample is not None:
                 convs.append(_folded(block.downsample[0], block.downsample[1]))
             convs.append(_folded(block.conv2, block.bn2))
-    weights = torch.cat([ops.pack_resnet_kernel_weight(w, variant) for w, _ in convs]).to(torch.bfloat16)
+    weights = torch.cat([ops.pack_cifar_resnet_weight(w, variant) for w, _ in convs]).to(torch.bfloat16)
     biases = torch.cat([b for _, b in convs]).float()
     norm = torch.cat([means, sds]).float()
     device = net.fc.weight.device

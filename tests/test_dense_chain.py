@@ -1,12 +1,14 @@
-"""The CPU's block-sparse kernel for dense members (ops.dense_chain, fuse._chain_plan): the
-plan against the matrices, the kernel against the torch reference in every ISA build, batch
-invariance, non-finite values, bad plans, and the member's fallbacks."""
+"""The CPU kernels of dense members (ops/dense.py: bias_act_, dense_chain) and the block
+plan (fuse._chain_plan): the plan against the matrices, the kernels against the torch
+references in every ISA build, batch invariance, non-finite values, bad plans, and the
+member's fallbacks."""
 import pytest
 import torch
 from torch import nn
 
-from drt_fast import _C, fuse, ops
+from drt_fast import fuse, ops
 from drt_fast.errors import DrtFastError
+from drt_fast.ops.extension import cpu_kernels
 
 from test_fuse import member, rel_err
 from test_ops import isa  # noqa: F401 -- the fixture: each CPU kernel build this machine has
@@ -78,16 +80,16 @@ def test_isa_builds_agree():
     layers = digits_layers()
     meta, params, out_cols = plan(layers)
     x = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
-    previous, outs = _C.cpu_isa(), []
+    previous, outs = cpu_kernels.cpu_isa(), []
     try:
         for name in ("baseline", "avx2", "avx512"):
             try:
-                _C.set_cpu_isa(name)
+                cpu_kernels.set_cpu_isa(name)
             except ValueError:
                 continue
             outs.append(ops.dense_chain_cpu(x, meta, params, out_cols))
     finally:
-        _C.set_cpu_isa(previous)
+        cpu_kernels.set_cpu_isa(previous)
     assert all(rel_err(o, outs[0]) < 1e-6 for o in outs)
 
 
@@ -288,3 +290,52 @@ def test_member_under_autocast_and_in_other_dtypes_skips_the_kernel(monkeypatch)
         assert out(x.bfloat16()).dtype == torch.bfloat16
     with torch.no_grad():
         assert out.double()(x.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------
+# bias_act_ (a dense member's layer epilogue)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 17), (1000, 256), (257, 10), (40000, 3)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bias_act_matches_reference_bitwise(isa, rows, cols, relu):
+    gen = torch.Generator().manual_seed(rows * 31 + cols)
+    h = torch.randn(rows, cols, generator=gen) * 3
+    h[0, 0] = float("nan")
+    if cols > 1:
+        h[-1, 1] = float("-inf")
+    bias = torch.randn(cols, generator=gen)
+    ours, ref = h.clone(), h.clone()
+    assert ops.bias_act_cpu_(ours, bias, relu)
+    ops.reference_bias_act_(ref, bias, relu)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ours.isnan()[0, 0]    # NaN stays NaN
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    via_op = h.clone()
+    torch.ops.drt_fast.bias_act_(via_op, bias, relu)
+    assert torch.equal(via_op.nan_to_num(), ref.nan_to_num())
+
+
+def test_bias_act_falls_back_where_the_kernel_does_not_apply():
+    bias = torch.randn(4)
+    for h in (torch.randn(4, 3).T, torch.randn(3, 4, dtype=torch.float64)):   # strided; float64
+        b = bias.to(h.dtype)
+        assert not ops.bias_act_cpu_(h, b, True)
+        want = (h + b).relu()
+        ops.bias_act_(h, b, True)                                             # the op still works
+        assert torch.equal(h, want)
+
+
+@pytest.mark.parametrize("h,bias,message", [
+    (torch.zeros(3), torch.zeros(3), "h must have shape \\[rows, cols\\]"),
+    (torch.zeros(2, 3), torch.zeros(4), "bias must have shape \\[3\\]"),
+    (torch.zeros(2, 3), torch.zeros(3, dtype=torch.float64), "h and bias must be one floating dtype"),
+    (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), "must be one floating dtype"),
+])
+def test_bias_act_errors(h, bias, message):
+    for fn in (ops.bias_act_, ops.reference_bias_act_):
+        with pytest.raises(DrtFastError, match=message):
+            fn(h, bias, True)
+
+
+def test_bias_act_opcheck():
+    h = torch.randn(9, 5, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.drt_fast.bias_act_.default, (h, torch.randn(5), True))
