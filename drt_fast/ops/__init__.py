@@ -10,7 +10,8 @@ docs/internals.md, "Ops"):
 * ``cifar_resnet`` (`cifar_resnet`): a whole CIFAR ResNet forward in one CUDA kernel.
 
 Each op has an eager twin without the dispatcher (``*_eager``, ``*_cpu``), a fake kernel
-and a pure-torch reference (`reference`) that runs where the compiled kernels do not
+and a pure-torch reference (`reference`) that runs under the reference switch
+(`use_reference`, ``DRT_FAST_REFERENCE_OPS=1``) and where the compiled kernels do not
 (`extension`). This package is the only caller of the compiled ``_C`` / ``_C_cuda``
 modules: every check on device, dtype, shape and contiguity (`checks`) happens before a
 pointer crosses into C++.
@@ -26,7 +27,8 @@ from .cifar_resnet_layout import (CIFAR_RESNET_REGIONS, CIFAR_RESNET_VARIANTS, c
                                   cifar_resnet_map, mma_tile_order, pack_cifar_resnet_weight,
                                   unpack_cifar_resnet_weight)
 from .dense import bias_act_, bias_act_cpu_, dense_chain, dense_chain_cpu
-from .extension import arch_covers, cuda_available, kernels_run_on
+from .extension import (arch_covers, cuda_available, kernels_run_on, reference_in_use,
+                        use_reference)
 from .noise import noisy_draws, noisy_draws_eager
 from .reference import (philox4x32_10, reference_bias_act_, reference_cifar_resnet, reference_dense_chain,
                         reference_labels, reference_noisy_draws, reference_normals, reference_vote_)
@@ -51,6 +53,6 @@ __all__ = [
     "CIFAR_RESNET_REGIONS", "CIFAR_RESNET_VARIANTS",
     "reference_noisy_draws", "reference_vote_", "reference_labels", "reference_normals",
     "reference_bias_act_", "reference_dense_chain", "reference_cifar_resnet", "philox4x32_10",
-    "cuda_available", "arch_covers", "kernels_run_on",
+    "cuda_available", "arch_covers", "kernels_run_on", "use_reference", "reference_in_use",
     "AGGREGATIONS", "AGGREGATION_CODES", "NOISE_DTYPES", "LOGIT_DTYPES",
 ]

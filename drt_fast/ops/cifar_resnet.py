@@ -72,8 +72,8 @@ def cifar_resnet(x: Tensor, weights: Tensor, biases: Tensor, norm: Tensor, fc_w:
     the kernel's tensor-core path, 0 (wmma) or 1 (mma.sync), which fixes the tiles' order.
 
     On CUDA (compute capability 8.0 or newer), one kernel with a CTA per draw keeps the draw's
-    activations in shared memory through the whole network; elsewhere,
-    `reference_cifar_resnet` (the same roundings in torch)."""
+    activations in shared memory through the whole network; elsewhere, and under the
+    reference switch, `reference_cifar_resnet` (the same roundings in torch)."""
     return cifar_resnet_eager(x, weights, biases, norm, fc_w, fc_b, blocks, variant)
 
 

@@ -5,7 +5,7 @@ bias and activation after its GEMM, and ``dense_chain``, a whole member by a blo
 Both have a direct entry point without the dispatcher (`bias_act_cpu_`, `dense_chain_cpu`),
 which a dense member calls once per layer or batch, where the custom op's per-call overhead
 would cost as much as the kernel saves. Each returns a "not done" value where its kernel
-does not apply, and the caller falls back.
+does not apply (or the reference switch is on), and the caller falls back.
 """
 from typing import Optional
 
@@ -18,12 +18,13 @@ from . import checks, extension, reference
 
 def bias_act_cpu_(h: Tensor, bias: Tensor, relu: bool) -> bool:
     """``bias_act_``'s CPU kernel called directly. Returns False, having done nothing, where
-    the kernel does not apply (not float32 on the CPU, not contiguous, no ``_C``): the
-    caller falls back."""
+    the kernel does not apply (not float32 on the CPU, not contiguous, no ``_C``, the
+    reference switch on): the caller falls back."""
     kernels = extension.cpu_kernels
     if not (h.dtype == torch.float32 and h.device.type == "cpu" and h.is_contiguous()
             and bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous()
-            and h.dim() == 2 and bias.dim() == 1 and bias.shape[0] == h.shape[1]) or kernels is None:
+            and h.dim() == 2 and bias.dim() == 1 and bias.shape[0] == h.shape[1]) \
+            or kernels is None or extension.reference_in_use():
         return False
     kernels.bias_act(h.data_ptr(), bias.data_ptr(), h.shape[0], h.shape[1], bool(relu))
     return True
@@ -46,13 +47,14 @@ def _(h, bias, relu):
 
 def dense_chain_cpu(x: Tensor, meta: Tensor, params: Tensor, out_cols: int) -> Optional[Tensor]:
     """``dense_chain``'s CPU kernel called directly. Returns None, having done nothing, where
-    the kernel does not apply (not float32 on the CPU, no ``_C``): the caller falls back. A plan that does not fit x or out_cols raises `InvalidArgument`
+    the kernel does not apply (not float32 on the CPU, no ``_C``, the reference switch on):
+    the caller falls back. A plan that does not fit x or out_cols raises `InvalidArgument`
     (the kernel checks every size and offset of the plan)."""
     kernels = extension.cpu_kernels
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
             and params.dtype == torch.float32 and params.device.type == "cpu" and params.is_contiguous()
             and meta.dtype == torch.int64 and meta.device.type == "cpu" and meta.is_contiguous()) \
-            or kernels is None:
+            or kernels is None or extension.reference_in_use():
         return None
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
         x = x.contiguous()

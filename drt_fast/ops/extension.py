@@ -2,14 +2,18 @@
 
 This module is the only one that imports the compiled modules. For each tensor an op gets,
 `kernels_for` names the compiled module that runs it, or None where the op's pure-torch
-reference (`drt_fast.ops.reference`) runs instead: CUDA tensors where the CUDA kernels were
-not built, fail to load, no driver answers or the build holds no code for the GPU
-(`kernels_run_on`), with one RuntimeWarning a process.
+reference (`drt_fast.ops.reference`) runs instead:
+
+* under the reference switch (`use_reference`, or ``DRT_FAST_REFERENCE_OPS=1`` in the
+  environment when drt_fast.ops is imported): every op, on every device;
+* CUDA tensors where the CUDA kernels were not built, fail to load, no driver answers or the
+  build holds no code for the GPU (`kernels_run_on`): with one RuntimeWarning a process.
 
 Importing never fails for lack of a build or a driver; a CPU op without ``_C`` raises an
 ImportError that says how to build it (`require_cpu_kernels`).
 """
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -42,6 +46,41 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # The folder of the drt_fast package this module belongs to.
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+REFERENCE_ENV = "DRT_FAST_REFERENCE_OPS"
+_reference = os.environ.get(REFERENCE_ENV, "") == "1"
+
+
+class use_reference:
+    """Run every op -- custom op and eager twin, CPU and CUDA -- as its pure-torch
+    reference (``enabled=True``) or by the compiled kernels where they run (False).
+
+    A function call sets the switch for the process (as ``torch.set_grad_enabled`` does);
+    used as a context manager, it restores the previous setting on exit::
+
+        with drt_fast.ops.use_reference():
+            ...                                  # the references, bit-identical noise
+
+    ``DRT_FAST_REFERENCE_OPS=1`` in the environment sets it when drt_fast.ops is imported.
+    """
+
+    def __init__(self, enabled: bool = True):
+        global _reference
+        self._previous = _reference
+        _reference = bool(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        global _reference
+        _reference = self._previous
+
+
+def reference_in_use() -> bool:
+    """Whether the reference switch (`use_reference`) is on."""
+    return _reference
+
 
 _cuda_ok = None
 
@@ -86,11 +125,11 @@ _device_ok: dict = {}
 
 
 def kernels_run_on(device) -> bool:
-    """Whether the CUDA kernels run on CUDA ``device``: they were built, a driver answers,
-    and the build holds code for the device's GPU (`arch_covers`). Where the build has no
-    code for it, CUDA tensors there use the pure-torch references, with one warning saying
-    how to rebuild."""
-    if not cuda_available():
+    """Whether the CUDA kernels run on CUDA ``device``: the reference switch is off, they
+    were built, a driver answers, and the build holds code for the device's GPU
+    (`arch_covers`). Where the build has no code for it, CUDA tensors there use the
+    pure-torch references, with one warning saying how to rebuild."""
+    if _reference or not cuda_available():
         return False
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -179,9 +218,11 @@ def warn_cuda_fallback(message: Optional[str] = None) -> None:
 
 def kernels_for(op: str, t: Tensor):
     """The compiled module that runs ``op`` on ``t``'s device (``_C`` or ``_C_cuda``), or None
-    where the pure-torch reference runs instead (CUDA kernels that do not run on the device,
-    with `warn_cuda_fallback`). Raises `require_cpu_kernels`' ImportError for CPU tensors
-    without ``_C``, InvalidArgument for other devices."""
+    where the pure-torch reference runs instead (the reference switch; CUDA kernels that do
+    not run on the device, with `warn_cuda_fallback`). Raises `require_cpu_kernels`'
+    ImportError for CPU tensors without ``_C``, InvalidArgument for other devices."""
+    if _reference:
+        return None
     if t.is_cuda:
         if kernels_run_on(t.device):
             return cuda_kernels

@@ -1,5 +1,6 @@
 """Pure-torch references of every op: what the kernels are tested against, and what runs
-where they do not (CUDA tensors without usable CUDA kernels).
+where they do not (the reference switch, `drt_fast.ops.use_reference`; CUDA tensors without
+usable CUDA kernels).
 
 Each reference takes its op's arguments, makes its op's checks, and computes its op's
 result on any device: bit-identical for ``noisy_draws`` (Philox4x32-10 and Box-Muller in
