@@ -20,7 +20,6 @@ scores are that close may then be counted for the other class.)
 import itertools
 import math
 import operator
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -467,7 +466,7 @@ class SmoothedClassifier:
         """Whether the fused copies run a member by drt-fast's CIFAR ResNet kernel."""
         from . import fuse
 
-        return any(isinstance(m, fuse.ResNetKernelMember) for m in fused.members)
+        return any(isinstance(m, fuse.CifarResNetMember) for m in fused.members)
 
     @staticmethod
     def _rewrites_with_cudnn(device):
@@ -484,20 +483,20 @@ class SmoothedClassifier:
 
         rewritten = []
         wanted = use_kernel and run_dtype == torch.bfloat16
-        variant = fuse.resnet_kernel_variant(example.device) if wanted else None
+        variant = fuse.cifar_resnet_variant(example.device) if wanted else None
         for member in members:
             if variant is not None:
-                kernel = fuse.resnet_kernel_for_inference(member, variant)
+                kernel = fuse.cifar_resnet_for_inference(member, variant)
                 if kernel.fused:
                     rewritten.append(kernel)
                     continue
             rewritten.append(fuse.for_inference(member, fuse.cudnn_ops(), run_dtype, example))
-        cudnn = [r for r in rewritten if not isinstance(r.module, fuse.ResNetKernelMember)]
+        cudnn = [r for r in rewritten if not isinstance(r.module, fuse.CifarResNetMember)]
         kernels = len(rewritten) - len(cudnn)
         parts = []
         if kernels:
             parts.append(f"{kernels} member(s) as one CIFAR ResNet kernel each "
-                         f"({fuse.RESNET_KERNEL_ENV}={os.environ.get(fuse.RESNET_KERNEL_ENV)})")
+                         f"({fuse.cifar_resnet_setting()})")
         if cudnn:
             parts.append(f"{sum(r.fused for r in cudnn)} fused convolutions, "
                          f"{sum(r.folded_bn for r in cudnn)} BatchNorms folded in {len(cudnn)} member(s)")

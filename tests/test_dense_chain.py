@@ -1,7 +1,7 @@
 """The CPU kernels of dense members (ops/dense.py: bias_act_, dense_chain) and the block
-plan (fuse._chain_plan): the plan against the matrices, the kernels against the torch
-references in every ISA build, batch invariance, non-finite values, bad plans, and the
-member's fallbacks."""
+planner (fuse/planner.py: chain_plan): the plan against the matrices, the kernels against
+the torch references in every ISA build, batch invariance, non-finite values, bad plans,
+and the member's fallbacks."""
 import pytest
 import torch
 from torch import nn
@@ -42,13 +42,11 @@ def torch_chain(layers, x):
 def digits_layers():
     """The digits CNN's matrices: convolutions, mostly zeros (the case the blocks are for)."""
     out = fuse.dense_for_inference(member("digits_cnn"), torch.rand(1, 1, 8, 8)).module
-    plan = [("matrix", (out._buffers[f"weight{v}"], out._buffers[f"bias{v}"])) if kind == "matrix"
-            else (kind, v) for kind, v in out._plan]
-    return fuse._chain_layers(plan)
+    return fuse.chain_layers(out.plan())
 
 
 def plan(layers):
-    meta, params, _ = fuse._chain_plan(layers)
+    meta, params, _ = fuse.chain_plan(layers)
     return meta, params, layers[-1][0].shape[1]
 
 
@@ -112,7 +110,7 @@ def test_blocks_keep_every_weight_and_skip_the_zeros():
     digits CNN's convolutions need about half the multiply-adds of their matrices."""
     layers = digits_layers()
     for w, _, _ in layers[:-1]:
-        groups = fuse._column_groups(w)
+        groups = fuse.column_groups(w)
         columns = sorted(c for _, _, cols in groups for c in cols)
         assert columns == list(range(w.shape[1]))
         for lo, hi, cols in groups:
@@ -126,7 +124,7 @@ def test_blocks_keep_every_weight_and_skip_the_zeros():
 
 def test_dense_matrices_stay_one_block():
     w = torch.randn(40, 70)
-    assert fuse._column_groups(w) == [(0, 40, list(range(70)))]
+    assert fuse.column_groups(w) == [(0, 40, list(range(70)))]
 
 
 def test_dead_units_and_empty_layers():
@@ -258,10 +256,10 @@ def test_member_runs_the_kernel_for_relu_chains_that_it_makes_cheaper():
     # one 784 x 10 matrix: padded to 32 columns the kernel would do 3.2x torch.mm's work
     narrow = fuse.dense_for_inference(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), torch.rand(1, 1, 28, 28))
     assert narrow.dense == 1 and not narrow.module.chained
-    assert fuse._chain_layers([("relu", None)]) is None                 # a ReLU before any matrix
+    assert fuse.chain_layers([("relu", None)]) is None                 # a ReLU before any matrix
     w, b = torch.randn(3, 4), torch.randn(4)
-    assert fuse._chain_layers([("matrix", (w, b)), ("relu", None), ("relu", None)]) is None
-    assert fuse._chain_layers([("matrix", (w.double(), b.double()))]) is None
+    assert fuse.chain_layers([("matrix", (w, b)), ("relu", None), ("relu", None)]) is None
+    assert fuse.chain_layers([("matrix", (w.double(), b.double()))]) is None
 
 
 def test_member_kernel_agrees_with_its_torch_path(monkeypatch):
@@ -270,11 +268,11 @@ def test_member_kernel_agrees_with_its_torch_path(monkeypatch):
     x = torch.rand(300, 1, 8, 8)
     calls = []
     real = ops.dense_chain_cpu
-    monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "dense_chain_cpu", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         kernel = out(x)
         assert calls == [1]
-        monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *a: None)   # the GEMM path
+        monkeypatch.setattr(ops, "dense_chain_cpu", lambda *a: None)   # the GEMM path
         gemm = out(x)
         want = m(x)
         channels_last = out(x.contiguous(memory_format=torch.channels_last))
@@ -284,7 +282,7 @@ def test_member_kernel_agrees_with_its_torch_path(monkeypatch):
 
 def test_member_under_autocast_and_in_other_dtypes_skips_the_kernel(monkeypatch):
     out = fuse.dense_for_inference(member("digits_cnn"), torch.rand(1, 1, 8, 8)).module
-    monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *a: pytest.fail("the kernel ran"))
+    monkeypatch.setattr(ops, "dense_chain_cpu", lambda *a: pytest.fail("the kernel ran"))
     x = torch.rand(20, 1, 8, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert out(x.bfloat16()).dtype == torch.bfloat16

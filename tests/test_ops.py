@@ -1,7 +1,7 @@
 """drt_fast.ops' sampling ops, noisy_draws (ops/noise.py) and vote_ (ops/vote.py): the C++
 kernels against the pure-torch references (ops/reference.py), their checks (ops/checks.py),
 opcheck, compile. The dense members' ops are in test_dense_chain.py, the CIFAR ResNet
-kernel's in test_resnet_kernel.py, loading and the reference switch in
+kernel's in test_cifar_resnet_kernel.py, loading and the reference switch in
 test_ops_extension.py."""
 import pytest
 import torch

@@ -137,7 +137,7 @@ def test_reference_switch_from_the_environment(value, on):
 
 
 def test_cuda_reference_switch_runs_the_references_on_the_gpu(cuda_device, spies):
-    from test_resnet_kernel import kernel_member, pixels, resnet_member
+    from test_cifar_resnet_kernel import kernel_member, pixels, resnet_member
 
     x, keys, first, *rest = _noisy_args()
     args = (x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *rest)

@@ -1,5 +1,6 @@
-"""The whole-network CIFAR ResNet kernel (``ops.cifar_resnet``, csrc/cuda/resnet.cu) and its
-member rewrite (``fuse.resnet_kernel_for_inference``).
+"""The whole-network CIFAR ResNet kernel (``ops.cifar_resnet``, ops/cifar_resnet.py and
+ops/cifar_resnet_layout.py; csrc/cuda/cifar_resnet.cu) and its member rewrite
+(``fuse.cifar_resnet_for_inference``, fuse/cifar_resnet.py).
 
 Without a GPU, the kernel's CTA program runs on the host (``ops.cifar_resnet_on_host``,
 the same code with wmma replaced by loops over 16x16 tiles): it must agree with
@@ -40,8 +41,8 @@ VARIANTS = [0, 1]      # wmma, mma.sync
 
 
 def kernel_member(member, variant=1):
-    rewritten = fuse.resnet_kernel_for_inference(member, variant)
-    assert rewritten.reason is None and isinstance(rewritten.module, fuse.ResNetKernelMember)
+    rewritten = fuse.cifar_resnet_for_inference(member, variant)
+    assert rewritten.reason is None and isinstance(rewritten.module, fuse.CifarResNetMember)
     return rewritten.module
 
 
@@ -116,7 +117,7 @@ def test_the_member_without_normalization_and_on_any_input_dtype():
 
 
 def test_rewrite_counts_and_describes_the_member():
-    rewritten = fuse.resnet_kernel_for_inference(resnet_member(20))
+    rewritten = fuse.cifar_resnet_for_inference(resnet_member(20))
     assert rewritten.fused == rewritten.folded_bn == 21          # stem, 2 per block, 2 downsamples
     assert "depth=20" in repr(rewritten.module) and "mma" in repr(rewritten.module)
 
@@ -173,7 +174,7 @@ def _extra_layer():
 ])
 def test_rewrite_refuses_what_the_kernel_does_not_run(build, why):
     member = build()
-    rewritten = fuse.resnet_kernel_for_inference(member)
+    rewritten = fuse.cifar_resnet_for_inference(member)
     assert rewritten.module is member and rewritten.fused == 0
     assert why in rewritten.reason
 
@@ -298,26 +299,39 @@ def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
     bottleneck = _bottleneck()
     members = [resnet_member(8, seed=0), bottleneck, resnet_member(8, seed=1)]
     example = pixels(1)
-    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "wmma")
-    monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: 0)
+    monkeypatch.setenv(fuse.CIFAR_RESNET_ENV, "wmma")
+    monkeypatch.setattr(fuse, "cifar_resnet_variant", lambda device: 0)
     rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, torch.bfloat16)
-    assert [isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten] == [True, False, True]
+    assert [isinstance(r.module, fuse.CifarResNetMember) for r in rewritten] == [True, False, True]
     assert rewritten[0].module.variant == 0
-    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_RESNET_KERNEL=wmma); "
+    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_CIFAR_RESNET=wmma); "
                              "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), status
     with torch.no_grad():                           # on the CPU: the kernel's torch reference
         assert rel(rewritten[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
     for dtype in (torch.float32, torch.float16):    # the kernel computes in bf16: bf16 runs only
         rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, dtype)
-        assert not any(isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten)
+        assert not any(isinstance(r.module, fuse.CifarResNetMember) for r in rewritten)
         assert "kernel" not in status
     monkeypatch.undo()
     for value in ("1", "mma", "wmma"):              # never on the CPU
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
-        assert fuse.resnet_kernel_variant(torch.device("cpu")) is None
+        monkeypatch.setenv(fuse.CIFAR_RESNET_ENV, value)
+        assert fuse.cifar_resnet_variant(torch.device("cpu")) is None
     for value in ("0", "", "yes"):                  # off, whatever the device
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
-        assert fuse.resnet_kernel_variant(torch.device("cuda")) is None
+        monkeypatch.setenv(fuse.CIFAR_RESNET_ENV, value)
+        assert fuse.cifar_resnet_variant(torch.device("cuda")) is None
+
+
+def test_the_former_environment_variable_still_asks_for_the_kernel(monkeypatch):
+    """DRT_FAST_RESNET_KERNEL, the variable's former name, is read after DRT_FAST_CIFAR_RESNET."""
+    assert fuse.CIFAR_RESNET_ENV_ALIAS == "DRT_FAST_RESNET_KERNEL"
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV, raising=False)
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV_ALIAS, raising=False)
+    assert fuse.cifar_resnet_setting() == ""
+    monkeypatch.setenv(fuse.CIFAR_RESNET_ENV_ALIAS, "wmma")
+    assert fuse.cifar_resnet_setting() == "DRT_FAST_RESNET_KERNEL=wmma"
+    monkeypatch.setenv(fuse.CIFAR_RESNET_ENV, "0")                 # the new name wins
+    assert fuse.cifar_resnet_setting() == "DRT_FAST_CIFAR_RESNET=0"
+    assert fuse.cifar_resnet_variant(torch.device("cuda")) is None
 
 
 def test_engine_replaces_a_failing_kernel_by_the_fused_copies(monkeypatch):
@@ -336,14 +350,14 @@ def test_engine_replaces_a_failing_kernel_by_the_fused_copies(monkeypatch):
     x, keys = pixels(1), torch.tensor([0])
 
     def counts(variant):
-        monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: variant)
+        monkeypatch.setattr(fuse, "cifar_resnet_variant", lambda device: variant)
         smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16", channels_last=True)
         return smooth, smooth.sample_counts(x, keys, 300, 100)
 
     plain, want = counts(None)
     assert "kernel" not in plain.fuse_status and plain.fuse_status.startswith("on: "), plain.fuse_status
-    kernel_forward = fuse.ResNetKernelMember.forward
-    monkeypatch.setattr(fuse.ResNetKernelMember, "forward", lambda self, x: kernel_forward(self, x) * -1.0)
+    kernel_forward = fuse.CifarResNetMember.forward
+    monkeypatch.setattr(fuse.CifarResNetMember, "forward", lambda self, x: kernel_forward(self, x) * -1.0)
     calls = []                                      # draws the plain member runs
     hook = ensemble.members[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     with pytest.warns(RuntimeWarning, match="CIFAR ResNet kernel was given up on"):
@@ -409,16 +423,19 @@ def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype, vari
     assert torch.isnan(out[7]).all() and torch.isfinite(out[:7]).all()
 
 
-@pytest.mark.parametrize("value", ["mma", "wmma"])
-def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, value):
+@pytest.mark.parametrize("name, value", [(fuse.CIFAR_RESNET_ENV, "mma"), (fuse.CIFAR_RESNET_ENV, "wmma"),
+                                         (fuse.CIFAR_RESNET_ENV_ALIAS, "mma")])
+def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, name, value):
     from drt_fast.ensemble import Ensemble
     from drt_fast.smoothing import SmoothedClassifier
 
     ensemble = Ensemble([resnet_member(20, seed=s) for s in range(3)]).to(cuda_device).eval()
     x = pixels(1)[0].to(cuda_device)
     counts = {}
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV, raising=False)
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV_ALIAS, raising=False)
     for env in ("0", value):
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, env)
+        monkeypatch.setenv(name, env)
         smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
         counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
         # the kernel ran (a kernel that fails its first-batch check is replaced, with a warning)
