@@ -9,7 +9,7 @@ bf16 levers; skipped when drt_fast/assets/default.pt is absent), 3x CIFAR ResNet
 and the channels-last and bf16 levers) and 3x ResNet-110 with random weights at reduced n.
 GPU cases (skipped without CUDA): 3x ResNet-110 (32x32) at n = 100,000 and 3x ResNet-50
 (224x224) at n = 10,000, fp32 and bf16 (and ResNet-110 fp32 without the fused members, and
-bf16 with drt-fast's whole-network ResNet kernel, DRT_FAST_RESNET_KERNEL=mma), plus the share of
+bf16 with drt-fast's whole-network ResNet kernel, DRT_FAST_CIFAR_RESNET=mma), plus the share of
 certify time spent in noise + vote. drt-fast runs as `drt-fast certify` does on
 CUDA (cuDNN autotuning on); the reference as Cohen's code does (off).
 """
@@ -261,7 +261,7 @@ def _gpu_setup():
 
 GPU_CASES = [
     # arch, n, batch_size, precision, fuse (None: the engine's default, on for CUDA;
-    # "kernel": the default with DRT_FAST_RESNET_KERNEL=mma, drt-fast's whole-network kernel)
+    # "kernel": the default with DRT_FAST_CIFAR_RESNET=mma, drt-fast's whole-network kernel)
     ("cifar_resnet110", 100_000, 2000, "fp32", None),
     ("cifar_resnet110", 100_000, 2000, "bf16", None),
     ("cifar_resnet110", 100_000, 2000, "bf16", "kernel"),
@@ -279,8 +279,8 @@ def test_certify_gpu(benchmark, monkeypatch, arch, n, batch_size, precision, fus
     device = _gpu_setup()
     kernel = fuse == "kernel"
     if kernel:
-        from drt_fast.fuse import RESNET_KERNEL_ENV
-        monkeypatch.setenv(RESNET_KERNEL_ENV, "mma")
+        from drt_fast.fuse import CIFAR_RESNET_ENV
+        monkeypatch.setenv(CIFAR_RESNET_ENV, "mma")
         fuse = None
     num_classes = 1000 if arch == "resnet50" else 10
     ensemble = random_ensemble(arch, num_classes=num_classes, device=device)

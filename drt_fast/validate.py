@@ -25,6 +25,10 @@ DRAW_LIMIT = 2**32
 # Seeds (and keys) are 63-bit: the noise generator's 64-bit key with room for stream bits.
 SEED_LIMIT = 2**63
 
+# A noise stream is the generator's 64-bit key: a user's seed, or a stream derived from it
+# (PREDICT's is seed + 2^63, see drt_fast/smoothing.py).
+STREAM_LIMIT = 2**64
+
 
 def int_in_range(value, name, low, high=None):
     """``value`` as an int in ``[low, high)`` (``high`` None: no upper bound)."""
@@ -48,6 +52,11 @@ def positive_int(value, name):
 def seed(value, name="seed"):
     """A noise seed, an int in [0, 2^63)."""
     return int_in_range(value, name, 0, SEED_LIMIT)
+
+
+def stream(value, name="seed"):
+    """A noise stream (the generator's key), an int in [0, 2^64)."""
+    return int_in_range(value, name, 0, STREAM_LIMIT)
 
 
 def alpha(value, name="alpha"):

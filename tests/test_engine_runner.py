@@ -15,7 +15,7 @@ from drt_fast.ensemble import Ensemble
 from drt_fast.errors import DrtFastError
 from drt_fast.smoothing import SmoothedClassifier
 from test_fuse import member
-from test_resnet_kernel import _bottleneck, pixels, rel, resnet_member
+from test_cifar_resnet_kernel import _bottleneck, pixels, rel, resnet_member
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,7 +168,7 @@ def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
     rewrite = rewriter.rewrite(members, example, torch.bfloat16, channels_last=False)
     assert [isinstance(r.module, fuse.CifarResNetMember) for r in rewrite.members] == [True, False, True]
     assert rewrite.kernel and rewrite.members[0].module.variant == 0
-    assert rewrite.text.startswith(f"2 member(s) as one CIFAR ResNet kernel each ({fuse.CIFAR_RESNET_ENV}=wmma); "
+    assert rewrite.text.startswith("2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_CIFAR_RESNET=wmma); "
                                    "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), rewrite.text
     with torch.no_grad():                           # on the CPU: the kernel's torch reference
         assert rel(rewrite.members[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
@@ -238,13 +238,16 @@ def test_cuda_engine_fuses_by_default_and_agrees_with_the_members(cuda_device):
             assert p.label == f.label and abs(p.count - f.count) <= 3, (precision, a, b)
 
 
-@pytest.mark.parametrize("value", ["mma", "wmma"])
-def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, value):
+@pytest.mark.parametrize("name, value", [(fuse.CIFAR_RESNET_ENV, "mma"), (fuse.CIFAR_RESNET_ENV, "wmma"),
+                                         (fuse.CIFAR_RESNET_ENV_ALIAS, "mma")])
+def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, name, value):
     ensemble = Ensemble([resnet_member(20, seed=s) for s in range(3)]).to(cuda_device).eval()
     x = pixels(1)[0].to(cuda_device)
     counts = {}
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV, raising=False)
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV_ALIAS, raising=False)
     for env in ("0", value):
-        monkeypatch.setenv(fuse.CIFAR_RESNET_ENV, env)
+        monkeypatch.setenv(name, env)
         smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
         counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
         # the kernel ran (a kernel that fails its first-batch check is replaced, with a warning)

@@ -1,7 +1,6 @@
 """drt_fast.smoothing: soundness against an exact oracle, agreement with Cohen's loop,
 exact reproducibility (noise streams, batch sizes, packing), precision, errors."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -13,19 +12,6 @@ from drt_fast import ops, stats
 from drt_fast.ensemble import Ensemble
 from drt_fast.errors import DrtFastError, NonFiniteLogitsError
 from drt_fast.smoothing import PREDICT_STREAM, Certificate, SmoothedClassifier
-
-
-@pytest.fixture(autouse=True)
-def _ops_available(monkeypatch):
-    """Run on the pure-torch reference ops when the compiled kernels are not built.
-
-    The engine's logic is what these tests check; the kernels' equality with the
-    references is tested with the ops. DRT_FAST_TEST_REFERENCE_OPS=1 forces the references
-    (to tell an engine bug from a kernel bug).
-    """
-    if ops._C is None or os.environ.get("DRT_FAST_TEST_REFERENCE_OPS") == "1":
-        monkeypatch.setattr(ops, "noisy_draws", ops.reference_noisy_draws)
-        monkeypatch.setattr(ops, "vote_", ops.reference_vote_)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -498,6 +484,31 @@ def test_bad_arguments_raise_clear_errors():
         smooth.certify(x, **good, key=-1)
     with pytest.raises(DrtFastError, match="must be >= 0"):
         smooth.sample_counts(torch.zeros(2, 2), [3, -2], 10, 32)
+
+
+def test_the_reference_switch_runs_the_whole_engine_on_the_references(monkeypatch):
+    """ops.use_reference() (or DRT_FAST_REFERENCE_OPS=1) makes every step of the engine run
+    the pure-torch noise and vote -- to tell an engine bug from a kernel bug -- and the
+    certificates are the kernels' (bit-identical noise, the same votes)."""
+    calls = {"reference_noisy_draws": 0, "reference_vote_": 0}
+    for name in calls:
+        def spy(*args, _real=getattr(ops.reference, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops.reference, name, spy)
+    ens = Ensemble([mlp(6, 4, s) for s in range(3)]).eval()
+    xs = torch.rand(5, 6)
+    run = dict(n0=20, n=230, alpha=0.01, batch_size=100)
+    kernels = SmoothedClassifier(ens, 4, sigma=0.5, seed=2, fuse=False).certify_many(xs, range(5), **run)
+    assert calls == {"reference_noisy_draws": 0, "reference_vote_": 0}
+    with ops.use_reference():
+        smooth = SmoothedClassifier(ens, 4, sigma=0.5, seed=2, fuse=False)
+        references = smooth.certify_many(xs, range(5), **run)
+    steps = 5 * 3                   # 250 draws an input in steps of 100
+    assert calls == {"reference_noisy_draws": steps, "reference_vote_": steps}
+    assert smooth.draws_performed == 5 * 250
+    assert [(c.label, c.count, c.selection_counts.tolist()) for c in references] == \
+        [(c.label, c.count, c.selection_counts.tolist()) for c in kernels]
 
 
 def test_keys_default_to_noise_of_their_own_and_must_be_distinct():

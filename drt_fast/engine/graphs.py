@@ -108,7 +108,9 @@ class Graphs:
                 raise InvalidArgument("cuda_graphs=True: CUDA graphs need the model on a CUDA device")
             self.status = st.off("not on a CUDA device")
             return False
-        if not self.kernels_run_on(device):
+        if ops.reference_in_use():      # the references synchronise with the host too
+            why = "the ops run their pure-torch references (drt_fast.ops.use_reference)"
+        elif not self.kernels_run_on(device):
             why = "drt_fast's CUDA kernels were not built (for this GPU)"
         elif batch_members:             # its stacked weights are not the module's tensors
             why = "the ensemble runs its members batched (batch_members=True)"

@@ -10,7 +10,6 @@ rewriting; this module picks what to try, in which order, and words what was don
 A rewriter is given to `MemberRunner` (and `SmoothedClassifier(rewriter=...)`); None picks
 one by device.
 """
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -67,8 +66,7 @@ class CudaRewriter:
         kernels = len(rewritten) - len(cudnn)
         parts = []
         if kernels:
-            parts.append(f"{kernels} member(s) as one CIFAR ResNet kernel each "
-                         f"({fuse.CIFAR_RESNET_ENV}={os.environ.get(fuse.CIFAR_RESNET_ENV)})")
+            parts.append(f"{kernels} member(s) as one CIFAR ResNet kernel each ({fuse.cifar_resnet_setting()})")
         if cudnn:
             parts.append(f"{sum(r.fused for r in cudnn)} fused convolutions, "
                          f"{sum(r.folded_bn for r in cudnn)} BatchNorms folded in {len(cudnn)} member(s)")

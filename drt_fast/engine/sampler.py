@@ -143,9 +143,8 @@ class Sampler:
         elif tuple(x.shape) != self._shape:
             raise InvalidArgument(f"inputs of one sampler share a shape: {list(self._shape)}, "
                                   f"then {list(x.shape)}")
-        # seed: the noise stream, a 64-bit Philox key (a user's seed, or a derived stream)
         lane = Lane(self, x, validate.int_in_range(key, "key", 0, validate.SEED_LIMIT),
-                    validate.int_in_range(seed, "seed", 0, 2**64))
+                    validate.stream(seed))
         self._pending.append(lane)
         self._changed()
         return lane
