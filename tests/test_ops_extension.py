@@ -2,7 +2,6 @@
 ImportError; the reference switch (`ops.use_reference`, ``DRT_FAST_REFERENCE_OPS=1``) makes
 every op, custom op and eager twin, run its pure-torch reference (ops/reference.py) -- with
 the same results, noise bit for bit. (The build itself: test_build.py.)"""
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import drt_fast
+from cli_fixtures import NEUTRAL_CWD, subprocess_env
 from drt_fast import ops
 
 
@@ -129,10 +129,13 @@ def test_reference_switch_from_the_environment(value, on):
             "counts = torch.zeros(1, 3, dtype=torch.int64)\n"
             "o.vote_(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.int64), counts, 'mv', torch.ones(2))\n"
             "print(o.reference_in_use(), len(calls), int(counts.sum()))\n")
-    env = {k: v for k, v in os.environ.items() if k != ops.extension.REFERENCE_ENV}
+    # the drt_fast under test (an installed one, or a source tree built in place), from a
+    # folder that holds no other
+    env = {k: v for k, v in subprocess_env().items() if k != ops.extension.REFERENCE_ENV}
     if value is not None:
         env[ops.extension.REFERENCE_ENV] = value
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=NEUTRAL_CWD)
     assert out.stdout.split() == [str(on), "1" if on else "0", "4"]
 
 
