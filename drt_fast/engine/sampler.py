@@ -134,6 +134,7 @@ class Sampler:
         self._graphs_used: list = []
         self._layout: Optional[_Layout] = None
         self._inputs_cache = (None, None, None)
+        self._rows_cache: dict = {}
 
     def open(self, x: torch.Tensor, key: int, seed: int) -> Lane:
         """A lane for input ``x`` ``[*S]`` (floating pixels) with dataset index ``key`` on
@@ -215,14 +216,25 @@ class Sampler:
         repeats = 0
         if uniform and all(len(s.pieces) == 1 and s.length == self.reps for s in segments):
             repeats = min((r.num_draws - r.done) // self.reps - 1 for s in segments for r, _ in s.pieces)
-        rows = [request.row for s in segments for request, n in s.pieces for _ in range(n)]
-        layout = _Layout(lanes, segments, xs, keys, torch.tensor(rows, device=self.device),
-                         uniform, repeats)
+        layout = _Layout(lanes, segments, xs, keys, self._rows(segments), uniform, repeats)
         if uniform:
             firsts = [s.first for s in segments]
             layout.first = (firsts[0] if len(set(firsts)) == 1
                             else torch.tensor(firsts, dtype=torch.int64, device=self.device))
         return layout
+
+    def _rows(self, segments: list) -> torch.Tensor:
+        """The counts row of every draw of a step ``[R]`` on the device; the same pieces give
+        the same tensor (a lane extended step by step keeps its row)."""
+        pieces = tuple((request.row, n) for seg in segments for request, n in seg.pieces)
+        rows = self._rows_cache.get(pieces)
+        if rows is None:
+            values, lengths = np.array(pieces, dtype=np.int64).T
+            rows = torch.from_numpy(np.repeat(values, lengths)).to(self.device)
+            if len(self._rows_cache) >= 256:
+                self._rows_cache.clear()
+            self._rows_cache[pieces] = rows
+        return rows
 
     def _inputs(self, lanes: list):
         """The lanes' inputs ``[G, *S]`` and keys ``[G]`` on the device (kept while the
@@ -314,9 +326,15 @@ class Sampler:
     def _read(self, finished: list) -> None:
         """The counts of ``finished`` requests, in one transfer; their rows are freed."""
         self._drain()
-        index = torch.tensor([r.row for r in finished], device=self.device)
-        values = self._counts.index_select(0, index).cpu().numpy()
-        self._counts.index_fill_(0, index, 0)
+        rows = [r.row for r in finished]
+        if self._counts.device.type == "cpu":
+            table = self._counts.numpy()
+            values = table[rows]
+            table[rows] = 0
+        else:
+            index = torch.tensor(rows, device=self.device)
+            values = self._counts.index_select(0, index).cpu().numpy()
+            self._counts.index_fill_(0, index, 0)
         for request, counts in zip(finished, values):
             request.counts = counts if request.counts is None else request.counts + counts
             self._free_rows.append(request.row)
