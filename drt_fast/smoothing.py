@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from . import stats, validate
-from .engine import Engine, count_ranges
+from .engine import Engine, check_votes, count_ranges
 from .engine.inputs import check_inputs
 from .ensemble import as_ensemble
-from .errors import InvalidArgument, InvalidArgumentType, NonFiniteLogitsError
+from .errors import InvalidArgument, InvalidArgumentType
 
 ABSTAIN = -1
 
@@ -125,7 +125,7 @@ class SmoothedClassifier:
         keys, counts = self._sample(xs, keys, [(0, n)], batch_size, self.seed + PREDICT_STREAM)
         labels = []
         for key, (c,) in zip(keys, counts):
-            _check_total(c.sum(), n, key)
+            check_votes(c, n, key)
             top2 = np.argsort(-c, kind="stable")[:2]          # stable: ties -> smaller class
             nA, nB = int(c[top2[0]]), int(c[top2[1]]) if len(c) > 1 else 0
             labels.append(ABSTAIN if stats.binom_pvalue(nA, nA + nB) > alpha else int(top2[0]))
@@ -139,7 +139,7 @@ class SmoothedClassifier:
         keys, counts = self._sample(xs, keys, [(0, n0), (n0, n)], batch_size, self.seed)
         certs = []
         for key, (selection, estimation) in zip(keys, counts):
-            _check_total(selection.sum() + estimation.sum(), n0 + n, key)
+            check_votes(selection + estimation, n0 + n, key)
             cA = int(selection.argmax())                       # ties -> smaller class
             nA = int(estimation[cA])
             pA_lower = stats.lower_confidence_bound(nA, n, alpha)
@@ -149,6 +149,27 @@ class SmoothedClassifier:
                 certs.append(Certificate(cA, stats.radius(self.radius_sigma, pA_lower), pA_lower, nA,
                                          n, selection, estimation))
         return certs
+
+    def certify_radii(self, xs, keys, radii, n0, n_max, alpha, batch_size):
+        """Sequential certification of inputs xs ``[B, *S]`` (dataset indices ``keys``) at the
+        grid ``radii``: each input takes the draws it needs, up to ``n_max`` estimation draws
+        (`drt_fast.sequential`; the guarantee: docs/sequential.md) -> one Certificate each:
+        label (-1 = abstain), radius = the largest certified grid radius (0.0 for level r = 0
+        and for an abstention), pA_lower = a lower bound on pA valid at level alpha at the
+        stopping time, count = estimation draws for the label, n = estimation draws used."""
+        from . import sequential
+
+        radii, n0, n_max, alpha, batch_size = sequential.validate_settings(
+            radii, self.radius_sigma, n0, n_max, alpha, batch_size)
+        settings = sequential.plan(self.radius_sigma, radii, n_max, alpha)
+        xs, keys = check_inputs(xs, keys)
+        self._check_range(xs)
+        with _eval_mode(self.model):
+            states = sequential.certify_radii(self.engine, xs, keys, settings, n0, batch_size, self.seed)
+        return [Certificate(s.cA if s.certified else ABSTAIN,
+                            settings.radii[s.certified - 1] if s.certified else 0.0,
+                            sequential.lower_bound(s, settings), s.count, s.n,
+                            s.selection.counts, s.estimation.counts) for s in states]
 
     # ----------------------------------------------------------------- sampling
     def sample_counts(self, xs, keys, num, batch_size, first_draw=0, stream="certify"):
@@ -205,10 +226,3 @@ def _eval_mode(model):
         for module, mode in modes:
             module.training = mode
 
-
-def _check_total(counted, expected, key):
-    # vote_ casts no vote for a draw with a non-finite logit: missing votes are NaN/inf.
-    counted = int(counted)
-    if counted != expected:
-        raise NonFiniteLogitsError(f"model produced NaN/inf logits on {expected - counted} of "
-                                   f"{expected} noisy draws of input {key}")

@@ -14,11 +14,11 @@ from .rewriters import CpuRewriter, CudaRewriter, Rewrite, default_rewriter
 from .runner import MemberRunner
 from .sampler import Lane, Request, Sampler
 from .status import State, Status
-from .steps import Engine, Plan
+from .steps import Engine, Plan, check_votes
 
 __all__ = ["Sampler", "Lane", "Request", "Engine", "Plan", "MemberRunner", "Graphs", "capture",
            "CpuRewriter", "CudaRewriter", "Rewrite", "default_rewriter", "State", "Status",
-           "count_ranges"]
+           "count_ranges", "check_votes"]
 
 
 def count_ranges(engine: Engine, xs, keys, ranges, batch_size: int, seed: int):

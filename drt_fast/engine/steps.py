@@ -12,6 +12,7 @@ import torch
 
 from .. import ops
 from ..ensemble import Ensemble
+from ..errors import NonFiniteLogitsError
 from .graphs import Graphs
 from .runner import MemberRunner
 
@@ -114,3 +115,12 @@ class Engine:
         if graph is not None:
             graph.load(xs, keys, rows)
         return graph, True
+
+
+def check_votes(counts, draws: int, key: int) -> None:
+    """``counts`` of ``draws`` draws of input ``key`` must hold a vote per draw: ``vote_`` casts
+    none for a draw with a non-finite logit, so missing votes are the model's NaN/inf."""
+    counted = int(counts.sum())
+    if counted != draws:
+        raise NonFiniteLogitsError(f"model produced NaN/inf logits on {draws - counted} of "
+                                   f"{draws} noisy draws of input {key}")
