@@ -24,7 +24,7 @@ happen at fixed draw counts, whatever the batch size, packing, process count or 
 """
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import norm
@@ -40,23 +40,24 @@ FUTILITY = 0.01         # level of the futility test (a power cost, never a soun
 
 @dataclass(frozen=True)
 class Plan:
-    """The count thresholds of the procedure for one (sigma, radii, n_max, alpha, futility).
+    """The count thresholds of the procedure for one (sigma, radii, n0, n_max, alpha, futility).
 
     levels ``[k]``: p_j (float64, rounded up); points ``[T]``: the decision points N;
-    certify ``[k, T]``: the smallest A that certifies level j at point t (N+1: none);
     final ``[k]``: the smallest A(n_max) that certifies level j by Clopper-Pearson at
-    alpha_2; futile ``[k, T]``: the largest A at which level j is given up (-1: none).
+    alpha_2. `rows` gives, for an input whose selection draws gave cA ``s`` votes, the
+    thresholds at each point: the smallest A that certifies level j, the largest at which
+    level j is given up.
     """
     radii: tuple
     sigma: float
+    n0: int
     n_max: int
     alpha: float
     futility: float
     levels: np.ndarray
     points: np.ndarray
-    certify: np.ndarray
     final: np.ndarray
-    futile: np.ndarray
+    _rows: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def alpha_sequence(self) -> float:
@@ -65,6 +66,33 @@ class Plan:
     @property
     def alpha_final(self) -> float:
         return self.alpha - self.alpha_sequence
+
+    def prior(self, s: int) -> tuple:
+        """The mixture's prior for an input whose n0 selection draws gave cA s votes:
+        Beta(1/2 + s, 1/2 + n0 - s), Krichevsky-Trofimov's updated by the selection draws
+        (fixed before any estimation draw, so the mixture stays a test martingale)."""
+        return (0.5 + s, 0.5 + self.n0 - s)
+
+    def rows(self, s: int) -> "Rows":
+        rows = self._rows.get(s)
+        if rows is None:
+            certify = np.stack([stats.mixture_thresholds(p, self.points, self.alpha_sequence, self.prior(s))
+                                for p in self.levels])
+            futile = np.stack([_futile(j, self.points, certify, self.final, self.n_max, self.futility)
+                               for j in range(len(self.radii))])
+            rows = self._rows[s] = Rows(len(self.radii), self.n_max, certify.tolist(), self.final.tolist(),
+                                        futile.tolist())
+        return rows
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A plan's thresholds for one prior, as Python lists (read at every decision point)."""
+    k: int
+    n_max: int
+    certify: list
+    final: list
+    futile: list
 
 
 def check_radii(radii, sigma, n_max, alpha, name="radii"):
@@ -87,18 +115,16 @@ def check_radii(radii, sigma, n_max, alpha, name="radii"):
 
 
 @functools.lru_cache(maxsize=16)
-def plan(sigma: float, radii: tuple, n_max: int, alpha: float, futility: float = FUTILITY) -> Plan:
-    """The thresholds for these settings (computed once, cached)."""
+def plan(sigma: float, radii: tuple, n0: int, n_max: int, alpha: float, futility: float = FUTILITY) -> Plan:
+    """The plan for these settings (cached; its thresholds per prior are computed on first use)."""
     radii = check_radii(radii, sigma, n_max, alpha)
     # p_j rounded up to the next float: certifying pA > p_j (float) is then sound for the real p_j
     levels = np.array([0.5 if r == 0 else np.nextafter(norm.cdf(r / sigma), 1.0) for r in radii])
     points = np.unique(np.append(np.arange(STEP, n_max, STEP, dtype=np.int64), n_max))
-    alpha_1 = alpha * SEQUENCE_SHARE
-    certify = np.stack([stats.mixture_thresholds(p, points, alpha_1) for p in levels])
-    final = np.array([stats.clopper_pearson_threshold(p, n_max, alpha - alpha_1, strict=(r == 0))
+    alpha_2 = alpha * (1 - SEQUENCE_SHARE)
+    final = np.array([stats.clopper_pearson_threshold(p, n_max, alpha_2, strict=(r == 0))
                       for p, r in zip(levels, radii)])
-    futile = np.stack([_futile(j, points, certify, final, n_max, futility) for j in range(len(radii))])
-    return Plan(radii, sigma, n_max, alpha, futility, levels, points, certify, final, futile)
+    return Plan(radii, sigma, n0, n_max, alpha, futility, levels, points, final)
 
 
 def _futile(j, points, certify, final, n_max, futility):
@@ -126,6 +152,7 @@ class _Input:
     certified: int = 0             # levels certified (a prefix: 0 .. certified-1)
     n: int = 0                     # estimation draws counted
     count: int = 0                 # A(n)
+    rows: Rows = None              # the plan's thresholds for its prior
     done: bool = False
 
 
@@ -142,31 +169,23 @@ def certify_radii(engine, xs, keys, settings: Plan, n0: int, batch_size: int, se
         state.estimation = lane.request(n0, min(STEP, settings.n_max))
         owner[id(state.estimation)] = state
         states.append(state)
-    rows = _Rows(settings)
     for finished in sampler.run():
         for request in finished:
             state = owner.get(id(request))
             if state is not None:
-                _decide(state, rows)
+                _decide(state, settings)
     return states
 
 
-class _Rows:
-    """The plan's thresholds as Python lists (read at every decision point)."""
-
-    def __init__(self, settings: Plan):
-        self.k, self.n_max = len(settings.radii), settings.n_max
-        self.certify = settings.certify.tolist()
-        self.final = settings.final.tolist()
-        self.futile = settings.futile.tolist()
-
-
-def _decide(state: _Input, rows: _Rows) -> None:
+def _decide(state: _Input, settings: Plan) -> None:
     """The decision at a point: certify levels, then stop or ask for the next chunk."""
     request = state.estimation
     if state.cA < 0:
-        check_votes(state.selection.counts, state.selection.num_draws, state.key)
-        state.cA = int(state.selection.counts.argmax())            # ties -> smaller class
+        selection = state.selection.counts
+        check_votes(selection, state.selection.num_draws, state.key)
+        state.cA = int(selection.argmax())                         # ties -> smaller class
+        state.rows = settings.rows(int(selection[state.cA]))
+    rows = state.rows
     check_votes(request.counts, request.done, state.key)
     state.n = request.done
     state.count = int(request.counts[state.cA])
@@ -188,10 +207,22 @@ def _decide(state: _Input, rows: _Rows) -> None:
 def lower_bound(state: _Input, settings: Plan) -> float:
     """A lower bound on pA valid at level alpha at the stopping time: the confidence
     sequence's (alpha_1) and, at n_max, the Clopper-Pearson bound's (alpha_2)."""
-    bound = stats.mixture_lower_bound(state.count, state.n, settings.alpha_sequence)
+    s = int(state.selection.counts[state.cA])
+    bound = stats.mixture_lower_bound(state.count, state.n, settings.alpha_sequence, settings.prior(s))
     if state.n == settings.n_max:
         bound = max(bound, stats.lower_confidence_bound(state.count, state.n, settings.alpha_final))
     return bound
+
+
+def check_futility(value, name="futility"):
+    """The futility test's level, in [0, 1)."""
+    try:
+        level = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= level < 1.0:
+        raise InvalidArgument(f"{name} must lie in [0, 1), got {value}")
+    return level
 
 
 def validate_settings(radii, sigma, n0, n_max, alpha, batch_size):

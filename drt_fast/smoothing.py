@@ -150,18 +150,21 @@ class SmoothedClassifier:
                                          n, selection, estimation))
         return certs
 
-    def certify_radii(self, xs, keys, radii, n0, n_max, alpha, batch_size):
+    def certify_radii(self, xs, keys, radii, n0, n_max, alpha, batch_size, futility=0.01):
         """Sequential certification of inputs xs ``[B, *S]`` (dataset indices ``keys``) at the
         grid ``radii``: each input takes the draws it needs, up to ``n_max`` estimation draws
         (`drt_fast.sequential`; the guarantee: docs/sequential.md) -> one Certificate each:
         label (-1 = abstain), radius = the largest certified grid radius (0.0 for level r = 0
         and for an abstention), pA_lower = a lower bound on pA valid at level alpha at the
-        stopping time, count = estimation draws for the label, n = estimation draws used."""
+        stopping time, count = estimation draws for the label, n = estimation draws used.
+        ``futility``: the level of the test that gives up an input early (0: only when its
+        next level is out of reach); it costs certificates, never soundness."""
         from . import sequential
 
         radii, n0, n_max, alpha, batch_size = sequential.validate_settings(
             radii, self.radius_sigma, n0, n_max, alpha, batch_size)
-        settings = sequential.plan(self.radius_sigma, radii, n_max, alpha)
+        futility = sequential.check_futility(futility)
+        settings = sequential.plan(self.radius_sigma, radii, n0, n_max, alpha, futility)
         xs, keys = check_inputs(xs, keys)
         self._check_range(xs)
         with _eval_mode(self.model):
