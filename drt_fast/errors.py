@@ -26,3 +26,13 @@ class InvalidArgument(DrtFastError, ValueError):
 
 class InvalidArgumentType(DrtFastError, TypeError):
     """An argument of the wrong type given to the Python API (n = "100", a non-tensor, ...)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: ``MemoryError``, torch.OutOfMemoryError (CUDA)
+    or the CPU allocator's RuntimeError. The batch was too big, which the caller should hear
+    as such (the CLI suggests a smaller --batch)."""
+    if isinstance(err, MemoryError):
+        return True
+    text = first_line(err)
+    return "out of memory" in text.lower() or "can't allocate memory" in text

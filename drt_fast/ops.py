@@ -22,7 +22,7 @@ device, dtype, shape and contiguity happens here, before a pointer crosses into 
 import math
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -45,6 +45,21 @@ except ImportError as exc:
 
     if importlib.util.find_spec(f"{__package__}._C_cuda") is not None:
         _C_CUDA_IMPORT_ERROR = exc
+
+class Extensions(NamedTuple):
+    """The compiled kernel modules this install loaded: ``cpu`` (``_C``) and ``cuda``
+    (``_C_cuda``), None where absent; ``cuda_error``: why a ``_C_cuda`` that exists failed
+    to load (None when it loaded or was never built)."""
+
+    cpu: object
+    cuda: object
+    cuda_error: Optional[BaseException]
+
+
+def extensions() -> Extensions:
+    """What `Extensions` says of this install (for ``drt-fast --version``)."""
+    return Extensions(_C, _C_cuda, _C_CUDA_IMPORT_ERROR)
+
 
 __all__ = [
     "noisy_draws",

@@ -1,4 +1,6 @@
 """The build: compiled modules present and torch-free, packaging metadata as DESIGN.md fixes it."""
+import glob
+import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +50,24 @@ def test_cuda_module_names_the_architectures_it_was_built_for():
     if cache and not Path(drt_fast.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()):
         line = [l for l in cache[0].read_text().splitlines() if l.startswith("CMAKE_CUDA_ARCHITECTURES:")]
         assert line and line[0].split("=", 1)[1].replace(";", ",") == archs
+
+
+def test_a_cuda_module_that_fails_to_load_is_told_apart_from_none(tmp_path):
+    """A copy of the package whose _C_cuda is damaged, and one without it."""
+    source = os.path.dirname(drt_fast.__file__)
+    # (an editable install's finder would supply the missing module from the source tree)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'ditable' not in repr(f)]\n"
+            "import drt_fast.ops as o; e = o.extensions(); print(e.cuda is None, repr(e.cuda_error))")
+    for case in ("damaged", "absent"):
+        pkg = tmp_path / case / "drt_fast"
+        shutil.copytree(source, pkg, ignore=shutil.ignore_patterns("_C_cuda*", "__pycache__"))
+        if case == "damaged":
+            (pkg / os.path.basename(next(iter(glob.glob(os.path.join(source, "_C.*.so")))))
+             .replace("_C.", "_C_cuda.")).write_bytes(b"not a shared object")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=tmp_path / case, check=True).stdout.split(maxsplit=1)
+        assert out[0] == "True"
+        assert (out[1].strip() == "None") == (case == "absent"), out
 
 
 @pytest.mark.parametrize("archs, capability, runs", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cli_fixtures as fx
-from drt_fast import cli
+from drt_fast import cli, embedded
 from drt_fast.checkpoint import load_checkpoint
 from drt_fast.train import TrainConfig, train
 from drt_fast.train import trainer as trainer_mod
@@ -257,7 +257,7 @@ def test_paths_given_to_the_api_leave_files_that_load(tmp_path):
 
     from drt_fast.checkpoint import safe_load
 
-    default = Path(cli.ASSETS) / "default.pt"
+    default = Path(embedded.ASSETS) / "default.pt"
     out = tmp_path / "api.pt"
     train(TrainConfig(init=default, data_dir=tmp_path, epochs=1, lr=0.01, out=str(out), quiet=True))
     _, meta = load_checkpoint(out)

@@ -121,7 +121,7 @@ def run_train(args) -> int:
     config = TrainConfig(**values)
     config.validate()               # a bad value is the only line, before any note
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-        from ..cli import fit_threads_to_load
+        from ..threads import fit_threads_to_load
 
         note = fit_threads_to_load()
         if note and not args.quiet:
@@ -149,9 +149,9 @@ def run_diagnose(args) -> int:
         raise DrtFastError(f"--n-inputs and --noise-draws must be >= 1, got {args.n_inputs} and "
                            f"{args.noise_draws}")
     if args.checkpoint is None:
-        from ..cli import _embedded_default
+        from .. import embedded
 
-        args.checkpoint = _embedded_default()["model"]
+        args.checkpoint = embedded.load().model
     if not os.path.isfile(args.checkpoint):
         raise DrtFastError(f"checkpoint {args.checkpoint} does not exist")
     ensemble, meta = load_checkpoint(args.checkpoint)
