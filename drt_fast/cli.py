@@ -155,7 +155,7 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, default) -> No
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:i}",
                    help="auto: cuda when available (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=validate.PRECISIONS, default="fp32",
                    help="precision of the noisy draws and the forward pass (default: fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="write 4-D noisy draws and run the members channels-last (default: on "

@@ -5,6 +5,7 @@ import os
 import shlex
 import sys
 
+from .. import validate
 from ..errors import DrtFastError, first_line
 from .losses import GD_NORMS
 from .inputs import AUGMENTS
@@ -145,9 +146,11 @@ def run_diagnose(args) -> int:
     from ..checkpoint import check_fits, load_checkpoint
     from .diagnose import diagnose, format_table
 
-    if args.n_inputs < 1 or args.noise_draws < 1:
-        raise DrtFastError(f"--n-inputs and --noise-draws must be >= 1, got {args.n_inputs} and "
-                           f"{args.noise_draws}")
+    validate.positive_int(args.n_inputs, "--n-inputs")
+    validate.positive_int(args.noise_draws, "--noise-draws")
+    validate.seed(args.seed, "--seed")
+    if args.sigma is not None:
+        validate.sigma(args.sigma, "--sigma")
     if args.checkpoint is None:
         from .. import embedded
 

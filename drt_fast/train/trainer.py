@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate
 from ..errors import DrtFastError, InvalidArgument
 from .inputs import AUGMENTS, TrainInputs, eval_batches, resolve_augment
 from .losses import GD_NORMS, drt_terms_from_logits, eval_mode, gaussian_loss, member_forward
@@ -58,7 +59,6 @@ LR_SCHEDULES = ("step", "cosine")
 # ``init`` only matters at the start: a resumed run keeps the value its first command had.
 _RESUME_FREE = ("out", "resume", "overwrite", "quiet", "log", "device", "data_dir", "command", "amp",
                 "init", "workers")
-_SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -107,8 +107,7 @@ class TrainConfig:
 
         if self.trainer not in TRAINERS:
             bad(f"--trainer must be one of {', '.join(TRAINERS)}", self.trainer)
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-            bad("--sigma must be a finite number > 0", self.sigma)
+        self.sigma = validate.sigma(self.sigma, "--sigma")
         for name in ("rho1", "rho2", "weight_decay", "eps"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -116,8 +115,7 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             bad("--lr must be a finite number > 0", self.lr)
         for name in ("members", "m", "epochs", "batch", "steps"):
-            if getattr(self, name) < 1:
-                bad(f"--{name} must be >= 1", getattr(self, name))
+            validate.positive_int(getattr(self, name), f"--{name}")
         if self.eps_warmup < 0:
             bad("--eps-warmup must be >= 0", self.eps_warmup)
         if self.augment not in AUGMENTS:
@@ -137,8 +135,7 @@ class TrainConfig:
         if self.lr_schedule != "step" and (self.lr_step is not None or self.lr_gamma != 0.1):
             raise InvalidArgument("--lr-step and --lr-gamma shape the step schedule, not "
                                   f"--lr-schedule {self.lr_schedule}")
-        if not 0 <= self.seed < _SEED_LIMIT:
-            bad("--seed must be in [0, 2**63)", self.seed)
+        validate.seed(self.seed, "--seed")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             bad("--device must be auto, cpu or cuda[:i]", self.device)
 
