@@ -113,7 +113,7 @@ def test_sdist_carries_the_build_inputs_and_the_whole_test_suite(tmp_path):
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
                    check=True, capture_output=True)
     sources = set((tmp_path / "drt_fast.egg-info" / "SOURCES.txt").read_text().split())
-    needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md"]
+    needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "conftest.py"]
     for pattern in ("csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "drt_fast/assets/*",
                     "tests/*.py"):
         needed += [path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern)]
