@@ -121,6 +121,48 @@ def test_sdist_carries_the_build_inputs_and_the_whole_test_suite(tmp_path):
     assert sorted(set(needed) - sources) == []
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib")
+def test_the_version_is_stated_once(tmp_path):
+    """pyproject takes the version from drt_fast.__version__; the metadata a build writes
+    carries it."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "drt_fast.__version__"}
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True)
+    pkg_info = (tmp_path / "drt_fast.egg-info" / "PKG-INFO").read_text().splitlines()
+    assert f"Version: {drt_fast.__version__}" in pkg_info
+
+
+def _setup_functions(monkeypatch):
+    """setup.py's module namespace, without running setup()."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    return runpy.run_path(str(ROOT / "setup.py"))
+
+
+def test_setup_honours_cmake_generator_and_cmake_args(monkeypatch):
+    """As pybind11's cmake_example: CMAKE_GENERATOR other than Ninja is left to CMake (which
+    reads it), CMAKE_ARGS are passed to the configure step; DRT_FAST_CMAKE_ARGS still is."""
+    if not (ROOT / "setup.py").exists():
+        pytest.skip("needs the source tree")
+    setup = _setup_functions(monkeypatch)
+    generator, user = setup["generator_args"], setup["user_args"]
+    ninja = setup["_ninja_program"]()
+    default = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    assert generator({}) == default and generator({"CMAKE_GENERATOR": "Ninja"}) == default
+    assert generator({"CMAKE_GENERATOR": "Unix Makefiles"}) == []
+    assert user({}) == []
+    assert user({"CMAKE_ARGS": "-DA=1  -DB='two words'"}) == ["-DA=1", "-DB=two words"]
+    assert user({"DRT_FAST_CMAKE_ARGS": "-DC=3"}) == ["-DC=3"]
+    assert user({"CMAKE_ARGS": "-DA=1", "DRT_FAST_CMAKE_ARGS": "-DA=2"}) == ["-DA=1", "-DA=2"]
+
+
 class _FakeDist:
     def __init__(self, folder):
         self.metadata = {"Name": "drt-fast"}
