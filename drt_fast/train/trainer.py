@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -391,10 +391,12 @@ def _check_outputs(config: TrainConfig) -> None:
         probe_writable(path, what)
 
 
-def train(config: TrainConfig) -> str:
+def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> str:
     """Train (or resume) the ensemble ``config`` describes; return the checkpoint path.
 
     Everything a user can get wrong is checked before the first file is written.
+    ``on_epoch(entry)``: called in the main process after each epoch's checkpoint and log
+    line, with the log entry (epoch, ce, gd, cm, train_acc, test_acc, lr, time).
     """
     from .. import data as data_mod
     from .. import distributed, models
@@ -541,6 +543,8 @@ def train(config: TrainConfig) -> str:
             _log_line(config.log, entry, new=epoch == start_epoch and not config.resume)
             if not config.quiet:
                 print(json.dumps(entry), file=sys.stderr)
+            if on_epoch is not None:
+                on_epoch(entry)
     if start_epoch >= config.epochs and group.is_main and not os.path.exists(config.out):
         save(config.epochs)
     # Leave together (rank 0 may still be writing the last checkpoint), then tear down.
