@@ -5,7 +5,9 @@ Works for `pip install .` (with build isolation), `pip install -e .` and
   DRT_FAST_CUDA=auto|0|1        build the CUDA kernels (auto: when CMake finds nvcc)
   CMAKE_CUDA_ARCHITECTURES=...  CUDA architectures (default "80;90")
   CMAKE_BUILD_PARALLEL_LEVEL=N  parallel compile jobs (default: CPU count)
-  DRT_FAST_CMAKE_ARGS="..."     extra arguments for the CMake configure step
+  CMAKE_GENERATOR=...           CMake's generator (default: Ninja, from the ninja package)
+  CMAKE_ARGS="..."              extra arguments for the CMake configure step
+  DRT_FAST_CMAKE_ARGS="..."     the same (an older name), after CMAKE_ARGS
 """
 import os
 import shlex
@@ -38,6 +40,22 @@ def _ninja_program():
     except ImportError:
         pass
     return shutil.which("ninja")
+
+
+def generator_args(environ) -> list:
+    """``-G Ninja`` with the ninja of this (possibly isolated) env, unless CMAKE_GENERATOR
+    names another generator: CMake reads that variable itself (pybind11's cmake_example)."""
+    if environ.get("CMAKE_GENERATOR", "Ninja") not in ("", "Ninja"):
+        return []
+    ninja = _ninja_program()
+    return ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+
+
+def user_args(environ) -> list:
+    """The user's extra configure arguments: CMAKE_ARGS (the convention of pybind11's
+    cmake_example and conda-forge), then DRT_FAST_CMAKE_ARGS (this project's older name)."""
+    return [*shlex.split(environ.get("CMAKE_ARGS", "")),
+            *shlex.split(environ.get("DRT_FAST_CMAKE_ARGS", ""))]
 
 
 def _cmake_program():
@@ -86,10 +104,7 @@ class CMakeBuild(build_ext):
             f"-DDRT_FAST_CUDA={cuda}",
             f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('CMAKE_CUDA_ARCHITECTURES', '80;90')}",
         ]
-        ninja = _ninja_program()
-        if ninja:
-            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        args += shlex.split(os.environ.get("DRT_FAST_CMAKE_ARGS", ""))
+        args += generator_args(os.environ) + user_args(os.environ)
 
         cmake = _cmake_program()
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)

@@ -1,6 +1,6 @@
 """Certified accuracy and ACR from results files, as tables and plots.
 
-Definitions (Cohen et al.; paper-notes.md): the certified accuracy at radius r is the
+Definitions (Cohen et al.; docs/method.md): the certified accuracy at radius r is the
 fraction of inputs certified *correctly* with radius >= r; the ACR is the mean certified
 radius with 0 for wrong or abstained inputs. Radii come from the TSV, i.e. rounded to 3
 significant digits the way Cohen's files store them.

@@ -10,21 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
-import math
 import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import __version__
-from .errors import DrtFastError, first_line
+from . import __version__, embedded, validate
+from .errors import DrtFastError, first_line, is_out_of_memory
+from .threads import fit_threads_to_load
 
 DATASETS = ("digits", "mnist", "cifar10", "imagenet", "npz")
-MODES = ("we", "logit", "mme", "mv")
-ASSETS = Path(__file__).resolve().parent / "assets"
 
 # Certify packs the draws of several inputs into one batch (certify_many) when n is small;
 # this caps a group so that rows (and the progress bar) still advance often.
@@ -51,26 +47,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"drt-fast: error: {message} (see {self.prog} --help)\n")
 
 
-def build_report() -> str:
+def build_report(extensions=None) -> str:
     """What ``drt-fast --version`` prints: the version, torch, and which kernels this install
     runs (the CPU build picked at run time; whether the CUDA kernels were built and a device
-    answers) -- the first things to look at when drt-fast is slower than it should be."""
+    answers) -- the first things to look at when drt-fast is slower than it should be.
+    ``extensions``: an `ops.Extensions` (default: this install's)."""
     import torch
 
     from . import ops
 
+    ext = ops.extensions() if extensions is None else extensions
     lines = [f"drt-fast {__version__}",
              f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
-    lines.append(f"CPU kernels: {ops._C.cpu_isa()}" if ops._C is not None
+    lines.append(f"CPU kernels: {ext.cpu.cpu_isa()}" if ext.cpu is not None
                  else "CPU kernels: not built (pip install . builds them)")
-    if ops._C_CUDA_IMPORT_ERROR is not None:
-        lines.append(f"CUDA kernels: built, but they fail to load: {ops._C_CUDA_IMPORT_ERROR}")
-    elif ops._C_cuda is None:
+    if ext.cuda_error is not None:
+        lines.append(f"CUDA kernels: built, but they fail to load: {ext.cuda_error}")
+    elif ext.cuda is None:
         lines.append("CUDA kernels: not built (nvcc was not found, or DRT_FAST_CUDA=0, at install)")
     elif not ops.cuda_available():
         lines.append("CUDA kernels: built; no CUDA device answers")
     else:
-        archs = getattr(ops._C_cuda, "architectures", lambda: "")()
+        archs = getattr(ext.cuda, "architectures", lambda: "")()
         devices = []
         for i in range(torch.cuda.device_count()):
             capability = torch.cuda.get_device_capability(i)
@@ -100,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     try:                         # the embedded default's own skip/max, for the help text
-        embedded = _embedded_default()
-    except (DrtFastError, OSError, ValueError, KeyError):     # help must not fail over it
-        embedded = {}
+        default = embedded.load()
+    except (DrtFastError, OSError, ValueError, KeyError, TypeError):   # help must not fail over it
+        default = None
     for task, doc in (("certify", "Cohen's CERTIFY: certified radius of the smoothed ensemble per input"),
                       ("predict", "Cohen's PREDICT: prediction of the smoothed ensemble per input")):
         p = sub.add_parser(task, help=doc, description=doc, epilog=_smoothing_epilog(task))
-        _add_smoothing_options(p, task, embedded)
+        _add_smoothing_options(p, task, default)
         p.set_defaults(func=lambda args, task=task: run_smoothing(args, task))
 
     p = sub.add_parser("analyze", help="certified-accuracy table (and plot) of results files",
@@ -133,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict) -> None:
+def _add_smoothing_options(p: argparse.ArgumentParser, task: str, default) -> None:
     p.add_argument("--model", metavar="CKPT", nargs="+",
                    help="drt-fast ensemble or Cohen/DRT checkpoint, or several member files that form "
                         "one ensemble, as the DRT code saves them (default: the embedded digits ensemble)")
@@ -148,16 +146,16 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
     p.add_argument("--batch", type=int, default=1000, help="noisy draws per forward pass (default: 1000)")
     p.add_argument("--skip", type=int, help=f"{task} every skip-th input (default: 1; "
-                                             f"{embedded.get('skip', 1)} on the embedded default's test inputs)")
+                                             f"{default.skip if default else 1} on the embedded default's test inputs)")
     # A count of inputs: Cohen's certify.py stops at *index* max, which with --skip is
     # easy to get wrong (and never triggers unless max is a multiple of skip).
     p.add_argument("--max", type=int, help=f"at most this many of the selected inputs (default: all; "
-                                            f"{embedded.get('max') or 'all'} on the embedded default's test inputs)")
-    p.add_argument("--mode", choices=MODES, help="ensemble aggregation (default: the checkpoint's)")
+                                            f"{(default.max if default else None) or 'all'} on the embedded default's test inputs)")
+    p.add_argument("--mode", choices=validate.AGGREGATIONS, help="ensemble aggregation (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:i}",
                    help="auto: cuda when available (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=validate.PRECISIONS, default="fp32",
                    help="precision of the noisy draws and the forward pass (default: fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="write 4-D noisy draws and run the members channels-last (default: on "
@@ -225,9 +223,7 @@ def _dispatch(args) -> int:
         print(f"drt-fast: error: {message}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        from .errors import is_out_of_memory
-
-        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+        if not is_out_of_memory(e):
             raise
         print(f"drt-fast: error: out of memory ({first_line(e)[:200]}); try a smaller --batch",
               file=sys.stderr)
@@ -250,7 +246,7 @@ def _dispatch(args) -> int:
 def run_info(args) -> int:
     from . import checkpoint
 
-    paths = args.checkpoint or [_embedded_default()["model"]]
+    paths = args.checkpoint or [embedded.load().model]
     for path in paths:
         _require_file(path, "checkpoint")
     print(checkpoint.describe(_one_or_many(paths)))
@@ -304,82 +300,22 @@ def run_smoothing(args, task: str) -> int:
     return 0
 
 
-def fit_threads_to_load() -> str:
-    """Use fewer CPU threads when other processes keep cores busy (OMP_NUM_THREADS unset).
-
-    torch takes a thread per core; when another job holds a core, its OpenMP threads wait
-    for one another at every barrier and a small model runs several times slower (measured:
-    the README's certify of 20 digits inputs, 2 cores, one kept busy: 3.3-10x slower on 2
-    threads than on 1; idle, 2 threads are 1.3-1.5x faster). The cores busy now (`_busy_cores`, not the load average, which
-    still counts a build that just ended) are left alone; at least one thread, never more
-    than torch's. Returns what was done, for the summary ('' if nothing)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" in os.environ or threads <= 1:
-        return ""
-    busy = _busy_cores()
-    if busy is None:
-        return ""
-    free = max(1, min(threads, len(os.sched_getaffinity(0))) - int(busy + 0.5))
-    if free >= threads:
-        return ""
-    torch.set_num_threads(free)
-    return (f"{free} CPU thread{'s' if free != 1 else ''} of {threads}: other processes keep "
-            f"{busy:.1f} cores busy; OMP_NUM_THREADS=N chooses")
-
-
-def _busy_cores(window: float = 0.1):
-    """How many of the cores this process may run on other processes keep busy now: the
-    non-idle share of those CPUs' time over ``window`` seconds (Linux /proc/stat; this process
-    sleeps meanwhile), times their count. None where /proc/stat cannot be read."""
-    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
-
-    def ticks():
-        total = idle = 0
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if not name.startswith("cpu") or name == "cpu" or (mine is not None and name not in mine):
-                    continue
-                values = [int(v) for v in fields[:8]]
-                total, idle = total + sum(values), idle + values[3] + values[4]   # idle + iowait
-        return total, idle
-
-    try:
-        total0, idle0 = ticks()
-        time.sleep(window)
-        total1, idle1 = ticks()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    cpus = len(mine) if mine else (os.cpu_count() or 1)
-    return cpus * (1 - (idle1 - idle0) / (total1 - total0))
-
-
 def _check_numbers(args, task: str) -> None:
     """Refuse bad numbers before loading anything."""
-    if task == "certify" and args.n0 < 1:
-        raise DrtFastError(f"--n0 must be >= 1, got {args.n0}")
-    if args.n < 1:
-        raise DrtFastError(f"--n must be >= 1, got {args.n}")
-    if not 0.0 < args.alpha < 1.0:
-        raise DrtFastError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if args.sigma is not None and not (0.0 < args.sigma < math.inf):
-        raise DrtFastError(f"--sigma must be > 0 and finite, got {args.sigma}")
-    if args.batch < 1:
-        raise DrtFastError(f"--batch must be >= 1, got {args.batch}")
-    if args.skip is not None and args.skip < 1:
-        raise DrtFastError(f"--skip must be >= 1, got {args.skip}")
-    if args.max is not None and args.max < 1:
-        raise DrtFastError(f"--max must be >= 1, got {args.max}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise DrtFastError(f"--seed must lie in [0, 2^63), got {args.seed}")
-    draws = args.n + (args.n0 if task == "certify" else 0)
-    if draws > 2 ** 32:
-        raise DrtFastError(f"{'--n0 + --n' if task == 'certify' else '--n'} must be at most 2^32 "
-                           f"(an input's draws are numbered with 32 bits), got {draws}")
+    if task == "certify":
+        validate.positive_int(args.n0, "--n0")
+    validate.positive_int(args.n, "--n")
+    validate.alpha(args.alpha, "--alpha")
+    if args.sigma is not None:
+        validate.sigma(args.sigma, "--sigma")
+    validate.positive_int(args.batch, "--batch")
+    for flag, value in (("--skip", args.skip), ("--max", args.max)):
+        if value is not None:
+            validate.positive_int(value, flag)
+    validate.seed(args.seed, "--seed")
+    flags = "--n0 + --n" if task == "certify" else "--n"
+    validate.draw_range(0, args.n + (args.n0 if task == "certify" else 0),
+                        what=f"an input's draws ({flags} of them)")
     if args.resume and not args.out:
         raise DrtFastError("--resume needs --out (the results file to continue)")
     if args.out:
@@ -395,19 +331,6 @@ def _require_file(path: str, what: str) -> None:
         raise DrtFastError(f"{what} {path!r} is a directory, expected a file")
 
 
-def _embedded_default() -> dict:
-    """The embedded default's description (assets/default.json), paths made absolute."""
-    path = ASSETS / "default.json"
-    if not path.exists():
-        raise DrtFastError(f"no checkpoint given and the embedded default model is not installed "
-                           f"({path} is missing); pass --model CKPT")
-    with open(path) as f:
-        spec = json.load(f)
-    spec["model"] = str(ASSETS / spec["model"])
-    spec["data"] = str(ASSETS / spec["data"])
-    return spec
-
-
 def _prepare(args, task: str, device) -> Job:
     """Load model and data, check they fit together, choose the inputs, build the sidecar."""
     import torch
@@ -415,8 +338,8 @@ def _prepare(args, task: str, device) -> Job:
     from . import checkpoint, data
     from .smoothing import SmoothedClassifier
 
-    default = _embedded_default() if args.model is None else None
-    model_paths = [default["model"]] if default else args.model
+    default = embedded.load() if args.model is None else None
+    model_paths = [default.model] if default else args.model
     for path in model_paths:
         _require_file(path, "checkpoint")
     model_path = _one_or_many(model_paths)  # what load_checkpoint takes, and error messages show
@@ -434,7 +357,7 @@ def _prepare(args, task: str, device) -> Job:
     if args.dataset is not None:
         dataset_name, data_dir = args.dataset, args.data_dir
     elif default is not None:
-        dataset_name, data_dir = "npz", args.data_dir or default["data"]
+        dataset_name, data_dir = "npz", args.data_dir or default.data
     elif meta.get("dataset"):
         dataset_name, data_dir = meta["dataset"], args.data_dir
     else:
@@ -446,11 +369,11 @@ def _prepare(args, task: str, device) -> Job:
     if dataset_name == "npz" and data_dir is None:
         raise DrtFastError("--dataset npz needs --data-dir FILE.npz")
     if dataset_name == "npz" and args.split != "test":
-        embedded = args.dataset is None and default is not None and args.data_dir is None
-        raise DrtFastError(f"--split {args.split}: an .npz file ({'the embedded default' if embedded else data_dir}) "
+        the_default = args.dataset is None and default is not None and args.data_dir is None
+        raise DrtFastError(f"--split {args.split}: an .npz file ({'the embedded default' if the_default else data_dir}) "
                            f"is one set of inputs, with no splits"
                            + ("; for the digits training split pass --dataset digits --split train"
-                              if embedded else ""))
+                              if the_default else ""))
     try:
         ds = data.load(dataset_name, split=args.split, data_dir=data_dir)
     except DrtFastError:
@@ -462,14 +385,14 @@ def _prepare(args, task: str, device) -> Job:
 
     sigma = args.sigma
     if sigma is None:
-        sigma = default["sigma"] if default else meta.get("sigma")
+        sigma = default.sigma if default else meta.get("sigma")
     if sigma is None:
         raise DrtFastError(f"checkpoint {model_path!r} has no training sigma; pass --sigma")
     sigma = float(sigma)
     # The default subset is that of the embedded test inputs, not of data the user names.
-    subset = default if default is not None and args.dataset is None and args.data_dir is None else {}
-    skip = args.skip if args.skip is not None else subset.get("skip", 1)
-    max_inputs = args.max if args.max is not None else subset.get("max")
+    subset = default if default is not None and args.dataset is None and args.data_dir is None else None
+    skip = args.skip if args.skip is not None else (subset.skip if subset else 1)
+    max_inputs = args.max if args.max is not None else (subset.max if subset else None)
 
     ensemble = ensemble.to(device).eval()
     num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)

@@ -115,10 +115,8 @@ def barrier(group: ProcessGroup) -> None:
 
 # A `drt-fast` process (the CLI) that joined a process group ends with os._exit once the
 # command is done (`exit_cli_process`) instead of tearing the group down: Gloo's C++
-# teardown can abort a rank ("terminate called without an active exception", exit -6)
-# when its peer tears down at the same moment -- measured about 1 run in 60 of a 2-process
-# certify on a loaded 2-core machine, after every rank had passed the final barrier and
-# written everything. Library callers (train() from Python) keep the orderly teardown.
+# teardown can abort a rank when its peer tears down at the same moment (docs/internals.md,
+# CLI). Library callers (train() from Python) keep the orderly teardown.
 _cli_process = False
 
 

@@ -29,7 +29,10 @@ class InvalidArgumentType(DrtFastError, TypeError):
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is torch.OutOfMemoryError (CUDA) or the CPU allocator's failure: the
-    batch is too big, which the caller should hear as such (the CLI suggests a smaller --batch)."""
+    """Whether ``err`` is an allocation failure: ``MemoryError``, torch.OutOfMemoryError (CUDA)
+    or the CPU allocator's RuntimeError. The batch was too big, which the caller should hear
+    as such (the CLI suggests a smaller --batch)."""
+    if isinstance(err, MemoryError):
+        return True
     text = first_line(err)
     return "out of memory" in text.lower() or "can't allocate memory" in text

@@ -40,6 +40,9 @@ def subprocess_env(**extra) -> dict:
     return env
 SIGMA = 0.25
 
+# Small certify runs: 30 of the 450 digits test inputs, n = 200.
+RUN = ["--n", "200", "--skip", "15", "--quiet"]
+
 _WORK = tempfile.mkdtemp(prefix="drt-fast-cli-tests-")
 atexit.register(shutil.rmtree, _WORK, ignore_errors=True)
 
@@ -181,3 +184,28 @@ def rows_without_time(path) -> list:
         lines = [line.split("\t") for line in f.read().splitlines()]
     t = lines[0].index("time")
     return [fields[:t] + fields[t + 1:] for fields in lines]
+
+
+def error_line(capsys) -> str:
+    """The single stderr line of a failed command (asserting there is exactly one)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("drt-fast: error: ")
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    """`digits_checkpoint` (import this fixture into a test module to use it)."""
+    return digits_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def reference_tsv(ckpt, tmp_path_factory):
+    """An uninterrupted certify run (`RUN`) that resume and data tests compare against."""
+    from drt_fast.cli import main
+
+    out = str(tmp_path_factory.mktemp("ref") / "ref.tsv")
+    with single_thread():
+        assert main(["certify", "--model", ckpt, *RUN, "--out", out]) == 0
+    return out

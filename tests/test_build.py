@@ -1,4 +1,6 @@
 """The build: compiled modules present and torch-free, packaging metadata as DESIGN.md fixes it."""
+import glob
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +52,24 @@ def test_cuda_module_names_the_architectures_it_was_built_for():
         assert line and line[0].split("=", 1)[1].replace(";", ",") == archs
 
 
+def test_a_cuda_module_that_fails_to_load_is_told_apart_from_none(tmp_path):
+    """A copy of the package whose _C_cuda is damaged, and one without it."""
+    source = os.path.dirname(drt_fast.__file__)
+    # (an editable install's finder would supply the missing module from the source tree)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'ditable' not in repr(f)]\n"
+            "import drt_fast.ops as o; e = o.extensions(); print(e.cuda is None, repr(e.cuda_error))")
+    for case in ("damaged", "absent"):
+        pkg = tmp_path / case / "drt_fast"
+        shutil.copytree(source, pkg, ignore=shutil.ignore_patterns("_C_cuda*", "__pycache__"))
+        if case == "damaged":
+            (pkg / os.path.basename(next(iter(glob.glob(os.path.join(source, "_C.*.so")))))
+             .replace("_C.", "_C_cuda.")).write_bytes(b"not a shared object")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=tmp_path / case, check=True).stdout.split(maxsplit=1)
+        assert out[0] == "True"
+        assert (out[1].strip() == "None") == (case == "absent"), out
+
+
 @pytest.mark.parametrize("archs, capability, runs", [
     ("80,90", (8, 0), True), ("80,90", (8, 6), True), ("80,90", (8, 9), True),
     ("80,90", (9, 0), True), ("80,90", (10, 0), True),     # compute_90 PTX, compiled by the driver
@@ -93,12 +113,54 @@ def test_sdist_carries_the_build_inputs_and_the_whole_test_suite(tmp_path):
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
                    check=True, capture_output=True)
     sources = set((tmp_path / "drt_fast.egg-info" / "SOURCES.txt").read_text().split())
-    needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md"]
+    needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "conftest.py"]
     for pattern in ("csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "drt_fast/assets/*",
                     "tests/*.py"):
         needed += [path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern)]
     assert "tests/conftest.py" in needed and "csrc/bindings.cpp" in needed
     assert sorted(set(needed) - sources) == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib")
+def test_the_version_is_stated_once(tmp_path):
+    """pyproject takes the version from drt_fast.__version__; the metadata a build writes
+    carries it."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "drt_fast.__version__"}
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True)
+    pkg_info = (tmp_path / "drt_fast.egg-info" / "PKG-INFO").read_text().splitlines()
+    assert f"Version: {drt_fast.__version__}" in pkg_info
+
+
+def _setup_functions(monkeypatch):
+    """setup.py's module namespace, without running setup()."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    return runpy.run_path(str(ROOT / "setup.py"))
+
+
+def test_setup_honours_cmake_generator_and_cmake_args(monkeypatch):
+    """As pybind11's cmake_example: CMAKE_GENERATOR other than Ninja is left to CMake (which
+    reads it), CMAKE_ARGS are passed to the configure step; DRT_FAST_CMAKE_ARGS still is."""
+    if not (ROOT / "setup.py").exists():
+        pytest.skip("needs the source tree")
+    setup = _setup_functions(monkeypatch)
+    generator, user = setup["generator_args"], setup["user_args"]
+    ninja = setup["_ninja_program"]()
+    default = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    assert generator({}) == default and generator({"CMAKE_GENERATOR": "Ninja"}) == default
+    assert generator({"CMAKE_GENERATOR": "Unix Makefiles"}) == []
+    assert user({}) == []
+    assert user({"CMAKE_ARGS": "-DA=1  -DB='two words'"}) == ["-DA=1", "-DB=two words"]
+    assert user({"DRT_FAST_CMAKE_ARGS": "-DC=3"}) == ["-DC=3"]
+    assert user({"CMAKE_ARGS": "-DA=1", "DRT_FAST_CMAKE_ARGS": "-DA=2"}) == ["-DA=1", "-DA=2"]
 
 
 class _FakeDist:

@@ -1,15 +1,22 @@
 """Datasets: tiny files written here in the real formats (idx, gz idx, CIFAR pickles,
 image folders, npz), read back through drt_fast.data."""
 import gzip
+import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from drt_fast import data
+from drt_fast.cli import main
 from drt_fast.errors import DrtFastError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli_fixtures as fx  # noqa: E402
+from cli_fixtures import RUN, ckpt, reference_tsv  # noqa: E402,F401 (fixtures)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -375,3 +382,113 @@ def test_imagenet_decompression_bomb_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 4096 pixels > 2x the limit
     with pytest.raises(DrtFastError, match="cannot read image .*big.png"):
         data.load("imagenet", "val", tmp_path).x[0]
+
+# ----------------------------------------------------------------------------- through drt-fast certify
+
+def _random_images(n, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def test_certify_reads_mnist_idx_files(tmp_path):
+    folder = fx.write_mnist(tmp_path / "mnist", _random_images(4, (28, 28)), np.array([1, 2, 3, 4], np.uint8))
+    model = fx.save(tmp_path / "lenet.pt", fx.members("lenet", 10, (0.0,), (1.0,), 1), "lenet", "mnist", 10,
+                    (1, 28, 28), ((0.0,), (1.0,)))
+    out = str(tmp_path / "m.tsv")
+    assert main(["certify", "--model", model, "--data-dir", folder, "--n0", "10", "--n", "20",
+                 "--quiet", "--out", out]) == 0
+    rows = fx.rows_without_time(out)[1:]
+    assert [r[:2] for r in rows] == [["0", "1"], ["1", "2"], ["2", "3"], ["3", "4"]]
+
+
+def test_certify_reads_cifar_pickles(tmp_path):
+    folder = fx.write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", _random_images(2, (3, 32, 32)), [7, 9])
+    model = fx.save(tmp_path / "r20.pt", fx.members("cifar_resnet20", 10, *data.normalization("cifar10"), 1),
+                    "cifar_resnet20", "cifar10", 10, (3, 32, 32), data.normalization("cifar10"), sigma=0.5)
+    out = str(tmp_path / "c.tsv")
+    assert main(["certify", "--model", model, "--data-dir", str(tmp_path / "cifar"), "--n0", "8", "--n", "16",
+                 "--batch", "24", "--quiet", "--out", out]) == 0
+    assert [r[:2] for r in fx.rows_without_time(out)[1:]] == [["0", "7"], ["1", "9"]]
+    assert json.load(open(out + ".json"))["sigma"] == 0.5  # the checkpoint's training sigma
+
+
+def test_npz_with_idx_uses_the_dataset_index(ckpt, reference_tsv, tmp_path):
+    test = data.load("digits", "test")
+    rows = [30, 60, 90]
+    npz = fx.write_npz(tmp_path / "subset.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                       num_classes=10)
+    out = str(tmp_path / "s.tsv")
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", npz, "--n", "200", "--quiet",
+                 "--out", out]) == 0
+    ours = fx.rows_without_time(out)[1:]
+    ref = {r[0]: r for r in fx.rows_without_time(reference_tsv)[1:]}
+    assert [r[0] for r in ours] == ["30", "60", "90"]
+    assert ours == [ref[r[0]] for r in ours]  # same noise: the key is the dataset index
+    # resume skips the rows by their idx (the dataset index), not by their position in the file
+    with open(out) as f:
+        lines = f.readlines()
+    with open(out, "w") as f:
+        f.writelines(lines[:2])                  # header and the row of idx 30
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", npz, "--n", "200", "--quiet",
+                 "--out", out, "--resume"]) == 0
+    assert fx.rows_without_time(out)[1:] == ours
+
+
+def test_npz_subset_whose_labels_miss_the_top_classes(ckpt, tmp_path, capsys):
+    """Without a num_classes entry an npz's class count is max(y) + 1, a lower bound: the
+    rows of a 10-class test set that hold no 8 or 9 still fit a 10-class model, and certify
+    as they do in the whole file (same key, same draws, counts over all 10 classes)."""
+    test = data.load("digits", "test")
+    rows = [i for i in range(60) if int(test.y[i]) < 8][:12]
+    sub = fx.write_npz(tmp_path / "sub8.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows))
+    whole = fx.write_npz(tmp_path / "whole.npz", test.x[:60].numpy(), test.y[:60].numpy(), num_classes=10)
+    run = ["--n", "300", "--skip", "1", "--quiet"]
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", sub, *run,
+                 "--out", str(tmp_path / "sub.tsv")]) == 0
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", whole, *run,
+                 "--out", str(tmp_path / "whole.tsv")]) == 0
+    capsys.readouterr()
+
+    def rows_of(name):
+        lines = (tmp_path / name).read_text().splitlines()[1:]
+        return {line.split("\t")[0]: [c for i, c in enumerate(line.split("\t")) if i != 5] for line in lines}
+    sub_rows, whole_rows = rows_of("sub.tsv"), rows_of("whole.tsv")
+    assert len(sub_rows) == 12 and all(sub_rows[k] == whole_rows[k] for k in sub_rows)
+
+
+def test_data_in_the_wrong_format(ckpt, tmp_path, capsys):
+    text = tmp_path / "notes.npz"
+    text.write_text("not a numpy archive")
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", str(text), *RUN]) == 2
+    assert "notes.npz" in fx.error_line(capsys)
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01garbage")
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01garbage")
+    assert main(["certify", "--model", ckpt, "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"),
+                 *RUN]) == 2
+    assert "idx" in fx.error_line(capsys)
+    assert main(["certify", "--model", ckpt, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"),
+                 *RUN]) == 2
+    assert "nowhere" in fx.error_line(capsys)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("empty", "holds no inputs"),
+    ("duplicate idx", "idx must be distinct"),
+    ("text", "not a zip archive"),
+])
+def test_bad_npz_files_are_one_line(content, message, ckpt, tmp_path, capsys):
+    path = tmp_path / "d.npz"
+    if content == "empty":
+        fx.write_npz(path, np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64))
+    elif content == "duplicate idx":
+        fx.write_npz(path, np.zeros((3, 1, 8, 8), np.float32), np.zeros(3, np.int64),
+                     idx=np.array([0, 5, 0]))
+    else:
+        path.write_text("1 2 3\n4 5 6\n")
+    assert main(["certify", "--model", ckpt, "--dataset", "npz", "--data-dir", str(path), *RUN]) == 2
+    assert message in fx.error_line(capsys)
+
+
+def test_split_of_an_npz_is_refused(tmp_path, capsys):
+    assert main(["certify", "--split", "train", *RUN]) == 2
+    assert "--dataset digits --split train" in fx.error_line(capsys)

@@ -67,7 +67,7 @@ def test_binom_pvalue():
 def test_radius_and_max_radius():
     assert stats.radius(0.5, 0.5) == 0.0
     assert stats.radius(0.25, norm.cdf(2.0)) == pytest.approx(0.5)
-    # paper-notes: about 3.8 sigma for n = 1e5, alpha = 1e-3
+    # docs/method.md: about 3.8 sigma for n = 1e5, alpha = 1e-3
     assert stats.max_radius(1.0, 100_000, 0.001) == pytest.approx(3.8, abs=0.05)
     assert stats.max_radius(0.5, 1000, 0.01) == pytest.approx(
         0.5 * norm.ppf(stats.lower_confidence_bound(1000, 1000, 0.01)), rel=1e-9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cli_fixtures as fx
-from drt_fast import cli
+from drt_fast import cli, embedded
 from drt_fast.checkpoint import load_checkpoint
 from drt_fast.train import TrainConfig, train
 from drt_fast.train import trainer as trainer_mod
@@ -81,14 +81,12 @@ def test_resume_gives_the_uninterrupted_weights(base, tmp_path, monkeypatch):
     cut = tmp_path / "cut.pt"
     calls = []
 
-    def interrupt(path, record, new=False):
-        calls.append(record["epoch"])
+    def interrupt(entry):
+        calls.append(entry["epoch"])
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as mp:
-        mp.setattr(trainer_mod, "_log_line", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            train(TrainConfig(out=str(cut), **common))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(cut), **common), on_epoch=interrupt)
     assert calls == [1]
     assert load_checkpoint(cut)[1]["train_config"]["epochs_done"] == 1
     train(TrainConfig(out=str(cut), resume=True, **common))
@@ -257,7 +255,7 @@ def test_paths_given_to_the_api_leave_files_that_load(tmp_path):
 
     from drt_fast.checkpoint import safe_load
 
-    default = Path(cli.ASSETS) / "default.pt"
+    default = Path(embedded.ASSETS) / "default.pt"
     out = tmp_path / "api.pt"
     train(TrainConfig(init=default, data_dir=tmp_path, epochs=1, lr=0.01, out=str(out), quiet=True))
     _, meta = load_checkpoint(out)
@@ -688,16 +686,11 @@ def test_resume_continues_the_log_and_each_epoch_is_shuffled_anew(tmp_path, monk
             return super().epoch(epoch, index_lists)
 
     monkeypatch.setattr(trainer_mod, "TrainInputs", Recording)
-    real = trainer_mod._log_line
-
-    def log_then_interrupt(path, record, new=False):
-        real(path, record, new)
+    def interrupt(entry):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as mp:
-        mp.setattr(trainer_mod, "_log_line", log_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            train(TrainConfig(out=str(out), **common))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(out), **common), on_epoch=interrupt)
     train(TrainConfig(out=str(out), resume=True, **common))
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["epoch"] for e in entries] == [1, 2]

@@ -1,4 +1,5 @@
 """Training inputs: Cohen's augmentations, image-folder (ImageNet) training, determinism."""
+import functools
 import json
 import math
 import os
@@ -222,11 +223,11 @@ def test_image_folder_training_is_deterministic_and_resumes(tmp_path, tiny224, m
                         "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5) == 0
     assert_same_weights(w0, weights(tmp_path / "w2.pt")[0])
     # interrupted after the first epoch's checkpoint, then --resume: the uninterrupted weights
-    def interrupt(path, record, new=False):
+    def interrupt(entry):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as mp:
-        mp.setattr(trainer_mod, "_log_line", interrupt)
+    with monkeypatch.context() as mp:      # the CLI's train(), stopped after the first epoch
+        mp.setattr(trainer_mod, "train", functools.partial(trainer_mod.train, on_epoch=interrupt))
         assert folder_train(root, tmp_path / "r.pt", tiny224, "--epochs", 2, "--workers", 0,
                             "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5) != 0
     assert weights(tmp_path / "r.pt")[1]["train_config"]["epochs_done"] == 1

@@ -16,7 +16,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +40,21 @@ except ImportError as exc:
     cuda_kernels = None
     if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C_cuda") is not None:
         cuda_import_error = exc
+
+class Extensions(NamedTuple):
+    """The compiled kernel modules this install loaded: ``cpu`` (``_C``) and ``cuda``
+    (``_C_cuda``), None where absent; ``cuda_error``: why a ``_C_cuda`` that exists failed
+    to load (None when it loaded or was never built)."""
+
+    cpu: object
+    cuda: object
+    cuda_error: Optional[BaseException]
+
+
+def extensions() -> Extensions:
+    """What `Extensions` says of this install (for ``drt-fast --version``)."""
+    return Extensions(cpu_kernels, cuda_kernels, cuda_import_error)
+
 
 # dtype codes of the kernels' arguments (csrc/bindings.cpp)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -5,6 +5,7 @@ import os
 import shlex
 import sys
 
+from .. import validate
 from ..errors import DrtFastError, first_line
 from .losses import GD_NORMS
 from .inputs import AUGMENTS
@@ -121,7 +122,7 @@ def run_train(args) -> int:
     config = TrainConfig(**values)
     config.validate()               # a bad value is the only line, before any note
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-        from ..cli import fit_threads_to_load
+        from ..threads import fit_threads_to_load
 
         note = fit_threads_to_load()
         if note and not args.quiet:
@@ -145,13 +146,15 @@ def run_diagnose(args) -> int:
     from ..checkpoint import check_fits, load_checkpoint
     from .diagnose import diagnose, format_table
 
-    if args.n_inputs < 1 or args.noise_draws < 1:
-        raise DrtFastError(f"--n-inputs and --noise-draws must be >= 1, got {args.n_inputs} and "
-                           f"{args.noise_draws}")
+    validate.positive_int(args.n_inputs, "--n-inputs")
+    validate.positive_int(args.noise_draws, "--noise-draws")
+    validate.seed(args.seed, "--seed")
+    if args.sigma is not None:
+        validate.sigma(args.sigma, "--sigma")
     if args.checkpoint is None:
-        from ..cli import _embedded_default
+        from .. import embedded
 
-        args.checkpoint = _embedded_default()["model"]
+        args.checkpoint = embedded.load().model
     if not os.path.isfile(args.checkpoint):
         raise DrtFastError(f"checkpoint {args.checkpoint} does not exist")
     ensemble, meta = load_checkpoint(args.checkpoint)

@@ -1,6 +1,6 @@
 """Training losses: Gaussian augmentation (Cohen), SmoothAdv (Salman) and the DRT terms.
 
-The DRT regularizers follow ``paper-notes.md`` exactly. With p_i = softmax(f_i(x_noisy)):
+The DRT regularizers follow ``docs/method.md`` exactly. With p_i = softmax(f_i(x_noisy)):
 
 * correct_i = (argmax p_i == y) per sample;
 * runner-up y_i2 = argmax over c != y of p_i[c]; margin m_i = p_i[y] - p_i[y_i2];

@@ -38,13 +38,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate
 from ..errors import DrtFastError, InvalidArgument
 from .inputs import AUGMENTS, TrainInputs, eval_batches, resolve_augment
 from .losses import GD_NORMS, drt_terms_from_logits, eval_mode, gaussian_loss, member_forward
@@ -58,7 +59,6 @@ LR_SCHEDULES = ("step", "cosine")
 # ``init`` only matters at the start: a resumed run keeps the value its first command had.
 _RESUME_FREE = ("out", "resume", "overwrite", "quiet", "log", "device", "data_dir", "command", "amp",
                 "init", "workers")
-_SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -107,8 +107,7 @@ class TrainConfig:
 
         if self.trainer not in TRAINERS:
             bad(f"--trainer must be one of {', '.join(TRAINERS)}", self.trainer)
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-            bad("--sigma must be a finite number > 0", self.sigma)
+        self.sigma = validate.sigma(self.sigma, "--sigma")
         for name in ("rho1", "rho2", "weight_decay", "eps"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -116,8 +115,7 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             bad("--lr must be a finite number > 0", self.lr)
         for name in ("members", "m", "epochs", "batch", "steps"):
-            if getattr(self, name) < 1:
-                bad(f"--{name} must be >= 1", getattr(self, name))
+            validate.positive_int(getattr(self, name), f"--{name}")
         if self.eps_warmup < 0:
             bad("--eps-warmup must be >= 0", self.eps_warmup)
         if self.augment not in AUGMENTS:
@@ -137,8 +135,7 @@ class TrainConfig:
         if self.lr_schedule != "step" and (self.lr_step is not None or self.lr_gamma != 0.1):
             raise InvalidArgument("--lr-step and --lr-gamma shape the step schedule, not "
                                   f"--lr-schedule {self.lr_schedule}")
-        if not 0 <= self.seed < _SEED_LIMIT:
-            bad("--seed must be in [0, 2**63)", self.seed)
+        validate.seed(self.seed, "--seed")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             bad("--device must be auto, cpu or cuda[:i]", self.device)
 
@@ -394,10 +391,12 @@ def _check_outputs(config: TrainConfig) -> None:
         probe_writable(path, what)
 
 
-def train(config: TrainConfig) -> str:
+def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> str:
     """Train (or resume) the ensemble ``config`` describes; return the checkpoint path.
 
     Everything a user can get wrong is checked before the first file is written.
+    ``on_epoch(entry)``: called in the main process after each epoch's checkpoint and log
+    line, with the log entry (epoch, ce, gd, cm, train_acc, test_acc, lr, time).
     """
     from .. import data as data_mod
     from .. import distributed, models
@@ -544,6 +543,8 @@ def train(config: TrainConfig) -> str:
             _log_line(config.log, entry, new=epoch == start_epoch and not config.resume)
             if not config.quiet:
                 print(json.dumps(entry), file=sys.stderr)
+            if on_epoch is not None:
+                on_epoch(entry)
     if start_epoch >= config.epochs and group.is_main and not os.path.exists(config.out):
         save(config.epochs)
     # Leave together (rank 0 may still be writing the last checkpoint), then tear down.

@@ -1,0 +1,34 @@
+"""drt_fast.embedded: the embedded default ensemble's description and the scripts that build it."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from drt_fast import embedded
+from drt_fast.errors import DrtFastError
+
+
+def test_description_paths_are_made_absolute(tmp_path):
+    (tmp_path / "default.json").write_text(json.dumps(
+        {"model": "m.pt", "data": "t.npz", "sigma": 0.5, "skip": 4, "max": 3, "recipe": "drt-fast train ..."}))
+    default = embedded.load(tmp_path)
+    assert default == embedded.EmbeddedDefault(model=str(tmp_path / "m.pt"), data=str(tmp_path / "t.npz"),
+                                               sigma=0.5, skip=4, max=3, recipe="drt-fast train ...")
+    with pytest.raises(DrtFastError, match="pass --model"):
+        embedded.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("script", ["make_default.sh", "make_table.sh"])
+def test_asset_scripts_run_the_installed_command(script, tmp_path):
+    """From the repository root `python -m drt_fast` imports the checkout, which has no
+    compiled kernels after a plain `pip install .`: the scripts must run `drt-fast`."""
+    lines = (embedded.ASSETS / script).read_text().splitlines()
+    line = next(l for l in lines if l.startswith("DRT=") or ("DRT=" in l and l.startswith("if ")))
+    fake = tmp_path / "drt-fast"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "-c", line + '\necho "$DRT"'], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "drt-fast"
