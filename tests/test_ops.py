@@ -256,6 +256,23 @@ def test_mv_at_zero_weights_a_class_no_member_voted_for_never_wins(vote):
         assert int(_per_draw_labels(vote, logits, "mv", torch.tensor(weights))[0]) == label
 
 
+@pytest.mark.parametrize("classes", [10, 16, 17, 40])
+def test_mv_with_negative_weights_agrees_with_the_reference(isa, classes):
+    """The raw op takes negative weights (the public Ensemble refuses them). Every class starts
+    at -1 and a vote sets its class to max(score, 0) + weight, in the column path (K <= 16),
+    the row path (K > 16, which once summed from 0 and never let an unvoted class win) and
+    the reference alike."""
+    gen = torch.Generator().manual_seed(classes)
+    members, draws = 5, 300
+    logits = torch.randn(members, draws, 4, generator=gen)   # 4 labels voted for, at most
+    logits = torch.cat([logits, torch.full((members, draws, classes - 4), -9.0)], dim=2)
+    for weights in ([-2.0] * 5, [-0.5, -0.5, 1.0, -3.0, 0.25], [-1.0, 0.0, -1.0, 0.0, -0.0],
+                    torch.randn(members, generator=gen).mul(2).tolist()):
+        weights = torch.tensor(weights)
+        ours = _per_draw_labels(ops.vote_, logits, "mv", weights)
+        assert torch.equal(ours, _per_draw_labels(ops.reference_vote_, logits, "mv", weights)), weights
+
+
 def test_vote_weights_matter():
     # member 0 says class 0, members 1 and 2 say class 1
     logits = torch.tensor([[[5.0, 0.0]], [[0.0, 5.0]], [[0.0, 5.0]]])
