@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fastdiv.h"
@@ -172,9 +173,14 @@ PYBIND11_MODULE(_C_cuda, m) {
     return py::make_tuple(drt::cifar_resnet_weight_tiles(blocks) * 256, drt::cifar_resnet_biases(blocks),
                           drt::cifar_resnet_smem_bytes(variant));
   }, "(weights, biases, shared-memory bytes) of the CIFAR ResNet kernel's `variant` for `blocks` blocks a stage.");
-  m.def("vote_on_host", vote_binding<>(drt::vote_cuda_on_host),
-        "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
-        "pointers; returns 0 for more classes (nothing done).");
+  m.def("vote_on_host", vote_binding<int64_t>([](const drt::VoteArgs& args, int64_t room) {
+          const drt::VotePlan plan = drt::vote_cuda_on_host(args, room);
+          return std::make_tuple(plan.kernel, plan.dynamic_bytes, plan.chunk);
+        }),
+        "Test hook: the CUDA kernels' per-draw votes on the host with CPU pointers, for a block kernel "
+        "allowed `room` bytes of dynamic shared memory (the last argument); returns the plan, "
+        "(kernel: 16 or 32 thread-per-draw, 0 block-per-draw; dynamic shared bytes; we/logit classes "
+        "per chunk). Raises ValueError as vote does.");
 }
 
 #endif
