@@ -434,6 +434,8 @@ def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int
     x_rows = x.to(torch.float32).reshape(batch, 1, num_elements).expand(batch, reps, num_elements)
     sigma32 = torch.tensor(sigma, dtype=torch.float32, device=x.device)
     out = (x_rows.reshape(batch * reps, num_elements) + sigma32 * z).to(out_dtype)
+    nan_bits = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0), torch.float16: (torch.int16, 0x7E00)}[out_dtype]
+    out.view(nan_bits[0]).masked_fill_(torch.isnan(out), nan_bits[1])  # the kernels' one NaN (csrc/kernels.h), on any device
     # the kernels' output layout exactly (channels-last strides are ambiguous when C == 1)
     return _empty_output(x, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
 

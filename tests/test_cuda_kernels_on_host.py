@@ -27,17 +27,17 @@ GENERAL, CONTIGUOUS, CHANNELS_LAST = 0, 1, 2
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def on_host(x, keys, first, reps, sigma, seed, out_dtype, channels_last, misalign=False):
+def on_host(x, keys, first, reps, sigma, seed, out_dtype, channels_last, misalign=False, fill=float("nan")):
     """The CUDA kernel's items on the host -> (output, path). ``misalign``: the output starts
-    one element into its buffer (not 16-byte aligned)."""
+    one element into its buffer (not 16-byte aligned); ``fill``: what it holds before."""
     batch, num_elements = x.shape[0], math.prod(x.shape[1:])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     shape = (batch * reps, *x.shape[1:])
     if misalign:
-        buffer = torch.full((math.prod(shape) + 1,), float("nan"), dtype=out_dtype)
+        buffer = torch.full((math.prod(shape) + 1,), fill, dtype=out_dtype)
         flat = buffer[1:]
     else:
-        flat = torch.full((math.prod(shape),), float("nan"), dtype=out_dtype)
+        flat = torch.full((math.prod(shape),), fill, dtype=out_dtype)
     if channels_last:            # the storage order of a channels-last [N, C, H, W] tensor
         n, c, h, w = shape
         out = flat.view(n, h, w, c).permute(0, 3, 1, 2)
@@ -88,6 +88,39 @@ def test_every_path_writes_what_the_cpu_kernel_writes(out_dtype, shape, channels
     assert taken == path
     assert torch.equal(got.contiguous(), want.contiguous())     # bitwise, every element written
     assert not torch.isnan(got).any()
+
+
+# The one NaN of each output dtype (csrc/kernels.h): the GPU's arithmetic gives 0x7FFFFFFF and
+# its conversions 0x7FFF, x86 keeps an input NaN's sign and payload; every implementation
+# writes these instead.
+CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def with_nans(x):
+    """x with NaNs of several signs and payloads (quiet, signalling, negative) in every row."""
+    x = x.clone()
+    flat = x.view(x.shape[0], -1).view(torch.int32)
+    for j, pattern in enumerate([0x7FC00000, -0x00400000, 0x7F800001, -1, 0x7FC0DEAD]):  # -: sign bit set
+        flat[:, (7 * j + 1) % flat.shape[1]] = pattern
+    return x
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,channels_last,misalign,path", CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}{'-cl' if c[1] else ''}{'-misaligned' if c[2] else ''}"
+                              for c in CASES])
+def test_a_nan_input_gives_the_one_canonical_nan_on_every_path(out_dtype, shape, channels_last, misalign, path):
+    x, keys, first = inputs(2, shape, seed=11)
+    x = with_nans(x)
+    got, taken = on_host(x, keys, first, 3, 0.37, 12345, out_dtype, channels_last, misalign, fill=2.0)
+    cpu = ops.noisy_draws(x, keys, first, 3, 0.37, 12345, out_dtype, channels_last)
+    ref = ops.reference_noisy_draws(x, keys, first, 3, 0.37, 12345, out_dtype, channels_last)
+    assert taken == path
+    got, cpu, ref = (t.contiguous().view(BITS[out_dtype]) for t in (got, cpu, ref))
+    assert torch.equal(got, cpu) and torch.equal(cpu, ref)
+    nan = torch.isnan(x.repeat_interleave(3, dim=0))   # (the outputs' logical order)
+    assert nan.any() and (got[nan] == CANONICAL_NAN[out_dtype]).all()
 
 
 @pytest.mark.parametrize("channels_last,path", [(False, CONTIGUOUS), (True, GENERAL)])

@@ -56,6 +56,27 @@ def test_noisy_draws_matches_reference_bitwise(isa, out_dtype, shape, channels_l
     assert torch.equal(ours, ref)
 
 
+_NAN_BITS = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0),
+             torch.float16: (torch.int16, 0x7E00)}
+
+
+@pytest.mark.parametrize("out_dtype", ops.NOISE_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_noisy_draws_writes_one_nan_pattern(isa, out_dtype, channels_last):
+    """A NaN input, whatever its sign and payload, gives the dtype's one canonical NaN
+    (csrc/kernels.h), in the kernel and the reference: a GPU's arithmetic and conversions
+    write other bits (0x7FFFFFFF, 0x7FFF) than x86's, which keep the input's."""
+    x, keys, first = _inputs(2, (3, 4, 4))
+    x.view(torch.int32).view(2, -1)[:, [0, 5, 17, 30]] = torch.tensor([0x7FC00000, -0x00400000, 0x7F800001, -1],
+                                                                       dtype=torch.int32)
+    args = (x, keys, first, 3, 0.37, 11, out_dtype, channels_last)
+    view, bits = _NAN_BITS[out_dtype]
+    ours, ref = (t.contiguous().view(view) for t in (ops.noisy_draws(*args), ops.reference_noisy_draws(*args)))
+    assert torch.equal(ours, ref)
+    nan = torch.isnan(x.repeat_interleave(3, dim=0))
+    assert int(nan.sum()) == 24 and (ours[nan] == bits).all()
+
+
 def test_noisy_draws_rows_are_input_plus_noise():
     x, keys, first = _inputs(4, (2, 3, 3))
     out = ops.noisy_draws(x, keys, first, 5, 0.0, 0)
@@ -419,6 +440,19 @@ def test_cuda_noisy_draws_fast_paths_bitwise_equal_to_cpu(cuda_device, out_dtype
     shifted.copy_(x)
     gpu = ops.noisy_draws(shifted, keys.to(cuda_device), first.to(cuda_device), *args)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("out_dtype", ops.NOISE_DTYPES)
+def test_cuda_noisy_draws_writes_the_cpu_nan_pattern(cuda_device, out_dtype):
+    x, keys, first = _inputs(2, (3, 8, 8))
+    x.view(torch.int32).view(2, -1)[:, [0, 5, 17, 30]] = torch.tensor([0x7FC00000, -0x00400000, 0x7F800001, -1],
+                                                                       dtype=torch.int32)
+    args = (5, 0.3, 7, out_dtype)
+    view = _NAN_BITS[out_dtype][0]
+    cpu = ops.noisy_draws(x, keys, first, *args)
+    gpu = ops.noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
+    ref = ops.reference_noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
+    assert torch.equal(gpu.cpu().view(view), cpu.view(view)) and torch.equal(ref.cpu().view(view), cpu.view(view))
 
 
 @pytest.mark.parametrize("agg", ops.AGGREGATIONS)
