@@ -1,4 +1,8 @@
 """The build: compiled modules present and torch-free, packaging metadata as DESIGN.md fixes it."""
+import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,54 @@ def test_cuda_module_names_the_architectures_it_was_built_for():
     if cache and not Path(drt_fast.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()):
         line = [l for l in cache[0].read_text().splitlines() if l.startswith("CMAKE_CUDA_ARCHITECTURES:")]
         assert line and line[0].split("=", 1)[1].replace(";", ",") == archs
+
+
+# ---- the CUDA build: float semantics pinned ---------------------------------------------------
+_APPROXIMATE = re.compile(r"\b(?:div|sqrt|rcp|rsqrt|ex2|lg2|sin|cos)\.(?:approx|full)\b|\.ftz\b|\b(?:fma|mad)\.")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_a_users_fast_math_cannot_change_the_noise(tmp_path):
+    """CUDAFLAGS=--use_fast_math (the same CMAKE_CUDA_FLAGS as -DCMAKE_CUDA_FLAGS=...) reaches
+    nvcc before the target's own -prec-div=true -prec-sqrt=true -ftz=false --fmad=false, which
+    win: the noise kernel's PTX, compiled with CMake's own command line, has no approximate
+    division or square root, no flush to zero and no fused multiply-add."""
+    pybind11 = pytest.importorskip("pybind11")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    build = tmp_path / "build"
+    args = [cmake, "-S", str(ROOT), "-B", str(build), "-DDRT_FAST_CUDA=1", "-DCMAKE_CUDA_ARCHITECTURES=90",
+            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    env = {**os.environ, "CUDAFLAGS": "--use_fast_math"}
+    configured = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert configured.returncode == 0, configured.stdout + configured.stderr
+    entries = json.loads((build / "compile_commands.json").read_text())
+    (entry,) = [e for e in entries if e["file"].endswith("csrc/cuda/noise.cu")]
+    words = shlex.split(entry["command"])
+    assert "--use_fast_math" in words
+    # the same command, PTX for one architecture instead of an object
+    ptx = tmp_path / "noise.ptx"
+    drop_with_value = {"-o", "-MT", "-MF", "-x"}
+    command, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in drop_with_value:
+            skip = True
+        elif word not in ("-c", "-MD") and not word.startswith(("--generate-code", "-gencode", "-arch")):
+            command.append(word)
+    subprocess.run(command + ["-arch=compute_90", "-ptx", "-o", str(ptx)], cwd=entry["directory"], check=True,
+                   capture_output=True, text=True)
+    text = ptx.read_text()
+    assert not sorted(set(_APPROXIMATE.findall(text)))
+    assert "div.rn.f32" in text and "sqrt.rn.f32" in text   # Box-Muller's, IEEE-rounded
+    pinned = [w for w in words[words.index("--use_fast_math"):]
+              if w in ("-prec-div=true", "-prec-sqrt=true", "-ftz=false", "--fmad=false")]
+    assert sorted(pinned) == ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]  # after it
 
 
 @pytest.mark.parametrize("archs, capability, runs", [

@@ -1,5 +1,5 @@
-// noisy_draws on CUDA. Compiled with --fmad=false (CMakeLists.txt) and IEEE div/sqrt (nvcc's
-// default without --use_fast_math): the noise is bit-identical to the CPU kernel and the
+// noisy_draws on CUDA. Compiled with --fmad=false, IEEE div/sqrt and no flush to zero, pinned
+// after any user flags (CMakeLists.txt): the noise is bit-identical to the CPU kernel and the
 // torch reference.
 //
 // A work item is one Philox call: four normals, for elements 4q .. 4q+3 of the logical
