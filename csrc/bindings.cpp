@@ -135,6 +135,23 @@ PYBIND11_MODULE(_C, m) {
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "drt-fast CUDA kernels (raw pointers and streams; call through drt_fast.ops only)";
   m.def("device_count", &drt::cuda_device_count);
+  m.def(
+      "runtime_info",
+      [] {
+        const drt::CudaRuntimeInfo info = drt::cuda_runtime_info();
+        py::dict d;
+        d["driver_version"] = info.driver_version;
+        d["runtime_version"] = info.runtime_version;
+        d["device_count"] = info.device_count;
+        d["error_code"] = info.error_code;
+        d["error"] = info.error.empty() ? py::object(py::none()) : py::object(py::str(info.error));
+        return d;
+      },
+      "The CUDA versions at play, as CUDA writes them (1000 * major + 10 * minor): a dict with "
+      "driver_version (the newest CUDA the installed driver supports, cudaDriverGetVersion; 0: no "
+      "driver found), runtime_version (CUDART_VERSION of the build, cudart static: the driver must "
+      "support this major version), device_count (cudaGetDeviceCount's, 0 when it failed), "
+      "error_code (its cudaError_t, 0 on success) and error (None, or 'cudaErrorName: message').");
   m.def("architectures", [] { return std::string(DRT_FAST_CUDA_ARCHS); },
         "CMAKE_CUDA_ARCHITECTURES of the build, comma-separated (e.g. \"80,90\").");
   m.def("noisy_draws", noisy_binding<int, uintptr_t>(drt::noisy_draws_cuda));

@@ -42,6 +42,32 @@ def test_cuda_module_imports_and_answers_without_a_driver():
     assert drt_fast.cuda_available() == (count > 0)
 
 
+def test_cuda_module_reports_driver_and_runtime_versions():
+    """What drt_fast needs to say "driver for CUDA 12.2 found, CUDA 13.0 needed": the driver's
+    CUDA version (0: none), the runtime the kernels were built with, and why no device answers."""
+    if ops._C_cuda is None:
+        pytest.skip("built without CUDA kernels")
+    info = ops._C_cuda.runtime_info()
+    assert set(info) == {"driver_version", "runtime_version", "device_count", "error_code", "error"}
+    assert info["runtime_version"] >= 11000 and info["runtime_version"] % 10 == 0
+    assert info["driver_version"] >= 0 and info["device_count"] == ops._C_cuda.device_count()
+    if info["device_count"] == 0:       # no driver, an old one, or no GPU: named, not raised
+        assert info["error_code"] != 0 and info["error"].startswith("cudaError")
+    else:
+        assert info["error_code"] == 0 and info["error"] is None
+        assert info["driver_version"] >= info["runtime_version"] // 1000 * 1000
+    # the toolkit CMake built with (this in-place build's, when there is one)
+    found = list(ROOT.glob("build/*/cmake/CMakeFiles/*/CMakeCUDACompiler.cmake"))
+    if len(found) == 1 and not Path(drt_fast.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()):
+        version = re.search(r'set\(CMAKE_CUDA_COMPILER_VERSION "(\d+)\.(\d+)', found[0].read_text())
+        assert version and info["runtime_version"] == 1000 * int(version[1]) + 10 * int(version[2])
+    # and the same in a fresh interpreter (the first CUDA call of a process), without a crash
+    code = "import drt_fast.ops as o; print(o._C_cuda.runtime_info()['runtime_version'])"
+    here = {**os.environ, "PYTHONPATH": str(Path(drt_fast.__file__).resolve().parents[1])}  # this drt_fast
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/", env=here)
+    assert int(out.stdout) == info["runtime_version"]
+
+
 def test_cuda_module_names_the_architectures_it_was_built_for():
     if ops._C_cuda is None:
         pytest.skip("built without CUDA kernels")

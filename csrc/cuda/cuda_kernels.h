@@ -4,12 +4,26 @@
 
 #include <stdint.h>
 
+#include <string>
+
 #include "../kernels.h"
 
 namespace drt {
 
 // Number of CUDA devices a driver reports; 0 without a driver or device (never throws).
 int cuda_device_count();
+
+// The CUDA versions at play (runtime.cu; never throws). Versions as CUDA writes them,
+// 1000 * major + 10 * minor (12020: CUDA 12.2).
+struct CudaRuntimeInfo {
+  int driver_version;   // the newest CUDA the installed driver supports; 0: no driver found
+  int runtime_version;  // CUDART_VERSION the kernels were built with (cudart is static): the
+                        // driver must support this CUDA major version
+  int device_count;     // cudaGetDeviceCount's, 0 when it failed
+  int error_code;       // cudaGetDeviceCount's cudaError_t (0: success)
+  std::string error;    // "" on success, else "cudaErrorInsufficientDriver: <its message>"
+};
+CudaRuntimeInfo cuda_runtime_info();
 
 // Launch on `stream` (a cudaStream_t passed as an integer) of device `device`; no host
 // synchronisation. Throw std::runtime_error when the launch fails.

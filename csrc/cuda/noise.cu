@@ -232,15 +232,6 @@ int run_on_host(const NoisyDrawsArgs& args) {
 
 }  // namespace
 
-int cuda_device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
-  }
-  return count;
-}
-
 void noisy_draws_cuda(const NoisyDrawsArgs& args, int device, uintptr_t stream) {
   DeviceGuard guard(device);
   switch (args.out_dtype) {
