@@ -1,4 +1,5 @@
 """The build: compiled modules present and torch-free, packaging metadata as DESIGN.md fixes it."""
+import importlib.util
 import json
 import os
 import re
@@ -80,7 +81,7 @@ def test_cuda_module_names_the_architectures_it_was_built_for():
         assert line and line[0].split("=", 1)[1].replace(";", ",") == archs
 
 
-# ---- the CUDA build: float semantics pinned ---------------------------------------------------
+# ---- the CUDA build: float semantics pinned, the toolkit of torch's CUDA --------------------
 _APPROXIMATE = re.compile(r"\b(?:div|sqrt|rcp|rsqrt|ex2|lg2|sin|cos)\.(?:approx|full)\b|\.ftz\b|\b(?:fma|mad)\.")
 
 
@@ -126,6 +127,67 @@ def test_a_users_fast_math_cannot_change_the_noise(tmp_path):
     pinned = [w for w in words[words.index("--use_fast_math"):]
               if w in ("-prec-div=true", "-prec-sqrt=true", "-ftz=false", "--fmad=false")]
     assert sorted(pinned) == ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]  # after it
+    assert "torch's CUDA from" in configured.stdout    # cmake/pick_cuda_toolkit.py answered the configure
+
+
+def _toolkit_picker():
+    path = ROOT / "cmake" / "pick_cuda_toolkit.py"
+    if not path.exists():
+        pytest.skip("needs the source tree")
+    spec = importlib.util.spec_from_file_location("pick_cuda_toolkit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_toolkit(root: Path, version: str) -> Path:
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.1'\n")
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="shell-script stand-ins for nvcc")
+def test_the_toolkit_of_torchs_cuda_major_version_is_preferred(tmp_path):
+    """Several toolkits: the one of torch's CUDA major version -- nvcc on PATH when it is one,
+    else the newest of them; none of it: CMake's own choice, and a line saying so."""
+    pick = _toolkit_picker()
+    on_path = _fake_toolkit(tmp_path / "cuda-13.0", "13.0")
+    old, newer = _fake_toolkit(tmp_path / "cuda-12.1", "12.1"), _fake_toolkit(tmp_path / "cuda-12.4", "12.4")
+    environ = {"PATH": str(on_path.parent)}
+    found = pick.candidates(environ, roots=[str(tmp_path / "cuda-12.1"), str(tmp_path / "cuda-12.4"),
+                                            str(tmp_path / "cuda-13.0"), str(tmp_path / "nowhere")])
+    assert found == [str(on_path), str(old), str(newer)]          # PATH first, each toolkit once
+    toolkits = [(path, pick.nvcc_version(path)) for path in found]
+    assert [v for _, v in toolkits] == [(13, 0), (12, 1), (12, 4)]
+    assert pick.choose("12.6", toolkits)[0] == str(newer)
+    assert pick.choose("13.0", toolkits)[0] == str(on_path)
+    assert pick.choose("12.1", toolkits[1:])[0] == str(old)          # the first candidate matches
+    path, why = pick.choose("11.8", toolkits)
+    assert path is None and "no CUDA 11 toolkit" in why
+    assert pick.choose(None, toolkits)[0] is None                   # a CPU torch: no preference
+    # as CMakeLists.txt runs it: the path on stdout, why on stderr
+    env = {"PATH": f"{on_path.parent}{os.pathsep}{os.environ.get('PATH', '')}", "CUDA_HOME": str(tmp_path / "cuda-12.4"),
+           "DRT_FAST_TORCH_CUDA": "12.4"}
+    out = subprocess.run([sys.executable, "-E", str(ROOT / "cmake" / "pick_cuda_toolkit.py")], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(newer) and "CUDA 12.4 toolkit" in out.stderr
+
+
+def test_torchs_cuda_version_is_read_without_importing_torch(tmp_path):
+    pick = _toolkit_picker()
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("raise ImportError('never imported')\n")
+    version = site / "torch" / "version.py"
+    version.write_text("from typing import Optional\n__version__ = '2.9.0+cu128'\ncuda: Optional[str] = '12.8'\n")
+    assert pick.torch_cuda({}, [str(site)])[0] == "12.8"
+    version.write_text("__version__ = '2.9.0+cpu'\ncuda = None\n")
+    assert pick.torch_cuda({}, [str(site)])[0] is None
+    assert pick.torch_cuda({}, [str(tmp_path / "empty")]) == (None, "no torch installed")
+    assert pick.torch_cuda({"DRT_FAST_TORCH_CUDA": "12.4"}, [str(site)]) == ("12.4", "DRT_FAST_TORCH_CUDA")
+    assert pick.torch_cuda({"DRT_FAST_TORCH_CUDA": "none"}, [str(site)])[0] is None
 
 
 @pytest.mark.parametrize("archs, capability, runs", [
@@ -172,10 +234,10 @@ def test_sdist_carries_the_build_inputs_and_the_whole_test_suite(tmp_path):
                    check=True, capture_output=True)
     sources = set((tmp_path / "drt_fast.egg-info" / "SOURCES.txt").read_text().split())
     needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "README.md"]
-    for pattern in ("csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "drt_fast/assets/*",
+    for pattern in ("csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "cmake/*.py", "drt_fast/assets/*",
                     "tests/*.py"):
         needed += [path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern)]
-    assert "tests/conftest.py" in needed and "csrc/bindings.cpp" in needed
+    assert "tests/conftest.py" in needed and "csrc/bindings.cpp" in needed and "cmake/pick_cuda_toolkit.py" in needed
     assert sorted(set(needed) - sources) == []
 
 
