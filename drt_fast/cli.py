@@ -225,9 +225,9 @@ def _dispatch(args) -> int:
         print(f"drt-fast: error: {message}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        from .smoothing import _out_of_memory
+        from .errors import is_out_of_memory
 
-        if not (isinstance(e, MemoryError) or _out_of_memory(e)):
+        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
             raise
         print(f"drt-fast: error: out of memory ({first_line(e)[:200]}); try a smaller --batch",
               file=sys.stderr)

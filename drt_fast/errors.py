@@ -26,3 +26,10 @@ class InvalidArgument(DrtFastError, ValueError):
 
 class InvalidArgumentType(DrtFastError, TypeError):
     """An argument of the wrong type given to the Python API (n = "100", a non-tensor, ...)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch.OutOfMemoryError (CUDA) or the CPU allocator's failure: the
+    batch is too big, which the caller should hear as such (the CLI suggests a smaller --batch)."""
+    text = first_line(err)
+    return "out of memory" in text.lower() or "can't allocate memory" in text

@@ -8,12 +8,8 @@ shared by the engine's tests and ``drt-fast analyze``.
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
+from . import validate
 from .errors import InvalidArgument
-
-
-def _check_alpha(alpha):
-    if not 0.0 < alpha < 1.0:
-        raise InvalidArgument(f"alpha must lie in (0, 1), got {alpha}")
 
 
 def lower_confidence_bound(k, n, alpha):
@@ -28,7 +24,7 @@ def lower_confidence_bound(k, n, alpha):
         raise InvalidArgument(f"n must be >= 1, got {n}")
     if not 0 <= k <= n:
         raise InvalidArgument(f"k must lie in [0, n] = [0, {n}], got {k}")
-    _check_alpha(alpha)
+    alpha = validate.alpha(alpha)
     if k == 0:
         return 0.0
     return float(beta.ppf(alpha, k, n - k + 1))
@@ -59,7 +55,7 @@ def max_radius(sigma, n, alpha):
     That is the radius when all n estimation draws agree (k = n), because the
     Clopper-Pearson bound for k = n is alpha ** (1/n).
     """
-    _check_alpha(alpha)
+    alpha = validate.alpha(alpha)
     if n < 1:
         raise InvalidArgument(f"n must be >= 1, got {n}")
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))

@@ -257,13 +257,13 @@ def test_missing_kernels_name_the_installed_copy_the_source_tree_shadows(tmp_pat
     installed = tmp_path / "site-packages" / "drt_fast"
     installed.mkdir(parents=True)
     (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
-    here = Path(ops.__file__).resolve().parent
-    monkeypatch.setattr(ops, "_C", None)
-    monkeypatch.setattr(ops, "_C_IMPORT_ERROR", ImportError("cannot import name '_C'"), raising=False)
+    here = ops.extension.PACKAGE_DIR
+    monkeypatch.setattr(ops.extension, "cpu_kernels", None)
+    monkeypatch.setattr(ops.extension, "cpu_import_error", ImportError("cannot import name '_C'"))
     monkeypatch.setattr("importlib.metadata.distributions",
                         lambda: [_FakeDist(here.parent), _FakeDist(installed.parent)])
     with pytest.raises(ImportError) as err:
-        ops._require_cpu_kernels()
+        ops.extension.require_cpu_kernels()
     message = str(err.value)
     assert str(installed.resolve()) in message and "shadows" in message
     assert "drt-fast -- certify" in message and "\n" not in message
@@ -271,4 +271,4 @@ def test_missing_kernels_name_the_installed_copy_the_source_tree_shadows(tmp_pat
     monkeypatch.setattr("importlib.metadata.distributions",
                         lambda: [_FakeDist(here.parent), _FakeDist(tmp_path / "nowhere")])
     with pytest.raises(ImportError, match="must be built and installed"):
-        ops._require_cpu_kernels()
+        ops.extension.require_cpu_kernels()

@@ -52,7 +52,8 @@ VotePlan vote_cuda_plan(const VoteArgs& args, int64_t room);
 VotePlan vote_cuda_on_host(const VoteArgs& args, int64_t room);
 
 // A whole CIFAR ResNet (depth 6n+2, BasicBlocks of 16/32/64 channels) forward, one CTA per
-// draw (resnet.cu; the weights' order is drt_fast/fuse.py's `resnet_kernel_plan`).
+// draw (cifar_resnet.cu; the weights' order: drt_fast/ops/cifar_resnet_layout.py
+// `cifar_resnet_convs`).
 struct CifarResNetArgs {
   const void* x;       // [batch, 3, 32, 32] pixels at the strides below (elements)
   int x_dtype;         // kFloat32, kBFloat16 or kFloat16
@@ -68,7 +69,7 @@ struct CifarResNetArgs {
   int64_t classes;
   int64_t blocks;       // BasicBlocks per stage (n)
   float* out;           // [batch, classes] logits
-  int variant;          // 0: wmma; 1: mma.sync (resnet.cu; each packs its weight tiles its own way)
+  int variant;          // 0: wmma; 1: mma.sync (cifar_resnet.cu; each packs its weight tiles its own way)
   // Debugging: with stop_after = k > 0, each draw stops after k phases (1: the stem; then a
   // phase per conv1 (a stage's entry: conv1 and downsample) and per conv2; 1 + 6 * blocks in
   // all) and copies the CTA's shared memory (cifar_resnet_smem_bytes(variant) bytes) to

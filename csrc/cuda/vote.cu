@@ -187,7 +187,7 @@ void run_small_on_host(const VoteArgs& p) {
 // Thread t only ever touches entries i = t (mod kBlock) of a score chunk, so the row needs no
 // barrier of its own; the reductions bring their own.
 //
-// The per-draw program is written once against a block policy, as resnet.cu's CTA program:
+// The per-draw program is written once against a block policy, as cifar_resnet.cu's CTA program:
 // `DeviceBlock` runs it on a CTA; `HostBlock` runs its threads one after another and its
 // reductions in the same tree order as the warp shuffles, so that `vote_cuda_on_host` (a
 // test hook) gives what the GPU gives -- chunking and boundaries included -- without a GPU.
