@@ -59,6 +59,27 @@ def test_noisy_draws_matches_reference_bitwise(isa, out_dtype, shape, channels_l
     assert torch.equal(ours, ref)
 
 
+_NAN_BITS = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0),
+             torch.float16: (torch.int16, 0x7E00)}
+
+
+@pytest.mark.parametrize("out_dtype", ops.NOISE_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_noisy_draws_writes_one_nan_pattern(isa, out_dtype, channels_last):
+    """A NaN input, whatever its sign and payload, gives the dtype's one canonical NaN
+    (csrc/kernels.h), in the kernel and the reference: a GPU's arithmetic and conversions
+    write other bits (0x7FFFFFFF, 0x7FFF) than x86's, which keep the input's."""
+    x, keys, first = _inputs(2, (3, 4, 4))
+    x.view(torch.int32).view(2, -1)[:, [0, 5, 17, 30]] = torch.tensor([0x7FC00000, -0x00400000, 0x7F800001, -1],
+                                                                       dtype=torch.int32)
+    args = (x, keys, first, 3, 0.37, 11, out_dtype, channels_last)
+    view, bits = _NAN_BITS[out_dtype]
+    ours, ref = (t.contiguous().view(view) for t in (ops.noisy_draws(*args), ops.reference_noisy_draws(*args)))
+    assert torch.equal(ours, ref)
+    nan = torch.isnan(x.repeat_interleave(3, dim=0))
+    assert int(nan.sum()) == 24 and (ours[nan] == bits).all()
+
+
 def test_noisy_draws_rows_are_input_plus_noise():
     x, keys, first = _inputs(4, (2, 3, 3))
     out = ops.noisy_draws(x, keys, first, 5, 0.0, 0)
@@ -259,6 +280,23 @@ def test_mv_at_zero_weights_a_class_no_member_voted_for_never_wins(vote):
         assert int(_per_draw_labels(vote, logits, "mv", torch.tensor(weights))[0]) == label
 
 
+@pytest.mark.parametrize("classes", [10, 16, 17, 40])
+def test_mv_with_negative_weights_agrees_with_the_reference(isa, classes):
+    """The raw op takes negative weights (the public Ensemble refuses them). Every class starts
+    at -1 and a vote sets its class to max(score, 0) + weight, in the column path (K <= 16),
+    the row path (K > 16, which once summed from 0 and never let an unvoted class win) and
+    the reference alike."""
+    gen = torch.Generator().manual_seed(classes)
+    members, draws = 5, 300
+    logits = torch.randn(members, draws, 4, generator=gen)   # 4 labels voted for, at most
+    logits = torch.cat([logits, torch.full((members, draws, classes - 4), -9.0)], dim=2)
+    for weights in ([-2.0] * 5, [-0.5, -0.5, 1.0, -3.0, 0.25], [-1.0, 0.0, -1.0, 0.0, -0.0],
+                    torch.randn(members, generator=gen).mul(2).tolist()):
+        weights = torch.tensor(weights)
+        ours = _per_draw_labels(ops.vote_, logits, "mv", weights)
+        assert torch.equal(ours, _per_draw_labels(ops.reference_vote_, logits, "mv", weights)), weights
+
+
 def test_vote_weights_matter():
     # member 0 says class 0, members 1 and 2 say class 1
     logits = torch.tensor([[[5.0, 0.0]], [[0.0, 5.0]], [[0.0, 5.0]]])
@@ -393,6 +431,19 @@ def test_cuda_noisy_draws_fast_paths_bitwise_equal_to_cpu(cuda_device, out_dtype
     shifted.copy_(x)
     gpu = ops.noisy_draws(shifted, keys.to(cuda_device), first.to(cuda_device), *args)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("out_dtype", ops.NOISE_DTYPES)
+def test_cuda_noisy_draws_writes_the_cpu_nan_pattern(cuda_device, out_dtype):
+    x, keys, first = _inputs(2, (3, 8, 8))
+    x.view(torch.int32).view(2, -1)[:, [0, 5, 17, 30]] = torch.tensor([0x7FC00000, -0x00400000, 0x7F800001, -1],
+                                                                       dtype=torch.int32)
+    args = (5, 0.3, 7, out_dtype)
+    view = _NAN_BITS[out_dtype][0]
+    cpu = ops.noisy_draws(x, keys, first, *args)
+    gpu = ops.noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
+    ref = ops.reference_noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
+    assert torch.equal(gpu.cpu().view(view), cpu.view(view)) and torch.equal(ref.cpu().view(view), cpu.view(view))
 
 
 @pytest.mark.parametrize("agg", ops.AGGREGATIONS)

@@ -34,16 +34,6 @@ from .reference import (philox4x32_10, reference_bias_act_, reference_cifar_resn
                         reference_labels, reference_noisy_draws, reference_normals, reference_vote_)
 from .vote import AGGREGATION_CODES, vote_, vote_eager_
 
-# The compiled modules under their former names, for callers outside this package that read
-# them (drt_fast/cli.py's `info`, tests of the build): read-only views, the kernels run by
-# `extension`'s. The public names are `extension.cpu_kernels`, `extension.cuda_kernels`,
-# `extension.cuda_import_error`, `extension.DTYPE_CODES` and `AGGREGATION_CODES`.
-_C = extension.cpu_kernels
-_C_cuda = extension.cuda_kernels
-_C_CUDA_IMPORT_ERROR = extension.cuda_import_error
-_DTYPE_CODE = extension.DTYPE_CODES
-_AGG_CODE = AGGREGATION_CODES
-
 __all__ = [
     "noisy_draws", "noisy_draws_eager", "vote_", "vote_eager_",
     "bias_act_", "bias_act_cpu_", "dense_chain", "dense_chain_cpu",

@@ -32,6 +32,12 @@ _SIN = [float.fromhex(h) for h in ("-0x1.555556p-3", "0x1.111112p-7", "-0x1.a01a
 _COS = [float.fromhex(h) for h in ("-0x1p-1", "0x1.555556p-5", "-0x1.6c16c2p-10", "0x1.a01a02p-16", "-0x1.27e4fcp-22")]
 _HALF_PI_STEP = float.fromhex("0x1.921fb6p-22")  # (pi/2) / 2^22: one step of the angle grid
 
+# The one NaN of each output dtype, as the kernels write it (csrc/kernels.h): torch's own
+# conversions give other bits on a GPU (0x7FFF) than on the CPU (0x7FC0), and x86 keeps an
+# input NaN's sign and payload. (integer view, bits)
+_CANONICAL_NAN = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0),
+                  torch.float16: (torch.int16, 0x7E00)}
+
 
 def _mulhilo32(m: int, c: Tensor):
     """(hi, lo) 32-bit halves of the 64-bit product ``m * c``; c int64 in [0, 2^32).
@@ -138,6 +144,8 @@ def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int
     x_rows = x.to(torch.float32).reshape(batch, 1, num_elements).expand(batch, reps, num_elements)
     sigma32 = torch.tensor(sigma, dtype=torch.float32, device=x.device)
     out = (x_rows.reshape(batch * reps, num_elements) + sigma32 * z).to(out_dtype)
+    bits_dtype, nan = _CANONICAL_NAN[out_dtype]
+    out.view(bits_dtype).masked_fill_(torch.isnan(out), nan)
     # the kernels' output layout exactly (channels-last strides are ambiguous when C == 1)
     return checks.noisy_draws_output(x, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
 
