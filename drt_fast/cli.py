@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, embedded, validate
+from . import __version__, embedded, options, validate
 from .errors import DrtFastError, first_line, is_out_of_memory
 from .threads import fit_threads_to_load
 
@@ -139,6 +139,7 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, default) -> No
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--sigma", type=float, help="noise level (default: the checkpoint's training sigma)")
+    options.add_normalization(p)
     if task == "certify":
         # (--N0 / --N: the spelling of Cohen et al.'s certify.py and predict.py)
         p.add_argument("--n0", "--N0", type=int, default=100, help="selection draws (default: 100)")
@@ -247,9 +248,7 @@ def run_info(args) -> int:
     from . import checkpoint
 
     paths = args.checkpoint or [embedded.load().model]
-    for path in paths:
-        _require_file(path, "checkpoint")
-    print(checkpoint.describe(_one_or_many(paths)))
+    print(checkpoint.describe_loaded(*checkpoint.open_checkpoints(paths)))
     return 0
 
 
@@ -313,6 +312,7 @@ def _check_numbers(args, task: str) -> None:
         if value is not None:
             validate.positive_int(value, flag)
     validate.seed(args.seed, "--seed")
+    options.normalization(args)
     flags = "--n0 + --n" if task == "certify" else "--n"
     validate.draw_range(0, args.n + (args.n0 if task == "certify" else 0),
                         what=f"an input's draws ({flags} of them)")
@@ -324,13 +324,6 @@ def _check_numbers(args, task: str) -> None:
         check_writable(args.out, args.resume)
 
 
-def _require_file(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise DrtFastError(f"{what} {path!r} does not exist")
-    if os.path.isdir(path):
-        raise DrtFastError(f"{what} {path!r} is a directory, expected a file")
-
-
 def _prepare(args, task: str, device) -> Job:
     """Load model and data, check they fit together, choose the inputs, build the sidecar."""
     import torch
@@ -340,17 +333,8 @@ def _prepare(args, task: str, device) -> Job:
 
     default = embedded.load() if args.model is None else None
     model_paths = [default.model] if default else args.model
-    for path in model_paths:
-        _require_file(path, "checkpoint")
-    model_path = _one_or_many(model_paths)  # what load_checkpoint takes, and error messages show
-    try:
-        # A Cohen/DRT file's normalization follows the dataset (its arch's by default).
-        cohen_dataset = args.dataset if args.dataset not in (None, "npz") else None
-        ensemble, meta = checkpoint.load_checkpoint(model_path, mode=args.mode, dataset=cohen_dataset)
-    except DrtFastError:
-        raise
-    except Exception as e:  # a format the loader did not anticipate is still the user's file
-        raise DrtFastError(f"cannot load checkpoint {model_path!r}: {first_line(e)}") from None
+    model_path = _one_or_many(model_paths)  # what error messages show
+    ensemble, meta = checkpoint.open_checkpoints(model_paths, mode=args.mode, dataset=args.dataset)
     meta = meta or {}
 
     # The data: explicit --dataset, else the embedded default's test file, else the checkpoint's.
@@ -394,6 +378,9 @@ def _prepare(args, task: str, device) -> Job:
     skip = args.skip if args.skip is not None else (subset.skip if subset else 1)
     max_inputs = args.max if args.max is not None else (subset.max if subset else None)
 
+    # A checkpoint's own normalization wins; --means/--sds, else the data's, fill in one that has none.
+    source = checkpoint.resolve_normalization(ensemble, meta, options.normalization(args),
+                                              ds.normalization if ds.own_normalization else None)
     ensemble = ensemble.to(device).eval()
     num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)
 
@@ -416,6 +403,9 @@ def _prepare(args, task: str, device) -> Job:
         "alpha": args.alpha,
         "seed": args.seed,
         "mode": mode,
+        "normalization": {"means": list(meta["normalization"][0]), "sds": list(meta["normalization"][1])},
+        "normalization_source": options.describe_normalization(
+            source, meta, os.path.basename(data_dir) if dataset_name == "npz" else dataset_name),
         "precision": args.precision,
         "fuse": {None: "auto", True: "on", False: "off"}[args.fuse],
         "cuda_graphs": {None: "auto", True: "on", False: "off"}[args.cuda_graphs],
@@ -610,6 +600,8 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
                      f"CUDA graphs: {job.smoothed.graph_status}")
     else:
         lines.append(f"fused members: {job.smoothed.fuse_status}")
+    norm = cfg["normalization"]
+    lines.append(f"normalization: means {norm['means']}, sds {norm['sds']} ({cfg['normalization_source']})")
     if getattr(args, "thread_note", ""):
         lines.append(args.thread_note)
     if job.task == "certify":

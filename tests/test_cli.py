@@ -261,6 +261,36 @@ def test_info(ckpt, capsys):
     assert "digits_cnn" in out and "members        2" in out
 
 
+def test_info_of_member_files_shows_each_files_normalization_and_training(tmp_path, capsys):
+    """issue 21, item 8: info showed the first file's normalization and trainer for all."""
+    from drt_fast.ensemble import Ensemble
+
+    paths = []
+    for i, (norm, trainer, sigma) in enumerate(((((0.3052,), (0.376,)), "gaussian", 0.25),
+                                                (((0.5,), (0.25,)), "drt", 0.5))):
+        paths.append(str(tmp_path / f"m{i}.pt"))
+        member = fx.members("digits_cnn", 10, *norm, 1, seed=i)
+        checkpoint.save_ensemble(paths[-1], Ensemble(member), arch="digits_cnn", dataset="digits",
+                                 num_classes=10, normalization=norm, sigma=sigma,
+                                 train_config={"trainer": trainer, "epochs": 3 + i,
+                                               "command": f"drt-fast train --trainer {trainer}"})
+    cohen = str(tmp_path / "cohen.pth.tar")
+    state = fx.members("digits_cnn", 10, (0.0,), (1.0,), 1, seed=5)[0].state_dict()
+    torch.save({"arch": "digits_cnn", "state_dict": {k: v for k, v in state.items() if not k.startswith("0.")}},
+               cohen)
+    assert main(["info", *paths, cohen]) == 0
+    out = capsys.readouterr().out.splitlines()
+    blocks = [i for i, line in enumerate(out) if line.startswith("member ")]
+    assert len(blocks) == 3
+    first, second, third = (out[b:e] for b, e in zip(blocks, blocks[1:] + [len(out)]))
+    assert first[0].startswith(f"member 0:      {paths[0]} (drt-fast")
+    assert "normalization  means [0.3052], sds [0.376]" in first[1] and "sigma          0.25" in first[2]
+    assert "trainer=gaussian" in first[3] and "drt-fast train --trainer gaussian" in first[4]
+    assert "normalization  means [0.5], sds [0.25]" in second[1] and "sigma          0.5" in second[2]
+    assert "trainer=drt" in second[3]
+    assert third[0].startswith(f"member 2:      {cohen} (cohen") and "not in the file" in third[1]
+
+
 def test_default_model_and_data_come_from_the_assets_folder(ckpt, tmp_path, monkeypatch, capsys):
     """The resolution logic, on a stand-in assets folder (the real one is tested below)."""
     assets = tmp_path / "assets"
@@ -650,3 +680,63 @@ def test_cohens_spelling_of_n0_and_n(tmp_path, capsys):
                 == fx.rows_without_time(tmp_path / f"ours{suffix}"))
 
 
+
+
+# ----------------------------------------------------------------------------- normalization (issue 21)
+
+def _cohen_lenet(tmp_path):
+    """A Cohen-layout LeNet file (no means/sds in its state dict) whose outputs depend on the
+    normalization, and 4 MNIST-shaped inputs."""
+    member = fx.members("lenet", 10, (0.0,), (1.0,), 1, seed=3)[0]
+    state = {k: v for k, v in member.state_dict().items() if k not in ("0.means", "0.sds")}
+    path = tmp_path / "probe.pth.tar"
+    torch.save({"arch": "lenet", "state_dict": state}, path)
+    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
+    return str(path), x, np.arange(4)
+
+
+def test_npz_normalization_applies_to_a_checkpoint_that_has_none(tmp_path, capsys):
+    model, x, y = _cohen_lenet(tmp_path)
+    plain = fx.write_npz(tmp_path / "plain.npz", x, y, num_classes=10)
+    normed = fx.write_npz(tmp_path / "probe_norm.npz", x, y, num_classes=10, means=[0.9], sds=[0.1])
+    run = ["certify", "--model", model, "--dataset", "npz", "--n0", "10", "--n", "60", "--quiet"]
+    outs = {}
+    for name, argv in (("plain", ["--data-dir", plain]), ("data", ["--data-dir", normed]),
+                       ("flags", ["--data-dir", plain, "--means", "0.9", "--sds", "0.1"])):
+        outs[name] = str(tmp_path / f"{name}.tsv")
+        assert main([*run, *argv, "--sigma", "0.25", "--out", outs[name]]) == 0
+        summary = capsys.readouterr().out
+        meta = json.loads(open(outs[name] + ".json").read())
+        expected = {"plain": ((0.0,), (1.0,)), "data": ((0.9,), (0.1,)), "flags": ((0.9,), (0.1,))}[name]
+        assert (tuple(meta["normalization"]["means"]), tuple(meta["normalization"]["sds"])) == expected
+        said = {"plain": "mnist's, for arch lenet", "data": "the data's (probe_norm.npz)", "flags": "--means/--sds"}
+        assert said[name] in meta["normalization_source"]
+        assert f"normalization: means [{expected[0][0]}], sds [{expected[1][0]}] ({meta['normalization_source']})" \
+            in summary
+    rows = {name: fx.rows_without_time(path) for name, path in outs.items()}
+    assert rows["data"] == rows["flags"] != rows["plain"]
+    # a resume with another normalization is another configuration
+    assert main([*run, "--data-dir", plain, "--sigma", "0.25", "--out", outs["plain"], "--resume",
+                 "--means", "0.5", "--sds", "0.5"]) == 2
+    assert "normalization" in fx.error_line(capsys)
+
+
+def test_a_checkpoints_own_normalization_wins(ckpt, tmp_path, capsys):
+    test = data.load("digits", "test")
+    rows = list(range(0, 60, 15))
+    own = fx.write_npz(tmp_path / "own.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                       num_classes=10)
+    other = fx.write_npz(tmp_path / "other.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                         num_classes=10, means=[0.9], sds=[0.1])
+    run = ["certify", "--model", ckpt, "--dataset", "npz", "--n", "200", "--quiet"]
+    assert main([*run, "--data-dir", own, "--out", str(tmp_path / "a.tsv")]) == 0
+    assert main([*run, "--data-dir", other, "--out", str(tmp_path / "b.tsv")]) == 0
+    assert "(the checkpoint's own)" in capsys.readouterr().out
+    assert fx.rows_without_time(tmp_path / "a.tsv") == fx.rows_without_time(tmp_path / "b.tsv")
+    # setting another one explicitly is a conflict, said in one line before any output
+    assert main([*run, "--data-dir", own, "--means", "0.9", "--sds", "0.1", "--out", str(tmp_path / "c.tsv")]) == 2
+    assert "carries its own normalization" in fx.error_line(capsys)
+    assert not (tmp_path / "c.tsv").exists()
+    for bad in (["--means", "0.5"], ["--means", "0.5", "--sds", "0"], ["--means", "0.5", "0.5", "--sds", "1"]):
+        assert main([*run, "--data-dir", own, *bad]) == 2
+        assert "--means" in fx.error_line(capsys)

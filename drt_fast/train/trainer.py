@@ -195,7 +195,7 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
     """Copy the weights of the ``--init`` checkpoint(s) into ``members``: one drt-fast
     ensemble, or one file per member (Cohen/DRT base models, or drt-fast files), of the run's
     arch, dataset (where the file names one), classes, input normalization and member count."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, same_normalization
 
     paths = init_paths(config)
     for path in paths:
@@ -220,9 +220,7 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
         raise DrtFastError(f"--init {what} has {meta.get('num_classes')} classes, "
                            f"dataset {config.dataset} has {num_classes}")
     got, want = meta.get("normalization"), normalization
-    if got is None or not (len(got[0]) == len(want[0]) and all(
-            math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
-            for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]))):
+    if got is None or not same_normalization(got, want):
         raise DrtFastError(f"--init {what} normalizes inputs with means {list(got[0]) if got else None}, "
                            f"sds {list(got[1]) if got else None}; dataset {config.dataset} has "
                            f"{list(want[0])}, {list(want[1])} (an .npz sets them with 'means'/'sds')")
