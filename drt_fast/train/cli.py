@@ -1,11 +1,10 @@
 """``drt-fast train`` and ``drt-fast diagnose``: parse, call drt_fast.train, print."""
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
-from .. import validate
+from .. import options, validate
 from ..errors import DrtFastError, first_line
 from .losses import GD_NORMS
 from .inputs import AUGMENTS
@@ -82,12 +81,14 @@ def register(subparsers) -> None:
                "(the paper's confidence margin; negative where the input is misclassified). "
                "gradient cosine: cosine of two members' input gradients of their margins (DRT's "
                "GD term drives it down: diverse members).")
-    p.add_argument("checkpoint", metavar="CKPT", nargs="?",
-                   help="a drt-fast ensemble or Cohen/DRT checkpoint (default: the embedded digits ensemble)")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="*",
+                   help="a drt-fast ensemble or Cohen/DRT checkpoint, or several member files that form "
+                        "one ensemble, as the DRT code saves them (default: the embedded digits ensemble)")
     p.add_argument("--dataset", help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
     p.add_argument("--split", default="test", help="default: test")
     p.add_argument("--sigma", type=float, help="default: the checkpoint's training sigma")
+    options.add_normalization(p)
     p.add_argument("--n-inputs", type=int, default=500, help="first N inputs of the split (default: 500)")
     p.add_argument("--noise-draws", type=int, default=8, help="noise vectors per input (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -142,8 +143,8 @@ def run_train(args) -> int:
 
 
 def run_diagnose(args) -> int:
-    from .. import data, distributed
-    from ..checkpoint import check_fits, load_checkpoint
+    from .. import data, distributed, embedded
+    from ..checkpoint import check_fits, open_checkpoints, resolve_normalization
     from .diagnose import diagnose, format_table
 
     validate.positive_int(args.n_inputs, "--n-inputs")
@@ -151,31 +152,29 @@ def run_diagnose(args) -> int:
     validate.seed(args.seed, "--seed")
     if args.sigma is not None:
         validate.sigma(args.sigma, "--sigma")
-    if args.checkpoint is None:
-        from .. import embedded
-
-        args.checkpoint = embedded.load().model
-    if not os.path.isfile(args.checkpoint):
-        raise DrtFastError(f"checkpoint {args.checkpoint} does not exist")
-    ensemble, meta = load_checkpoint(args.checkpoint)
+    given = options.normalization(args)
+    paths = args.checkpoint or [embedded.load().model]
+    name = paths[0] if len(paths) == 1 else ", ".join(paths)
+    ensemble, meta = open_checkpoints(paths, dataset=args.dataset)
     dataset = args.dataset or meta.get("dataset")
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if dataset is None:
-        raise DrtFastError(f"checkpoint {args.checkpoint} does not name its dataset; pass --dataset")
-    if sigma is None or not sigma > 0:
-        raise DrtFastError(f"need a noise level sigma > 0 (pass --sigma), got {sigma!r}")
+        raise DrtFastError(f"checkpoint {name} does not name its dataset; pass --dataset")
+    if sigma is None:
+        raise DrtFastError(f"checkpoint {name} has no training sigma; pass --sigma")
     ds = data.load(dataset, args.split, args.data_dir)
+    resolve_normalization(ensemble, meta, given, ds.normalization if ds.own_normalization else None)
     device = distributed.resolve_device(args.device)
     ensemble = ensemble.to(device).eval()
-    check_fits(ensemble, meta, ds, args.checkpoint, dataset, device)
+    check_fits(ensemble, meta, ds, name, dataset, device)
     members = list(ensemble.members)
     n = min(args.n_inputs, len(ds))
     x, y = ds.x[:n].to(device), ds.y[:n].to(device)
     result = diagnose(members, x, y, float(sigma), noise_draws=args.noise_draws, seed=args.seed)
     if not result.finite:
-        raise DrtFastError(f"checkpoint {args.checkpoint}: the members give NaN or inf logits or "
+        raise DrtFastError(f"checkpoint {name}: the members give NaN or inf logits or "
                            f"gradients on the noisy {dataset} inputs")
-    print(f"{args.checkpoint}: {len(members)} member{'s' if len(members) != 1 else ''}, {dataset} {args.split} "
+    print(f"{name}: {len(members)} member{'s' if len(members) != 1 else ''}, {dataset} {args.split} "
           f"(first {n} inputs), sigma {sigma}")
     print(format_table(result))
     return 0
