@@ -642,17 +642,30 @@ def check_fits(ensemble, meta: Mapping, ds, model_path, dataset_name: str, devic
     def fits(model_classes: int) -> bool:
         return model_classes == data_classes or (ds.classes_from_labels and model_classes > data_classes)
 
-    def refuse(what: str):
+    def refuse(what: str, model_classes: int):
         hint = (" (its labels; an npz entry num_classes sets the count)"
                 if ds.classes_from_labels else "")
+        if model_classes > data_classes and dataset_name == "imagenet":
+            hint += (": an image folder's labels are the positions of its sorted class folders, so "
+                     "to certify some of the model's classes keep all its class folders (empty "
+                     "ones count), or write an .npz whose y holds the model's class indices, with "
+                     f"num_classes={model_classes}")
+        elif model_classes > data_classes:
+            hint += (f": to certify some of the model's classes, write an .npz whose y holds the "
+                     f"model's class indices, with num_classes={model_classes}")
         raise DrtFastError(f"checkpoint {model_path!r} {what} classes, the {dataset_name} data has "
                            f"{data_classes}{hint}")
 
     if meta.get("num_classes") is not None and not fits(int(meta["num_classes"])):
-        refuse(f"has {meta['num_classes']}")
-    if meta.get("input_shape") is not None and tuple(meta["input_shape"]) != shape:
-        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {tuple(meta['input_shape'])}, "
-                           f"the {dataset_name} data has shape {shape}")
+        refuse(f"has {meta['num_classes']}", int(meta["num_classes"]))
+    expected = tuple(meta["input_shape"]) if meta.get("input_shape") is not None else None
+    if expected is not None and expected != shape:
+        # x written as N, H, W, C (numpy/PIL/Keras order) reads as C = H
+        hwc = len(shape) == 3 and shape == (*expected[1:], expected[0])
+        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {expected}, "
+                           f"the {dataset_name} data has shape {shape}"
+                           + ("; if x is N, H, W, C, transpose it to N, C, H, W "
+                              "(x.transpose(0, 3, 1, 2))" if hwc else ""))
     try:
         with torch.inference_mode():
             logits = ensemble(ds.x[:1].to(device=device, dtype=torch.float32))
@@ -660,5 +673,5 @@ def check_fits(ensemble, meta: Mapping, ds, model_path, dataset_name: str, devic
         raise DrtFastError(f"checkpoint {model_path!r} cannot take the {dataset_name} inputs of shape "
                            f"{shape}: {first_line(e)}") from None
     if not fits(logits.shape[-1]):          # logits: [M, 1, K]
-        refuse(f"outputs {logits.shape[-1]}")
+        refuse(f"outputs {logits.shape[-1]}", int(logits.shape[-1]))
     return int(logits.shape[-1])

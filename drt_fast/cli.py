@@ -22,6 +22,8 @@ from .threads import fit_threads_to_load
 
 DATASETS = ("digits", "mnist", "cifar10", "imagenet", "npz")
 
+_NO_MODEL = "no --model given: the embedded default is a digits model (8x8 inputs, 10 classes); pass --model"
+
 # Certify packs the draws of several inputs into one batch (certify_many) when n is small;
 # this caps a group so that rows (and the progress bar) still advance often.
 _MAX_GROUP = 32
@@ -198,7 +200,8 @@ def _main(argv: list[str] | None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:
-            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}"
+                                                  + _positional_hint(args, extra))
     except SystemExit as e:     # --help, --version, or a usage error (already said, one line)
         return e.code if isinstance(e.code, int) else 2
     args.argv = argv
@@ -207,6 +210,15 @@ def _main(argv: list[str] | None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         return _dispatch(args)
+
+
+def _positional_hint(args, extra: list) -> str:
+    """Cohen's certify.py / predict.py take DATASET BASE_CLASSIFIER SIGMA OUTFILE as
+    positional arguments: name the flags that say them here."""
+    if getattr(args, "command", None) not in ("certify", "predict") or all(a.startswith("-") for a in extra):
+        return ""
+    return (f"; {args.command} takes no positional arguments: Cohen's DATASET BASE_CLASSIFIER "
+            f"SIGMA OUTFILE are --dataset --model --sigma --out")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -288,6 +300,11 @@ def run_smoothing(args, task: str) -> int:
         raise DrtFastError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
     device = distributed.init(group, device)
     args.thread_note = fit_threads_to_load() if device.type == "cpu" else ""
+    if device.type == "cpu" and args.precision == "fp16":
+        import warnings
+
+        warnings.warn("--precision fp16 on the CPU runs many times slower than fp32 (CPUs have no "
+                      "fast fp16 arithmetic); --precision bf16 is the fast reduced precision there")
     try:
         job = _prepare(args, task, device)
         _run(args, job, group)
@@ -332,6 +349,9 @@ def _prepare(args, task: str, device) -> Job:
     from .smoothing import SmoothedClassifier
 
     default = embedded.load() if args.model is None else None
+    if default is not None and (args.dataset not in (None, "digits", "npz")
+                                or (args.data_dir is not None and os.path.isdir(args.data_dir))):
+        raise DrtFastError(_NO_MODEL)
     model_paths = [default.model] if default else args.model
     model_path = _one_or_many(model_paths)  # what error messages show
     ensemble, meta = checkpoint.open_checkpoints(model_paths, mode=args.mode, dataset=args.dataset)
@@ -382,7 +402,12 @@ def _prepare(args, task: str, device) -> Job:
     source = checkpoint.resolve_normalization(ensemble, meta, options.normalization(args),
                                               ds.normalization if ds.own_normalization else None)
     ensemble = ensemble.to(device).eval()
-    num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)
+    try:
+        num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)
+    except DrtFastError as e:
+        if default is None:
+            raise
+        raise DrtFastError(f"{_NO_MODEL} ({e})") from None
 
     positions = list(range(0, len(keys), skip))
     if max_inputs is not None:
@@ -516,6 +541,11 @@ def _run(args, job: Job, group) -> None:
             # said on the one "interrupted" line that _main prints
             raise KeyboardInterrupt(f"{len(records)} new rows kept in {args.out}; "
                                     f"continue with --resume") from None
+        elif isinstance(exc, KeyboardInterrupt) and not args.out and records and group.is_main:
+            progress.close()          # (before the summary, on the same terminal)
+            print(_summary(args, job, records, 0, time.perf_counter() - start))
+            raise KeyboardInterrupt(f"the summary covers the {len(records)} input"
+                                    f"{'s' if len(records) != 1 else ''} done before it") from None
         raise
     finally:
         progress.close()

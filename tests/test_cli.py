@@ -740,3 +740,76 @@ def test_a_checkpoints_own_normalization_wins(ckpt, tmp_path, capsys):
     for bad in (["--means", "0.5"], ["--means", "0.5", "--sds", "0"], ["--means", "0.5", "0.5", "--sds", "1"]):
         assert main([*run, "--data-dir", own, *bad]) == 2
         assert "--means" in fx.error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- issue 21: friction
+
+def test_data_without_model_says_the_default_is_a_digits_model(tmp_path, capsys):
+    """item 2: --data-dir without --model fell back to the digits model with puzzling errors."""
+    mnist = fx.write_mnist(tmp_path / "mnist", np.zeros((2, 28, 28), np.uint8), np.array([1, 2], np.uint8))
+    odd = fx.write_npz(tmp_path / "odd.npz", np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]))
+    for argv in (["--data-dir", mnist], ["--dataset", "mnist", "--data-dir", mnist], ["--dataset", "cifar10"],
+                 ["--dataset", "npz", "--data-dir", odd], ["--data-dir", odd]):
+        assert main(["certify", *argv, *RUN]) == 2
+        assert fx.error_line(capsys).startswith(
+            "drt-fast: error: no --model given: the embedded default is a digits model"), argv
+
+
+def test_fp16_on_the_cpu_warns_and_points_to_bf16(ckpt, capsys):
+    """item 3: fp16 on the CPU is many times slower than fp32, with only a fusion note."""
+    assert main(["certify", "--model", ckpt, "--device", "cpu", "--precision", "fp16", *RUN, "--max", "1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("drt-fast: warning: --precision fp16 on the CPU runs many times slower")
+               and "--precision bf16" in line for line in err), err
+    assert main(["certify", "--model", ckpt, "--device", "cpu", "--precision", "bf16", *RUN, "--max", "1"]) == 0
+    assert "fp16" not in capsys.readouterr().err
+
+
+def test_interrupted_without_out_prints_the_summary_of_the_rows_done(ckpt, monkeypatch, capsys):
+    """item 7: Ctrl-C in certify without --out showed nothing of the inputs certified."""
+    real = SmoothedClassifier.certify_many
+
+    def interrupt_at_idx_45(self, xs, keys, *args, **kw):
+        if 45 in list(keys):
+            raise KeyboardInterrupt
+        return real(self, xs, keys, *args, **kw)
+
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", interrupt_at_idx_45)
+    assert main(["certify", "--model", ckpt, *RUN, "--batch", "300"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.startswith("drt-fast certify: 3 inputs of digits (test)")
+    assert "certified accuracy % " in captured.out and "rows not saved" in captured.out
+    assert captured.err == "drt-fast: interrupted: the summary covers the 3 inputs done before it\n"
+
+
+def test_cohen_style_positional_arguments_name_the_flags(capsys):
+    """item 11: `drt-fast certify cifar10 ckpt 0.25 out.txt` got a bare 'unrecognized arguments'."""
+    assert main(["certify", "cifar10", "ckpt.pth.tar", "0.25", "out.txt"]) == 2
+    line = fx.error_line(capsys)
+    assert "unrecognized arguments: cifar10 ckpt.pth.tar 0.25 out.txt" in line
+    assert "--dataset --model --sigma --out" in line
+    assert main(["predict", "--frobnicate"]) == 2
+    assert "--dataset --model" not in fx.error_line(capsys)
+
+
+def test_shape_and_class_mismatches_say_how_to_fix_them(tmp_path, capsys):
+    """item 11: an N, H, W, C npz, and a 1000-class model on a 3-class folder subset."""
+    torch.manual_seed(0)
+    r20 = fx.save(tmp_path / "r20.pt", fx.members("cifar_resnet20", 10, *data.normalization("cifar10"), 1),
+                  "cifar_resnet20", "cifar10", 10, (3, 32, 32), data.normalization("cifar10"))
+    hwc = fx.write_npz(tmp_path / "hwc.npz", np.zeros((2, 32, 32, 3), np.float32), np.array([0, 1]))
+    assert main(["certify", "--model", r20, "--dataset", "npz", "--data-dir", hwc, *RUN]) == 2
+    assert fx.error_line(capsys).endswith("transpose it to N, C, H, W (x.transpose(0, 3, 1, 2))")
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    for wnid in ("n01", "n02", "n03"):                     # 3 of the model's 10 classes
+        (tmp_path / "imagenet" / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(tmp_path / "imagenet" / "val" / wnid / "a.png")
+    big = fx.save(tmp_path / "r50.pt", fx.members("resnet50", 10, *data.normalization("imagenet"), 1),
+                  "resnet50", "imagenet", 10, (3, 224, 224), data.normalization("imagenet"))
+    assert main(["certify", "--model", big, "--dataset", "imagenet", "--data-dir", str(tmp_path / "imagenet"),
+                 *RUN]) == 2
+    line = fx.error_line(capsys)
+    assert "has 10 classes, the imagenet data has 3" in line
+    assert "keep all its class folders" in line and "num_classes=10" in line
