@@ -1,6 +1,7 @@
 """``drt-fast train`` and ``drt-fast diagnose``: parse, call drt_fast.train, print."""
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -18,10 +19,12 @@ def register(subparsers) -> None:
         "train", help="train an ensemble: Gaussian, SmoothAdv, DRT, DRT-SmoothAdv",
         description="Train M members jointly; loss = sum_i CE_i (+ rho1*GD - rho2*CM for DRT) on "
                     "noisy inputs. Writes a drt-fast ensemble checkpoint after every epoch.")
-    p.add_argument("--dataset", default=d.dataset, help=f"dataset name (default: {d.dataset})")
+    # --dataset, --arch and --members default to None: what an --init checkpoint fixes fills them.
+    p.add_argument("--dataset", help=f"dataset name (default: the --init checkpoint's, else {d.dataset})")
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
-    p.add_argument("--arch", default=d.arch, help=f"member architecture (default: {d.arch})")
-    p.add_argument("--members", type=int, default=d.members, help=f"ensemble size (default: {d.members})")
+    p.add_argument("--arch", help=f"member architecture (default: the --init checkpoint's, else {d.arch})")
+    p.add_argument("--members", type=int,
+                   help=f"ensemble size (default: the --init checkpoint's, else {d.members})")
     p.add_argument("--sigma", type=float, required=True, help="training noise level, pixels")
     p.add_argument("--trainer", choices=TRAINERS, default=d.trainer, help=f"default: {d.trainer}")
     # The trainer-specific flags default to None here, so that one given to a trainer that
@@ -103,8 +106,10 @@ _TRAINER_FLAGS = {"rho1": ("drt", "drt-smoothadv"), "rho2": ("drt", "drt-smootha
 
 
 def run_train(args) -> int:
+    import torch
+
     from .. import distributed
-    from .trainer import train
+    from .trainer import path_for_record
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields and k != "command"}
@@ -114,12 +119,24 @@ def run_train(args) -> int:
         elif args.trainer not in trainers:
             raise DrtFastError(f"--{name.replace('_', '-')} applies to the "
                                f"{' and '.join(trainers)} trainers, not --trainer {args.trainer}")
+    values.update(_fixed_by_init(args))
+    for name in ("dataset", "arch", "members"):
+        if values.get(name) is None:
+            values.pop(name, None)                  # TrainConfig's default
     if values.get("init") and len(values["init"]) == 1:
         values["init"] = values["init"][0]
     argv = getattr(args, "argv", None)
-    values["command"] = "drt-fast " + shlex.join(argv) if argv is not None else None
-    import torch
+    if argv is not None:
+        # paths as the record of --out keeps them: relative to its folder (train_config)
+        paths = {p for p in [*(args.init or []), args.out, args.log, args.data_dir] if p}
 
+        def portable(token):
+            flag, eq, value = token.partition("=")
+            if eq and flag.startswith("--") and value in paths:
+                return f"{flag}={path_for_record(value, args.out)}"
+            return path_for_record(token, args.out) if token in paths else token
+
+        values["command"] = "drt-fast " + shlex.join(portable(token) for token in argv)
     config = TrainConfig(**values)
     config.validate()               # a bad value is the only line, before any note
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
@@ -128,8 +145,52 @@ def run_train(args) -> int:
         note = fit_threads_to_load()
         if note and not args.quiet:
             print(f"drt-fast: note: {note}", file=sys.stderr)
+    is_main = distributed.from_env().is_main
+    existed = os.path.exists(config.out)
+    finished = []                   # epochs this run finished
     try:
-        path = train(config)
+        path = _train(config, on_epoch=lambda entry: finished.append(entry["epoch"]))
+    except KeyboardInterrupt:
+        if finished or config.resume:
+            where = f"epoch {finished[-1]} of {config.epochs}" if finished else "the epochs done before"
+            raise KeyboardInterrupt(f"{config.out} holds {where}; continue with --resume") from None
+        raise KeyboardInterrupt(f"no epoch finished; {config.out} was "
+                                + ("left as it was" if existed else "not written")) from None
+    if not args.quiet and is_main:
+        if config.resume and not finished and existed:
+            print(f"nothing to train: {path} holds all {config.epochs} epochs of its run")
+        else:
+            print(f"wrote {path}")
+    return 0
+
+
+def _fixed_by_init(args) -> dict:
+    """What the --init checkpoint(s) fix and the command line leaves open: arch, dataset
+    (a Cohen file names none: its arch's) and the member count."""
+    if not args.init or None not in (args.arch, args.dataset, args.members):
+        return {}
+    from ..checkpoint import open_checkpoints
+
+    _, meta = open_checkpoints(args.init, dataset=args.dataset)
+    fixed = {}
+    archs = set(meta.get("archs") or [meta.get("arch")])
+    if args.arch is not None and archs != {args.arch}:
+        return fixed                # a conflict, which train() names (--init has arch ...)
+    if args.arch is None and len(archs) == 1:
+        fixed["arch"] = archs.pop()
+    if args.dataset is None and meta.get("dataset"):
+        fixed["dataset"] = meta["dataset"]
+    if args.members is None:
+        fixed["members"] = meta["members"]
+    return fixed
+
+
+def _train(config: TrainConfig, on_epoch):
+    """`trainer.train`, a decoding worker's death said in one line."""
+    from .trainer import train
+
+    try:
+        return train(config, on_epoch=on_epoch)
     except RuntimeError as err:
         # torch's report of a DataLoader worker the kernel ended (the OOM killer, a bus error
         # on a full /dev/shm); it may come from its SIGCHLD handler at any point of a step
@@ -137,9 +198,6 @@ def run_train(args) -> int:
             raise
         raise DrtFastError(f"an image-decoding worker process stopped ({first_line(err)}): out of "
                            f"memory or of shared memory (/dev/shm)? try fewer --workers") from None
-    if not args.quiet and distributed.from_env().is_main:
-        print(f"wrote {path}")
-    return 0
 
 
 def run_diagnose(args) -> int:

@@ -169,6 +169,12 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
+def path_for_record(path, out) -> str:
+    """``path`` as the record of checkpoint ``out`` keeps it: relative to the folder of
+    ``out``, so that nothing of the machine that trained it travels with the file."""
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(out)))
+
+
 def init_paths(config: TrainConfig) -> list[str]:
     """``--init`` as a list of paths (empty without one)."""
     if not config.init:
@@ -408,8 +414,7 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     _check_outputs(config)
 
     train_set = data_mod.load(config.dataset, "train", config.data_dir)
-    # an .npz is one set of inputs: no held-out split to report a test accuracy on
-    test_set = None if config.dataset == "npz" else data_mod.load(config.dataset, "test", config.data_dir)
+    test_set = _test_split(config, warn=group.is_main)
     augment = resolve_augment(config.augment, config.dataset, isinstance(train_set.x, torch.Tensor))
     expected = tuple(models.input_shape(config.arch))
     if tuple(train_set.x.shape[1:]) != expected:
@@ -424,6 +429,12 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
                                 weight_decay=config.weight_decay)
     record = plain_config(dataclasses.asdict(config))     # a Path as init: the state must load
+    for key in ("out", "log", "data_dir"):
+        if record.get(key):
+            record[key] = path_for_record(record[key], config.out)
+    if record.get("init"):
+        record["init"] = ([path_for_record(p, config.out) for p in record["init"]]
+                          if isinstance(record["init"], (list, tuple)) else path_for_record(record["init"], config.out))
     record["world_size"] = group.world_size     # the batch split, hence the weights, depend on it
     record["augment"] = augment                 # what "auto" meant
     start_epoch = 0
@@ -549,6 +560,27 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     distributed.barrier(group)
     distributed.shutdown(group)
     return config.out
+
+
+def _test_split(config: TrainConfig, warn: bool):
+    """The held-out split each epoch's test accuracy is measured on, or None (said once,
+    as a warning): an .npz is one set of inputs; an image-folder tree may have no val/."""
+    from .. import data as data_mod
+
+    missing = None
+    if config.dataset == "npz":
+        missing = "an .npz file is one set of inputs"
+    elif config.dataset == "imagenet":
+        root = config.data_dir or os.environ.get("IMAGENET_DIR")
+        if root and not os.path.isdir(os.path.join(root, "val")):
+            missing = f"{root} has no val/ folder"
+    if missing is None:
+        return data_mod.load(config.dataset, "test", config.data_dir)
+    if warn:
+        import warnings
+
+        warnings.warn(f"training without a test split ({missing}): the log has no test accuracy")
+    return None
 
 
 def _cpu_copy(f: nn.Module) -> nn.Module:
