@@ -215,7 +215,10 @@ def _main(argv: list[str] | None) -> int:
 def _positional_hint(args, extra: list) -> str:
     """Cohen's certify.py / predict.py take DATASET BASE_CLASSIFIER SIGMA OUTFILE as
     positional arguments: name the flags that say them here."""
-    if getattr(args, "command", None) not in ("certify", "predict") or all(a.startswith("-") for a in extra):
+    # a word that follows an unknown option is taken for its value
+    positional = [word for i, word in enumerate(extra)
+                  if not word.startswith("-") and not (i and extra[i - 1].startswith("-"))]
+    if getattr(args, "command", None) not in ("certify", "predict") or not positional:
         return ""
     return (f"; {args.command} takes no positional arguments: Cohen's DATASET BASE_CLASSIFIER "
             f"SIGMA OUTFILE are --dataset --model --sigma --out")

@@ -473,15 +473,21 @@ def test_unwritable_output_fails_before_any_work(ckpt, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file"] and blocker.read_text() == "keep"
 
 
-def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
+def _fail_at(monkeypatch, idx, error):
+    """SmoothedClassifier.certify_many raises ``error`` in the call that holds input ``idx``."""
     real = SmoothedClassifier.certify_many
 
-    def nan_at_idx_90(self, xs, keys, *args, **kw):
-        if 90 in list(keys):
-            raise NonFiniteLogitsError("model produced NaN/inf logits on 300 of 300 noisy draws of input 90")
+    def failing(self, xs, keys, *args, **kw):
+        if idx in list(keys):
+            raise error
         return real(self, xs, keys, *args, **kw)
 
-    monkeypatch.setattr(SmoothedClassifier, "certify_many", nan_at_idx_90)
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", failing)
+
+
+def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
+    _fail_at(monkeypatch, 90, NonFiniteLogitsError("model produced NaN/inf logits on 300 of 300 noisy draws "
+                                                   "of input 90"))
     out = str(tmp_path / "r.tsv")
     assert main(["certify", "--model", ckpt, *RUN, "--batch", "300", "--out", out]) == 2
     assert "NaN/inf logits" in fx.error_line(capsys)
@@ -489,14 +495,7 @@ def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, ca
 
 
 def test_keyboard_interrupt_exits_130_and_keeps_rows(ckpt, tmp_path, monkeypatch, capsys):
-    real = SmoothedClassifier.certify_many
-
-    def interrupt_at_idx_45(self, xs, keys, *args, **kw):
-        if 45 in list(keys):
-            raise KeyboardInterrupt
-        return real(self, xs, keys, *args, **kw)
-
-    monkeypatch.setattr(SmoothedClassifier, "certify_many", interrupt_at_idx_45)
+    _fail_at(monkeypatch, 45, KeyboardInterrupt)
     out = str(tmp_path / "r.tsv")
     assert main(["certify", "--model", ckpt, *RUN, "--batch", "300", "--out", out]) == 130
     assert "--resume" in capsys.readouterr().err
@@ -767,14 +766,7 @@ def test_fp16_on_the_cpu_warns_and_points_to_bf16(ckpt, capsys):
 
 def test_interrupted_without_out_prints_the_summary_of_the_rows_done(ckpt, monkeypatch, capsys):
     """item 7: Ctrl-C in certify without --out showed nothing of the inputs certified."""
-    real = SmoothedClassifier.certify_many
-
-    def interrupt_at_idx_45(self, xs, keys, *args, **kw):
-        if 45 in list(keys):
-            raise KeyboardInterrupt
-        return real(self, xs, keys, *args, **kw)
-
-    monkeypatch.setattr(SmoothedClassifier, "certify_many", interrupt_at_idx_45)
+    _fail_at(monkeypatch, 45, KeyboardInterrupt)
     assert main(["certify", "--model", ckpt, *RUN, "--batch", "300"]) == 130
     captured = capsys.readouterr()
     assert captured.out.startswith("drt-fast certify: 3 inputs of digits (test)")
@@ -813,3 +805,24 @@ def test_shape_and_class_mismatches_say_how_to_fix_them(tmp_path, capsys):
     line = fx.error_line(capsys)
     assert "has 10 classes, the imagenet data has 3" in line
     assert "keep all its class folders" in line and "num_classes=10" in line
+
+
+def test_inputs_certified_together_each_get_their_share_of_the_time(ckpt, tmp_path, monkeypatch):
+    """item 11: the draws of several inputs share a batch (small n); each row's time is its
+    share of the call that certified them, so that the column sums to the time spent."""
+    real = SmoothedClassifier.certify_many
+    calls = []
+
+    def slow(self, xs, keys, *args, **kw):
+        calls.append(list(keys))
+        time.sleep(0.3)
+        return real(self, xs, keys, *args, **kw)
+
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", slow)
+    out = tmp_path / "t.tsv"
+    assert main(["certify", "--model", ckpt, *RUN, "--max", "6", "--batch", "900", "--out", str(out)]) == 0
+    assert [len(c) for c in calls] == [3, 3]                # 900 // (100 + 200) inputs a call
+    rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    seconds = [float(sum(x * float(v) for x, v in zip((3600, 60, 1), r[5].split(":")))) for r in rows]
+    for group in (seconds[:3], seconds[3:]):
+        assert len(set(group)) == 1 and 0.1 <= group[0] < 0.3       # a third each, not the call's
