@@ -167,7 +167,8 @@ def run_train(args) -> int:
 def _fixed_by_init(args) -> dict:
     """What the --init checkpoint(s) fix and the command line leaves open: arch, dataset
     (a Cohen file names none: its arch's) and the member count."""
-    if not args.init or None not in (args.arch, args.dataset, args.members):
+    if (not args.init or None not in (args.arch, args.dataset, args.members)
+            or not all(os.path.isfile(path) for path in args.init)):      # train() names a missing one
         return {}
     from ..checkpoint import open_checkpoints
 

@@ -414,7 +414,7 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     _check_outputs(config)
 
     train_set = data_mod.load(config.dataset, "train", config.data_dir)
-    test_set = _test_split(config, warn=group.is_main)
+    test_set, no_test_split = _test_split(config)
     augment = resolve_augment(config.augment, config.dataset, isinstance(train_set.x, torch.Tensor))
     expected = tuple(models.input_shape(config.arch))
     if tuple(train_set.x.shape[1:]) != expected:
@@ -462,6 +462,10 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     elif config.init:
         _load_init(config, members, train_set.num_classes, train_set.normalization)
 
+    if no_test_split and group.is_main:    # said once, after every check that could refuse the run
+        import warnings
+
+        warnings.warn(f"training without a test split ({no_test_split}): the log has no test accuracy")
     for f in members:
         f.to(device).train()
     workers = config.workers
@@ -562,9 +566,9 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     return config.out
 
 
-def _test_split(config: TrainConfig, warn: bool):
-    """The held-out split each epoch's test accuracy is measured on, or None (said once,
-    as a warning): an .npz is one set of inputs; an image-folder tree may have no val/."""
+def _test_split(config: TrainConfig):
+    """(the held-out split each epoch's test accuracy is measured on, None) or (None, why
+    there is none): an .npz is one set of inputs; an image-folder tree may have no val/."""
     from .. import data as data_mod
 
     missing = None
@@ -575,12 +579,8 @@ def _test_split(config: TrainConfig, warn: bool):
         if root and not os.path.isdir(os.path.join(root, "val")):
             missing = f"{root} has no val/ folder"
     if missing is None:
-        return data_mod.load(config.dataset, "test", config.data_dir)
-    if warn:
-        import warnings
-
-        warnings.warn(f"training without a test split ({missing}): the log has no test accuracy")
-    return None
+        return data_mod.load(config.dataset, "test", config.data_dir), None
+    return None, missing
 
 
 def _cpu_copy(f: nn.Module) -> nn.Module:
