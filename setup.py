@@ -8,6 +8,12 @@ Works for `pip install .` (with build isolation), `pip install -e .` and
   CMAKE_GENERATOR=...           CMake's generator (default: Ninja, from the ninja package)
   CMAKE_ARGS="..."              extra arguments for the CMake configure step
   DRT_FAST_CMAKE_ARGS="..."     the same (an older name), after CMAKE_ARGS
+  DRT_FAST_TORCH_CUDA=12.4      torch's CUDA version, for the choice of CUDA toolkit (default:
+                                read from the torch installed beside the build; "none": no preference)
+Where several CUDA toolkits are installed and neither CUDACXX nor CMAKE_CUDA_COMPILER names one,
+CMake builds with the one of torch's CUDA major version (CMakeLists.txt, cmake/pick_cuda_toolkit.py):
+the kernels link cudart statically and need a driver for their toolkit's major version, so they
+then need no newer driver than torch itself.
 """
 import os
 import shlex

@@ -64,9 +64,9 @@ fi
 # ResNet kernel's member forwards against cuDNN's fused members.
 # (timeouts: a kernel that deadlocks must not eat the session's device time; quick mode's
 # add up to under 10 minutes, one device call)
-timeout 120 "${py[@]}" -m pytest -q tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-resnet-kernel.log" | tail -5
+timeout 120 "${py[@]}" -m pytest -q tests/test_cifar_resnet_kernel.py -p no:cacheprovider 2>&1 | tee "$out/tests-cifar-resnet-kernel.log" | tail -5
 if [ "${PIPESTATUS[0]}" != 0 ]; then  # where the GPU parts from the host program, phase by phase
-    timeout 90 "${py[@]}" bench/resnet_kernel_debug.py --depth 8 2>&1 | tee "$out/resnet-kernel-debug.log" | tail -40
+    timeout 90 "${py[@]}" bench/cifar_resnet_debug.py --depth 8 2>&1 | tee "$out/cifar-resnet-debug.log" | tail -40
 fi
 timeout 120 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
     | tee "$out/tests-ops.log" | tail -5
@@ -74,7 +74,7 @@ timeout 150 "${py[@]}" bench/gpu_levers.py --batches 2000,4000 --only "cudnn-fus
     | tee "$out/levers-kernel.log" | grep -E "ms/1000|error|Error" | tail -10
 [ "$mode" = quick ] && exit 0
 
-"${py[@]}" -m pytest -q tests -k "cuda or gpu" --ignore tests/test_resnet_kernel.py -p no:cacheprovider 2>&1 \
+"${py[@]}" -m pytest -q tests -k "cuda or gpu" --ignore tests/test_cifar_resnet_kernel.py -p no:cacheprovider 2>&1 \
     | tee "$out/tests.log" | tail -15
 # -s: the per-case [ratio] / [abs] / [share] / [bandwidth] / [target] lines go to bench.log as well.
 "${py[@]}" -m pytest -q -s bench/ -p no:cacheprovider --deselect "$kernel_case" --benchmark-json "$out/bench.json" "$@" 2>&1 \

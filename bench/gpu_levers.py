@@ -43,7 +43,7 @@ class GroupedCifarResNets(torch.nn.Module):
     """An experiment for the lever "members as one batched call": M CIFAR ResNets that share
     their input normalization as ONE network whose activations hold the members' channels side
     by side (member-major), so that each layer is one grouped convolution (groups=M) for all
-    members instead of M convolutions: BatchNorms folded (`fuse._folded`), conv + bias (+ add)
+    members instead of M convolutions: BatchNorms folded (`fuse.fold_conv_bn`), conv + bias (+ add)
     + ReLU as ``fused_ops`` calls (cuDNN's on CUDA), the first convolution shared (all members
     see the same draw), the heads as one batched matmul. Returns member logits [M, N, K] like
     an Ensemble. Not in the engine: measured here first."""
@@ -51,7 +51,7 @@ class GroupedCifarResNets(torch.nn.Module):
     def __init__(self, members, fused_ops, dtype):
         super().__init__()
         from drt_fast import fuse
-        parts = [fuse._resnet_kernel_parts(m) for m in members]
+        parts = [fuse.cifar_resnet_parts(m) for m in members]
         means, sds = parts[0][0], parts[0][1]
         if not all(torch.equal(p[0], means) and torch.equal(p[1], sds) for p in parts):
             raise ValueError("the members normalize their inputs differently")
@@ -62,7 +62,7 @@ class GroupedCifarResNets(torch.nn.Module):
         self.convs = []
 
         def conv(pairs, shared=False):
-            weights, biases = zip(*[fuse._folded(c, b) for c, b in pairs])
+            weights, biases = zip(*[fuse.fold_conv_bn(c, b) for c, b in pairs])
             c = pairs[0][0]
             w = torch.cat(weights).to(dtype).contiguous(memory_format=torch.channels_last)
             self.convs.append((w, torch.cat(biases).to(dtype), list(c.stride), list(c.padding),
@@ -198,14 +198,14 @@ def main():
             return [("fp32 dense members", True, m_dense, nchw),
                     ("bf16 autocast dense members", True, autocast(m_dense), nchw.to(torch.bfloat16))]
 
-        def resnet_kernel():
+        def cifar_resnet_kernel():
             """drt-fast's whole-network CIFAR ResNet kernel, both variants
-            (`fuse.resnet_kernel_for_inference`, bf16 inside; what certify runs with
-            DRT_FAST_RESNET_KERNEL=mma|wmma): none where a member is not a CIFAR ResNet."""
+            (`fuse.cifar_resnet_for_inference`, bf16 inside; what certify runs with
+            DRT_FAST_CIFAR_RESNET=mma|wmma): none where a member is not a CIFAR ResNet."""
             from drt_fast import fuse
             out = []
-            for variant, name in enumerate(ops.RESNET_KERNEL_VARIANTS):
-                members = [fuse.resnet_kernel_for_inference(m, variant) for m in base.members]
+            for variant, name in enumerate(ops.CIFAR_RESNET_VARIANTS):
+                members = [fuse.cifar_resnet_for_inference(m, variant) for m in base.members]
                 if not all(r.fused for r in members):
                     return []
                 m_kernel = Ensemble([r.module for r in members], mode=base.mode).eval()
@@ -271,7 +271,7 @@ def main():
             ("bf16 autocast channels-last", True, autocast(m_cl), bf_cl),
             ("bf16 autocast channels-last BN-folded", True, autocast(m_fold_cl), bf_cl),
             ("bf16 weights channels-last BN-folded", True, m_fold_bf, bf_cl),
-        ] + grouped() + dense() + resnet_kernel()
+        ] + grouped() + dense() + cifar_resnet_kernel()
         return out
 
     first_batch = int(args.batches.split(",")[0])

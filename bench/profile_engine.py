@@ -5,7 +5,7 @@
         [--channels-last]
 
 Each phase is timed with a wall clock around the calls (drt-fast: ``ops.noisy_draws_eager``,
-``SmoothedClassifier._forward``, ``ops.vote_eager_``; reference: ``repeat + randn``, the member
+the engine's ``MemberRunner.forward``, ``ops.vote_eager_``; reference: ``repeat + randn``, the member
 forwards, aggregation + ``.cpu()`` + bincount); "rest" is the total minus the phases
 (Python, statistics, allocation). The best of ``--repeats`` runs is printed. Not collected
 by pytest (no ``test_`` prefix).
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import drt_fast  # noqa: E402
-from drt_fast import SmoothedClassifier, smoothing  # noqa: E402
+from drt_fast import SmoothedClassifier, ops  # noqa: E402
 from reference import ReferenceSmooth, aggregate, lower_confidence_bound  # noqa: E402
 
 
@@ -43,18 +43,6 @@ class _Clock:
         return timed
 
 
-class _TimedOps:
-    """Stands in for drt_fast.ops inside drt_fast.smoothing, timing the two kernels."""
-
-    def __init__(self, ops, clock):
-        self._ops = ops
-        self.noisy_draws_eager = clock.wrap("noise", ops.noisy_draws_eager)
-        self.vote_eager_ = clock.wrap("vote", ops.vote_eager_)
-
-    def __getattr__(self, name):
-        return getattr(self._ops, name)
-
-
 def profile_ours(ensemble, x, n0, n, batch, sigma, precision, channels_last=None):
     clock = _Clock()
     if channels_last is not False:  # may convert the model in place: keep the reference's as it is
@@ -62,15 +50,17 @@ def profile_ours(ensemble, x, n0, n, batch, sigma, precision, channels_last=None
     smooth = SmoothedClassifier(ensemble, 10, sigma, precision=precision,
                                 channels_last=channels_last)
     smooth.certify(x, n0, min(n, batch), 0.001, batch)                      # warm-up
-    smooth._forward = clock.wrap("forward", smooth._forward)
-    real_ops = smoothing.ops
-    smoothing.ops = _TimedOps(real_ops, clock)
+    runner = smooth.engine.runner
+    runner.forward = clock.wrap("forward", runner.forward)
+    real = ops.noisy_draws_eager, ops.vote_eager_
+    ops.noisy_draws_eager = clock.wrap("noise", real[0])     # the engine calls them through drt_fast.ops
+    ops.vote_eager_ = clock.wrap("vote", real[1])
     try:
         start = time.perf_counter()
         smooth.certify(x, n0, n, 0.001, batch)
         total = time.perf_counter() - start
     finally:
-        smoothing.ops = real_ops
+        ops.noisy_draws_eager, ops.vote_eager_ = real
     return total, clock.seconds
 
 

@@ -9,7 +9,7 @@ bf16 levers; skipped when drt_fast/assets/default.pt is absent), 3x CIFAR ResNet
 and the channels-last and bf16 levers) and 3x ResNet-110 with random weights at reduced n.
 GPU cases (skipped without CUDA): 3x ResNet-110 (32x32) at n = 100,000 and 3x ResNet-50
 (224x224) at n = 10,000, fp32 and bf16 (and ResNet-110 fp32 without the fused members, and
-bf16 with drt-fast's whole-network ResNet kernel, DRT_FAST_RESNET_KERNEL=mma), plus the share of
+bf16 with drt-fast's whole-network ResNet kernel, DRT_FAST_CIFAR_RESNET=mma), plus the share of
 certify time spent in noise + vote. drt-fast runs as `drt-fast certify` does on
 CUDA (cuDNN autotuning on); the reference as Cohen's code does (off).
 """
@@ -121,8 +121,8 @@ def compare_certify(benchmark, name, ensemble, x, *, n0, n, batch_size, rounds, 
     assert cert.n == n and (cert.label == -1 or 0 <= cert.label < num_classes)
     return record(benchmark, name, ref_times, ours_times, draws=n0 + n, extra={
         "n0": n0, "n": n, "batch_size": batch_size, "precision": precision,
-        "members": len(ensemble), "mode": ensemble.mode, "fuse": smooth.fuse_status,
-        "cuda_graphs": smooth.graph_status,
+        "members": len(ensemble), "mode": ensemble.mode, "fuse": str(smooth.fuse_status),
+        "cuda_graphs": str(smooth.graph_status),
         "ours_certificate": [cert.label, round(cert.radius, 4)],
         "ref_certificate": [results["ref"][0], round(results["ref"][1], 4)], **(extra or {})})
 
@@ -261,7 +261,7 @@ def _gpu_setup():
 
 GPU_CASES = [
     # arch, n, batch_size, precision, fuse (None: the engine's default, on for CUDA;
-    # "kernel": the default with DRT_FAST_RESNET_KERNEL=mma, drt-fast's whole-network kernel)
+    # "kernel": the default with DRT_FAST_CIFAR_RESNET=mma, drt-fast's whole-network kernel)
     ("cifar_resnet110", 100_000, 2000, "fp32", None),
     ("cifar_resnet110", 100_000, 2000, "bf16", None),
     ("cifar_resnet110", 100_000, 2000, "bf16", "kernel"),
@@ -279,8 +279,8 @@ def test_certify_gpu(benchmark, monkeypatch, arch, n, batch_size, precision, fus
     device = _gpu_setup()
     kernel = fuse == "kernel"
     if kernel:
-        from drt_fast.fuse import RESNET_KERNEL_ENV
-        monkeypatch.setenv(RESNET_KERNEL_ENV, "mma")
+        from drt_fast.fuse import CIFAR_RESNET_ENV
+        monkeypatch.setenv(CIFAR_RESNET_ENV, "mma")
         fuse = None
     num_classes = 1000 if arch == "resnet50" else 10
     ensemble = random_ensemble(arch, num_classes=num_classes, device=device)
@@ -326,33 +326,28 @@ SHARE_N, SHARE_BATCH = 100_000, 2000   # test_gpu_noise_vote_share
 
 
 class _EventTimedOps:
-    """Stands in for ``drt_fast.ops`` inside ``drt_fast.smoothing``: brackets every
-    ``noisy_draws`` and ``vote_`` call with CUDA events on the current stream.
+    """Brackets every ``noisy_draws_eager`` and ``vote_eager_`` call the engine makes (it calls
+    them through ``drt_fast.ops``) with CUDA events on the current stream.
 
     An event pair measures from the moment the GPU reaches the start event to the moment it
     reaches the end event, so time the GPU idles waiting for the op's launch counts as
     noise/vote time: the share is an upper bound.
     """
 
-    def __init__(self, ops):
-        self._ops, self.pairs = ops, {"noisy_draws_eager": [], "vote_eager_": []}
+    def __init__(self, ops, monkeypatch):
+        self.pairs = {"noisy_draws_eager": [], "vote_eager_": []}
+        for name in self.pairs:
+            monkeypatch.setattr(ops, name, self._timed(name, getattr(ops, name)))
 
-    def __getattr__(self, name):
-        return getattr(self._ops, name)
-
-    def _timed(self, name, *args, **kwargs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = getattr(self._ops, name)(*args, **kwargs)
-        end.record()
-        self.pairs[name].append((start, end))
-        return out
-
-    def noisy_draws_eager(self, *args, **kwargs):     # what the engine calls
-        return self._timed("noisy_draws_eager", *args, **kwargs)
-
-    def vote_eager_(self, *args, **kwargs):
-        return self._timed("vote_eager_", *args, **kwargs)
+    def _timed(self, name, op):
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = op(*args, **kwargs)
+            end.record()
+            self.pairs[name].append((start, end))
+            return out
+        return timed
 
     def seconds(self, name):
         torch.cuda.synchronize()
@@ -364,7 +359,7 @@ class _EventTimedOps:
 def test_gpu_noise_vote_share(benchmark, monkeypatch, precision):
     """Share of certify time in noisy_draws + vote_ for 3x ResNet-110, n = 100,000 (target <= 3%)."""
     device = _gpu_setup()
-    from drt_fast import smoothing
+    from drt_fast import ops
 
     ensemble = random_ensemble("cifar_resnet110", device=device)
     x = random_input("cifar_resnet110", device=device)
@@ -372,8 +367,7 @@ def test_gpu_noise_vote_share(benchmark, monkeypatch, precision):
     smooth = SmoothedClassifier(ensemble, 10, SIGMA, precision=precision)
     n0, n, batch_size = 100, SHARE_N, SHARE_BATCH
     smooth.certify(x, n0, 2 * batch_size, ALPHA, batch_size)           # warm-up, autotuning
-    timed_ops = _EventTimedOps(smoothing.ops)
-    monkeypatch.setattr(smoothing, "ops", timed_ops)
+    timed_ops = _EventTimedOps(ops, monkeypatch)
     total = []
 
     def run():

@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fastdiv.h"
@@ -134,6 +135,23 @@ PYBIND11_MODULE(_C, m) {
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "drt-fast CUDA kernels (raw pointers and streams; call through drt_fast.ops only)";
   m.def("device_count", &drt::cuda_device_count);
+  m.def(
+      "runtime_info",
+      [] {
+        const drt::CudaRuntimeInfo info = drt::cuda_runtime_info();
+        py::dict d;
+        d["driver_version"] = info.driver_version;
+        d["runtime_version"] = info.runtime_version;
+        d["device_count"] = info.device_count;
+        d["error_code"] = info.error_code;
+        d["error"] = info.error.empty() ? py::object(py::none()) : py::object(py::str(info.error));
+        return d;
+      },
+      "The CUDA versions at play, as CUDA writes them (1000 * major + 10 * minor): a dict with "
+      "driver_version (the newest CUDA the installed driver supports, cudaDriverGetVersion; 0: no "
+      "driver found), runtime_version (CUDART_VERSION of the build, cudart static: the driver must "
+      "support this major version), device_count (cudaGetDeviceCount's, 0 when it failed), "
+      "error_code (its cudaError_t, 0 on success) and error (None, or 'cudaErrorName: message').");
   m.def("architectures", [] { return std::string(DRT_FAST_CUDA_ARCHS); },
         "CMAKE_CUDA_ARCHITECTURES of the build, comma-separated (e.g. \"80,90\").");
   m.def("noisy_draws", noisy_binding<int, uintptr_t>(drt::noisy_draws_cuda));
@@ -172,9 +190,14 @@ PYBIND11_MODULE(_C_cuda, m) {
     return py::make_tuple(drt::cifar_resnet_weight_tiles(blocks) * 256, drt::cifar_resnet_biases(blocks),
                           drt::cifar_resnet_smem_bytes(variant));
   }, "(weights, biases, shared-memory bytes) of the CIFAR ResNet kernel's `variant` for `blocks` blocks a stage.");
-  m.def("vote_on_host", vote_binding<>(drt::vote_cuda_on_host),
-        "Test hook: the few-classes CUDA kernel's per-draw votes (classes <= 32) on the host with CPU "
-        "pointers; returns 0 for more classes (nothing done).");
+  m.def("vote_on_host", vote_binding<int64_t>([](const drt::VoteArgs& args, int64_t room) {
+          const drt::VotePlan plan = drt::vote_cuda_on_host(args, room);
+          return std::make_tuple(plan.kernel, plan.dynamic_bytes, plan.chunk);
+        }),
+        "Test hook: the CUDA kernels' per-draw votes on the host with CPU pointers, for a block kernel "
+        "allowed `room` bytes of dynamic shared memory (the last argument); returns the plan, "
+        "(kernel: 16 or 32 thread-per-draw, 0 block-per-draw; dynamic shared bytes; we/logit classes "
+        "per chunk). Raises ValueError as vote does.");
 }
 
 #endif

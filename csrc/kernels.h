@@ -13,7 +13,13 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum Aggregation : int { kWeightedSoftmax = 0, kLogit = 1, kMaxMargin = 2, kMajorityVote = 3 };
 
 // Shared arguments of noisy_draws. Row n = b * reps + r of `out` is
-// x[b] + sigma * noise(seed, keys[b], first_draw[b] + r, element), rounded to out_dtype.
+// x[b] + sigma * noise(seed, keys[b], first_draw[b] + r, element), rounded to out_dtype;
+// where that is NaN (a NaN input), the dtype's canonical NaN below, on every device (a GPU's
+// arithmetic and conversions give 0x7FFFFFFF / 0x7FFF, x86's keep the input's sign and
+// payload): drt_fast.ops.reference_noisy_draws writes the same.
+constexpr uint32_t kNaNFloat32 = 0x7FC00000u;
+constexpr uint16_t kNaNBFloat16 = 0x7FC0u;  // torch's float -> bfloat16 on the CPU
+constexpr uint16_t kNaNFloat16 = 0x7E00u;
 // x is fp32 [batch, num_elements] contiguous; out is [batch * reps, num_elements] contiguous,
 // or, with channels_last, [batch * reps, spatial, channels] in memory where the logical
 // element index is c * spatial + s.

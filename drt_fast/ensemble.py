@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import validate
 from .errors import InvalidArgument, InvalidArgumentType
 from .ops import reference_labels
 
-MODES = ("we", "logit", "mme", "mv")
+MODES = validate.AGGREGATIONS
 
 
 class Ensemble(nn.Module):
@@ -69,9 +70,7 @@ class Ensemble(nn.Module):
 
     @mode.setter
     def mode(self, mode):
-        if mode not in MODES:
-            raise InvalidArgument(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self._mode = mode
+        self._mode = validate.aggregation(mode, "ensemble mode")
 
     def __len__(self):
         return len(self.members)
@@ -173,8 +172,7 @@ def aggregate(logits, mode, weights=None):
     when None). Returns int64 labels ``[R]``; a draw with any non-finite logit gets -1,
     which mirrors ``vote_`` not counting it. Same rules as ``drt_fast.ops.vote_``.
     """
-    if mode not in MODES:
-        raise InvalidArgument(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
+    validate.aggregation(mode, "ensemble mode")
     if logits.dim() != 3:
         raise InvalidArgument(f"logits must have shape [M, R, K], got {list(logits.shape)}")
     M = logits.shape[0]

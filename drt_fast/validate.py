@@ -25,6 +25,10 @@ DRAW_LIMIT = 2**32
 # Seeds (and keys) are 63-bit: the noise generator's 64-bit key with room for stream bits.
 SEED_LIMIT = 2**63
 
+# A noise stream is the generator's 64-bit key: a user's seed, or a stream derived from it
+# (PREDICT's is seed + 2^63, see drt_fast/smoothing.py).
+STREAM_LIMIT = 2**64
+
 
 def int_in_range(value, name, low, high=None):
     """``value`` as an int in ``[low, high)`` (``high`` None: no upper bound)."""
@@ -48,6 +52,11 @@ def positive_int(value, name):
 def seed(value, name="seed"):
     """A noise seed, an int in [0, 2^63)."""
     return int_in_range(value, name, 0, SEED_LIMIT)
+
+
+def stream(value, name="seed"):
+    """A noise stream (the generator's key), an int in [0, 2^64)."""
+    return int_in_range(value, name, 0, STREAM_LIMIT)
 
 
 def alpha(value, name="alpha"):
@@ -76,8 +85,9 @@ def draw_range(first_draw, num_draws, what="draw indices"):
     """Draws ``first_draw .. first_draw + num_draws - 1`` of an input must lie in
     [0, DRAW_LIMIT): the one place this is checked for every device (no device sync)."""
     if first_draw < 0 or first_draw + num_draws > DRAW_LIMIT:
-        raise InvalidArgument(f"{what} must lie in [0, 2^32) (an input's draws are numbered with "
-                              f"32 bits), got draws {first_draw} .. {first_draw + num_draws - 1}")
+        raise InvalidArgument(f"{what} must be >= 0 and stay below 2^32 (an input's draws are "
+                              f"numbered with 32 bits), got draws {first_draw} .. "
+                              f"{first_draw + num_draws - 1}")
 
 
 def aggregation(value, name="mode"):

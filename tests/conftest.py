@@ -30,12 +30,12 @@ def pytest_collection_modifyitems(config, items):
     """The GPU runs of drt-fast's whole-network CIFAR ResNet kernel go last.
 
     It is the one kernel that has not yet run on a GPU (it is tested on the host, see
-    tests/test_resnet_kernel.py); a fault in it would poison the CUDA context of the
+    tests/test_cifar_resnet_kernel.py); a fault in it would poison the CUDA context of the
     process, failing every CUDA test after it. Last, it can only fail itself.
     """
     def runs_the_kernel_on_a_gpu(item):
         module = getattr(item, "module", None)    # (items that are not test functions have none)
-        return (module is not None and module.__name__.endswith("test_resnet_kernel")
+        return (module is not None and module.__name__.endswith("test_cifar_resnet_kernel")
                 and "cuda_device" in getattr(item, "fixturenames", ()))
 
     items.sort(key=runs_the_kernel_on_a_gpu)      # stable: the rest keep their order

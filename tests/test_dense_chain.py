@@ -1,12 +1,14 @@
-"""The CPU's block-sparse kernel for dense members (ops.dense_chain, fuse._chain_plan): the
-plan against the matrices, the kernel against the torch reference in every ISA build, batch
-invariance, non-finite values, bad plans, and the member's fallbacks."""
+"""The CPU kernels of dense members (ops/dense.py: bias_act_, dense_chain) and the block
+planner (fuse/planner.py: chain_plan): the plan against the matrices, the kernels against
+the torch references in every ISA build, batch invariance, non-finite values, bad plans,
+and the member's fallbacks."""
 import pytest
 import torch
 from torch import nn
 
-from drt_fast import _C, fuse, ops
+from drt_fast import fuse, ops
 from drt_fast.errors import DrtFastError
+from drt_fast.ops.extension import cpu_kernels
 
 from test_fuse import member, rel_err
 from test_ops import isa  # noqa: F401 -- the fixture: each CPU kernel build this machine has
@@ -40,13 +42,11 @@ def torch_chain(layers, x):
 def digits_layers():
     """The digits CNN's matrices: convolutions, mostly zeros (the case the blocks are for)."""
     out = fuse.dense_for_inference(member("digits_cnn"), torch.rand(1, 1, 8, 8)).module
-    plan = [("matrix", (out._buffers[f"weight{v}"], out._buffers[f"bias{v}"])) if kind == "matrix"
-            else (kind, v) for kind, v in out._plan]
-    return fuse._chain_layers(plan)
+    return fuse.chain_layers(out.plan())
 
 
 def plan(layers):
-    meta, params, _ = fuse._chain_plan(layers)
+    meta, params, _ = fuse.chain_plan(layers)
     return meta, params, layers[-1][0].shape[1]
 
 
@@ -78,16 +78,16 @@ def test_isa_builds_agree():
     layers = digits_layers()
     meta, params, out_cols = plan(layers)
     x = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
-    previous, outs = _C.cpu_isa(), []
+    previous, outs = cpu_kernels.cpu_isa(), []
     try:
         for name in ("baseline", "avx2", "avx512"):
             try:
-                _C.set_cpu_isa(name)
+                cpu_kernels.set_cpu_isa(name)
             except ValueError:
                 continue
             outs.append(ops.dense_chain_cpu(x, meta, params, out_cols))
     finally:
-        _C.set_cpu_isa(previous)
+        cpu_kernels.set_cpu_isa(previous)
     assert all(rel_err(o, outs[0]) < 1e-6 for o in outs)
 
 
@@ -110,7 +110,7 @@ def test_blocks_keep_every_weight_and_skip_the_zeros():
     digits CNN's convolutions need about half the multiply-adds of their matrices."""
     layers = digits_layers()
     for w, _, _ in layers[:-1]:
-        groups = fuse._column_groups(w)
+        groups = fuse.column_groups(w)
         columns = sorted(c for _, _, cols in groups for c in cols)
         assert columns == list(range(w.shape[1]))
         for lo, hi, cols in groups:
@@ -124,7 +124,7 @@ def test_blocks_keep_every_weight_and_skip_the_zeros():
 
 def test_dense_matrices_stay_one_block():
     w = torch.randn(40, 70)
-    assert fuse._column_groups(w) == [(0, 40, list(range(70)))]
+    assert fuse.column_groups(w) == [(0, 40, list(range(70)))]
 
 
 def test_dead_units_and_empty_layers():
@@ -256,10 +256,10 @@ def test_member_runs_the_kernel_for_relu_chains_that_it_makes_cheaper():
     # one 784 x 10 matrix: padded to 32 columns the kernel would do 3.2x torch.mm's work
     narrow = fuse.dense_for_inference(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), torch.rand(1, 1, 28, 28))
     assert narrow.dense == 1 and not narrow.module.chained
-    assert fuse._chain_layers([("relu", None)]) is None                 # a ReLU before any matrix
+    assert fuse.chain_layers([("relu", None)]) is None                 # a ReLU before any matrix
     w, b = torch.randn(3, 4), torch.randn(4)
-    assert fuse._chain_layers([("matrix", (w, b)), ("relu", None), ("relu", None)]) is None
-    assert fuse._chain_layers([("matrix", (w.double(), b.double()))]) is None
+    assert fuse.chain_layers([("matrix", (w, b)), ("relu", None), ("relu", None)]) is None
+    assert fuse.chain_layers([("matrix", (w.double(), b.double()))]) is None
 
 
 def test_member_kernel_agrees_with_its_torch_path(monkeypatch):
@@ -268,11 +268,11 @@ def test_member_kernel_agrees_with_its_torch_path(monkeypatch):
     x = torch.rand(300, 1, 8, 8)
     calls = []
     real = ops.dense_chain_cpu
-    monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "dense_chain_cpu", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         kernel = out(x)
         assert calls == [1]
-        monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *a: None)   # the GEMM path
+        monkeypatch.setattr(ops, "dense_chain_cpu", lambda *a: None)   # the GEMM path
         gemm = out(x)
         want = m(x)
         channels_last = out(x.contiguous(memory_format=torch.channels_last))
@@ -282,9 +282,58 @@ def test_member_kernel_agrees_with_its_torch_path(monkeypatch):
 
 def test_member_under_autocast_and_in_other_dtypes_skips_the_kernel(monkeypatch):
     out = fuse.dense_for_inference(member("digits_cnn"), torch.rand(1, 1, 8, 8)).module
-    monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *a: pytest.fail("the kernel ran"))
+    monkeypatch.setattr(ops, "dense_chain_cpu", lambda *a: pytest.fail("the kernel ran"))
     x = torch.rand(20, 1, 8, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert out(x.bfloat16()).dtype == torch.bfloat16
     with torch.no_grad():
         assert out.double()(x.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------
+# bias_act_ (a dense member's layer epilogue)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 17), (1000, 256), (257, 10), (40000, 3)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bias_act_matches_reference_bitwise(isa, rows, cols, relu):
+    gen = torch.Generator().manual_seed(rows * 31 + cols)
+    h = torch.randn(rows, cols, generator=gen) * 3
+    h[0, 0] = float("nan")
+    if cols > 1:
+        h[-1, 1] = float("-inf")
+    bias = torch.randn(cols, generator=gen)
+    ours, ref = h.clone(), h.clone()
+    assert ops.bias_act_cpu_(ours, bias, relu)
+    ops.reference_bias_act_(ref, bias, relu)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ours.isnan()[0, 0]    # NaN stays NaN
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    via_op = h.clone()
+    torch.ops.drt_fast.bias_act_(via_op, bias, relu)
+    assert torch.equal(via_op.nan_to_num(), ref.nan_to_num())
+
+
+def test_bias_act_falls_back_where_the_kernel_does_not_apply():
+    bias = torch.randn(4)
+    for h in (torch.randn(4, 3).T, torch.randn(3, 4, dtype=torch.float64)):   # strided; float64
+        b = bias.to(h.dtype)
+        assert not ops.bias_act_cpu_(h, b, True)
+        want = (h + b).relu()
+        ops.bias_act_(h, b, True)                                             # the op still works
+        assert torch.equal(h, want)
+
+
+@pytest.mark.parametrize("h,bias,message", [
+    (torch.zeros(3), torch.zeros(3), "h must have shape \\[rows, cols\\]"),
+    (torch.zeros(2, 3), torch.zeros(4), "bias must have shape \\[3\\]"),
+    (torch.zeros(2, 3), torch.zeros(3, dtype=torch.float64), "h and bias must be one floating dtype"),
+    (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), "must be one floating dtype"),
+])
+def test_bias_act_errors(h, bias, message):
+    for fn in (ops.bias_act_, ops.reference_bias_act_):
+        with pytest.raises(DrtFastError, match=message):
+            fn(h, bias, True)
+
+
+def test_bias_act_opcheck():
+    h = torch.randn(9, 5, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.drt_fast.bias_act_.default, (h, torch.randn(5), True))

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from drt_fast import fuse, models
+from drt_fast import fuse, models, ops
 from drt_fast.models import with_normalization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,16 +215,15 @@ def test_dense_member_epilogue_kernel_agrees_with_torch(monkeypatch):
     m = member("digits_cnn")
     out = fuse.dense_for_inference(m, torch.rand(1, 1, 8, 8)).module
     x = torch.rand(300, 1, 8, 8)
-    monkeypatch.setattr(fuse.ops, "dense_chain_cpu", lambda *args: None)
+    monkeypatch.setattr(ops, "dense_chain_cpu", lambda *args: None)
     with torch.no_grad():
         kernel = out(x)
-        monkeypatch.setattr(fuse.ops, "bias_act_cpu_", lambda h, b, relu: False)
-        torch_epilogue = out(x)                                  # mm + add_ + relu_ in torch
+        with ops.use_reference():                               # bias_act_cpu_ does nothing
+            torch_epilogue = out(x)                              # mm + add_ + relu_ in torch
     assert torch.equal(kernel, torch_epilogue)
-    b = out._buffers
-    h = torch.addmm(b["bias0"], x.reshape(300, -1), b["weight0"]).relu_()
-    h = torch.addmm(b["bias1"], h, b["weight1"]).relu_()
-    assert rel_err(kernel, torch.addmm(b["bias2"], h, b["weight2"])) < 1e-6
+    h = torch.addmm(out.bias0, x.reshape(300, -1), out.weight0).relu_()
+    h = torch.addmm(out.bias1, h, out.weight1).relu_()
+    assert rel_err(kernel, torch.addmm(out.bias2, h, out.weight2)) < 1e-6
 
 
 class ReluFirst(nn.Module):
@@ -363,159 +362,3 @@ def test_cuda_dense_members_match_the_member(cuda_device):
         want = m.double()(x.double()).float()
         m.float()
         assert rel_err(out.module(x), want) < 5e-3          # cuDNN may run TF32 convolutions
-
-
-# ------------------------------------------------------------------ the engine's use of it
-from drt_fast import Ensemble, SmoothedClassifier  # noqa: E402
-from drt_fast.errors import DrtFastError  # noqa: E402
-
-CERT = dict(n0=20, n=300, alpha=0.01, batch_size=256)
-
-
-def digits_ensemble():
-    return Ensemble([member("digits_cnn", seed) for seed in range(3)])
-
-
-def certs(smooth, xs):
-    return smooth.certify_many(xs, range(len(xs)), **CERT)
-
-
-@pytest.fixture
-def fusion_on_cpu(monkeypatch):
-    """Let the engine fuse on the CPU with the plain-torch ops (exact for a model without
-    BatchNorm: relu(conv2d(x)) is what the unfused member computes); counts the rewrites."""
-    built = []
-
-    def rewrite(*args, **kwargs):
-        built.append(1)
-        return real(*args, **kwargs)
-
-    real = fuse.for_inference
-    monkeypatch.setattr(SmoothedClassifier, "_rewrites_with_cudnn", staticmethod(lambda device: True))
-    monkeypatch.setattr(SmoothedClassifier, "_fusion_unsupported", lambda self, device: "")
-    monkeypatch.setattr(fuse, "cudnn_ops", fuse.reference_ops)
-    monkeypatch.setattr(fuse, "for_inference", rewrite)
-    return built
-
-
-def test_engine_lowers_members_to_dense_matrices_on_the_cpu():
-    xs = torch.rand(4, 1, 8, 8)
-    ens = digits_ensemble()
-    plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
-    smooth = SmoothedClassifier(ens, 10, sigma=0.25)
-    dense = certs(smooth, xs)
-    assert smooth.fuse_status == ("on: 3 of 3 member(s) as dense matrices (9 matrices; 3 run by the "
-                                  "block-sparse CPU kernel, 55% of the multiply-adds)")
-    assert all(isinstance(m, fuse.DenseMember) for m in smooth._fused[1].members)
-    # the same noise; a vote flips only where rounding moves a draw across a boundary
-    for p, d in zip(plain, dense):
-        assert p.label == d.label and abs(p.count - d.count) <= 2, (plain, dense)
-    assert certs(smooth, xs) == dense                                  # deterministic
-    with torch.no_grad():                                              # a member changes
-        ens.members[2][1].fc.weight.mul_(-1.0)
-    changed = certs(smooth, xs)
-    again = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
-    assert [c.label for c in changed] == [c.label for c in again]
-
-
-def big_mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 10))
-
-
-def test_engine_on_the_cpu_mixes_dense_and_onednn_rewrites_and_forced_fusion():
-    xs = torch.rand(2, 1, 28, 28)
-    mixed = Ensemble([member("lenet"), nn.Sequential(nn.Flatten(), nn.Linear(784, 10))])
-    smooth = SmoothedClassifier(mixed, 10, sigma=0.25)
-    certs(smooth, xs)
-    want = "on: 1 of 2 member(s) as dense matrices (1 matrix)"
-    if fuse.onednn_available():          # LeNet: not a chain (max-pool), its convs fused
-        want += "; 2 fused convolutions (oneDNN), 0 BatchNorms folded in 1 member(s)"
-    else:
-        want += " (max_pool2d() is neither affine nor elementwise; this torch build has no oneDNN)"
-    assert smooth.fuse_status == want
-    nothing = Ensemble([big_mlp()])      # too big for a matrix, no convolution to fuse
-    smooth = SmoothedClassifier(nothing, 10, sigma=0.25)
-    certs(smooth, xs)
-    assert smooth.fuse_status.startswith("off: the layers ") and smooth.fuse_status.endswith(
-        "would be a 784x1000 matrix (more than 262,144 entries)")
-    with pytest.raises(DrtFastError, match=r"fuse=True: no member could be rewritten "
-                                           r"\(the layers .* would be a 784x1000 matrix"):
-        certs(SmoothedClassifier(nothing, 10, sigma=0.25, fuse=True), xs)
-    with pytest.raises(DrtFastError, match="fuse must be"):
-        SmoothedClassifier(digits_ensemble(), 10, sigma=0.25, fuse="yes")
-
-
-@pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
-def test_engine_says_why_bf16_nchw_resnets_are_not_fused():
-    if not fuse.onednn_available(torch.bfloat16):
-        pytest.skip("oneDNN has no bf16 kernels for this CPU")
-    smooth = SmoothedClassifier(Ensemble([member("cifar_resnet20")]), 10, sigma=0.25,
-                                precision="bf16", channels_last=False)
-    smooth.prepare(torch.rand(1, 3, 32, 32))
-    assert smooth.fuse_status.startswith("off: it is not a chain of layers")
-    assert smooth.fuse_status.endswith("; oneDNN's bf16 fusion needs channels-last draws")
-
-
-@pytest.mark.skipif(not fuse.onednn_available(), reason="this torch build has no oneDNN")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_engine_fuses_resnets_with_onednn_on_the_cpu(precision):
-    if precision == "bf16" and not fuse.onednn_available(torch.bfloat16):
-        pytest.skip("oneDNN has no bf16 kernels for this CPU")
-    torch.manual_seed(0)
-    ens = Ensemble([member("cifar_resnet20", seed) for seed in range(3)])
-    xs = torch.rand(2, 3, 32, 32)
-    run = dict(n0=10, n=100, alpha=0.01, batch_size=110)
-    plain = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision, fuse=False)
-    smooth = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision)
-    a = plain.certify_many(xs, range(2), **run)
-    b = smooth.certify_many(xs, range(2), **run)
-    assert smooth.fuse_status == "on: 57 fused convolutions (oneDNN), 63 BatchNorms folded in 3 member(s)"
-    for p, f in zip(a, b):       # the same noise; rounding may move a draw across a boundary
-        assert p.label == f.label and abs(p.count - f.count) <= 3, (precision, a, b)
-
-
-def test_engine_fused_copies_give_the_same_certificates(fusion_on_cpu):
-    xs = torch.rand(3, 1, 8, 8)
-    ens = digits_ensemble()
-    plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
-    smooth = SmoothedClassifier(ens, 10, sigma=0.25)
-    assert certs(smooth, xs) == plain
-    assert smooth.fuse_status == "on: 6 fused convolutions, 0 BatchNorms folded in 3 member(s)"
-    assert len(fusion_on_cpu) == 3                      # one rewrite per member
-    certs(smooth, xs)
-    assert len(fusion_on_cpu) == 3                      # reused
-    with torch.no_grad():                               # a member changes: rebuilt
-        ens.members[1][1].conv1.weight.mul_(1.5)
-    changed = certs(smooth, xs)
-    assert len(fusion_on_cpu) == 6
-    assert changed == certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
-
-
-def test_engine_gives_up_fused_copies_that_disagree(fusion_on_cpu, monkeypatch):
-    def wrong(x, w, b, *conf):
-        return torch.relu(torch.nn.functional.conv2d(x, w, b, *conf)) + 1.0
-
-    monkeypatch.setattr(fuse, "cudnn_ops", lambda: fuse.FusedOps(wrong, fuse._reference_conv_add_relu))
-    xs = torch.rand(2, 1, 8, 8)
-    ens = digits_ensemble()
-    plain = certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=False), xs)
-    smooth = SmoothedClassifier(ens, 10, sigma=0.25)
-    with pytest.warns(RuntimeWarning, match="fused copies gave up .*fused logits differ"):
-        assert certs(smooth, xs) == plain
-    assert smooth.fuse_status.startswith("off: fused copies gave up")
-    with pytest.raises(DrtFastError, match="fuse=True: the fused copies failed"):
-        certs(SmoothedClassifier(ens, 10, sigma=0.25, fuse=True), xs)
-
-
-def test_cuda_engine_fuses_by_default_and_agrees_with_the_members(cuda_device):
-    torch.manual_seed(0)
-    ens = Ensemble([member("cifar_resnet20", seed) for seed in range(3)]).to(cuda_device)
-    xs = torch.rand(3, 3, 32, 32)
-    for precision in ("fp32", "bf16"):
-        plain = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision, fuse=False)
-        smooth = SmoothedClassifier(ens, 10, sigma=0.25, precision=precision)
-        a, b = certs(plain, xs), certs(smooth, xs)
-        assert smooth.fuse_status.startswith("on: 57 fused convolutions, 63 BatchNorms folded")
-        # the same noise; a vote flips only where rounding moves a draw across a boundary
-        for p, f in zip(a, b):
-            assert p.label == f.label and abs(p.count - f.count) <= 3, (precision, a, b)

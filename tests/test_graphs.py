@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from drt_fast import Ensemble, SmoothedClassifier, smoothing
+from drt_fast import Ensemble, SmoothedClassifier
+from drt_fast.engine import Graphs, State
 from drt_fast.errors import DrtFastError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,10 +31,16 @@ def inputs(num=5):
     return torch.rand(num, 1, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
+def stand_in_graphs(setting, capture):
+    """The engine's graph machinery on the CPU, with ``capture`` in place of CUDA's."""
+    return Graphs(setting, capture_fn=capture, kernels_run_on=lambda device: True, device_types=("cpu",))
+
+
 @pytest.fixture
-def graphs_on_cpu(monkeypatch):
-    """Let the engine 'capture' on the CPU: replay runs the step body again. Returns the
-    number of captures and replays so far."""
+def graphs_on_cpu():
+    """Let engines 'capture' on the CPU: replay runs the step body again. Returns the number
+    of captures and replays so far, and ``install(smooth)``, which gives a classifier these
+    graphs."""
     calls = {"captures": 0, "replays": 0}
 
     def capture(body, device):
@@ -44,9 +51,11 @@ def graphs_on_cpu(monkeypatch):
             body()
         return replay, None
 
-    monkeypatch.setattr(smoothing, "_capture", capture)
-    monkeypatch.setattr(SmoothedClassifier, "_graphs_possible",
-                        lambda self, xs: self.cuda_graphs is not False)
+    def install(smooth):
+        smooth.engine.graphs = stand_in_graphs(smooth.engine.graphs.setting, capture)
+        return smooth
+
+    calls["install"] = install
     return calls
 
 
@@ -60,10 +69,10 @@ def test_replayed_steps_count_what_eager_steps_count(graphs_on_cpu, n0, n, batch
     xs = inputs(8)
     eager = SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=False)
     want = eager.certify_many(xs, range(8), n0, n, 0.01, batch)
-    graphed = SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True)
+    graphed = graphs_on_cpu["install"](SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True))
     got = graphed.certify_many(xs, range(8), n0, n, 0.01, batch)
     assert got == want and counts_of(got) == counts_of(want)
-    assert graphs_on_cpu["replays"] > 0 and graphed.graph_status.startswith("on:")
+    assert graphs_on_cpu["replays"] > 0 and graphed.graph_status.on
     assert graphed.draws_performed == eager.draws_performed == 8 * (n0 + n)
     if batch == 1000:   # the first group runs eagerly (checks); then 3 and 2 inputs: two steps
         assert graphs_on_cpu["captures"] == 2
@@ -78,7 +87,7 @@ def test_replayed_steps_count_what_eager_steps_count(graphs_on_cpu, n0, n, batch
 
 def test_members_whose_tensors_move_get_new_graphs(graphs_on_cpu):
     ens, xs = ensemble(), inputs(3)
-    smooth = SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=True)
+    smooth = graphs_on_cpu["install"](SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=True))
     first = smooth.certify_many(xs, range(3), 20, 1000, 0.01, 64)
     captured = graphs_on_cpu["captures"]
     assert smooth.certify_many(xs, range(3), 20, 1000, 0.01, 64) == first
@@ -89,12 +98,13 @@ def test_members_whose_tensors_move_get_new_graphs(graphs_on_cpu):
 
 
 def test_auto_leaves_large_batches_eager(graphs_on_cpu, monkeypatch):
-    monkeypatch.setattr(SmoothedClassifier, "_GRAPH_AUTO_ELEMENTS", 1000)
-    smooth = SmoothedClassifier(ensemble(), K, sigma=0.5)
+    monkeypatch.setattr(Graphs, "AUTO_ELEMENTS", 1000)
+    smooth = graphs_on_cpu["install"](SmoothedClassifier(ensemble(), K, sigma=0.5))
     smooth.certify_many(inputs(2), range(2), 10, 200, 0.01, 64)      # 64 * 36 > 1000
     assert graphs_on_cpu["captures"] == 0
-    assert smooth.graph_status == "off: a batch of draws holds 2,304 input elements (auto is on up to 1,000)"
-    forced = SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True)
+    assert smooth.graph_status.state == State.OFF and str(smooth.graph_status) == \
+        "off: a batch of draws holds 2,304 input elements (auto is on up to 1,000)"
+    forced = graphs_on_cpu["install"](SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True))
     forced.certify_many(inputs(2), range(2), 10, 200, 0.01, 64)
     assert graphs_on_cpu["captures"] == 1
 
@@ -103,23 +113,24 @@ def test_a_failed_capture_falls_back_to_eager(monkeypatch):
     def capture(body, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(smoothing, "_capture", capture)
-    monkeypatch.setattr(SmoothedClassifier, "_graphs_possible", lambda self, xs: True)
     xs = inputs(3)
     want = SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=False).certify_many(
         xs, range(3), 10, 300, 0.01, 64)
     smooth = SmoothedClassifier(ensemble(), K, sigma=0.5)
+    smooth.engine.graphs = stand_in_graphs(None, capture)
     assert smooth.certify_many(xs, range(3), 10, 300, 0.01, 64) == want
-    assert smooth.graph_status.startswith("off: capture failed (operation not permitted")
+    assert smooth.graph_status.state == State.OFF
+    assert smooth.graph_status.reason.startswith("capture failed (operation not permitted")
+    forced = SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True)
+    forced.engine.graphs = stand_in_graphs(True, capture)
     with pytest.raises(DrtFastError, match="cuda_graphs=True: capture failed"):
-        SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True).certify_many(
-            xs, range(3), 10, 300, 0.01, 64)
+        forced.certify_many(xs, range(3), 10, 300, 0.01, 64)
 
 
 def test_graphs_on_the_cpu_are_off_or_refused():
     smooth = SmoothedClassifier(ensemble(), K, sigma=0.5)
     smooth.certify(inputs(1)[0], 10, 100, 0.01, 64)
-    assert smooth.graph_status == "off: not on a CUDA device"
+    assert str(smooth.graph_status) == "off: not on a CUDA device"
     with pytest.raises(DrtFastError, match="cuda_graphs=True: CUDA graphs need"):
         SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True).certify(
             inputs(1)[0], 10, 100, 0.01, 64)
@@ -131,19 +142,16 @@ def test_graphs_on_the_cpu_are_off_or_refused():
     ("no kernels", "drt_fast's CUDA kernels were not built (for this GPU)"),   # the fallbacks sync
     ("batch_members", "the ensemble runs its members batched (batch_members=True)"),
 ])
-def test_graphs_stay_off_where_a_capture_would_be_wrong(monkeypatch, case, why):
-    """Checked before any capture; a stand-in CUDA batch (only its device is read)."""
-    from drt_fast import ops
-
-    ens = ensemble()
-    ens.batch_members = case == "batch_members"
-    monkeypatch.setattr(ops, "kernels_run_on", lambda device: case != "no kernels")
-    cuda_batch = type("Batch", (), {"device": torch.device("cuda")})()
-    smooth = SmoothedClassifier(ens, K, sigma=0.5)
-    assert smooth._graphs_possible(cuda_batch) is False and smooth.graph_status == f"off: {why}"
-    forced = SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=True)
+def test_graphs_stay_off_where_a_capture_would_be_wrong(case, why):
+    """Checked before any capture (no CUDA device is touched)."""
+    batch_members = case == "batch_members"
+    kernels = lambda device: case != "no kernels"      # noqa: E731
+    graphs = Graphs(None, kernels_run_on=kernels)
+    assert graphs.possible(torch.device("cuda"), batch_members) is False
+    assert str(graphs.status) == f"off: {why}"
+    forced = Graphs(True, kernels_run_on=kernels)
     with pytest.raises(DrtFastError, match=rf"cuda_graphs=True: {why.replace('(', '.').replace(')', '.')}"):
-        forced._graphs_possible(cuda_batch)
+        forced.possible(torch.device("cuda"), batch_members)
 
 
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
@@ -158,7 +166,7 @@ def test_cuda_graphs_give_the_eager_counts(cuda_device, precision):
         labels = smooth.predict_many(xs, range(5), 1000, 0.01, 256)
         results[graphs] = (counts_of(certs), labels)
         if graphs:
-            assert smooth.graph_status.startswith("on:"), smooth.graph_status
+            assert smooth.graph_status.on, smooth.graph_status
     assert results[True] == results[False]
     assert np.sum(results[True][0][0][1]) == 2000
 
@@ -176,5 +184,5 @@ def test_cuda_graphs_on_a_device_that_is_not_the_current_one(cuda_device):
             smooth = SmoothedClassifier(ens, K, sigma=0.5, cuda_graphs=graphs)
             results[graphs] = counts_of(smooth.certify_many(xs, range(3), 20, 2000, 0.01, 256))
             if graphs:
-                assert smooth.graph_status.startswith("on:"), smooth.graph_status
+                assert smooth.graph_status.on, smooth.graph_status
     assert results[True] == results[False]

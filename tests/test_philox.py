@@ -1,11 +1,14 @@
-"""Philox4x32-10 and Box-Muller: known answers, C++ == torch reference bit for bit, accuracy."""
+"""Philox4x32-10 and Box-Muller (csrc/philox.h, ops/reference.py): known answers, C++ ==
+torch reference bit for bit, accuracy."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from drt_fast import _C, ops
+from drt_fast import ops
+from drt_fast.ops import reference
+from drt_fast.ops.extension import cpu_kernels
 
 # Random123's kat_vectors (philox4x32 10): counter[4] key[2] -> output[4]
 KAT = [
@@ -18,7 +21,7 @@ KAT = [
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_philox_known_answers_cpp(counter, key, expected):
-    assert _C.philox4x32_10(*counter, *key) == expected
+    assert cpu_kernels.philox4x32_10(*counter, *key) == expected
 
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
@@ -33,7 +36,7 @@ def test_philox_reference_matches_cpp_on_random_counters():
     k0, k1 = 0x9E3779B9, 0x00000007
     ref = torch.stack(ops.philox4x32_10(c[0], c[1], c[2], c[3], k0, k1), dim=1)
     for i in range(c.shape[1]):
-        assert tuple(ref[i].tolist()) == _C.philox4x32_10(*[int(v) for v in c[:, i]], k0, k1)
+        assert tuple(ref[i].tolist()) == cpu_kernels.philox4x32_10(*[int(v) for v in c[:, i]], k0, k1)
 
 
 def _edge_words():
@@ -49,8 +52,8 @@ def test_box_muller_reference_matches_cpp_bitwise():
     gen = torch.Generator().manual_seed(2)
     a = torch.cat([torch.randint(0, 2**32, (3000,), generator=gen), torch.tensor(_edge_words())])
     b = torch.cat([torch.randint(0, 2**32, (3000,), generator=gen), torch.tensor(_edge_words()[::-1])])
-    z0, z1 = ops._box_muller(a, b)
-    cpp = np.array([_C.box_muller(int(x), int(y)) for x, y in zip(a, b)], dtype=np.float32)
+    z0, z1 = reference.box_muller(a, b)
+    cpp = np.array([cpu_kernels.box_muller(int(x), int(y)) for x, y in zip(a, b)], dtype=np.float32)
     np.testing.assert_array_equal(cpp[:, 0], z0.numpy())
     np.testing.assert_array_equal(cpp[:, 1], z1.numpy())
 
@@ -58,7 +61,7 @@ def test_box_muller_reference_matches_cpp_bitwise():
 def test_log_accuracy():
     k = torch.cat([torch.arange(1, 5000), torch.randint(1, 2**24 + 1, (20000,), generator=torch.Generator().manual_seed(3)),
                    torch.arange(2**24 - 5000, 2**24 + 1)])
-    ours = ops._log_u24(k).double()
+    ours = reference.log_u24(k).double()
     exact = torch.log(k.double() * 2.0**-24)
     # relative to max(1, |ln u|): near u = 1 the log is tiny and only absolute error matters
     err = (ours - exact).abs() / exact.abs().clamp(min=1.0)
@@ -68,7 +71,7 @@ def test_log_accuracy():
 
 def test_sin_cos_accuracy():
     m = torch.cat([torch.arange(0, 1 << 24, 997), torch.tensor([(1 << 24) - 1, 1 << 21, (1 << 22) - 1])])
-    sin_t, cos_t = ops._sin_cos_quadrant(m)
+    sin_t, cos_t = reference.sin_cos_quadrant(m)
     angle = m.double() * (2 * math.pi / 2**24)
     assert (sin_t.double() - torch.sin(angle)).abs().max() < 3e-7
     assert (cos_t.double() - torch.cos(angle)).abs().max() < 3e-7
@@ -81,7 +84,7 @@ def test_noise_layout_matches_contract():
     x = torch.zeros(1, 11)
     out = ops.noisy_draws(x, torch.tensor([key]), torch.tensor([draw - 2]), 3, 1.0, seed)[2]  # row r=2: draw 41
     for e in range(11):
-        words = _C.philox4x32_10(e // 4, draw, key & 0xFFFFFFFF, key >> 32, seed & 0xFFFFFFFF, seed >> 32)
+        words = cpu_kernels.philox4x32_10(e // 4, draw, key & 0xFFFFFFFF, key >> 32, seed & 0xFFFFFFFF, seed >> 32)
         pair = 2 * ((e % 4) // 2)
-        z = _C.box_muller(words[pair], words[pair + 1])[e % 2]
+        z = cpu_kernels.box_muller(words[pair], words[pair + 1])[e % 2]
         assert out[e].item() == z

@@ -1,7 +1,6 @@
 """drt_fast.smoothing: soundness against an exact oracle, agreement with Cohen's loop,
 exact reproducibility (noise streams, batch sizes, packing), precision, errors."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -13,19 +12,6 @@ from drt_fast import ops, stats
 from drt_fast.ensemble import Ensemble
 from drt_fast.errors import DrtFastError, NonFiniteLogitsError
 from drt_fast.smoothing import PREDICT_STREAM, Certificate, SmoothedClassifier
-
-
-@pytest.fixture(autouse=True)
-def _ops_available(monkeypatch):
-    """Run on the pure-torch reference ops when the compiled kernels are not built.
-
-    The engine's logic is what these tests check; the kernels' equality with the
-    references is tested with the ops. DRT_FAST_TEST_REFERENCE_OPS=1 forces the references
-    (to tell an engine bug from a kernel bug).
-    """
-    if ops._C is None or os.environ.get("DRT_FAST_TEST_REFERENCE_OPS") == "1":
-        monkeypatch.setattr(ops, "noisy_draws", ops.reference_noisy_draws)
-        monkeypatch.setattr(ops, "vote_", ops.reference_vote_)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,10 +187,10 @@ def test_counts_come_from_the_documented_noise_streams():
                                   manual_counts(ens, x, key, seed, last, 1, sigma, k))
     with pytest.raises(DrtFastError, match="below 2\\^32"):
         smooth.sample_counts(x[None], [key], 2, 64, first_draw=last)
-    # predict: draws 0..n-1 of stream seed ^ PREDICT_STREAM
+    # predict: draws 0..n-1 of stream seed + PREDICT_STREAM
     predict_counts = smooth.sample_counts(x[None], [key], n, 64, stream="predict")[0]
     np.testing.assert_array_equal(predict_counts,
-                                  manual_counts(ens, x, key, seed ^ PREDICT_STREAM, 0, n, sigma, k))
+                                  manual_counts(ens, x, key, seed + PREDICT_STREAM, 0, n, sigma, k))
     # another key is another input's noise
     assert not np.array_equal(smooth.sample_counts(x[None], [key + 1], n, 64)[0],
                               smooth.sample_counts(x[None], [key], n, 64)[0])
@@ -433,12 +419,11 @@ def test_default_layout_is_channels_last_on_cpu_for_three_or_more_channels(chann
     smooth = SmoothedClassifier(conv, 3, sigma=0.25, seed=1)
     xs = torch.rand(2, channels, 4, 4)
     smooth.certify_many(xs, range(2), n0=8, n=32, alpha=0.01, batch_size=64)
-    assert smooth._model_channels_last == expected
     if channels == 3:   # (a 1-channel conv weight is channels-last whatever the layout)
         assert conv[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert smooth._draws_channels_last(xs.contiguous()) == expected
+    assert smooth.engine.draws_channels_last(xs.contiguous()) == expected
     # An explicit choice wins.
-    assert not SmoothedClassifier(conv, 3, 0.25, channels_last=False)._draws_channels_last(xs)
+    assert not SmoothedClassifier(conv, 3, 0.25, channels_last=False).engine.draws_channels_last(xs)
 
 
 # ------------------------------------------------------------------ errors
@@ -484,12 +469,12 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(DrtFastError, match="n must be"):
         smooth.predict(x, n=0, alpha=0.01, batch_size=32)
     # alpha is validated as float(alpha) (like sigma), and that float is what is used
-    assert smooth.certify(x, **(good | dict(alpha="0.01"))) == smooth.certify(x, **good)
-    assert (smooth.predict(x, n=100, alpha="0.01", batch_size=32)
-            == smooth.predict(x, n=100, alpha=0.01, batch_size=32))
+    assert smooth.certify(x, **(good | dict(alpha="0.01")), key=0) == smooth.certify(x, **good, key=0)
+    assert (smooth.predict(x, n=100, alpha="0.01", batch_size=32, key=0)
+            == smooth.predict(x, n=100, alpha=0.01, batch_size=32, key=0))
     with pytest.raises(DrtFastError, match="expected 2 integer keys"):
         smooth.certify_many(torch.zeros(2, 2), [0], **good)
-    for key in (None, "3", 2**64):
+    for key in ("3", 2**63, 2**64):
         with pytest.raises(DrtFastError, match="keys must be integer dataset indices"):
             smooth.certify(x, **good, key=key)
     with pytest.raises(DrtFastError, match="floating-point"):
@@ -499,6 +484,76 @@ def test_bad_arguments_raise_clear_errors():
         smooth.certify(x, **good, key=-1)
     with pytest.raises(DrtFastError, match="must be >= 0"):
         smooth.sample_counts(torch.zeros(2, 2), [3, -2], 10, 32)
+
+
+def test_the_reference_switch_runs_the_whole_engine_on_the_references(monkeypatch):
+    """ops.use_reference() (or DRT_FAST_REFERENCE_OPS=1) makes every step of the engine run
+    the pure-torch noise and vote -- to tell an engine bug from a kernel bug -- and the
+    certificates are the kernels' (bit-identical noise, the same votes)."""
+    calls = {"reference_noisy_draws": 0, "reference_vote_": 0}
+    for name in calls:
+        def spy(*args, _real=getattr(ops.reference, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops.reference, name, spy)
+    ens = Ensemble([mlp(6, 4, s) for s in range(3)]).eval()
+    xs = torch.rand(5, 6)
+    run = dict(n0=20, n=230, alpha=0.01, batch_size=100)
+    kernels = SmoothedClassifier(ens, 4, sigma=0.5, seed=2, fuse=False).certify_many(xs, range(5), **run)
+    assert calls == {"reference_noisy_draws": 0, "reference_vote_": 0}
+    with ops.use_reference():
+        smooth = SmoothedClassifier(ens, 4, sigma=0.5, seed=2, fuse=False)
+        references = smooth.certify_many(xs, range(5), **run)
+    steps = 5 * 3                   # 250 draws an input in steps of 100
+    assert calls == {"reference_noisy_draws": steps, "reference_vote_": steps}
+    assert smooth.draws_performed == 5 * 250
+    assert [(c.label, c.count, c.selection_counts.tolist()) for c in references] == \
+        [(c.label, c.count, c.selection_counts.tolist()) for c in kernels]
+
+
+def test_keys_default_to_noise_of_their_own_and_must_be_distinct():
+    """Without a key each call draws noise no other call draws (a loop over inputs does not
+    certify them all with one noise sample, whose failures would be one event); given keys
+    must not repeat within a call."""
+    smooth = SmoothedClassifier(RowwiseAffine(2, 4, seed=0), 4, sigma=0.5, seed=1)
+    x = torch.full((2,), 0.5)
+    args = dict(n0=10, n=400, alpha=0.01, batch_size=64)
+    unkeyed = [smooth.certify(x, **args).estimation_counts.tolist() for _ in range(3)]
+    assert len({tuple(c) for c in unkeyed}) == 3
+    keyed = smooth.certify(x, **args, key=5)
+    assert smooth.certify(x, **args, key=5) == keyed                # a key reproduces
+    assert len({smooth.predict(x, n=400, alpha=0.5, batch_size=64) for _ in range(20)}) > 1
+    with pytest.raises(DrtFastError, match="keys must be distinct.*key 3 repeats"):
+        smooth.certify_many(torch.rand(3, 2), [3, 1, 3], **args)
+    with pytest.raises(DrtFastError, match="keys must be distinct"):
+        smooth.predict_many(torch.rand(2, 2), [0, 0], n=10, alpha=0.01, batch_size=64)
+
+
+def test_the_radius_uses_the_noise_level_the_kernels_apply():
+    """The kernels add float32(sigma) * z: where that is below sigma, radii are computed
+    from it (0.12 in float32 is 0.1199999973...)."""
+    for sigma in (0.12, 0.25, 0.1):
+        applied = float(np.float32(sigma))
+        smooth = SmoothedClassifier(LinearScore(W, 10.0), 2, sigma=sigma)
+        cert = smooth.certify(torch.zeros(2), n0=10, n=1000, alpha=0.01, batch_size=512, key=0)
+        assert cert.radius == min(sigma, applied) * norm.ppf(cert.pA_lower)
+        assert cert.radius <= applied * norm.ppf(cert.pA_lower)
+
+
+def test_the_module_keeps_its_modes_and_inputs_outside_the_pixel_range_are_named():
+    member = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    member.train()
+    member[2].eval()                                   # a mix of modes, as the user left it
+    smooth = SmoothedClassifier(member, 3, sigma=0.25)
+    assert member.training and not member[2].training  # construction changes nothing
+    calls = []
+    member[1].register_forward_hook(lambda m, i, o: calls.append(m.training))
+    smooth.certify(torch.rand(4), n0=10, n=100, alpha=0.01, batch_size=64, key=0)
+    smooth.predict(torch.rand(4), n=100, alpha=0.01, batch_size=64, key=1)
+    assert calls and not any(calls)                    # sampled in eval mode
+    assert [m.training for m in member.modules()] == [True, True, True, False, True]
+    with pytest.warns(RuntimeWarning, match=r"values in \[0, 255\], outside \[0, 1\]"):
+        smooth.certify(torch.tensor([0.0, 255.0, 3.0, 7.0]), n0=10, n=100, alpha=0.01, batch_size=64)
 
 
 def test_model_output_and_input_shapes_are_checked():
@@ -534,7 +589,7 @@ def test_a_model_put_back_in_train_mode_is_sampled_in_eval_mode(fuse):
     model.train()
     assert smooth.predict(x, n=200, alpha=0.001, batch_size=100, key=1) == label
     assert torch.equal(model[1].running_mean, running)
-    assert not model.training
+    assert model.training                    # the mode it had before the call, restored
 
 
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)

@@ -83,15 +83,21 @@ void noisy_draws_typed(const NoisyDrawsArgs& p, Convert convert) {
   }
 }
 
-// Output converters: functors (not function pointers) so that the conversion inlines.
+// Output converters: functors (not function pointers) so that the conversion inlines. A NaN
+// becomes the dtype's canonical NaN (kernels.h), tested on the bits: a float comparison
+// could be folded by a compiler that does not keep NaN payloads.
+inline bool is_nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
 struct ToFloat32 {
-  float operator()(float v) const { return v; }
+  float operator()(float v) const {
+    const uint32_t u = bits_of(v);
+    return float_of(is_nan_bits(u) ? kNaNFloat32 : u);
+  }
 };
 struct ToBFloat16 {
-  uint16_t operator()(float v) const { return float_to_bf16(v); }
+  uint16_t operator()(float v) const { return is_nan_bits(bits_of(v)) ? kNaNBFloat16 : float_to_bf16(v); }
 };
 struct ToFloat16 {
-  uint16_t operator()(float v) const { return float_to_fp16(v); }
+  uint16_t operator()(float v) const { return is_nan_bits(bits_of(v)) ? kNaNFloat16 : float_to_fp16(v); }
 };
 
 }  // namespace

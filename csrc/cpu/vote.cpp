@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include "../kernels.h"
+#include "../majority_vote.h"
 #include "convert.h"
 
 namespace drt {
@@ -203,17 +204,8 @@ void block_labels_rows(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t 
           s.best_margin[j] = margin;
           s.mme_label[j] = top1;
         }
-      } else {  // kMajorityVote: weights summed in double, in member order
-        int64_t* labels_j = s.mv_labels + j * p.members;
-        double* votes_j = s.mv_votes + j * p.members;
-        int64_t d = 0;
-        while (d < s.distinct[j] && labels_j[d] != top1) ++d;
-        if (d == s.distinct[j]) {
-          labels_j[d] = top1;
-          votes_j[d] = 0.0;
-          ++s.distinct[j];
-        }
-        votes_j[d] += (double)w;
+      } else {  // kMajorityVote: weights summed in double, in member order (majority_vote.h)
+        mv_add(s.mv_labels + j * p.members, s.mv_votes + j * p.members, &s.distinct[j], top1, (double)w);
       }
     }
   }
@@ -223,13 +215,7 @@ void block_labels_rows(const VoteArgs& p, ToFloat to_float, int64_t r0, int64_t 
     } else if (p.agg == kMaxMargin) {
       labels[j] = s.mme_label[j];
     } else if (p.agg == kMajorityVote) {
-      const int64_t* labels_j = s.mv_labels + j * p.members;
-      const double* votes_j = s.mv_votes + j * p.members;
-      int64_t best = 0;
-      for (int64_t d = 1; d < s.distinct[j]; ++d) {
-        if (votes_j[d] > votes_j[best] || (votes_j[d] == votes_j[best] && labels_j[d] < labels_j[best])) best = d;
-      }
-      labels[j] = labels_j[best];
+      labels[j] = mv_winner(s.mv_labels + j * p.members, s.mv_votes + j * p.members, s.distinct[j], k);
     } else {
       labels[j] = argmax_first(s.score + j * k, k, &top1_value);
     }

@@ -1,5 +1,5 @@
-// noisy_draws on CUDA. Compiled with --fmad=false (CMakeLists.txt) and IEEE div/sqrt (nvcc's
-// default without --use_fast_math): the noise is bit-identical to the CPU kernel and the
+// noisy_draws on CUDA. Compiled with --fmad=false, IEEE div/sqrt and no flush to zero, pinned
+// after any user flags (CMakeLists.txt): the noise is bit-identical to the CPU kernel and the
 // torch reference.
 //
 // A work item is one Philox call: four normals, for elements 4q .. 4q+3 of the logical
@@ -32,9 +32,30 @@
 namespace drt {
 namespace {
 
-DRT_HD float convert(float v, float*) { return v; }
-DRT_HD __nv_bfloat16 convert(float v, __nv_bfloat16*) { return __float2bfloat16_rn(v); }  // as torch's .to()
-DRT_HD __half convert(float v, __half*) { return __float2half_rn(v); }
+// As torch's .to(), but a NaN becomes the dtype's canonical NaN (kernels.h: the GPU's
+// arithmetic and conversions give 0x7FFFFFFF / 0x7FFF, the CPU kernel the same as here),
+// tested and chosen on the bits, which no compiler folds away as it may a float comparison.
+DRT_HD uint32_t bits_of(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+DRT_HD bool is_nan(float v) { return (bits_of(v) & 0x7FFFFFFFu) > 0x7F800000u; }
+template <typename T>
+DRT_HD T from_bits(uint32_t u) {
+  T t;
+  memcpy(&t, &u, sizeof t);  // the low bytes: little-endian, on the host and the GPU
+  return t;
+}
+DRT_HD float convert(float v, float*) { return from_bits<float>(is_nan(v) ? kNaNFloat32 : bits_of(v)); }
+DRT_HD __nv_bfloat16 convert(float v, __nv_bfloat16*) {
+  const __nv_bfloat16 rounded = __float2bfloat16_rn(v);  // converted first: a select, no branch
+  return is_nan(v) ? from_bits<__nv_bfloat16>(kNaNBFloat16) : rounded;
+}
+DRT_HD __half convert(float v, __half*) {
+  const __half rounded = __float2half_rn(v);
+  return is_nan(v) ? from_bits<__half>(kNaNFloat16) : rounded;
+}
 
 // Four consecutive outputs from out + i; `vector`: out + i is aligned to 4 elements.
 template <typename T>
@@ -210,15 +231,6 @@ int run_on_host(const NoisyDrawsArgs& args) {
 }
 
 }  // namespace
-
-int cuda_device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
-  }
-  return count;
-}
 
 void noisy_draws_cuda(const NoisyDrawsArgs& args, int device, uintptr_t stream) {
   DeviceGuard guard(device);

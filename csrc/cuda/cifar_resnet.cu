@@ -29,15 +29,16 @@
 // convolutions, about 1 % of ResNet-110's).
 //
 // Two variants of the tensor-core code (`variant`; each packs the weight tiles its own way,
-// drt_fast/ops.py pack_resnet_kernel_weight): 0, nvcuda::wmma; 1, PTX mma.sync m16n8k16 with
-// ldmatrix from swizzled planes (no shared-memory bank conflicts) and the epilogue straight
-// from the accumulator registers. Both are written once against a policy (`DeviceWmma`,
-// `DeviceMma`), and both have a host policy (`HostWmma`, `HostMma`: loops, the mma.sync one
-// register by register as PTX lays the fragments out) that `cifar_resnet_cuda_on_host`, a
-// test hook, runs: the CTA program, its indexing, swizzle, packing and epilogues are tested
-// on machines without a GPU, including that running the warps of a phase in other orders
-// gives the same logits. What the host cannot show: races between warps of a phase it runs
-// one after another, and whether the GPU's fragment layouts are the ones PTX documents.
+// drt_fast/ops/cifar_resnet_layout.py pack_cifar_resnet_weight): 0, nvcuda::wmma; 1, PTX
+// mma.sync m16n8k16 with ldmatrix from swizzled planes (no shared-memory bank conflicts)
+// and the epilogue straight from the accumulator registers. Both are written once against a
+// policy (`DeviceWmma`, `DeviceMma`), and both have a host policy (`HostWmma`, `HostMma`:
+// loops, the mma.sync one register by register as PTX lays the fragments out) that
+// `cifar_resnet_cuda_on_host`, a test hook, runs: the CTA program, its indexing, swizzle,
+// packing and epilogues are tested on machines without a GPU, including that running the
+// warps of a phase in other orders gives the same logits. What the host cannot show: races
+// between warps of a phase it runs one after another, and whether the GPU's fragment
+// layouts are the ones PTX documents.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

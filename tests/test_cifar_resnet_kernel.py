@@ -1,7 +1,8 @@
-"""The whole-network CIFAR ResNet kernel (``ops.cifar_resnet``, csrc/cuda/resnet.cu) and its
-member rewrite (``fuse.resnet_kernel_for_inference``).
+"""The whole-network CIFAR ResNet kernel (``ops.cifar_resnet``, ops/cifar_resnet.py and
+ops/cifar_resnet_layout.py; csrc/cuda/cifar_resnet.cu) and its member rewrite
+(``fuse.cifar_resnet_for_inference``, fuse/cifar_resnet.py).
 
-Without a GPU, the kernel's CTA program runs on the host (``_C_cuda.cifar_resnet_on_host``,
+Without a GPU, the kernel's CTA program runs on the host (``ops.cifar_resnet_on_host``,
 the same code with wmma replaced by loops over 16x16 tiles): it must agree with
 ``ops.reference_cifar_resnet`` (the same roundings in torch) to float rounding, whatever the
 order in which each phase's warps run, for every input dtype and layout. The reference must
@@ -15,7 +16,8 @@ from torch import nn
 from drt_fast import fuse, models, ops
 from drt_fast.errors import DrtFastError
 
-needs_cuda_build = pytest.mark.skipif(ops._C_cuda is None, reason="drt_fast was built without its CUDA kernels")
+cuda_kernels = ops.extension.cuda_kernels
+needs_cuda_build = pytest.mark.skipif(cuda_kernels is None, reason="drt_fast was built without its CUDA kernels")
 
 MEANS, SDS = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 
@@ -39,16 +41,13 @@ VARIANTS = [0, 1]      # wmma, mma.sync
 
 
 def kernel_member(member, variant=1):
-    rewritten = fuse.resnet_kernel_for_inference(member, variant)
-    assert rewritten.reason is None and isinstance(rewritten.module, fuse.ResNetKernelMember)
+    rewritten = fuse.cifar_resnet_for_inference(member, variant)
+    assert rewritten.reason is None and isinstance(rewritten.module, fuse.CifarResNetMember)
     return rewritten.module
 
 
 def on_host(k, x, order=0):
-    out = torch.full((x.shape[0], k.fc_w.shape[0]), float("nan"))
-    ops._C_cuda.cifar_resnet_on_host(*ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b,
-                                                             k.blocks, k.variant, out), order)
-    return out
+    return ops.cifar_resnet_on_host(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, k.variant, order)
 
 
 def reference(k, x):
@@ -72,22 +71,22 @@ def pixels(batch, seed=1):
 def test_weight_packing_round_trips(variant):
     for cin, cout, k in ((16, 16, 3), (16, 32, 3), (32, 64, 1), (64, 64, 3)):
         w = torch.randn(cout, cin, k, k)
-        tiles = ops.pack_resnet_kernel_weight(w, variant)
+        tiles = ops.pack_cifar_resnet_weight(w, variant)
         assert tiles.numel() == w.numel()
-        assert torch.equal(ops.unpack_resnet_kernel_weight(tiles, cin, cout, k * k, variant), w)
+        assert torch.equal(ops.unpack_cifar_resnet_weight(tiles, cin, cout, k * k, variant), w)
         if variant:                        # the same tiles, each in the fragment order
-            plain = ops.pack_resnet_kernel_weight(w, 0).view(-1, 256)
+            plain = ops.pack_cifar_resnet_weight(w, 0).view(-1, 256)
             assert torch.equal(tiles.view(-1, 256).sort(dim=1).values, plain.sort(dim=1).values)
 
 
 @needs_cuda_build
 def test_mma_tile_order_is_the_kernels():
-    order = ops._mma_tile_order()
+    order = ops.mma_tile_order()
     assert sorted(order.tolist()) == list(range(256))
-    assert order.tolist() == ops._C_cuda.cifar_resnet_b_order()
+    assert order.tolist() == cuda_kernels.cifar_resnet_b_order()
     # a tile is [input channel][output channel] of one tap: the first tile's row 1 is input 1
     w = torch.arange(32 * 16 * 9, dtype=torch.float32).view(32, 16, 3, 3)
-    tiles = ops.pack_resnet_kernel_weight(w).view(-1, 16, 16)
+    tiles = ops.pack_cifar_resnet_weight(w).view(-1, 16, 16)
     assert torch.equal(tiles[0][1], w[:16, 1, 0, 0])
     assert torch.equal(tiles[1][0], w[16:, 0, 0, 0])        # then the second output chunk
 
@@ -118,7 +117,7 @@ def test_the_member_without_normalization_and_on_any_input_dtype():
 
 
 def test_rewrite_counts_and_describes_the_member():
-    rewritten = fuse.resnet_kernel_for_inference(resnet_member(20))
+    rewritten = fuse.cifar_resnet_for_inference(resnet_member(20))
     assert rewritten.fused == rewritten.folded_bn == 21          # stem, 2 per block, 2 downsamples
     assert "depth=20" in repr(rewritten.module) and "mma" in repr(rewritten.module)
 
@@ -175,7 +174,7 @@ def _extra_layer():
 ])
 def test_rewrite_refuses_what_the_kernel_does_not_run(build, why):
     member = build()
-    rewritten = fuse.resnet_kernel_for_inference(member)
+    rewritten = fuse.cifar_resnet_for_inference(member)
     assert rewritten.module is member and rewritten.fused == 0
     assert why in rewritten.reason
 
@@ -271,7 +270,7 @@ def test_host_program_refuses_weights_that_do_not_make_the_network():
     k = kernel_member(resnet_member(8))
     x = pixels(1)
     out = torch.empty(1, 10)
-    args = list(ops._cifar_resnet_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, 1, out))
+    args = list(ops.cifar_resnet_binding_args(x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, 1, out))
     weights, weights_len, biases_len, blocks, variant = 7, 8, 10, 15, 17   # positions in the binding's arguments
     biases = 9
     for index, value, message in ((weights, args[weights] + 2, "aligned"),
@@ -283,84 +282,28 @@ def test_host_program_refuses_weights_that_do_not_make_the_network():
         bad = list(args)
         bad[index] = value
         with pytest.raises(ValueError, match=message):
-            ops._C_cuda.cifar_resnet_on_host(*bad, 0)
-    convs = ops.resnet_kernel_convs(18)
+            cuda_kernels.cifar_resnet_on_host(*bad, 0)
+    convs = ops.cifar_resnet_convs(18)
     for variant in VARIANTS:
-        tiles, biases, smem = ops._C_cuda.cifar_resnet_sizes(18, variant)
+        tiles, biases, smem = cuda_kernels.cifar_resnet_sizes(18, variant)
         assert tiles == sum(taps * cin * cout for cin, cout, taps, _, _ in convs)
         assert biases == sum(cout for _, cout, _, _, _ in convs) and len(convs) == 111
         assert smem <= 113 * 1024     # two CTAs per SM on an H100 (228 KB)
-    assert ops._C_cuda.cifar_resnet_sizes(18, 0)[2] <= 99 * 1024   # an RTX 30/40 too
-    assert ops._C_cuda.cifar_resnet_sizes(18, 1)[2] <= 81 * 1024   # mma.sync: two CTAs an SM on an A100
+    assert cuda_kernels.cifar_resnet_sizes(18, 0)[2] <= 99 * 1024   # an RTX 30/40 too
+    assert cuda_kernels.cifar_resnet_sizes(18, 1)[2] <= 81 * 1024   # mma.sync: two CTAs an SM on an A100
 
 
-def test_engine_runs_the_kernel_only_in_bf16_and_when_asked(monkeypatch):
-    from drt_fast.smoothing import SmoothedClassifier
-
-    bottleneck = _bottleneck()
-    members = [resnet_member(8, seed=0), bottleneck, resnet_member(8, seed=1)]
-    example = pixels(1)
-    monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, "wmma")
-    monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: 0)
-    rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, torch.bfloat16)
-    assert [isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten] == [True, False, True]
-    assert rewritten[0].module.variant == 0
-    assert status.startswith("on: 2 member(s) as one CIFAR ResNet kernel each (DRT_FAST_RESNET_KERNEL=wmma); "
-                             "28 fused convolutions, 31 BatchNorms folded in 1 member(s)"), status
-    with torch.no_grad():                           # on the CPU: the kernel's torch reference
-        assert rel(rewritten[2].module(pixels(4)), members[2](pixels(4))) < 2e-2
-    for dtype in (torch.float32, torch.float16):    # the kernel computes in bf16: bf16 runs only
-        rewritten, status = SmoothedClassifier._cuda_rewrites(members, example, dtype)
-        assert not any(isinstance(r.module, fuse.ResNetKernelMember) for r in rewritten)
-        assert "kernel" not in status
-    monkeypatch.undo()
-    for value in ("1", "mma", "wmma"):              # never on the CPU
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
-        assert fuse.resnet_kernel_variant(torch.device("cpu")) is None
-    for value in ("0", "", "yes"):                  # off, whatever the device
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, value)
-        assert fuse.resnet_kernel_variant(torch.device("cuda")) is None
-
-
-def test_engine_replaces_a_failing_kernel_by_the_fused_copies(monkeypatch):
-    """A kernel member that fails its first-batch check costs the kernel, not the fusion:
-    certification goes on with every member as a fused copy (cuDNN's on a GPU; here oneDNN's
-    stand in), whose counts are those of a run that never asked for the kernel."""
-    from drt_fast.ensemble import Ensemble
-    from drt_fast.smoothing import SmoothedClassifier
-
-    if not fuse.onednn_available(torch.bfloat16):
-        pytest.skip("oneDNN has no bf16 kernels for this CPU")
-    monkeypatch.setattr(SmoothedClassifier, "_rewrites_with_cudnn", staticmethod(lambda device: True))
-    monkeypatch.setattr(fuse, "cudnn_ops", fuse.onednn_ops)
-    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    ensemble = Ensemble([resnet_member(8, seed=s) for s in range(2)]).eval()
-    x, keys = pixels(1), torch.tensor([0])
-
-    def counts(variant):
-        monkeypatch.setattr(fuse, "resnet_kernel_variant", lambda device: variant)
-        smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16", channels_last=True)
-        return smooth, smooth.sample_counts(x, keys, 300, 100)
-
-    plain, want = counts(None)
-    assert "kernel" not in plain.fuse_status and plain.fuse_status.startswith("on: "), plain.fuse_status
-    kernel_forward = fuse.ResNetKernelMember.forward
-    monkeypatch.setattr(fuse.ResNetKernelMember, "forward", lambda self, x: kernel_forward(self, x) * -1.0)
-    calls = []                                      # draws the plain member runs
-    hook = ensemble.members[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    with pytest.warns(RuntimeWarning, match="CIFAR ResNet kernel was given up on"):
-        smooth, got = counts(1)
-    hook.remove()
-    assert (got == want).all()
-    assert calls == [64, 64]    # only the two first-batch checks: the later batches ran copies
-    assert smooth._fuse_failed is None and not smooth._kernel_members(smooth._fused[1])
-    assert smooth.fuse_status.startswith("on: ") and "kernel was given up on: fused logits differ" in \
-        smooth.fuse_status, smooth.fuse_status
-    # for good: new copies (the members' tensors changed) are built without the kernel
-    with torch.no_grad():
-        ensemble.members[0][1].fc.bias.add_(0.0)
-    assert (smooth.sample_counts(x, keys, 300, 100) == want).all()
-    assert not smooth._kernel_members(smooth._fused[1])
+def test_the_former_environment_variable_still_asks_for_the_kernel(monkeypatch):
+    """DRT_FAST_RESNET_KERNEL, the variable's former name, is read after DRT_FAST_CIFAR_RESNET."""
+    assert fuse.CIFAR_RESNET_ENV_ALIAS == "DRT_FAST_RESNET_KERNEL"
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV, raising=False)
+    monkeypatch.delenv(fuse.CIFAR_RESNET_ENV_ALIAS, raising=False)
+    assert fuse.cifar_resnet_setting() == ""
+    monkeypatch.setenv(fuse.CIFAR_RESNET_ENV_ALIAS, "wmma")
+    assert fuse.cifar_resnet_setting() == "DRT_FAST_RESNET_KERNEL=wmma"
+    monkeypatch.setenv(fuse.CIFAR_RESNET_ENV, "0")                 # the new name wins
+    assert fuse.cifar_resnet_setting() == "DRT_FAST_CIFAR_RESNET=0"
+    assert fuse.cifar_resnet_variant(torch.device("cuda")) is None
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------
@@ -411,26 +354,6 @@ def test_cuda_kernel_reads_any_layout_and_empty_batches(cuda_device, dtype, vari
     assert torch.isnan(out[7]).all() and torch.isfinite(out[:7]).all()
 
 
-@pytest.mark.parametrize("value", ["mma", "wmma"])
-def test_cuda_certify_runs_resnet_members_by_the_kernel_when_asked(cuda_device, monkeypatch, value):
-    from drt_fast.ensemble import Ensemble
-    from drt_fast.smoothing import SmoothedClassifier
-
-    ensemble = Ensemble([resnet_member(20, seed=s) for s in range(3)]).to(cuda_device).eval()
-    x = pixels(1)[0].to(cuda_device)
-    counts = {}
-    for env in ("0", value):
-        monkeypatch.setenv(fuse.RESNET_KERNEL_ENV, env)
-        smooth = SmoothedClassifier(ensemble, 10, 0.25, seed=3, precision="bf16")
-        counts[env] = smooth.sample_counts(x[None], torch.tensor([0]), 2000, 1000)
-        # the kernel ran (a kernel that fails its first-batch check is replaced, with a warning)
-        ran = "as one CIFAR ResNet kernel each" in smooth.fuse_status and "given up" not in smooth.fuse_status
-        assert ran == (env == value), smooth.fuse_status
-    # bf16 both ways, different kernels: the top class and its count nearly agree
-    assert counts["0"].argmax() == counts[value].argmax()
-    assert abs(int(counts["0"].max()) - int(counts[value].max())) <= 60
-
-
 # ---- the debugging hook: shared memory after a phase --------------------------------------
 @needs_cuda_build
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -441,13 +364,13 @@ def test_snapshots_show_the_activations_after_a_phase(variant):
     x = pixels(2)
     args = (x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, k.blocks, variant)
     # after the stem: region 0 holds relu(conv(normalized x) + b) in bf16
-    stem = ops.resnet_kernel_map(ops.cifar_resnet_snapshot(*args, 1, on_host=True), variant, 0, 0, 16)
-    w = ops.unpack_resnet_kernel_weight(k.weights[:9 * 256], 16, 16, 9, variant).float()
+    stem = ops.cifar_resnet_map(ops.cifar_resnet_snapshot(*args, 1, on_host=True), variant, 0, 0, 16)
+    w = ops.unpack_cifar_resnet_weight(k.weights[:9 * 256], 16, 16, 9, variant).float()
     normalized = ((x - k.norm[:3].view(1, 3, 1, 1)) / k.norm[3:].view(1, 3, 1, 1)).to(torch.bfloat16).float()
     want = F.relu(F.conv2d(F.pad(normalized, (0, 0, 0, 0, 0, 13)), w, k.biases[:16], padding=1))
     assert rel(stem, want) < 1e-2 and stem.shape == (2, 16, 32, 32)
     # after the last phase: region 1 holds the 64-channel 8x8 map the head pools
-    last = ops.resnet_kernel_map(ops.cifar_resnet_snapshot(*args, 1 + 6 * k.blocks, on_host=True),
+    last = ops.cifar_resnet_map(ops.cifar_resnet_snapshot(*args, 1 + 6 * k.blocks, on_host=True),
                                  variant, 1, 2, 64)
     logits = last.mean(dim=(2, 3)) @ k.fc_w.t() + k.fc_b
     assert rel(logits, on_host(k, x)) < 1e-5

@@ -1,6 +1,6 @@
 """Where does the GPU's CIFAR ResNet kernel part from its host program? (A debugging aid.)
 
-    python3 -P bench/resnet_kernel_debug.py [--depth 20] [--variants wmma,mma] [--draws 4]
+    python3 -P bench/cifar_resnet_debug.py [--depth 20] [--variants wmma,mma] [--draws 4]
 
 For each variant, runs the kernel on the GPU and its CTA program on the host
 (`ops.cifar_resnet_snapshot`) phase by phase (1: the stem, then one per conv1 -- a stage's
@@ -18,16 +18,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from drt_fast import fuse, ops  # noqa: E402
-from test_resnet_kernel import pixels, resnet_member  # noqa: E402
+from test_cifar_resnet_kernel import pixels, resnet_member  # noqa: E402
 
 
 def locate(index: int) -> str:
     """A bf16 element of the snapshot as (region, position, slot). Regions hold 16-channel
     planes of [position][16]; mma.sync swaps a position's two 8-channel halves at every other
-    group of 4 positions of its plane (resnet.cu `at`)."""
+    group of 4 positions of its plane (cifar_resnet.cu `at`)."""
     offset = 2 * index
-    region = max(i for i, start in enumerate(ops.RESNET_KERNEL_REGIONS) if start <= offset)
-    position, slot = divmod((offset - ops.RESNET_KERNEL_REGIONS[region]) // 2, 16)
+    region = max(i for i, start in enumerate(ops.CIFAR_RESNET_REGIONS) if start <= offset)
+    position, slot = divmod((offset - ops.CIFAR_RESNET_REGIONS[region]) // 2, 16)
     return f"region {region}, position {position} from the region's start, slot {slot}"
 
 
@@ -43,11 +43,11 @@ def main():
     member = resnet_member(args.depth)
     x = pixels(args.draws)
     blocks = (args.depth - 2) // 6
-    end = ops.RESNET_KERNEL_REGIONS[2] + 2 * 18 * 18 * 16 * 2   # regions 0-2, as bf16
+    end = ops.CIFAR_RESNET_REGIONS[2] + 2 * 18 * 18 * 16 * 2   # regions 0-2, as bf16
     for name in args.variants.split(","):
-        variant = ops.RESNET_KERNEL_VARIANTS.index(name)
-        k = fuse.resnet_kernel_for_inference(member, variant).module
-        k_gpu = fuse.resnet_kernel_for_inference(member, variant).module.to(device)
+        variant = ops.CIFAR_RESNET_VARIANTS.index(name)
+        k = fuse.cifar_resnet_for_inference(member, variant).module
+        k_gpu = fuse.cifar_resnet_for_inference(member, variant).module.to(device)
         host_args = (x, k.weights, k.biases, k.norm, k.fc_w, k.fc_b, blocks, variant)
         gpu_args = (x.to(device), k_gpu.weights, k_gpu.biases, k_gpu.norm, k_gpu.fc_w, k_gpu.fc_b, blocks,
                     variant)
