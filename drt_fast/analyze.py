@@ -105,6 +105,9 @@ def plot(results: list[Results], out: str) -> None:
 def analyze(paths: list[str], radii: list[float] | None = None, plot_path: str | None = None) -> str:
     """Read results files and return the table (and write the plot when ``plot_path`` is given)."""
     results = [read_results(p) for p in paths]
+    empty = [r.path for r in results if len(r) == 0]
+    if empty:
+        raise DrtFastError(f"results file {empty[0]!r} has no rows (only a header): nothing to analyze")
     if radii is None:
         radii = default_radii(max((max(r.radius, default=0.0) for r in results), default=0.0))
     bad = [r for r in radii if not (r >= 0 and math.isfinite(r))]

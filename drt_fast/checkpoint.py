@@ -240,6 +240,7 @@ def load_members(paths: Sequence[PathLike], mode: str | None = None, weights=Non
     meta.update(
         arch=archs[0] if len(set(archs)) == 1 else ",".join(dict.fromkeys(archs)),
         archs=archs, mode=ensemble.mode, weights=ensemble.weights.tolist(),
+        own_normalization=[own for m in metas for own in m["own_normalization"]], files=metas,
         members=len(members), paths=[str(p) for p in paths],
         format=first["format"] if len({m["format"] for m in metas}) == 1 else "mixed",
         sha256=first["sha256"] if len(metas) == 1 else hashlib.sha256(
@@ -247,6 +248,81 @@ def load_members(paths: Sequence[PathLike], mode: str | None = None, weights=Non
         sigma=first["sigma"] if len({m["sigma"] for m in metas}) == 1 else None,
     )
     return ensemble.eval(), meta
+
+
+def open_checkpoints(paths: Sequence[PathLike], mode: str | None = None, dataset: str | None = None):
+    """`load_checkpoint` of the file(s) a user named (one path, or several member files):
+    every failure, a missing file or one the loader cannot read, is one DrtFastError line.
+    ``dataset`` is the data's name: a Cohen file's normalization follows it (an ``npz``
+    states none of its own; see `resolve_normalization`)."""
+    for path in paths:
+        if not os.path.exists(path):
+            raise DrtFastError(f"checkpoint {os.fspath(path)!r} does not exist")
+        if os.path.isdir(path):
+            raise DrtFastError(f"checkpoint {os.fspath(path)!r} is a directory, expected a file")
+    target = os.fspath(paths[0]) if len(paths) == 1 else [os.fspath(p) for p in paths]
+    try:
+        return load_checkpoint(target, mode=mode, dataset=dataset if dataset != "npz" else None)
+    except DrtFastError:
+        raise
+    except Exception as e:  # a format the loader did not anticipate is still the user's file
+        raise DrtFastError(f"cannot load checkpoint {target!r}: {first_line(e)}") from None
+
+
+def resolve_normalization(ensemble: Ensemble, meta: dict, given=None, data=None) -> str:
+    """Settle the input normalization of a loaded ensemble, the way users of Cohen's code
+    expect: a checkpoint's own normalization wins; a member that carries none (a Cohen
+    file, whose NormalizeLayer kept its means/sds out of the state dict) takes ``given``
+    (``(means, sds)`` the user set explicitly), else ``data`` (the normalization the data
+    states: a named dataset's, an .npz file's ``means``/``sds``), else keeps the one of the
+    dataset its arch implies (what `load_checkpoint` gave it).
+
+    ``given`` that differs from a member's own normalization is a conflict (DrtFastError).
+    Updates ``meta["normalization"]`` and returns where it came from: ``"checkpoint"``,
+    ``"given"``, ``"data"`` or ``"arch"`` (members of several sources: e.g. ``"checkpoint,
+    given"``).
+    """
+    own = list(meta.get("own_normalization") or [True] * len(ensemble.members))
+    sources = []
+    for member, has_own in zip(ensemble.members, own):
+        layer = member[0] if isinstance(member, nn.Sequential) and len(member) else None
+        if not isinstance(layer, NormalizeLayer):
+            raise DrtFastError(f"{_name(meta)}: a member has no NormalizeLayer to normalize with")
+        current = (_floats(layer.means), _floats(layer.sds))
+        if has_own:
+            if given is not None and not same_normalization(current, given):
+                raise DrtFastError(f"{_name(meta)} carries its own normalization (means "
+                                   f"{list(current[0])}, sds {list(current[1])}); --means/--sds set it "
+                                   f"only for a checkpoint that has none")
+            sources.append("checkpoint")
+            continue
+        chosen, source = (given, "given") if given is not None else (data, "data") if data is not None \
+            else (None, "arch")
+        if chosen is not None:
+            means, sds = (tuple(float(v) for v in chosen[0]), tuple(float(v) for v in chosen[1]))
+            if len(means) != layer.means.numel() or len(sds) != len(means) or min(sds) <= 0:
+                what = "--means/--sds" if source == "given" else "the data's normalization"
+                raise DrtFastError(f"{what} must hold {layer.means.numel()} values each (sds > 0) for "
+                                   f"{_name(meta)}, got means {list(means)}, sds {list(sds)}")
+            with torch.no_grad():
+                layer.means.copy_(torch.tensor(means).view_as(layer.means))
+                layer.sds.copy_(torch.tensor(sds).view_as(layer.sds))
+        sources.append(source)
+    first = ensemble.members[0][0]
+    meta["normalization"] = (_floats(first.means), _floats(first.sds))
+    return ", ".join(dict.fromkeys(sources))
+
+
+def same_normalization(a, b) -> bool:
+    """Whether two ``(means, sds)`` are the same, up to float32 rounding."""
+    return len(a[0]) == len(b[0]) and len(a[1]) == len(b[1]) and all(
+        math.isclose(float(x), float(y), rel_tol=1e-5, abs_tol=1e-7)
+        for x, y in zip([*a[0], *a[1]], [*b[0], *b[1]]))
+
+
+def _name(meta: Mapping) -> str:
+    paths = meta.get("paths") or ["checkpoint"]
+    return f"checkpoint {paths[0]}" if len(paths) == 1 else f"checkpoints {', '.join(paths)}"
 
 
 def _read_members(path: Path, map_location, dataset: str | None):
@@ -354,8 +430,9 @@ def _from_drt_fast(ckpt: dict, path: Path):
              for i, state in enumerate(states)]
     meta = dict(arch=arch, archs=[arch] * len(parts), dataset=dataset,
                 num_classes=num_classes, input_shape=input_shape,
-                normalization=(means, sds), sigma=sigma, train_config=train_config,
-                format="drt-fast", version=VERSION, mode=mode, weights=weights)
+                normalization=(means, sds), own_normalization=[True] * len(parts), sigma=sigma,
+                train_config=train_config, format="drt-fast", version=VERSION, mode=mode,
+                weights=weights)
     return parts, meta
 
 
@@ -372,6 +449,7 @@ def _from_cohen(ckpt: dict, path: Path, dataset: str | None):
         raise DrtFastError(f"{path}: 'state_dict' must map names to tensors")
     state = _cohen_layout(state)
     num_classes = _classifier_outputs(state, arch, path)
+    own = "0.means" in state and "0.sds" in state      # codebases whose NormalizeLayer has buffers
     # Cohen's NormalizeLayer kept means/sds as attributes: fill them from the dataset.
     state.setdefault("0.means", torch.tensor(means, dtype=torch.float32).view(-1, 1, 1))
     state.setdefault("0.sds", torch.tensor(sds, dtype=torch.float32).view(-1, 1, 1))
@@ -379,7 +457,8 @@ def _from_cohen(ckpt: dict, path: Path, dataset: str | None):
     means, sds = _floats(member[0].means), _floats(member[0].sds)
     meta = dict(arch=arch, archs=[arch], dataset=dataset, num_classes=num_classes,
                 input_shape=models.input_shape(arch), normalization=(means, sds),
-                sigma=_sigma_from_path(path), format="cohen", version=None, mode="we",
+                own_normalization=[own], sigma=_sigma_from_path(path), format="cohen",
+                version=None, mode="we",
                 weights=[1.0],
                 train_config={k: ckpt[k] for k in ("epoch",) if k in ckpt})
     return [member], meta
@@ -466,11 +545,16 @@ def _build_member(state, arch, num_classes, means, sds, what: str) -> nn.Sequent
 # -------------------------------------------------------------------------- describe
 
 def describe(path: PathLike | Sequence[PathLike]) -> str:
-    """A human-readable summary of a checkpoint, for ``drt-fast info``."""
-    ensemble, meta = load_checkpoint(path)
+    """A human-readable summary of a checkpoint (or member files), for ``drt-fast info``."""
+    return describe_loaded(*load_checkpoint(path))
+
+
+def describe_loaded(ensemble: Ensemble, meta: Mapping) -> str:
+    """`describe` of an ensemble `load_checkpoint` gave, with its ``meta``. Several member
+    files: the ensemble, then each file's normalization, sigma and training."""
     counts = [sum(p.numel() for p in m.parameters()) for m in ensemble.members]
-    means, sds = meta["normalization"]
     shape = "x".join(str(v) for v in meta["input_shape"])
+    files = meta.get("files") or [meta]
     lines = [
         f"file           {', '.join(meta['paths'])}",
         f"sha256         {meta['sha256']}",
@@ -479,20 +563,41 @@ def describe(path: PathLike | Sequence[PathLike]) -> str:
         f"dataset        {meta['dataset']}",
         f"classes        {meta['num_classes']}",
         f"input shape    {shape}",
-        f"normalization  means {list(means)}, sds {list(sds)}",
-        f"members        {meta['members']}",
     ]
+    if len(files) == 1:
+        lines.append(_normalization_line(meta))
+    lines.append(f"members        {meta['members']}")
     for i, (arch, count) in enumerate(zip(meta["archs"], counts)):
         lines.append(f"  member {i}     {arch}, {count:,} parameters")
     lines += [
         f"weights        {[round(w, 4) for w in meta['weights']]}",
         f"mode           {meta['mode']}",
-        f"sigma          {'unknown' if meta['sigma'] is None else meta['sigma']}"
-        + (" (from the file's noise_<sigma> folder)" if meta["sigma"] is not None
-           and meta.get("format") == "cohen" else ""),
     ]
-    lines += _describe_training(meta.get("train_config") or {})
+    if len(files) == 1:
+        lines.append(_sigma_line(meta))
+        lines += _describe_training(meta.get("train_config") or {})
+        return "\n".join(lines)
+    first = 0
+    for f in files:           # each member file's own record
+        span = f"member {first}" if f["members"] == 1 else f"members {first}-{first + f['members'] - 1}"
+        first += f["members"]
+        lines.append(f"{span + ':':<15}{', '.join(f['paths'])} ({f['format']}, sha256 {f['sha256'][:12]})")
+        lines += ["  " + line for line in [_normalization_line(f), _sigma_line(f),
+                                             *_describe_training(f.get("train_config") or {})]]
     return "\n".join(lines)
+
+
+def _normalization_line(meta: Mapping) -> str:
+    means, sds = meta["normalization"]
+    own = meta.get("own_normalization") or [True]
+    note = "" if all(own) else " (not in the file: its arch's dataset's, unless the data or --means/--sds set one)"
+    return f"normalization  means {list(means)}, sds {list(sds)}{note}"
+
+
+def _sigma_line(meta: Mapping) -> str:
+    return (f"sigma          {'unknown' if meta['sigma'] is None else meta['sigma']}"
+            + (" (from the file's noise_<sigma> folder)" if meta["sigma"] is not None
+               and meta.get("format") == "cohen" else ""))
 
 
 # What a `drt-fast train` configuration says about the weights (the rest is plumbing:
@@ -537,17 +642,30 @@ def check_fits(ensemble, meta: Mapping, ds, model_path, dataset_name: str, devic
     def fits(model_classes: int) -> bool:
         return model_classes == data_classes or (ds.classes_from_labels and model_classes > data_classes)
 
-    def refuse(what: str):
+    def refuse(what: str, model_classes: int):
         hint = (" (its labels; an npz entry num_classes sets the count)"
                 if ds.classes_from_labels else "")
+        if model_classes > data_classes and dataset_name == "imagenet":
+            hint += (": an image folder's labels are the positions of its sorted class folders, so "
+                     "to certify some of the model's classes keep all its class folders (empty "
+                     "ones count), or write an .npz whose y holds the model's class indices, with "
+                     f"num_classes={model_classes}")
+        elif model_classes > data_classes:
+            hint += (f": to certify some of the model's classes, write an .npz whose y holds the "
+                     f"model's class indices, with num_classes={model_classes}")
         raise DrtFastError(f"checkpoint {model_path!r} {what} classes, the {dataset_name} data has "
                            f"{data_classes}{hint}")
 
     if meta.get("num_classes") is not None and not fits(int(meta["num_classes"])):
-        refuse(f"has {meta['num_classes']}")
-    if meta.get("input_shape") is not None and tuple(meta["input_shape"]) != shape:
-        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {tuple(meta['input_shape'])}, "
-                           f"the {dataset_name} data has shape {shape}")
+        refuse(f"has {meta['num_classes']}", int(meta["num_classes"]))
+    expected = tuple(meta["input_shape"]) if meta.get("input_shape") is not None else None
+    if expected is not None and expected != shape:
+        # x written as N, H, W, C (numpy/PIL/Keras order) reads as C = H
+        hwc = len(shape) == 3 and shape == (*expected[1:], expected[0])
+        raise DrtFastError(f"checkpoint {model_path!r} takes inputs of shape {expected}, "
+                           f"the {dataset_name} data has shape {shape}"
+                           + ("; if x is N, H, W, C, transpose it to N, C, H, W "
+                              "(x.transpose(0, 3, 1, 2))" if hwc else ""))
     try:
         with torch.inference_mode():
             logits = ensemble(ds.x[:1].to(device=device, dtype=torch.float32))
@@ -555,5 +673,5 @@ def check_fits(ensemble, meta: Mapping, ds, model_path, dataset_name: str, devic
         raise DrtFastError(f"checkpoint {model_path!r} cannot take the {dataset_name} inputs of shape "
                            f"{shape}: {first_line(e)}") from None
     if not fits(logits.shape[-1]):          # logits: [M, 1, K]
-        refuse(f"outputs {logits.shape[-1]}")
+        refuse(f"outputs {logits.shape[-1]}", int(logits.shape[-1]))
     return int(logits.shape[-1])

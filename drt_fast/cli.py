@@ -16,11 +16,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, embedded, validate
+from . import __version__, embedded, options, validate
 from .errors import DrtFastError, first_line, is_out_of_memory
 from .threads import fit_threads_to_load
 
 DATASETS = ("digits", "mnist", "cifar10", "imagenet", "npz")
+
+_NO_MODEL = "no --model given: the embedded default is a digits model (8x8 inputs, 10 classes); pass --model"
 
 # Certify packs the draws of several inputs into one batch (certify_many) when n is small;
 # this caps a group so that rows (and the progress bar) still advance often.
@@ -139,6 +141,7 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, default) -> No
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--sigma", type=float, help="noise level (default: the checkpoint's training sigma)")
+    options.add_normalization(p)
     if task == "certify":
         # (--N0 / --N: the spelling of Cohen et al.'s certify.py and predict.py)
         p.add_argument("--n0", "--N0", type=int, default=100, help="selection draws (default: 100)")
@@ -197,7 +200,8 @@ def _main(argv: list[str] | None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:
-            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}"
+                                                  + _positional_hint(args, extra))
     except SystemExit as e:     # --help, --version, or a usage error (already said, one line)
         return e.code if isinstance(e.code, int) else 2
     args.argv = argv
@@ -206,6 +210,18 @@ def _main(argv: list[str] | None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         return _dispatch(args)
+
+
+def _positional_hint(args, extra: list) -> str:
+    """Cohen's certify.py / predict.py take DATASET BASE_CLASSIFIER SIGMA OUTFILE as
+    positional arguments: name the flags that say them here."""
+    # a word that follows an unknown option is taken for its value
+    positional = [word for i, word in enumerate(extra)
+                  if not word.startswith("-") and not (i and extra[i - 1].startswith("-"))]
+    if getattr(args, "command", None) not in ("certify", "predict") or not positional:
+        return ""
+    return (f"; {args.command} takes no positional arguments: Cohen's DATASET BASE_CLASSIFIER "
+            f"SIGMA OUTFILE are --dataset --model --sigma --out")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -247,9 +263,7 @@ def run_info(args) -> int:
     from . import checkpoint
 
     paths = args.checkpoint or [embedded.load().model]
-    for path in paths:
-        _require_file(path, "checkpoint")
-    print(checkpoint.describe(_one_or_many(paths)))
+    print(checkpoint.describe_loaded(*checkpoint.open_checkpoints(paths)))
     return 0
 
 
@@ -289,6 +303,11 @@ def run_smoothing(args, task: str) -> int:
         raise DrtFastError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
     device = distributed.init(group, device)
     args.thread_note = fit_threads_to_load() if device.type == "cpu" else ""
+    if device.type == "cpu" and args.precision == "fp16":
+        import warnings
+
+        warnings.warn("--precision fp16 on the CPU runs many times slower than fp32 (CPUs have no "
+                      "fast fp16 arithmetic); --precision bf16 is the fast reduced precision there")
     try:
         job = _prepare(args, task, device)
         _run(args, job, group)
@@ -313,6 +332,7 @@ def _check_numbers(args, task: str) -> None:
         if value is not None:
             validate.positive_int(value, flag)
     validate.seed(args.seed, "--seed")
+    options.normalization(args)
     flags = "--n0 + --n" if task == "certify" else "--n"
     validate.draw_range(0, args.n + (args.n0 if task == "certify" else 0),
                         what=f"an input's draws ({flags} of them)")
@@ -324,13 +344,6 @@ def _check_numbers(args, task: str) -> None:
         check_writable(args.out, args.resume)
 
 
-def _require_file(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise DrtFastError(f"{what} {path!r} does not exist")
-    if os.path.isdir(path):
-        raise DrtFastError(f"{what} {path!r} is a directory, expected a file")
-
-
 def _prepare(args, task: str, device) -> Job:
     """Load model and data, check they fit together, choose the inputs, build the sidecar."""
     import torch
@@ -339,18 +352,12 @@ def _prepare(args, task: str, device) -> Job:
     from .smoothing import SmoothedClassifier
 
     default = embedded.load() if args.model is None else None
+    if default is not None and (args.dataset not in (None, "digits", "npz")
+                                or (args.data_dir is not None and os.path.isdir(args.data_dir))):
+        raise DrtFastError(_NO_MODEL)
     model_paths = [default.model] if default else args.model
-    for path in model_paths:
-        _require_file(path, "checkpoint")
-    model_path = _one_or_many(model_paths)  # what load_checkpoint takes, and error messages show
-    try:
-        # A Cohen/DRT file's normalization follows the dataset (its arch's by default).
-        cohen_dataset = args.dataset if args.dataset not in (None, "npz") else None
-        ensemble, meta = checkpoint.load_checkpoint(model_path, mode=args.mode, dataset=cohen_dataset)
-    except DrtFastError:
-        raise
-    except Exception as e:  # a format the loader did not anticipate is still the user's file
-        raise DrtFastError(f"cannot load checkpoint {model_path!r}: {first_line(e)}") from None
+    model_path = _one_or_many(model_paths)  # what error messages show
+    ensemble, meta = checkpoint.open_checkpoints(model_paths, mode=args.mode, dataset=args.dataset)
     meta = meta or {}
 
     # The data: explicit --dataset, else the embedded default's test file, else the checkpoint's.
@@ -394,8 +401,16 @@ def _prepare(args, task: str, device) -> Job:
     skip = args.skip if args.skip is not None else (subset.skip if subset else 1)
     max_inputs = args.max if args.max is not None else (subset.max if subset else None)
 
+    # A checkpoint's own normalization wins; --means/--sds, else the data's, fill in one that has none.
+    source = checkpoint.resolve_normalization(ensemble, meta, options.normalization(args),
+                                              ds.normalization if ds.own_normalization else None)
     ensemble = ensemble.to(device).eval()
-    num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)
+    try:
+        num_classes = checkpoint.check_fits(ensemble, meta, ds, model_path, dataset_name, device)
+    except DrtFastError as e:
+        if default is None:
+            raise
+        raise DrtFastError(f"{_NO_MODEL} ({e})") from None
 
     positions = list(range(0, len(keys), skip))
     if max_inputs is not None:
@@ -416,6 +431,9 @@ def _prepare(args, task: str, device) -> Job:
         "alpha": args.alpha,
         "seed": args.seed,
         "mode": mode,
+        "normalization": {"means": list(meta["normalization"][0]), "sds": list(meta["normalization"][1])},
+        "normalization_source": options.describe_normalization(
+            source, meta, os.path.basename(data_dir) if dataset_name == "npz" else dataset_name),
         "precision": args.precision,
         "fuse": {None: "auto", True: "on", False: "off"}[args.fuse],
         "cuda_graphs": {None: "auto", True: "on", False: "off"}[args.cuda_graphs],
@@ -526,6 +544,11 @@ def _run(args, job: Job, group) -> None:
             # said on the one "interrupted" line that _main prints
             raise KeyboardInterrupt(f"{len(records)} new rows kept in {args.out}; "
                                     f"continue with --resume") from None
+        elif isinstance(exc, KeyboardInterrupt) and not args.out and records and group.is_main:
+            progress.close()          # (before the summary, on the same terminal)
+            print(_summary(args, job, records, 0, time.perf_counter() - start))
+            raise KeyboardInterrupt(f"the summary covers the {len(records)} input"
+                                    f"{'s' if len(records) != 1 else ''} done before it") from None
         raise
     finally:
         progress.close()
@@ -610,6 +633,8 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
                      f"CUDA graphs: {job.smoothed.graph_status}")
     else:
         lines.append(f"fused members: {job.smoothed.fuse_status}")
+    norm = cfg["normalization"]
+    lines.append(f"normalization: means {norm['means']}, sds {norm['sds']} ({cfg['normalization_source']})")
     if getattr(args, "thread_note", ""):
         lines.append(args.thread_note)
     if job.task == "certify":

@@ -137,6 +137,9 @@ class Dataset:
     classes_from_labels: ``num_classes`` was inferred as ``max(y) + 1`` (an ``.npz``
       without a ``num_classes`` entry), so it is a lower bound: a model with more classes
       fits the data (a subset whose labels miss the top classes).
+    own_normalization: the data states its normalization (a named dataset's constants, an
+      ``.npz`` file's ``means``/``sds``); False for an ``.npz`` without them, whose
+      ``normalization`` is only the identity default.
     """
 
     x: Union[torch.Tensor, LazyImages]
@@ -146,6 +149,7 @@ class Dataset:
     normalization: tuple[tuple[float, ...], tuple[float, ...]]
     idx: Optional[torch.Tensor] = None
     classes_from_labels: bool = False
+    own_normalization: bool = True
 
     def __post_init__(self):
         if self.idx is None:
@@ -490,4 +494,5 @@ def _npz(path: Path) -> Dataset:
     return Dataset(x=torch.from_numpy(np.ascontiguousarray(x)),
                    y=torch.from_numpy(y.astype(np.int64)), num_classes=num_classes,
                    name="npz", normalization=(means, sds), idx=idx,
-                   classes_from_labels="num_classes" not in arrays)
+                   classes_from_labels="num_classes" not in arrays,
+                   own_normalization="means" in arrays or "sds" in arrays)

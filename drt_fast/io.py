@@ -31,9 +31,9 @@ COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS}
 # the first rows stay the same), device (noise is bit-identical on CPU and GPU), paths,
 # the command line and versions (recorded for the reader, not compared).
 RESUME_KEYS = ("task", "model_sha256", "dataset", "data_sha256", "split", "sigma", "n0", "n",
-               "alpha", "seed", "mode", "precision", "skip")
+               "alpha", "seed", "mode", "normalization", "precision", "skip")
 # Keys that sidecars of earlier versions lack: compared only when the file has them.
-_RESUME_KEYS_ADDED = ("data_sha256",)
+_RESUME_KEYS_ADDED = ("data_sha256", "normalization")
 
 
 def sidecar_path(out: str) -> str:

@@ -126,3 +126,13 @@ def test_leading_double_dash_is_ignored(tmp_path, capsys):
     a = _write(tmp_path / "a.tsv", ROWS_A)
     assert main(["--", "analyze", a]) == 0
     assert "ACR" in capsys.readouterr().out
+
+
+def test_a_file_with_no_rows_is_said_to_have_none(tmp_path, capsys):
+    """issue 21, item 7: a header-only file printed 0.0 % everywhere."""
+    full = _write(tmp_path / "a.tsv", ROWS_A)
+    empty = _write(tmp_path / "empty.tsv", [])
+    for files in ([empty], [full, empty]):
+        assert main(["analyze", *files]) == 2
+        err = capsys.readouterr().err
+        assert err == f"drt-fast: error: results file {empty!r} has no rows (only a header): nothing to analyze\n"

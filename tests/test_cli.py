@@ -261,6 +261,36 @@ def test_info(ckpt, capsys):
     assert "digits_cnn" in out and "members        2" in out
 
 
+def test_info_of_member_files_shows_each_files_normalization_and_training(tmp_path, capsys):
+    """issue 21, item 8: info showed the first file's normalization and trainer for all."""
+    from drt_fast.ensemble import Ensemble
+
+    paths = []
+    for i, (norm, trainer, sigma) in enumerate(((((0.3052,), (0.376,)), "gaussian", 0.25),
+                                                (((0.5,), (0.25,)), "drt", 0.5))):
+        paths.append(str(tmp_path / f"m{i}.pt"))
+        member = fx.members("digits_cnn", 10, *norm, 1, seed=i)
+        checkpoint.save_ensemble(paths[-1], Ensemble(member), arch="digits_cnn", dataset="digits",
+                                 num_classes=10, normalization=norm, sigma=sigma,
+                                 train_config={"trainer": trainer, "epochs": 3 + i,
+                                               "command": f"drt-fast train --trainer {trainer}"})
+    cohen = str(tmp_path / "cohen.pth.tar")
+    state = fx.members("digits_cnn", 10, (0.0,), (1.0,), 1, seed=5)[0].state_dict()
+    torch.save({"arch": "digits_cnn", "state_dict": {k: v for k, v in state.items() if not k.startswith("0.")}},
+               cohen)
+    assert main(["info", *paths, cohen]) == 0
+    out = capsys.readouterr().out.splitlines()
+    blocks = [i for i, line in enumerate(out) if line.startswith("member ")]
+    assert len(blocks) == 3
+    first, second, third = (out[b:e] for b, e in zip(blocks, blocks[1:] + [len(out)]))
+    assert first[0].startswith(f"member 0:      {paths[0]} (drt-fast")
+    assert "normalization  means [0.3052], sds [0.376]" in first[1] and "sigma          0.25" in first[2]
+    assert "trainer=gaussian" in first[3] and "drt-fast train --trainer gaussian" in first[4]
+    assert "normalization  means [0.5], sds [0.25]" in second[1] and "sigma          0.5" in second[2]
+    assert "trainer=drt" in second[3]
+    assert third[0].startswith(f"member 2:      {cohen} (cohen") and "not in the file" in third[1]
+
+
 def test_default_model_and_data_come_from_the_assets_folder(ckpt, tmp_path, monkeypatch, capsys):
     """The resolution logic, on a stand-in assets folder (the real one is tested below)."""
     assets = tmp_path / "assets"
@@ -443,15 +473,21 @@ def test_unwritable_output_fails_before_any_work(ckpt, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file"] and blocker.read_text() == "keep"
 
 
-def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
+def _fail_at(monkeypatch, idx, error):
+    """SmoothedClassifier.certify_many raises ``error`` in the call that holds input ``idx``."""
     real = SmoothedClassifier.certify_many
 
-    def nan_at_idx_90(self, xs, keys, *args, **kw):
-        if 90 in list(keys):
-            raise NonFiniteLogitsError("model produced NaN/inf logits on 300 of 300 noisy draws of input 90")
+    def failing(self, xs, keys, *args, **kw):
+        if idx in list(keys):
+            raise error
         return real(self, xs, keys, *args, **kw)
 
-    monkeypatch.setattr(SmoothedClassifier, "certify_many", nan_at_idx_90)
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", failing)
+
+
+def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, capsys):
+    _fail_at(monkeypatch, 90, NonFiniteLogitsError("model produced NaN/inf logits on 300 of 300 noisy draws "
+                                                   "of input 90"))
     out = str(tmp_path / "r.tsv")
     assert main(["certify", "--model", ckpt, *RUN, "--batch", "300", "--out", out]) == 2
     assert "NaN/inf logits" in fx.error_line(capsys)
@@ -459,14 +495,7 @@ def test_nan_logits_error_keeps_the_rows_written(ckpt, tmp_path, monkeypatch, ca
 
 
 def test_keyboard_interrupt_exits_130_and_keeps_rows(ckpt, tmp_path, monkeypatch, capsys):
-    real = SmoothedClassifier.certify_many
-
-    def interrupt_at_idx_45(self, xs, keys, *args, **kw):
-        if 45 in list(keys):
-            raise KeyboardInterrupt
-        return real(self, xs, keys, *args, **kw)
-
-    monkeypatch.setattr(SmoothedClassifier, "certify_many", interrupt_at_idx_45)
+    _fail_at(monkeypatch, 45, KeyboardInterrupt)
     out = str(tmp_path / "r.tsv")
     assert main(["certify", "--model", ckpt, *RUN, "--batch", "300", "--out", out]) == 130
     assert "--resume" in capsys.readouterr().err
@@ -650,3 +679,150 @@ def test_cohens_spelling_of_n0_and_n(tmp_path, capsys):
                 == fx.rows_without_time(tmp_path / f"ours{suffix}"))
 
 
+
+
+# ----------------------------------------------------------------------------- normalization (issue 21)
+
+def _cohen_lenet(tmp_path):
+    """A Cohen-layout LeNet file (no means/sds in its state dict) whose outputs depend on the
+    normalization, and 4 MNIST-shaped inputs."""
+    member = fx.members("lenet", 10, (0.0,), (1.0,), 1, seed=3)[0]
+    state = {k: v for k, v in member.state_dict().items() if k not in ("0.means", "0.sds")}
+    path = tmp_path / "probe.pth.tar"
+    torch.save({"arch": "lenet", "state_dict": state}, path)
+    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
+    return str(path), x, np.arange(4)
+
+
+def test_npz_normalization_applies_to_a_checkpoint_that_has_none(tmp_path, capsys):
+    model, x, y = _cohen_lenet(tmp_path)
+    plain = fx.write_npz(tmp_path / "plain.npz", x, y, num_classes=10)
+    normed = fx.write_npz(tmp_path / "probe_norm.npz", x, y, num_classes=10, means=[0.9], sds=[0.1])
+    run = ["certify", "--model", model, "--dataset", "npz", "--n0", "10", "--n", "60", "--quiet"]
+    outs = {}
+    for name, argv in (("plain", ["--data-dir", plain]), ("data", ["--data-dir", normed]),
+                       ("flags", ["--data-dir", plain, "--means", "0.9", "--sds", "0.1"])):
+        outs[name] = str(tmp_path / f"{name}.tsv")
+        assert main([*run, *argv, "--sigma", "0.25", "--out", outs[name]]) == 0
+        summary = capsys.readouterr().out
+        meta = json.loads(open(outs[name] + ".json").read())
+        expected = {"plain": ((0.0,), (1.0,)), "data": ((0.9,), (0.1,)), "flags": ((0.9,), (0.1,))}[name]
+        assert (tuple(meta["normalization"]["means"]), tuple(meta["normalization"]["sds"])) == expected
+        said = {"plain": "mnist's, for arch lenet", "data": "the data's (probe_norm.npz)", "flags": "--means/--sds"}
+        assert said[name] in meta["normalization_source"]
+        assert f"normalization: means [{expected[0][0]}], sds [{expected[1][0]}] ({meta['normalization_source']})" \
+            in summary
+    rows = {name: fx.rows_without_time(path) for name, path in outs.items()}
+    assert rows["data"] == rows["flags"] != rows["plain"]
+    # a resume with another normalization is another configuration
+    assert main([*run, "--data-dir", plain, "--sigma", "0.25", "--out", outs["plain"], "--resume",
+                 "--means", "0.5", "--sds", "0.5"]) == 2
+    assert "normalization" in fx.error_line(capsys)
+
+
+def test_a_checkpoints_own_normalization_wins(ckpt, tmp_path, capsys):
+    test = data.load("digits", "test")
+    rows = list(range(0, 60, 15))
+    own = fx.write_npz(tmp_path / "own.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                       num_classes=10)
+    other = fx.write_npz(tmp_path / "other.npz", test.x[rows].numpy(), test.y[rows].numpy(), idx=np.array(rows),
+                         num_classes=10, means=[0.9], sds=[0.1])
+    run = ["certify", "--model", ckpt, "--dataset", "npz", "--n", "200", "--quiet"]
+    assert main([*run, "--data-dir", own, "--out", str(tmp_path / "a.tsv")]) == 0
+    assert main([*run, "--data-dir", other, "--out", str(tmp_path / "b.tsv")]) == 0
+    assert "(the checkpoint's own)" in capsys.readouterr().out
+    assert fx.rows_without_time(tmp_path / "a.tsv") == fx.rows_without_time(tmp_path / "b.tsv")
+    # setting another one explicitly is a conflict, said in one line before any output
+    assert main([*run, "--data-dir", own, "--means", "0.9", "--sds", "0.1", "--out", str(tmp_path / "c.tsv")]) == 2
+    assert "carries its own normalization" in fx.error_line(capsys)
+    assert not (tmp_path / "c.tsv").exists()
+    for bad in (["--means", "0.5"], ["--means", "0.5", "--sds", "0"], ["--means", "0.5", "0.5", "--sds", "1"]):
+        assert main([*run, "--data-dir", own, *bad]) == 2
+        assert "--means" in fx.error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- issue 21: friction
+
+def test_data_without_model_says_the_default_is_a_digits_model(tmp_path, capsys):
+    """item 2: --data-dir without --model fell back to the digits model with puzzling errors."""
+    mnist = fx.write_mnist(tmp_path / "mnist", np.zeros((2, 28, 28), np.uint8), np.array([1, 2], np.uint8))
+    odd = fx.write_npz(tmp_path / "odd.npz", np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]))
+    for argv in (["--data-dir", mnist], ["--dataset", "mnist", "--data-dir", mnist], ["--dataset", "cifar10"],
+                 ["--dataset", "npz", "--data-dir", odd], ["--data-dir", odd]):
+        assert main(["certify", *argv, *RUN]) == 2
+        assert fx.error_line(capsys).startswith(
+            "drt-fast: error: no --model given: the embedded default is a digits model"), argv
+
+
+def test_fp16_on_the_cpu_warns_and_points_to_bf16(ckpt, capsys):
+    """item 3: fp16 on the CPU is many times slower than fp32, with only a fusion note."""
+    assert main(["certify", "--model", ckpt, "--device", "cpu", "--precision", "fp16", *RUN, "--max", "1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("drt-fast: warning: --precision fp16 on the CPU runs many times slower")
+               and "--precision bf16" in line for line in err), err
+    assert main(["certify", "--model", ckpt, "--device", "cpu", "--precision", "bf16", *RUN, "--max", "1"]) == 0
+    assert "fp16" not in capsys.readouterr().err
+
+
+def test_interrupted_without_out_prints_the_summary_of_the_rows_done(ckpt, monkeypatch, capsys):
+    """item 7: Ctrl-C in certify without --out showed nothing of the inputs certified."""
+    _fail_at(monkeypatch, 45, KeyboardInterrupt)
+    assert main(["certify", "--model", ckpt, *RUN, "--batch", "300"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.startswith("drt-fast certify: 3 inputs of digits (test)")
+    assert "certified accuracy % " in captured.out and "rows not saved" in captured.out
+    assert captured.err == "drt-fast: interrupted: the summary covers the 3 inputs done before it\n"
+
+
+def test_cohen_style_positional_arguments_name_the_flags(capsys):
+    """item 11: `drt-fast certify cifar10 ckpt 0.25 out.txt` got a bare 'unrecognized arguments'."""
+    assert main(["certify", "cifar10", "ckpt.pth.tar", "0.25", "out.txt"]) == 2
+    line = fx.error_line(capsys)
+    assert "unrecognized arguments: cifar10 ckpt.pth.tar 0.25 out.txt" in line
+    assert "--dataset --model --sigma --out" in line
+    assert main(["predict", "--frobnicate"]) == 2
+    assert "--dataset --model" not in fx.error_line(capsys)
+
+
+def test_shape_and_class_mismatches_say_how_to_fix_them(tmp_path, capsys):
+    """item 11: an N, H, W, C npz, and a 1000-class model on a 3-class folder subset."""
+    torch.manual_seed(0)
+    r20 = fx.save(tmp_path / "r20.pt", fx.members("cifar_resnet20", 10, *data.normalization("cifar10"), 1),
+                  "cifar_resnet20", "cifar10", 10, (3, 32, 32), data.normalization("cifar10"))
+    hwc = fx.write_npz(tmp_path / "hwc.npz", np.zeros((2, 32, 32, 3), np.float32), np.array([0, 1]))
+    assert main(["certify", "--model", r20, "--dataset", "npz", "--data-dir", hwc, *RUN]) == 2
+    assert fx.error_line(capsys).endswith("transpose it to N, C, H, W (x.transpose(0, 3, 1, 2))")
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    for wnid in ("n01", "n02", "n03"):                     # 3 of the model's 10 classes
+        (tmp_path / "imagenet" / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(tmp_path / "imagenet" / "val" / wnid / "a.png")
+    big = fx.save(tmp_path / "r50.pt", fx.members("resnet50", 10, *data.normalization("imagenet"), 1),
+                  "resnet50", "imagenet", 10, (3, 224, 224), data.normalization("imagenet"))
+    assert main(["certify", "--model", big, "--dataset", "imagenet", "--data-dir", str(tmp_path / "imagenet"),
+                 *RUN]) == 2
+    line = fx.error_line(capsys)
+    assert "has 10 classes, the imagenet data has 3" in line
+    assert "keep all its class folders" in line and "num_classes=10" in line
+
+
+def test_inputs_certified_together_each_get_their_share_of_the_time(ckpt, tmp_path, monkeypatch):
+    """item 11: the draws of several inputs share a batch (small n); each row's time is its
+    share of the call that certified them, so that the column sums to the time spent."""
+    real = SmoothedClassifier.certify_many
+    calls = []
+
+    def slow(self, xs, keys, *args, **kw):
+        calls.append(list(keys))
+        time.sleep(0.3)
+        return real(self, xs, keys, *args, **kw)
+
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", slow)
+    out = tmp_path / "t.tsv"
+    assert main(["certify", "--model", ckpt, *RUN, "--max", "6", "--batch", "900", "--out", str(out)]) == 0
+    assert [len(c) for c in calls] == [3, 3]                # 900 // (100 + 200) inputs a call
+    rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    seconds = [float(sum(x * float(v) for x, v in zip((3600, 60, 1), r[5].split(":")))) for r in rows]
+    for group in (seconds[:3], seconds[3:]):
+        assert len(set(group)) == 1 and 0.1 <= group[0] < 0.3       # a third each, not the call's

@@ -170,3 +170,21 @@ def test_cli_refuses_a_model_that_does_not_fit_the_data_in_one_line(tmp_path, ca
     captured = capsys.readouterr()
     assert "NaN or inf" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert captured.out == ""
+
+
+def test_cli_takes_member_files_and_asks_for_sigma_as_certify_does(tmp_path, capsys):
+    """issue 21, item 4: DRT saves one file per member, which certify and info accept."""
+    members = _digits_members(2)
+    paths = []
+    for i, member in enumerate(members):         # the DRT code's layout: one Cohen file per member
+        paths.append(str(tmp_path / f"m{i}.pth.tar"))
+        torch.save({"arch": "digits_cnn", "state_dict": member.state_dict()}, paths[-1])
+    assert cli.main(["diagnose", *paths, "--n-inputs", "20", "--noise-draws", "2"]) == 2
+    assert capsys.readouterr().err == f"drt-fast: error: checkpoint {', '.join(paths)} has no training sigma; pass --sigma\n"
+    assert cli.main(["diagnose", *paths, "--sigma", "0.25", "--n-inputs", "20", "--noise-draws", "2"]) == 0
+    joined = capsys.readouterr().out
+    assert joined.startswith(f"{', '.join(paths)}: 2 members, digits test (first 20 inputs), sigma 0.25")
+    # the same members in one file give the same table
+    one = _save(tmp_path / "e.pt", members)
+    assert cli.main(["diagnose", str(one), "--n-inputs", "20", "--noise-draws", "2"]) == 0
+    assert capsys.readouterr().out.split("\n", 1)[1] == joined.split("\n", 1)[1]

@@ -32,3 +32,16 @@ def test_asset_scripts_run_the_installed_command(script, tmp_path):
     out = subprocess.run(["bash", "-c", line + '\necho "$DRT"'], env=env, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "drt-fast"
+
+
+def test_the_default_ships_nothing_of_the_machine_that_built_it():
+    """issue 21, item 12: `drt-fast info` showed an init= path and a command whose files lay
+    in a temporary folder of the build machine. Paths are relative to the checkpoint."""
+    import torch
+
+    record = torch.load(embedded.load().model, weights_only=True)["train_config"]
+    assert (record["init"], record["out"], record["log"]) == ("gaussian.pt", "drt.pt", "drt.jsonl")
+    words = [word.split("=", 1)[-1] for value in record.values() if isinstance(value, str)
+             for word in value.split()]
+    assert [w for w in words if os.path.isabs(w) or w.startswith("~")] == []
+    assert "--init gaussian.pt --out drt.pt --log drt.jsonl" in record["command"]

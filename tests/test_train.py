@@ -259,10 +259,11 @@ def test_paths_given_to_the_api_leave_files_that_load(tmp_path):
     out = tmp_path / "api.pt"
     train(TrainConfig(init=default, data_dir=tmp_path, epochs=1, lr=0.01, out=str(out), quiet=True))
     _, meta = load_checkpoint(out)
-    assert meta["train_config"]["init"] == str(default)
-    assert meta["train_config"]["data_dir"] == str(tmp_path)
+    # paths are kept relative to the checkpoint's folder (nothing of this machine travels)
+    assert meta["train_config"]["init"] == os.path.relpath(default, tmp_path)
+    assert meta["train_config"]["data_dir"] == "." and meta["train_config"]["out"] == "api.pt"
     state = safe_load(trainer_mod.state_path(str(out)), "cpu", "training state")
-    assert state["config"]["init"] == str(default)
+    assert state["config"]["init"] == os.path.relpath(default, tmp_path)
 
 
 def test_init_from_member_files_and_mismatched_classes(base, tmp_path, capsys):
@@ -811,3 +812,91 @@ def test_torchrun_with_unequal_shares_takes_the_single_process_steps(tmp_path):
     assert moved > 1e-2                                    # 3 steps did move the weights
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4 * moved)
+
+
+
+# ----------------------------------------------------------------------------- issue 21
+
+def test_init_fixes_what_the_command_line_leaves_open(tmp_path, capsys):
+    """item 5: --init lenet.pt without --arch failed: "has arch lenet, this run has 'digits_cnn'"."""
+    import numpy as np
+
+    lenet = fx.save(tmp_path / "lenet.pt", fx.members("lenet", 10, (0.0,), (1.0,), 2), "lenet", "mnist", 10,
+                    (1, 28, 28), ((0.0,), (1.0,)))
+    rng = np.random.default_rng(0)
+    mnist = tmp_path / "mnist"
+    for split in ("train", "test"):
+        fx.write_mnist(mnist, rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), np.arange(16, dtype=np.uint8) % 10,
+                       split=split)
+    out = tmp_path / "t.pt"
+    assert run_cli("train", "--init", lenet, "--data-dir", mnist, "--sigma", SIGMA, "--epochs", 1,
+                   "--batch", 8, "--out", out, "--quiet") == 0
+    meta = load_checkpoint(out)[1]
+    assert (meta["arch"], meta["dataset"], meta["members"]) == ("lenet", "mnist", 2)
+    # only a real conflict is refused
+    assert run_cli("train", "--init", lenet, "--arch", "digits_cnn", "--data-dir", mnist, "--sigma", SIGMA,
+                   "--epochs", 1, "--out", tmp_path / "x.pt", "--quiet") == 2
+    assert "has arch lenet, this run has 'digits_cnn'" in capsys.readouterr().err
+    assert run_cli("train", "--init", lenet, "--members", 3, "--data-dir", mnist, "--sigma", SIGMA,
+                   "--epochs", 1, "--out", tmp_path / "y.pt", "--quiet") == 2
+    assert "has 2 members, this run has --members 3" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(base, capsys):
+    """item 7: it printed "wrote ..." without writing."""
+    before = os.path.getmtime(base)
+    assert run_cli("train", "--sigma", SIGMA, "--epochs", 12, "--lr", 0.05, "--batch", 64, "--out", base,
+                   "--seed", 0, "--resume") == 0
+    assert capsys.readouterr().out == f"nothing to train: {base} holds all 12 epochs of its run\n"
+    assert os.path.getmtime(base) == before
+
+
+@pytest.mark.parametrize("after_epoch", [1, None])
+def test_ctrl_c_in_train_says_how_to_continue(after_epoch, tmp_path, monkeypatch, capsys):
+    """item 7: as certify does, an interrupted train says what it kept and how to go on."""
+    real_train = trainer_mod.train
+
+    def interrupted(config, on_epoch):
+        if after_epoch is None:
+            raise KeyboardInterrupt
+
+        def then_stop(entry):
+            on_epoch(entry)
+            raise KeyboardInterrupt
+        return real_train(config, on_epoch=then_stop)
+
+    monkeypatch.setattr(trainer_mod, "train", interrupted)
+    out = tmp_path / "c.pt"
+    assert run_cli("train", "--sigma", SIGMA, "--epochs", 2, "--members", 2, "--out", out, "--quiet") == 130
+    said = {1: f"{out} holds epoch 1 of 2; continue with --resume", None: f"no epoch finished; {out} was not written"}
+    assert capsys.readouterr().err == f"drt-fast: interrupted: {said[after_epoch]}\n"
+
+
+def test_npz_training_says_once_that_it_has_no_test_split(tmp_path, capsys):
+    """item 6: an npz run trained without a test split, silently."""
+    from drt_fast import data
+
+    train_split = data.load("digits", "train")
+    npz = fx.write_npz(tmp_path / "d.npz", train_split.x[:64].numpy(), train_split.y[:64].numpy(), num_classes=10,
+                       means=[0.3052], sds=[0.376])
+    log = tmp_path / "l.jsonl"
+    assert run_cli("train", "--dataset", "npz", "--data-dir", npz, "--sigma", SIGMA, "--epochs", 2, "--members", 2,
+                   "--out", tmp_path / "n.pt", "--log", log, "--quiet") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["drt-fast: warning: training without a test split (an .npz file is one set of inputs): "
+                   "the log has no test accuracy"]
+    assert [json.loads(line)["test_acc"] for line in log.read_text().splitlines()] == [None, None]
+
+
+def test_the_record_keeps_paths_relative_to_the_checkpoint(base, tmp_path):
+    """item 12: the embedded default carried the build machine's temporary paths."""
+    folder = tmp_path / "runs" / "a"
+    folder.mkdir(parents=True)
+    out, log = folder / "drt.pt", folder / "drt.jsonl"
+    assert run_cli("train", "--sigma", SIGMA, "--epochs", 1, "--init", os.path.abspath(base),
+                   "--out", os.path.abspath(out), f"--log={os.path.abspath(log)}", "--quiet") == 0
+    record = load_checkpoint(out)[1]["train_config"]
+    init = os.path.relpath(base, folder)
+    assert (record["init"], record["out"], record["log"]) == (init, "drt.pt", "drt.jsonl")
+    assert record["command"] == f"drt-fast train --sigma 0.25 --epochs 1 --init {init} --out drt.pt --log=drt.jsonl --quiet"
+    assert str(tmp_path) not in json.dumps(record)

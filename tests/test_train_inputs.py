@@ -1,5 +1,4 @@
 """Training inputs: Cohen's augmentations, image-folder (ImageNet) training, determinism."""
-import functools
 import json
 import math
 import os
@@ -226,8 +225,16 @@ def test_image_folder_training_is_deterministic_and_resumes(tmp_path, tiny224, m
     def interrupt(entry):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as mp:      # the CLI's train(), stopped after the first epoch
-        mp.setattr(trainer_mod, "train", functools.partial(trainer_mod.train, on_epoch=interrupt))
+    real_train = trainer_mod.train
+
+    def train_then_interrupt(config, on_epoch):      # the CLI's train(), stopped after epoch 1
+        def both(entry):
+            on_epoch(entry)
+            interrupt(entry)
+        return real_train(config, on_epoch=both)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer_mod, "train", train_then_interrupt)
         assert folder_train(root, tmp_path / "r.pt", tiny224, "--epochs", 2, "--workers", 0,
                             "--trainer", "drt", "--rho1", 0.5, "--rho2", 0.5) != 0
     assert weights(tmp_path / "r.pt")[1]["train_config"]["epochs_done"] == 1
@@ -468,3 +475,17 @@ def test_an_unreadable_test_image_keeps_the_epoch(tmp_path, tiny224, capsys):
     bad.write_bytes(good)
     assert folder_train(root, out, tiny224, "--epochs", 2, "--workers", 0, "--resume") == 0
     assert weights(out)[1]["train_config"]["epochs_done"] == 2
+
+
+def test_image_folders_without_val_train_without_a_test_split(tmp_path, tiny224, capsys):
+    """issue 21, item 6: ImageNet training required val/."""
+    import shutil
+
+    root = write_image_folder(tmp_path / "imagenet")
+    shutil.rmtree(root / "val")
+    log = tmp_path / "log.jsonl"
+    assert folder_train(root, tmp_path / "w.pt", tiny224, "--epochs", 2, "--workers", 0, "--log", log) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"drt-fast: warning: training without a test split ({root} has no val/ folder): the log has no "
+        f"test accuracy"]
+    assert [json.loads(line)["test_acc"] for line in log.read_text().splitlines()] == [None, None]

@@ -169,6 +169,12 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
+def path_for_record(path, out) -> str:
+    """``path`` as the record of checkpoint ``out`` keeps it: relative to the folder of
+    ``out``, so that nothing of the machine that trained it travels with the file."""
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(out)))
+
+
 def init_paths(config: TrainConfig) -> list[str]:
     """``--init`` as a list of paths (empty without one)."""
     if not config.init:
@@ -195,7 +201,7 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
     """Copy the weights of the ``--init`` checkpoint(s) into ``members``: one drt-fast
     ensemble, or one file per member (Cohen/DRT base models, or drt-fast files), of the run's
     arch, dataset (where the file names one), classes, input normalization and member count."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, same_normalization
 
     paths = init_paths(config)
     for path in paths:
@@ -220,9 +226,7 @@ def _load_init(config: TrainConfig, members: list[nn.Module], num_classes: int,
         raise DrtFastError(f"--init {what} has {meta.get('num_classes')} classes, "
                            f"dataset {config.dataset} has {num_classes}")
     got, want = meta.get("normalization"), normalization
-    if got is None or not (len(got[0]) == len(want[0]) and all(
-            math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
-            for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]))):
+    if got is None or not same_normalization(got, want):
         raise DrtFastError(f"--init {what} normalizes inputs with means {list(got[0]) if got else None}, "
                            f"sds {list(got[1]) if got else None}; dataset {config.dataset} has "
                            f"{list(want[0])}, {list(want[1])} (an .npz sets them with 'means'/'sds')")
@@ -410,8 +414,7 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     _check_outputs(config)
 
     train_set = data_mod.load(config.dataset, "train", config.data_dir)
-    # an .npz is one set of inputs: no held-out split to report a test accuracy on
-    test_set = None if config.dataset == "npz" else data_mod.load(config.dataset, "test", config.data_dir)
+    test_set, no_test_split = _test_split(config)
     augment = resolve_augment(config.augment, config.dataset, isinstance(train_set.x, torch.Tensor))
     expected = tuple(models.input_shape(config.arch))
     if tuple(train_set.x.shape[1:]) != expected:
@@ -426,6 +429,12 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
                                 weight_decay=config.weight_decay)
     record = plain_config(dataclasses.asdict(config))     # a Path as init: the state must load
+    for key in ("out", "log", "data_dir"):
+        if record.get(key):
+            record[key] = path_for_record(record[key], config.out)
+    if record.get("init"):
+        record["init"] = ([path_for_record(p, config.out) for p in record["init"]]
+                          if isinstance(record["init"], (list, tuple)) else path_for_record(record["init"], config.out))
     record["world_size"] = group.world_size     # the batch split, hence the weights, depend on it
     record["augment"] = augment                 # what "auto" meant
     start_epoch = 0
@@ -453,6 +462,10 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     elif config.init:
         _load_init(config, members, train_set.num_classes, train_set.normalization)
 
+    if no_test_split and group.is_main:    # said once, after every check that could refuse the run
+        import warnings
+
+        warnings.warn(f"training without a test split ({no_test_split}): the log has no test accuracy")
     for f in members:
         f.to(device).train()
     workers = config.workers
@@ -551,6 +564,23 @@ def train(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -
     distributed.barrier(group)
     distributed.shutdown(group)
     return config.out
+
+
+def _test_split(config: TrainConfig):
+    """(the held-out split each epoch's test accuracy is measured on, None) or (None, why
+    there is none): an .npz is one set of inputs; an image-folder tree may have no val/."""
+    from .. import data as data_mod
+
+    missing = None
+    if config.dataset == "npz":
+        missing = "an .npz file is one set of inputs"
+    elif config.dataset == "imagenet":
+        root = config.data_dir or os.environ.get("IMAGENET_DIR")
+        if root and not os.path.isdir(os.path.join(root, "val")):
+            missing = f"{root} has no val/ folder"
+    if missing is None:
+        return data_mod.load(config.dataset, "test", config.data_dir), None
+    return None, missing
 
 
 def _cpu_copy(f: nn.Module) -> nn.Module:
