@@ -214,17 +214,6 @@ def lower_bound(state: _Input, settings: Plan) -> float:
     return bound
 
 
-def check_futility(value, name="futility"):
-    """The futility test's level, in [0, 1)."""
-    try:
-        level = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{name} must be a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= level < 1.0:
-        raise InvalidArgument(f"{name} must lie in [0, 1), got {value}")
-    return level
-
-
 def validate_settings(radii, sigma, n0, n_max, alpha, batch_size):
     """The arguments of certify_radii, checked -> (radii, n0, n_max, alpha, batch_size)."""
     n0 = validate.positive_int(n0, "n0")
