@@ -27,6 +27,7 @@ class Plan:
     weights: torch.Tensor
     weights_key: tuple
     graphs: bool
+    owner: tuple = None              # see Engine._owner
 
 
 class Engine:
@@ -93,6 +94,16 @@ class Engine:
         logits = self.runner.forward_checked(batch) if checked else self.runner.forward(batch)
         ops.vote_eager_(logits, rows, counts, self.model.mode, plan.weights)
 
+    def _owner(self, plan: Plan) -> tuple:
+        """What identifies the module the graphs run: its tensors' addresses, read once per
+        sampler run and module (graphs of another owner are dropped)."""
+        generation = self.runner.generation
+        if plan.owner is None or plan.owner[0] != generation:
+            module = self.runner.module
+            plan.owner = (generation, id(module),
+                          tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers())))
+        return plan.owner
+
     def graphed_step(self, plan: Plan, xs, keys, reps: int, seed: int, rows, counts_shape):
         """(the captured step for inputs xs ``[G, *S]`` x ``reps`` draws of stream ``seed``,
         loaded with xs, keys and rows, or None where graphs are off or not wanted yet;
@@ -102,9 +113,7 @@ class Engine:
         checked = self.runner.output_checked(xs[:1]) and self.runner.copies_checked
         if not self.graphs.wanted(xs.shape, reps, checked):
             return None, checked
-        module = self.runner.module
-        owner = (self.runner.generation, id(module),
-                 tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers())))
+        owner = self._owner(plan)
         key = (tuple(xs.shape), str(xs.device), reps, seed, counts_shape, plan.channels_last,
                self.runner.precision, self.model.mode, plan.weights_key, self.sigma)
 
