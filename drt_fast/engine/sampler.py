@@ -325,6 +325,7 @@ class Sampler:
 
     def _read(self, finished: list) -> None:
         """The counts of ``finished`` requests, in one transfer; their rows are freed."""
+        self.engine.transfers += 1
         self._drain()
         rows = [r.row for r in finished]
         if self._counts.device.type == "cpu":

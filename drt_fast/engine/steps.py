@@ -35,7 +35,8 @@ class Engine:
     None decides from the first 4-d inputs (on for CUDA, and on the CPU for 3 or more
     channels), and converts the model in place; ``fuse`` / ``rewriter``: see `MemberRunner`;
     ``cuda_graphs``: see `Graphs`. ``draws_performed`` counts noisy draws (each seen by
-    every member; the sampler counts them)."""
+    every member) and ``transfers`` the reads of vote counts from the device (each a host
+    synchronisation on CUDA); the sampler counts both."""
 
     def __init__(self, model: Ensemble, num_classes: int, sigma: float, precision: str,
                  channels_last=None, fuse=None, cuda_graphs=None, rewriter=None):
@@ -49,6 +50,7 @@ class Engine:
         self.runner = MemberRunner(model, num_classes, precision, fuse, rewriter)
         self.graphs = Graphs(cuda_graphs)
         self.draws_performed = 0
+        self.transfers = 0
 
     @property
     def device(self) -> torch.device:
