@@ -160,3 +160,124 @@ def test_cuda_reference_switch_runs_the_references_on_the_gpu(cuda_device, spies
     assert int(counts.sum()) == 24
     assert torch.equal(ops.noisy_draws(*args), ops.noisy_draws_eager(*args))      # kernels again
     assert float((kernel_logits - ref_logits).norm() / ref_logits.norm()) < 5e-3
+
+
+# ---- why CUDA tensors do not run the CUDA kernels (extension.cuda_status) --------------------
+class StandInCuda:
+    """A stand-in ``_C_cuda`` whose runtime_info() says what a machine would."""
+
+    def __init__(self, **info):
+        self.info = {"driver_version": 0, "runtime_version": 13000, "device_count": 0, "error_code": 0,
+                     "error": None, **info}
+
+    def runtime_info(self):
+        return dict(self.info)
+
+    def architectures(self):
+        return "80,90"
+
+
+INSUFFICIENT = "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+PROC_535 = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+            "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+
+
+@pytest.fixture
+def driver_files(tmp_path):
+    """Files as the NVIDIA driver writes them: (file of a R535 driver, a missing file)."""
+    proc = tmp_path / "version"
+    proc.write_text(PROC_535)
+    return [str(proc)], [str(tmp_path / "absent")]
+
+
+def _status(driver_files=(), torch_cuda="12.4", cuda=True, load_error=None, **info):
+    ext = ops.Extensions(ops.extension.cpu_kernels, StandInCuda(**info) if cuda else None, load_error)
+    return ops.cuda_status(ext, driver_files=driver_files, torch_cuda=torch_cuda)
+
+
+def test_the_driver_release_is_read_from_the_drivers_files(tmp_path, driver_files):
+    assert ops.extension.driver_release(driver_files[0]) == "535.104.05"
+    assert ops.extension.driver_release(driver_files[1]) is None
+    open_module = tmp_path / "open"
+    open_module.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+                           "(dvs-builder@U16-I3-B03-4-3)  Tue Jul 15 2025\nGCC version:  gcc version 13.3.0\n")
+    sys_module = tmp_path / "sys"
+    sys_module.write_text("570.172.08\n")
+    assert ops.extension.driver_release([str(open_module)]) == "580.65.06"
+    assert ops.extension.driver_release([*driver_files[1], str(sys_module)]) == "570.172.08"
+
+
+def test_an_old_driver_is_named_with_what_the_build_needs_and_how_to_rebuild(driver_files):
+    """Built with CUDA 13 (R580+), on a R535 driver (CUDA 12.2): cudaGetDeviceCount fails."""
+    status = _status(driver_files[0], driver_version=12020, error_code=35, error=INSUFFICIENT)
+    assert status[:4] == ("driver too old", 12020, 13000, "535.104.05")
+    assert status.message.startswith(
+        "drt_fast's CUDA kernels were built with CUDA 13.0, which needs NVIDIA driver R580 or newer; this "
+        f"machine's driver (535.104.05) supports CUDA 12.2 at most ({INSUFFICIENT}), so CUDA tensors use the "
+        "slower pure-torch reference implementation. Update the driver, or rebuild drt-fast with a CUDA 12 "
+        "toolkit, the major version of torch's CUDA (12.4): `pip install .` picks it")
+    assert "DRT_FAST_TORCH_CUDA=12 pip install ." in status.message and "\n" not in status.message
+    # torch newer than the driver, or without CUDA: the driver's own major version
+    for torch_cuda in ("13.0", None):
+        message = _status(driver_files[1], torch_cuda, driver_version=12020, error_code=35, error=INSUFFICIENT).message
+        assert "this machine's driver supports CUDA 12.2 at most" in message
+        assert "rebuild drt-fast with a CUDA 12 toolkit, the newest CUDA this driver runs" in message
+    # a CUDA 12 build on a CUDA 11.4 driver (R470)
+    message = _status(driver_files[1], "12.1", runtime_version=12080, driver_version=11040, error_code=35,
+                      error=INSUFFICIENT).message
+    assert "built with CUDA 12.8, which needs NVIDIA driver R525 or newer" in message
+    assert "a CUDA 11 toolkit" in message
+
+
+def test_each_reason_for_no_cuda_kernels_has_its_message(driver_files):
+    not_built = _status(cuda=False)
+    assert not_built.state == "not built" and "DRT_FAST_CUDA=1 pip install ." in not_built.message
+    broken = _status(cuda=False, load_error=ImportError("_C_cuda.so: undefined symbol: cudaFoo"))
+    assert broken.state == "fails to load" and "(_C_cuda.so: undefined symbol: cudaFoo)" in broken.message
+    no_driver = _status(error_code=35, error=INSUFFICIENT)
+    assert no_driver.state == "no driver" and no_driver.message.startswith(
+        f"drt_fast's CUDA kernels find no NVIDIA driver: {INSUFFICIENT}; CUDA tensors use")
+    assert no_driver.message.endswith("Built with CUDA 13.0, they need driver R580 or newer.")
+    assert "(the kernel module 535.104.05 is loaded)" in _status(driver_files[0], error_code=35,
+                                                                 error=INSUFFICIENT).message
+    no_device = _status(driver_files[0], driver_version=13000, error_code=100,
+                        error="cudaErrorNoDevice: no CUDA-capable device is detected")
+    assert no_device.state == "no device" and no_device.message.startswith(
+        "drt_fast's CUDA kernels (built with CUDA 13.0; driver 535.104.05 (CUDA 13.0)) find no usable GPU: "
+        "cudaErrorNoDevice: no CUDA-capable device is detected")
+    assert "CUDA_VISIBLE_DEVICES" in no_device.message
+    ready = _status(driver_version=13010, device_count=2)
+    assert ready == ("ready", 13010, 13000, None, None)
+    # a GPU the build has no code for: each device's own warning (kernels_run_on)
+    uncovered = ops.extension.uncovered_gpu_message("80,90", (7, 5), "Tesla T4")
+    assert "hold no code for Tesla T4 (sm_75)" in uncovered
+    assert 'CMAKE_CUDA_ARCHITECTURES="80;90;75" pip install .' in uncovered
+    assert {s.state for s in (not_built, broken, no_driver, no_device, ready)} | {"driver too old"} == set(
+        ops.extension.CUDA_STATES)
+
+
+def test_the_fallback_warning_says_why_in_a_fresh_process():
+    """The one warning of CUDA tensors without CUDA kernels is `cuda_status`'s message."""
+    code = ("import warnings, drt_fast.ops as o\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); o.extension.warn_cuda_fallback(); o.extension.warn_cuda_fallback()\n"
+            "s = o.cuda_status()\n"
+            "print(len(w), str(w[0].message) == (s.message or str(w[0].message)), s.state)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=subprocess_env(), cwd=NEUTRAL_CWD).stdout.split(maxsplit=2)
+    assert out[:2] == ["1", "True"] and out[2].strip() in ops.extension.CUDA_STATES, out
+
+
+def test_version_shows_the_driver_and_the_kernels_runtime():
+    from drt_fast.cli import build_report
+
+    ext = ops.extensions()
+    old = ext._replace(cuda=StandInCuda(driver_version=12020, error_code=35, error=INSUFFICIENT), cuda_error=None)
+    lines = build_report(old).splitlines()
+    driver = [l for l in lines if l.startswith("CUDA driver: ")]
+    assert len(driver) == 1 and driver[0].endswith(
+        "CUDA 12.2; the kernels' CUDA runtime: 13.0 (needs driver R580 or newer)".replace(
+            "CUDA 12.2", "CUDA 12.2)" if ops.extension.driver_release() else "CUDA 12.2"))
+    assert lines[-1] == ops.cuda_status(old).message
+    no_cuda = build_report(ext._replace(cuda=None, cuda_error=None)).splitlines()
+    assert no_cuda[-1].startswith("CUDA driver: ") and "runtime" not in no_cuda[-1]
