@@ -2,6 +2,7 @@
 ImportError; the reference switch (`ops.use_reference`, ``DRT_FAST_REFERENCE_OPS=1``) makes
 every op, custom op and eager twin, run its pure-torch reference (ops/reference.py) -- with
 the same results, noise bit for bit. (The build itself: test_build.py.)"""
+import re
 import subprocess
 import sys
 
@@ -160,6 +161,210 @@ def test_cuda_reference_switch_runs_the_references_on_the_gpu(cuda_device, spies
     assert int(counts.sum()) == 24
     assert torch.equal(ops.noisy_draws(*args), ops.noisy_draws_eager(*args))      # kernels again
     assert float((kernel_logits - ref_logits).norm() / ref_logits.norm()) < 5e-3
+
+
+# ---- the CUDA kernels' first-use check (ops/selfcheck.py), with stand-in device runners ------
+import threading  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+from drt_fast.errors import DrtFastError  # noqa: E402
+from drt_fast.ops import selfcheck  # noqa: E402
+
+
+class CpuKernels(selfcheck.EagerOps):
+    """A stand-in "CUDA" that runs the CPU kernels (the tests' device is the CPU); counts its calls."""
+
+    def __init__(self):
+        self.calls = {"noisy_draws": 0, "vote_": 0}
+
+    def noisy_draws(self, *args):
+        self.calls["noisy_draws"] += 1
+        return super().noisy_draws(*args)
+
+    def vote_(self, *args):
+        self.calls["vote_"] += 1
+        super().vote_(*args)
+
+
+class WrongNoise(CpuKernels):
+    """One bit off in one element, on the channels-last fp16 path only."""
+
+    def noisy_draws(self, *args):
+        out = super().noisy_draws(*args)
+        if args[7] and args[6] == torch.float16:
+            out.view(torch.int16)[4, 1, 2, 3] ^= 1
+        return out
+
+
+class WrongVote(CpuKernels):
+    """One vote of the block kernel's size in bf16 mme counted for the wrong class."""
+
+    def vote_(self, logits, rows, counts, agg, weights):
+        super().vote_(logits, rows, counts, agg, weights)
+        if agg == "mme" and logits.dtype == torch.bfloat16 and logits.shape[2] > 32:
+            label = int(counts[0].argmax())
+            counts[0, label] -= 1
+            counts[0, (label + 1) % counts.shape[1]] += 1
+
+
+class Raises(CpuKernels):
+    def noisy_draws(self, *args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    def vote_(self, *args):
+        raise RuntimeError("CUDA error: invalid argument")
+
+
+def test_the_first_use_check_passes_kernels_that_agree():
+    runner = CpuKernels()
+    check = selfcheck.FirstUseCheck(runner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check.passed("noisy_draws", "cpu") and check.passed("vote_", torch.device("cpu"))
+        assert check.passed("noisy_draws", torch.device("cpu"))           # asked again: remembered
+    assert runner.calls == {"noisy_draws": len(selfcheck.noise_case()), "vote_": len(selfcheck.vote_case())}
+    results = check.results()
+    assert set(results) == {("noisy_draws", "cpu"), ("vote_", "cpu")}
+    assert all(r.passed and r.why is None and r.seconds > 0 for r in results.values())
+    assert check.passed("cifar_resnet", "cpu") and runner.calls["noisy_draws"] == 8   # not a checked op
+
+
+@pytest.mark.parametrize("runner, failing, why", [
+    (WrongNoise, {"noisy_draws"},
+     r"noisy_draws, call 5 \(x \[2, 3, 4, 4\], float16, channels-last\): 1 of 288 elements differ"),
+    (WrongVote, {"vote_"}, r"vote_, call 30 \(mme, bfloat16, 40 classes\): 2 of 80 counts differ"),
+    (Raises, {"noisy_draws", "vote_"}, r"raised RuntimeError: CUDA error: "),
+])
+def test_a_kernel_that_disagrees_runs_its_reference_with_one_warning(runner, failing, why):
+    runner = runner()
+    check = selfcheck.FirstUseCheck(runner)
+    for op in selfcheck.CHECKED_OPS:
+        if op in failing:
+            with pytest.warns(RuntimeWarning) as caught:
+                assert not check.passed(op, "cpu")
+            assert len(caught) == 1
+            line = str(caught[0].message)
+            assert "\n" not in line and re.search(why, line), line
+            assert line.startswith(f"drt_fast's {op} kernel on cpu failed its first-use check")
+            assert line.endswith(f"{op} on cpu runs its slower pure-torch reference from now on.")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert check.passed(op, "cpu")
+    calls = dict(runner.calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # once a (device, op): no second warning,
+        for op in selfcheck.CHECKED_OPS:                 # no second run
+            assert check.passed(op, "cpu") == (op not in failing)
+    assert runner.calls == calls
+    assert {op for (op, _), r in check.results().items() if not r.passed} == failing
+
+
+def test_compare_says_what_differs_without_warning():
+    assert selfcheck.compare("noisy_draws", CpuKernels(), "cpu") is None
+    assert selfcheck.compare("vote_", WrongVote(), "cpu").startswith("vote_, call 30 (mme, bfloat16, 40 classes)")
+    assert selfcheck.compare("vote_", Raises(), "cpu") == "vote_ raised RuntimeError: CUDA error: invalid argument"
+    # the expected side is a parameter too: a kernel compared with a wrong "CPU" fails
+    assert selfcheck.compare("noisy_draws", CpuKernels(), "cpu", expected=WrongNoise()) is not None
+
+
+def test_the_first_use_check_runs_once_across_threads():
+    class Slow(CpuKernels):
+        def noisy_draws(self, *args):
+            time.sleep(0.001)
+            return super().noisy_draws(*args)
+
+    runner = Slow()
+    check = selfcheck.FirstUseCheck(runner)
+    verdicts, start = [], threading.Barrier(8)
+
+    def ask():
+        start.wait()
+        verdicts.append((check.passed("noisy_draws", "cpu"), check.passed("vote_", "cpu")))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verdicts == [(True, True)] * 8
+    assert runner.calls == {"noisy_draws": len(selfcheck.noise_case()), "vote_": len(selfcheck.vote_case())}
+
+
+def test_the_fixed_vote_case_has_no_near_ties():
+    """CPU and GPU kernels may part at near-ties (float rounding in another order): the case's
+    draws are clear of them, but for the exact tie of draw 0 (class 0 in every mode) and the
+    non-finite draws 1 and 2 (no vote)."""
+    from test_ops import _decision_gap, _per_draw_labels
+
+    calls = selfcheck.vote_case()
+    assert {(c[0].shape[2], c[0].dtype, c[3]) for c in calls} == {
+        (k, d, a) for k in selfcheck.VOTE_CLASSES for d in ops.LOGIT_DTYPES for a in ops.AGGREGATIONS}
+    assert set(selfcheck.AGGREGATIONS) == set(ops.AGGREGATIONS)
+    for logits, rows, counts, agg, weights in calls:
+        assert _decision_gap(logits[:, 3:], agg, weights).min() > 1e-4, (agg, logits.dtype, logits.shape)
+        labels = _per_draw_labels(ops.reference_vote_, logits[:, :3], agg, weights)
+        assert labels.tolist() == [0, -1, -1]
+        assert not counts.any()
+
+
+@pytest.mark.skipif(ops.extension.cuda_kernels is None, reason="drt_fast was built without its CUDA kernels")
+def test_the_cuda_kernels_logic_passes_the_check_on_the_host():
+    """The CUDA kernels' per-item code run on the host (test_cuda_kernels_on_host) as the
+    device runner: the fixed case passes, and takes every noise path and vote kernel."""
+    from test_cuda_kernels_on_host import CHANNELS_LAST, CONTIGUOUS, GENERAL, host_vote, on_host
+
+    class OnHost:
+        def __init__(self):
+            self.paths, self.kernels = set(), set()
+
+        def noisy_draws(self, x, keys, first, reps, sigma, seed, out_dtype, channels_last):
+            out, path = on_host(x.float(), keys, first, reps, sigma, seed, out_dtype, channels_last)
+            self.paths.add(path)
+            return out
+
+        def vote_(self, logits, rows, counts, agg, weights):
+            self.kernels.add(host_vote(logits, rows, counts, agg, weights)[0])
+
+    runner = OnHost()
+    assert selfcheck.FirstUseCheck(runner).passed("noisy_draws", "cpu")
+    assert selfcheck.FirstUseCheck(runner).passed("vote_", "cpu")
+    assert runner.paths == {CONTIGUOUS, CHANNELS_LAST, GENERAL} and runner.kernels == {16, 32, 0}
+
+
+def test_the_check_costs_a_few_milliseconds_on_the_cpu():
+    """Both sides of it on the CPU (on a GPU: the CPU kernels' half, the launches, the reads)."""
+    for op in selfcheck.CHECKED_OPS:
+        seconds = []
+        for _ in range(3):
+            check = selfcheck.FirstUseCheck(CpuKernels())
+            check.passed(op, "cpu")
+            seconds.append(check.results()[(op, "cpu")].seconds)
+        assert min(seconds) < 0.05, (op, seconds)
+
+
+def test_cuda_first_use_check_runs_the_real_kernels(cuda_device):
+    """The ops' first CUDA calls ran the check on the device and passed; a fresh check with the
+    default runner (the ops' own launches) passes too, and says what it cost."""
+    x, keys, first, *rest = _noisy_args()
+    ops.noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *rest)
+    logits, rows, counts, agg, weights = (t.to(cuda_device) if torch.is_tensor(t) else t for t in _vote_args())
+    ops.vote_(logits, rows, counts, agg, weights)
+    device = str(logits.device)
+    done = selfcheck.FIRST_USE.results()
+    assert done[("noisy_draws", device)].passed and done[("vote_", device)].passed, done
+    check = selfcheck.FirstUseCheck()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check.passed("noisy_draws", cuda_device) and check.passed("vote_", cuda_device)
+    for result in check.results().values():
+        print(f"first-use check of {result.op} on {result.device}: {result.seconds * 1e3:.2f} ms")
+    # no check can run inside a graph capture: a clear error, not a broken capture
+    graph, fresh = torch.cuda.CUDAGraph(), selfcheck.FirstUseCheck()
+    with pytest.raises(DrtFastError, match="before capturing"):
+        with torch.cuda.graph(graph):
+            fresh.passed("vote_", cuda_device)
 
 
 # ---- why CUDA tensors do not run the CUDA kernels (extension.cuda_status) --------------------

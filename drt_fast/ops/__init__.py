@@ -17,7 +17,7 @@ modules: every check on device, dtype, shape and contiguity (`checks`) happens b
 pointer crosses into C++.
 """
 from ..validate import AGGREGATIONS
-from . import checks, cifar_resnet_layout, extension, reference
+from . import checks, cifar_resnet_layout, extension, reference, selfcheck
 from .checks import LOGIT_DTYPES, NOISE_DTYPES
 # (the op `cifar_resnet` takes the place of its module's attribute here: reach the module
 # by `from drt_fast.ops.cifar_resnet import ...`)

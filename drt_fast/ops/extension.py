@@ -9,7 +9,9 @@ reference (`drt_fast.ops.reference`) runs instead:
 * CUDA tensors where the CUDA kernels were not built, fail to load, find no driver or one
   too old for the CUDA they were built with, find no device (`cuda_status` says which), or
   hold no code for the GPU (`kernels_run_on`): with one RuntimeWarning a process that says
-  which and what to do.
+  which and what to do;
+* CUDA tensors of an op whose CUDA kernel failed its first-use check on their device
+  (`selfcheck`): with one RuntimeWarning naming the device and the op.
 
 Importing never fails for lack of a build or a driver; a CPU op without ``_C`` raises an
 ImportError that says how to build it (`require_cpu_kernels`).
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument
+from . import selfcheck
 
 # The compiled CPU kernels; the source tree has none until `pip install .` (or -e .) built it.
 try:
@@ -362,7 +365,8 @@ def warn_cuda_fallback(message: Optional[str] = None) -> None:
 def kernels_for(op: str, t: Tensor):
     """The compiled module that runs ``op`` on ``t``'s device (``_C`` or ``_C_cuda``), or None
     where the pure-torch reference runs instead (the reference switch; CUDA kernels that do
-    not run on the device, with `warn_cuda_fallback`). Raises `require_cpu_kernels`' ImportError for CPU
+    not run on the device, with `warn_cuda_fallback`; a CUDA kernel that failed its first-use
+    check there, `selfcheck.FIRST_USE`). Raises `require_cpu_kernels`' ImportError for CPU
     tensors without ``_C``, InvalidArgument for other devices."""
     if _reference:
         return None
@@ -370,7 +374,8 @@ def kernels_for(op: str, t: Tensor):
         if not kernels_run_on(t.device):
             warn_cuda_fallback()
             return None
-        return cuda_kernels
+        # the first use of noisy_draws or vote_ on the device checks them (ops/selfcheck.py)
+        return cuda_kernels if selfcheck.FIRST_USE.passed(op, t.device) else None
     if t.device.type == "cpu":
         return require_cpu_kernels()
     raise InvalidArgument(f"{op} runs on cpu or cuda tensors, got device {t.device}")
