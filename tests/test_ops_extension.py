@@ -361,10 +361,12 @@ def test_cuda_first_use_check_runs_the_real_kernels(cuda_device):
     for result in check.results().values():
         print(f"first-use check of {result.op} on {result.device}: {result.seconds * 1e3:.2f} ms")
     # no check can run inside a graph capture: a clear error, not a broken capture
-    graph, fresh = torch.cuda.CUDAGraph(), selfcheck.FirstUseCheck()
+    graph, fresh, step = torch.cuda.CUDAGraph(), selfcheck.FirstUseCheck(), torch.zeros(1, device=cuda_device)
     with pytest.raises(DrtFastError, match="before capturing"):
         with torch.cuda.graph(graph):
+            step.add_(1)                         # (a graph with something in it)
             fresh.passed("vote_", cuda_device)
+    assert fresh.results() == {}
 
 
 # ---- why CUDA tensors do not run the CUDA kernels (extension.cuda_status) --------------------
