@@ -301,7 +301,6 @@ def test_the_fixed_vote_case_has_no_near_ties():
     calls = selfcheck.vote_case()
     assert {(c[0].shape[2], c[0].dtype, c[3]) for c in calls} == {
         (k, d, a) for k in selfcheck.VOTE_CLASSES for d in ops.LOGIT_DTYPES for a in ops.AGGREGATIONS}
-    assert set(selfcheck.AGGREGATIONS) == set(ops.AGGREGATIONS)
     for logits, rows, counts, agg, weights in calls:
         assert _decision_gap(logits[:, 3:], agg, weights).min() > 1e-4, (agg, logits.dtype, logits.shape)
         labels = _per_draw_labels(ops.reference_vote_, logits[:, :3], agg, weights)

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from ..errors import DrtFastError, first_line
+from ..validate import AGGREGATIONS
 
 CHECKED_OPS = ("noisy_draws", "vote_")
-AGGREGATIONS = ("we", "logit", "mme", "mv")        # validate.AGGREGATIONS, every one checked
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VOTE_CLASSES = (10, 20, 40)                        # CUDA vote_: <= 16, <= 32 classes a thread; a block
 
