@@ -198,3 +198,19 @@ def test_sequential_certification_with_graphs_counts_what_eager_counts(graphs_on
     got = graphed.certify_radii(xs, range(7), **run)
     assert got == want and [c.n for c in got] == [c.n for c in want]
     assert graphs_on_cpu["replays"] > 0 and graphed.graph_status.on
+
+
+def test_graphs_stay_off_where_a_kernel_failed_its_first_use_check(graphs_on_cpu, monkeypatch):
+    """An op whose kernels failed the first-use check runs its reference, which synchronises
+    with the host: no capture, and the status says why."""
+    from drt_fast import ops
+
+    class Failed:
+        def results(self):
+            return {("vote_", "cpu"): ops.selfcheck.CheckResult("vote_", "cpu", "counts differ", 0.0)}
+
+    monkeypatch.setattr(ops.selfcheck, "FIRST_USE", Failed())
+    smooth = graphs_on_cpu["install"](SmoothedClassifier(ensemble(), K, sigma=0.5))
+    smooth.certify_many(inputs(2), range(2), 10, 300, 0.01, 64)
+    assert graphs_on_cpu["captures"] == 0
+    assert str(smooth.graph_status) == "off: drt_fast's CUDA vote_ failed the first-use check on cpu (their references run)"

@@ -113,7 +113,7 @@ class Engine:
         if not plan.graphs:
             return None, True
         checked = self.runner.output_checked(xs[:1]) and self.runner.copies_checked
-        if not self.graphs.wanted(xs.shape, reps, checked):
+        if not self.graphs.wanted(xs.device, xs.shape, reps, checked):
             return None, checked
         owner = self._owner(plan)
         key = (tuple(xs.shape), str(xs.device), reps, seed, counts_shape, plan.channels_last,
