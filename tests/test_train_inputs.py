@@ -436,7 +436,7 @@ def test_image_folder_evaluation_batches_stay_small(tmp_path, monkeypatch):
 
     root = write_image_folder(tmp_path / "imagenet", per_class=1)
     images = data.LazyImages(data.load("imagenet", "test", root).x.paths * 110)   # 220
-    monkeypatch.setattr(data, "read_image", lambda path, transform: torch.zeros(3, 224, 224))
+    monkeypatch.setattr(data.images, "read_image", lambda path, transform: torch.zeros(3, 224, 224))
     sizes = [len(b) for b in inputs.eval_batches(images, 1000, torch.device("cpu"))]
     assert sum(sizes) == 220 and max(sizes) <= 100
 
