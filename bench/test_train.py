@@ -23,7 +23,8 @@ import torch
 
 from drt_fast import data as df_data
 from drt_fast import models as df_models
-from drt_fast.train.trainer import TrainConfig, _Step
+from drt_fast.train.config import TrainConfig
+from drt_fast.train.steps import Step
 from noise_check import noisy, noisy_note
 
 ENFORCE = os.environ.get("DRT_BENCH_ENFORCE") == "1"
@@ -44,7 +45,7 @@ def make_step(trainer, arch, batch, m, device):
     members = [df_models.with_normalization(df_models.create(arch, 10), means, sds).to(device).train()
                for _ in range(3)]
     config = TrainConfig(trainer=trainer, arch=arch, sigma=0.25, rho1=0.5, rho2=2.0, m=m)
-    step = _Step(config, members)
+    step = Step(config, members)
     params = [p for f in members for p in f.parameters()]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     x = torch.rand((batch, *df_models.input_shape(arch)), device=device)

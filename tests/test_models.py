@@ -25,6 +25,47 @@ def test_registry_lists_every_architecture_with_its_input_shape():
     assert models.input_shape("resnet50") == (3, 224, 224)
 
 
+def test_register_adds_an_architecture_that_checkpoints_and_create_know(tmp_path):
+    """A model of one's own (timm's register_model): created by name, saved and loaded as a
+    member; unregister forgets it."""
+    from drt_fast.checkpoint import load_checkpoint, save_ensemble
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.head = torch.nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            return self.head(x.flatten(1))
+
+    models.register("tiny", Tiny, input_shape=(1, 2, 2), dataset="digits", classifier="head")
+    try:
+        assert models.names()[-1] == "tiny" and models.input_shape("tiny") == (1, 2, 2)
+        assert models.default_dataset("tiny") == "digits" and models.classifier_name("tiny") == "head"
+        with pytest.raises(DrtFastError, match="'tiny' is already registered"):
+            models.register("tiny", Tiny, input_shape=(1, 2, 2), dataset="digits")
+        member = with_normalization(models.create("tiny", 3), *data.normalization("digits"))
+        save_ensemble(tmp_path / "t.pt", member, arch="tiny", dataset="digits", num_classes=3)
+        ens, meta = load_checkpoint(tmp_path / "t.pt")
+        assert meta["arch"] == "tiny" and meta["num_classes"] == 3
+        torch.save({"arch": "tiny", "state_dict": member.state_dict()}, tmp_path / "cohen.pt")
+        assert load_checkpoint(tmp_path / "cohen.pt")[1]["num_classes"] == 3   # via classifier
+    finally:
+        models.unregister("tiny")
+    assert "tiny" not in models.names()
+    with pytest.raises(DrtFastError, match="unknown architecture 'tiny'"):
+        models.create("tiny", 3)
+    with pytest.raises(DrtFastError, match="unknown architecture"):
+        models.unregister("tiny")
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 0, 8), (1.0, 8, 8)])
+def test_register_refuses_a_malformed_input_shape(shape):
+    with pytest.raises(DrtFastError, match="input_shape of 'bad' must be"):
+        models.register("bad", torch.nn.Identity, input_shape=shape, dataset="digits")
+    assert "bad" not in models.names()
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "lenet", "cifar_resnet20"])
 def test_create_maps_inputs_to_logits(name):
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import cli_fixtures as fx
 from drt_fast import cli, embedded
 from drt_fast.checkpoint import load_checkpoint
 from drt_fast.train import TrainConfig, train
+from drt_fast.train import steps as steps_mod
 from drt_fast.train import trainer as trainer_mod
 from drt_fast.errors import DrtFastError
 from drt_fast.train.diagnose import diagnose
@@ -531,7 +532,7 @@ def _run_step(config, members, x, y):
     import contextlib
 
     gen = torch.Generator().manual_seed(11)
-    step = trainer_mod._Step(config, members)
+    step = steps_mod.Step(config, members)
     step.eps = config.eps / 2            # the epoch's radius (eps_at, during an eps warm-up)
     return step(x, y, gen, contextlib.nullcontext)
 
@@ -670,7 +671,7 @@ def test_resume_continues_the_log_and_each_epoch_is_shuffled_anew(tmp_path, monk
     out, log = tmp_path / "r.pt", tmp_path / "r.jsonl"
     common = dict(sigma=SIGMA, members=1, epochs=2, batch=256, log=str(log), quiet=True)
     orders, first_noise = [], []
-    real_loss = trainer_mod.gaussian_loss
+    real_loss = steps_mod.gaussian_loss
 
     def recording_loss(model, x, y, sigma, generator=None):
         if len(first_noise) < len(orders):          # the epoch's first step: its next draw
@@ -679,7 +680,7 @@ def test_resume_continues_the_log_and_each_epoch_is_shuffled_anew(tmp_path, monk
             generator.set_state(state)
         return real_loss(model, x, y, sigma, generator)
 
-    monkeypatch.setattr(trainer_mod, "gaussian_loss", recording_loss)
+    monkeypatch.setattr(steps_mod, "gaussian_loss", recording_loss)
 
     class Recording(trainer_mod.TrainInputs):
         def epoch(self, epoch, index_lists):
@@ -723,7 +724,7 @@ def test_resume_refuses_any_setting_that_changes_the_weights(tmp_path, capsys):
 
 def test_a_step_with_a_non_finite_loss_is_never_taken(tmp_path, monkeypatch):
     """The check before the optimizer step: the error names the step, nothing is written."""
-    real = trainer_mod._Step.__call__
+    real = steps_mod.Step.__call__
     calls = []
 
     def nan_at_step_2(self, *args):
@@ -733,7 +734,7 @@ def test_a_step_with_a_non_finite_loss_is_never_taken(tmp_path, monkeypatch):
             return loss * float("nan"), {**stats, "ce": float("nan")}
         return loss, stats
 
-    monkeypatch.setattr(trainer_mod._Step, "__call__", nan_at_step_2)
+    monkeypatch.setattr(steps_mod.Step, "__call__", nan_at_step_2)
     out = tmp_path / "n.pt"
     with pytest.raises(DrtFastError, match=r"not finite in epoch 1, step 2 \("):
         train(TrainConfig(sigma=SIGMA, members=1, epochs=1, out=str(out), quiet=True))
@@ -761,9 +762,9 @@ _NOISE_RECORDER = """
 import os, sys
 import torch
 from drt_fast import cli
-from drt_fast.train import trainer
+from drt_fast.train import steps
 
-real = trainer.gaussian_loss
+real = steps.gaussian_loss
 
 
 def recording(model, x, y, sigma, generator=None):   # the next noise this rank would draw
@@ -774,7 +775,7 @@ def recording(model, x, y, sigma, generator=None):   # the next noise this rank 
     return real(model, x, y, sigma, generator)
 
 
-trainer.gaussian_loss = recording
+steps.gaussian_loss = recording
 sys.exit(cli.main(sys.argv[1:]))
 """
 

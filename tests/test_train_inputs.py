@@ -175,10 +175,10 @@ class Tiny224(nn.Module):
 
 
 @pytest.fixture
-def tiny224(monkeypatch):
-    entry = models._Entry(Tiny224, (3, 224, 224), "imagenet", "fc")
-    monkeypatch.setitem(models._REGISTRY, "tiny224", entry)
-    return "tiny224"
+def tiny224():
+    models.register("tiny224", Tiny224, input_shape=(3, 224, 224), dataset="imagenet")
+    yield "tiny224"
+    models.unregister("tiny224")
 
 
 def write_image_folder(root, per_class=3, seed=0):
@@ -373,7 +373,7 @@ from drt_fast import cli, models
 from drt_fast.train import inputs
 from test_train_inputs import Tiny224
 
-models._REGISTRY["tiny224"] = models._Entry(Tiny224, (3, 224, 224), "imagenet", "fc")
+models.register("tiny224", Tiny224, input_shape=(3, 224, 224), dataset="imagenet")
 real = inputs._FolderImages.__getitem__
 
 
@@ -436,7 +436,7 @@ def test_image_folder_evaluation_batches_stay_small(tmp_path, monkeypatch):
 
     root = write_image_folder(tmp_path / "imagenet", per_class=1)
     images = data.LazyImages(data.load("imagenet", "test", root).x.paths * 110)   # 220
-    monkeypatch.setattr(data, "read_image", lambda path, transform: torch.zeros(3, 224, 224))
+    monkeypatch.setattr(data.images, "read_image", lambda path, transform: torch.zeros(3, 224, 224))
     sizes = [len(b) for b in inputs.eval_batches(images, 1000, torch.device("cpu"))]
     assert sum(sizes) == 220 and max(sizes) <= 100
 

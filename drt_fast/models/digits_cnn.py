@@ -2,8 +2,8 @@
 
 It is sized for CPU certification: ``drt-fast certify --n 100000`` with three members
 out of the box needs a few hundred thousand member forwards per second on two cores.
-Both convolutions are strided because full-resolution 3x3 convolutions on 8x8 inputs
-measured about 6x slower on CPU for the same number of multiply-adds.
+Both convolutions are strided: full-resolution ones cost far more CPU time for the same
+number of multiply-adds (figures in bench/RESULTS.md, "Training inputs and the digits CNN").
 """
 from __future__ import annotations
 

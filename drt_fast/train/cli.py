@@ -9,11 +9,17 @@ from .. import options, validate
 from ..errors import DrtFastError, first_line
 from .losses import GD_NORMS
 from .inputs import AUGMENTS
-from .trainer import LR_SCHEDULES, TRAINERS, TrainConfig
+from .config import LR_SCHEDULES, TRAINERS, TrainConfig
 
 
 def register(subparsers) -> None:
     """Add the ``train`` and ``diagnose`` sub-commands to the ``drt-fast`` parser."""
+    _add_train(subparsers)
+    _add_diagnose(subparsers)
+
+
+def _add_train(subparsers) -> None:
+    """``drt-fast train``: one add_argument a flag, in the order ``-h`` lists them."""
     d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="train an ensemble: Gaussian, SmoothAdv, DRT, DRT-SmoothAdv",
@@ -76,6 +82,9 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
     p.set_defaults(func=run_train)
 
+
+def _add_diagnose(subparsers) -> None:
+    """``drt-fast diagnose``."""
     p = subparsers.add_parser(
         "diagnose", help="member gradient cosines and margins on noisy inputs",
         description="Per member pair the mean cosine of margin input-gradients, per member and "
@@ -109,7 +118,7 @@ def run_train(args) -> int:
     import torch
 
     from .. import distributed
-    from .trainer import path_for_record
+    from .state import path_for_record
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields and k != "command"}

@@ -202,9 +202,8 @@ def eval_batches(x, batch: int, device: torch.device, workers: int = 0, start: i
         for s in range(start, stop, batch):
             yield x[s:min(s + batch, stop)].to(device)
         return
-    # A batch of decoded 224x224 images is 0.6 MB an image, and the loader keeps 2 per worker
-    # in flight (in shared memory, and again in each worker while it stacks them): at 1000 an
-    # image, 8 workers held ~20 GB per rank. Small batches keep that near 1 GB.
+    # Decoded images are big and the loader keeps 2 batches a worker in flight: small batches
+    # bound the host memory (figures in bench/RESULTS.md, "Training inputs and the digits CNN").
     batch = min(batch, FOLDER_EVAL_BATCH)
     lists = [list(range(s, min(s + batch, stop))) for s in range(start, stop, batch)]
     yield from _folder_loader(_FolderImages(x, "none", 0, 0), lists, workers, device)
