@@ -2,8 +2,9 @@
 
 Definitions (Cohen et al.; docs/method.md): the certified accuracy at radius r is the
 fraction of inputs certified *correctly* with radius >= r; the ACR is the mean certified
-radius with 0 for wrong or abstained inputs. Radii come from the TSV, i.e. rounded to 3
-significant digits the way Cohen's files store them.
+radius with 0 for wrong or abstained inputs. Radii come from the TSV: drt-fast writes them
+never above the radius computed (`io.format_down`); Cohen's files round to 3 significant
+digits, to nearest.
 """
 from __future__ import annotations
 

@@ -582,8 +582,8 @@ def _work(job: Job, positions: list) -> list:
         for p, cert in zip(positions, certs):
             idx, label = job.keys[p], job.y[p]
             line = io.certify_row(idx, label, cert, seconds)
-            # The summary uses the radius as the file stores it (3 significant digits).
-            out.append((p, line, (idx, label, cert.label, float(f"{cert.radius:.3}"), int(cert.label == label))))
+            # the file holds exactly cert.radius (never a value above it: io.format_down)
+            out.append((p, line, (idx, label, cert.label, cert.radius, int(cert.label == label))))
     else:
         t0 = time.perf_counter()
         predictions = job.smoothed.predict_many(job.x[positions], [job.keys[p] for p in positions],

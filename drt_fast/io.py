@@ -6,6 +6,10 @@ scripts read it unchanged, with drt-fast's extra columns after Cohen's::
     certify:  idx  label  predict  radius  correct  time  pA_lower  count  n
     predict:  idx  label  predict  correct  time
 
+``radius`` and ``pA_lower`` are written rounded down (`format_down`): never above the value
+computed, and reading one back gives exactly that value (Cohen's ``{:.3}`` rounds to nearest,
+which wrote 0.24951 as 0.25).
+
 Rows are appended and flushed one at a time (and fsync'ed after each group of inputs),
 so a run killed at any moment (SIGKILL included) leaves whole rows plus at most one
 partial last line, which :func:`open_results` drops on resume. The sidecar ``<out>.json`` holds the configuration;
@@ -14,6 +18,7 @@ its result-determining part (:data:`RESUME_KEYS`) must match for a resume.
 from __future__ import annotations
 
 import datetime
+import decimal
 import json
 import math
 import os
@@ -46,11 +51,34 @@ def format_time(seconds: float) -> str:
     return str(datetime.timedelta(seconds=seconds))
 
 
+def format_down(value: float) -> str:
+    """``value`` (a finite float) as the shortest decimal that is never above it and that
+    reads back (``float()``) as ``value`` itself: its exact binary value cut, not rounded,
+    after as few significant digits as that takes (0.25 -> ``0.25``, 0.1 -> ``0.1``, 0.3 ->
+    ``0.29999999999999998``, 0.2495123... -> its 16-17 digits). Plain notation, never an
+    exponent; a whole number keeps a ``.0`` as Python writes floats."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"format_down takes a finite number, got {value}")
+    if value == 0:
+        return "0.0"
+    exact = decimal.Decimal(value)              # the float's exact binary value, in decimal
+    for digits in range(1, 40):
+        cut = decimal.Context(prec=digits, rounding=decimal.ROUND_FLOOR).plus(exact)
+        if float(cut) == value:
+            break
+    else:                                       # unreachable: 40 digits always read back
+        cut = exact
+    text = format(cut, "f")
+    return text if "." in text else text + ".0"
+
+
 def certify_row(idx: int, label: int, cert, seconds: float) -> str:
-    """One certify row (with newline). ``cert`` has label, radius, pA_lower, count, n."""
+    """One certify row (with newline). ``cert`` has label, radius, pA_lower, count, n;
+    radius and pA_lower are written by `format_down` (never above their values)."""
     correct = int(cert.label == label)
-    return (f"{idx}\t{label}\t{cert.label}\t{cert.radius:.3}\t{correct}\t{format_time(seconds)}"
-            f"\t{cert.pA_lower:.6g}\t{cert.count}\t{cert.n}\n")
+    return (f"{idx}\t{label}\t{cert.label}\t{format_down(cert.radius)}\t{correct}\t{format_time(seconds)}"
+            f"\t{format_down(cert.pA_lower)}\t{cert.count}\t{cert.n}\n")
 
 
 def predict_row(idx: int, label: int, prediction: int, seconds: float) -> str:

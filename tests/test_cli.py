@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from drt_fast import checkpoint, data, embedded, io
+from drt_fast import checkpoint, data, embedded, io, stats
 from drt_fast.cli import main
 from drt_fast.errors import NonFiniteLogitsError
-from drt_fast.smoothing import SmoothedClassifier
+from drt_fast.smoothing import Certificate, SmoothedClassifier
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli_fixtures as fx  # noqa: E402
@@ -33,7 +33,7 @@ def test_certify_writes_cohen_rows_equal_to_the_api(ckpt, reference_tsv):
     assert [int(r[0]) for r in rows] == list(range(0, 450, 15))
     for r in rows:
         assert int(r[1]) == int(test.y[int(r[0])])
-        assert r[3] == f"{float(r[3]):.3}"  # Cohen's 3 significant digits
+        assert r[3] == io.format_down(float(r[3]))  # never above the radius (issue 19)
         assert re.fullmatch(r"\d+:\d\d:\d\d(\.\d{6})?", r[5])
         assert int(r[4]) == int(r[1] == r[2]) and r[8] == "200"
     # The trained model certifies most inputs: the run is meaningful.
@@ -46,7 +46,7 @@ def test_certify_writes_cohen_rows_equal_to_the_api(ckpt, reference_tsv):
                                 n0=100, n=200, alpha=0.001, batch_size=1000)
     for i, cert in zip(picks, certs):
         assert rows[i][2] == str(cert.label) and rows[i][7] == str(cert.count)
-        assert rows[i][6] == f"{cert.pA_lower:.6g}"
+        assert rows[i][6] == io.format_down(cert.pA_lower) and float(rows[i][3]) == cert.radius
 
     meta = json.load(open(reference_tsv + ".json"))
     for key, value in {"task": "certify", "sigma": 0.25, "n0": 100, "n": 200, "alpha": 0.001, "seed": 0,
@@ -826,3 +826,27 @@ def test_inputs_certified_together_each_get_their_share_of_the_time(ckpt, tmp_pa
     seconds = [float(sum(x * float(v) for x, v in zip((3600, 60, 1), r[5].split(":")))) for r in rows]
     for group in (seconds[:3], seconds[3:]):
         assert len(set(group)) == 1 and 0.1 <= group[0] < 0.3       # a third each, not the call's
+
+
+# ----------------------------------------------------------------------------- issue 19, item 1
+
+def test_a_radius_just_below_025_is_not_counted_at_025(ckpt, tmp_path, monkeypatch, capsys):
+    """nA = 84,444 of n = 100,000 at sigma 0.25, alpha 0.001: radius 0.24951, which the file
+    held as 0.25 and the summary and analyze counted as certified at 0.25."""
+    pA_lower = stats.lower_confidence_bound(84_444, 100_000, 0.001)
+    label = int(data.load("digits", "test").y[0])
+
+    def certified(self, xs, keys, n0, n, alpha, batch_size):
+        return [Certificate(label, stats.radius(self.radius_sigma, pA_lower), pA_lower, 84_444, n)] * len(keys)
+
+    monkeypatch.setattr(SmoothedClassifier, "certify_many", certified)
+    out = str(tmp_path / "r.tsv")
+    assert main(["certify", "--model", ckpt, "--max", "1", "--quiet", "--out", out]) == 0
+    summary = capsys.readouterr().out
+    assert re.search(r"^radius\s+0\.00\s+0\.25\s+0\.50\s+0\.75$", summary, re.M)
+    assert re.search(r"^certified accuracy %\s+100\.0\s+0\.0\s+0\.0\s+0\.0$", summary, re.M)
+    radius = fx.rows_without_time(out)[1][3]
+    assert radius.startswith("0.2495") and float(radius) < 0.25
+    assert main(["analyze", out, "--radii", "0.2", "0.25"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^0\.2\s+100\.0$", table, re.M) and re.search(r"^0\.25\s+0\.0$", table, re.M)

@@ -1,11 +1,15 @@
 """Results TSV rows, sidecar and resume bookkeeping (drt_fast.io)."""
+import csv
 import json
 import os
 import re
+from decimal import Decimal
 
+import numpy as np
 import pytest
 
-from drt_fast import io
+from drt_fast import io, stats
+from drt_fast.analyze import certified_accuracy
 from drt_fast.errors import DrtFastError
 from drt_fast.smoothing import Certificate
 
@@ -15,9 +19,58 @@ def test_certify_row_is_cohen_format_with_extra_columns():
     row = io.certify_row(17, 3, cert, seconds=1.5)
     fields = row.rstrip("\n").split("\t")
     assert row.endswith("\n") and len(fields) == len(io.CERTIFY_COLUMNS)
-    # Cohen: "{}\t{}\t{}\t{:.3}\t{}\t{}".format(i, label, prediction, radius, correct, time)
-    assert fields[:6] == ["17", "3", "3", "0.123", "1", "0:00:01.500000"]
-    assert fields[6:] == ["0.731235", "912", "1000"]
+    # Cohen's columns and order; radius and pA_lower rounded down, read back exactly
+    assert fields[:6] == ["17", "3", "3", "0.12345599999999999", "1", "0:00:01.500000"]
+    assert fields[6:] == ["0.73123456779999995", "912", "1000"]
+    assert float(fields[3]) == cert.radius and float(fields[6]) == cert.pA_lower
+    grid = Certificate(label=3, radius=0.25, pA_lower=0.9999999, count=1000, n=1000)
+    assert io.certify_row(17, 3, grid, 1.5).split("\t")[3::3] == ["0.25", "0.9999999"]
+
+
+# ----------------------------------------------------------------------------- issue 19, item 1
+
+def _never_above(text, value):
+    """The decimal ``text`` is at most ``value`` (exactly, as decimals) and reads back as it."""
+    return Decimal(text) <= Decimal(value) and float(text) == value
+
+
+def test_a_radius_just_below_a_grid_radius_is_never_written_or_counted_at_it(tmp_path):
+    """sigma 0.25, n 100,000, alpha 0.001, nA 84,444: radius 0.24951, which Cohen's {:.3}
+    wrote as 0.25 (and the summary and analyze then counted as certified at 0.25)."""
+    pA_lower = stats.lower_confidence_bound(84_444, 100_000, 0.001)
+    radius = stats.radius(0.25, pA_lower)
+    assert 0.2495 < radius < 0.2496 and f"{radius:.3}" == "0.25"       # what the old code wrote
+    row = io.certify_row(0, 1, Certificate(1, radius, pA_lower, 84_444, 100_000), 1.0)
+    fields = row.split("\t")
+    assert fields[3].startswith("0.24951") and _never_above(fields[3], radius)
+    assert _never_above(fields[6], pA_lower)
+    path = tmp_path / "r.tsv"
+    path.write_text("\t".join(io.CERTIFY_COLUMNS) + "\n" + row)
+    results = io.read_results(str(path))
+    assert results.radius == [radius]
+    assert certified_accuracy(results, 0.25) == 0.0 and certified_accuracy(results, 0.2495) == 1.0
+    # Cohen's analyze.py: pandas.read_csv(path, delimiter="\t"); correct & (radius >= r)
+    with open(path) as f:
+        (cohen,) = csv.DictReader(f, delimiter="\t")
+    assert float(cohen["radius"]) < 0.25 and int(cohen["correct"]) == 1
+
+
+def test_every_written_radius_and_bound_is_at_most_its_value():
+    """Property: over many nA (and the 48 of n = 100,000 that {:.3} wrote up to 0.25), the
+    radius and pA_lower a row holds are never above the values computed, and read back as them."""
+    counts = list(range(50_001, 100_001, 37)) + list(range(84_400, 84_460))
+    rng = np.random.default_rng(0)
+    for nA in counts:
+        pA_lower = stats.lower_confidence_bound(nA, 100_000, 0.001)
+        radius = stats.radius(0.25, pA_lower) if pA_lower >= 0.5 else 0.0
+        fields = io.certify_row(0, 1, Certificate(1, radius, pA_lower, nA, 100_000), 0.0).split("\t")
+        assert _never_above(fields[3], radius) and _never_above(fields[6], pA_lower), nA
+        if radius < 0.25:
+            assert float(fields[3]) < 0.25, nA
+    for value in [*rng.random(2000), *(10.0 ** rng.uniform(-12, 3, 500)), 1 - 1e-7, 1.0, 0.1, 0.3, 2.0]:
+        text = io.format_down(value)
+        assert _never_above(text, value) and "e" not in text.lower(), value
+    assert io.format_down(0.0) == "0.0" and io.format_down(1.0) == "1.0" and io.format_down(0.5) == "0.5"
 
 
 def test_abstain_and_wrong_rows_are_not_correct():
