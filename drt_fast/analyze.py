@@ -4,14 +4,15 @@ Definitions (Cohen et al.; docs/method.md): the certified accuracy at radius r i
 fraction of inputs certified *correctly* with radius >= r; the ACR is the mean certified
 radius with 0 for wrong or abstained inputs. Radii come from the TSV: drt-fast writes them
 never above the radius computed (`io.format_down`); Cohen's files round to 3 significant
-digits, to nearest.
+digits, to nearest. A file's sidecar (``<file>.json``), when there is one, says which runs
+wrote it (`io.segments_of`).
 """
 from __future__ import annotations
 
 import math
 import os
 
-from . import stats
+from . import io, stats
 from .errors import DrtFastError, first_line
 from .io import Results, read_results
 
@@ -104,7 +105,8 @@ def plot(results: list[Results], out: str) -> None:
 
 
 def analyze(paths: list[str], radii: list[float] | None = None, plot_path: str | None = None) -> str:
-    """Read results files and return the table (and write the plot when ``plot_path`` is given)."""
+    """Read results files and return the table and its notes (and write the plot when
+    ``plot_path`` is given)."""
     results = [read_results(p) for p in paths]
     empty = [r.path for r in results if len(r) == 0]
     if empty:
@@ -116,4 +118,61 @@ def analyze(paths: list[str], radii: list[float] | None = None, plot_path: str |
         raise DrtFastError(f"--radii must be finite and >= 0, got {bad[0]}")
     if plot_path is not None:
         plot(results, plot_path)
-    return table(results, sorted(radii))
+    return "\n".join([table(results, sorted(radii)), *notes(results)])
+
+
+def notes(results: list) -> list[str]:
+    """The lines under the table: which files were written by runs whose settings differ."""
+    lines = []
+    for label, res in zip(_labels([r.path for r in results]), results):
+        meta = io.read_sidecar(res.path)
+        mixed = io.mixed_settings(io.segments_of(meta, res.idx)) if meta else {}
+        if mixed:
+            lines.append(f"{label}: written by {len(next(iter(mixed.values())))} runs whose settings differ "
+                         f"({_mixed_words(mixed)}): each may round the base classifier differently "
+                         f"(drt-fast info {res.path} lists the runs)")
+    return lines
+
+
+def _mixed_words(mixed: dict) -> str:
+    return "; ".join(f"{key} {' / '.join('?' if v is None else str(v) for v in values)}"
+                     for key, values in mixed.items())
+
+
+def describe(path: str) -> str:
+    """What ``drt-fast info`` says of a results file: its configuration (from the sidecar)
+    and the runs that wrote it."""
+    task = io.results_task(path)
+    results = read_results(path, task)
+    meta = io.read_sidecar(path)
+    lines = [f"results        {path}: {task}, {len(results)} row{'s' if len(results) != 1 else ''}"]
+    if meta is None:
+        lines.append(f"configuration  unknown: no metadata file {io.sidecar_path(path)} (a file of Cohen's code?)")
+        return "\n".join(lines)
+    n0 = f"n0 {meta.get('n0')}, " if task == "certify" else ""
+    lines.append(f"certification  {'fixed n' if task == 'certify' else 'predict'}: {n0}n {meta.get('n')}, "
+                 f"alpha {meta.get('alpha')}")
+    lines += [f"model          {meta.get('model')} (sha256 {meta.get('model_sha256')})",
+              f"data           {meta.get('dataset')} {meta.get('data') or ''} ({meta.get('split')}), "
+              f"skip {meta.get('skip')}, max {meta.get('max') or 'all'}",
+              f"noise          sigma {meta.get('sigma')}, seed {meta.get('seed')}",
+              f"ensemble       mode {meta.get('mode')}, precision {meta.get('precision')}"]
+    segments = io.segments_of(meta, results.idx)
+    mixed = io.mixed_settings(segments)
+    lines.append(f"runs           {len(segments)}"
+                 + (f", whose settings differ ({_mixed_words(mixed)}): each may round the base "
+                    f"classifier differently" if mixed else
+                    (", with the same settings" if len(segments) > 1 else "")))
+    for i, segment in enumerate(segments, start=1):
+        settings = segment.get("settings") or {}
+        rows = segment.get("rows") or 0
+        span = (f"rows {segment['first_row'] + 1}-{segment['first_row'] + rows} (idx {segment['idx'][0]}-"
+                f"{segment['idx'][1]})" if rows and segment.get("idx") else "no rows")
+        versions = "".join(f", {key.replace('_version', '').replace('_', '-')} {segment[key]}"
+                           for key in io.SEGMENT_VERSIONS if segment.get(key))
+        lines.append(f"  run {i:<9d}{span}, started {segment.get('started') or 'at an unrecorded time'}"
+                     f"{versions}{' (' + segment['note'] + ')' if segment.get('note') else ''}")
+        known = [f"{key} {settings[key]}" for key in io.SEGMENT_SETTINGS if settings.get(key) is not None]
+        if known:
+            lines.append(" " * 15 + ", ".join(known))
+    return "\n".join(lines)

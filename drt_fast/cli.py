@@ -117,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="out.png", help="also write a PNG of certified accuracy vs radius")
     p.set_defaults(func=run_analyze)
 
-    p = sub.add_parser("info", help="what a checkpoint holds", description="Describe a checkpoint.")
+    p = sub.add_parser("info", help="what a checkpoint or a results file holds",
+                       description="Describe a checkpoint, or a results file (its configuration and "
+                                   "the runs that wrote it).")
     p.add_argument("checkpoint", metavar="CKPT", nargs="*",
                    help="a checkpoint, or several member files that form one ensemble "
-                        "(default: the embedded digits ensemble)")
+                        "(default: the embedded digits ensemble), or a results TSV")
     p.set_defaults(func=run_info)
 
     # train and diagnose live with the training code; the CLI works without it.
@@ -262,7 +264,12 @@ def _dispatch(args) -> int:
 def run_info(args) -> int:
     from . import checkpoint
 
+    from . import analyze, io
+
     paths = args.checkpoint or [embedded.load().model]
+    if len(paths) == 1 and io.is_results_file(paths[0]):
+        print(analyze.describe(paths[0]))
+        return 0
     print(checkpoint.describe_loaded(*checkpoint.open_checkpoints(paths)))
     return 0
 
@@ -290,6 +297,18 @@ class Job:
     positions: list  # selected positions in x, in order
     config: dict  # the sidecar
     draws_per_input: int
+    channels_last: bool  # whether the draws are written channels-last (what --channels-last became)
+
+    def settings(self) -> dict:
+        """This run's `io.SEGMENT_SETTINGS` (what the engine made of fuse and CUDA graphs so far)."""
+        from . import fuse
+
+        cfg = self.config
+        return {"batch": cfg["batch"], "device": cfg["device"], "fuse": cfg["fuse"],
+                "cuda_graphs": cfg["cuda_graphs"],
+                "channels_last": f"{cfg['channels_last']}: {'on' if self.channels_last else 'off'}",
+                "cifar_resnet_kernel": fuse.cifar_resnet_setting() or None,
+                "fused": str(self.smoothed.fuse_status), "graphs": str(self.smoothed.graph_status)}
 
 
 def run_smoothing(args, task: str) -> int:
@@ -437,6 +456,7 @@ def _prepare(args, task: str, device) -> Job:
         "precision": args.precision,
         "fuse": {None: "auto", True: "on", False: "off"}[args.fuse],
         "cuda_graphs": {None: "auto", True: "on", False: "off"}[args.cuda_graphs],
+        "channels_last": {None: "auto", True: "on", False: "off"}[args.channels_last],
         "batch": args.batch,
         "skip": skip,
         "max": max_inputs,
@@ -453,9 +473,10 @@ def _prepare(args, task: str, device) -> Job:
     # Build the members' rewrites now: a --fuse that cannot be honored fails before any
     # output, and the first row's time is not charged with the rewrite.
     smoothed.prepare(ds.x[:1])
+    channels_last = smoothed.engine.draws_channels_last(ds.x[:1].to(device))
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
-    return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
+    return Job(task, smoothed, ds.x, y, keys, positions, config, draws, channels_last)
 
 
 def _one_or_many(paths: list):
@@ -478,18 +499,7 @@ def _run(args, job: Job, group) -> None:
         nonlocal results
         if not args.out:
             return set()
-        if args.resume and os.path.exists(args.out):
-            old = io.read_sidecar(args.out)
-            if old is None:
-                raise DrtFastError(f"cannot resume {args.out!r}: its metadata file "
-                                   f"{io.sidecar_path(args.out)!r} is missing, so its configuration is unknown")
-            io.check_resume_compatible(old, job.config, args.out)
-        try:
-            # Sidecar first: a run killed in between leaves no rows without their configuration.
-            io.write_json_atomic(io.sidecar_path(args.out), job.config)
-            results = io.open_results(args.out, job.task, args.resume)
-        except OSError as e:
-            raise DrtFastError(f"cannot write results to {args.out!r}: {e.strerror or e}") from None
+        results = io.start_run(args.out, job.task, job.config, job.settings(), args.resume)
         selectable = set(job.keys[::job.config["skip"]])      # --max may grow on a resume
         foreign = sorted(results.done - selectable)
         if foreign:
@@ -527,7 +537,7 @@ def _run(args, job: Job, group) -> None:
                     results.append(line)
                 records.append(record)
             if results is not None and rows:
-                results.sync()
+                results.sync(job.settings())
             progress.update(len(rows))
             if errors:
                 raise DrtFastError(errors[0][1])

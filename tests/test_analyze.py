@@ -1,6 +1,7 @@
 """drt-fast analyze: certified-accuracy tables and plots from results files."""
 import pytest
 
+from drt_fast import io
 from drt_fast.analyze import analyze, default_radii
 from drt_fast.cli import main
 
@@ -136,3 +137,25 @@ def test_a_file_with_no_rows_is_said_to_have_none(tmp_path, capsys):
         assert main(["analyze", *files]) == 2
         err = capsys.readouterr().err
         assert err == f"drt-fast: error: results file {empty!r} has no rows (only a header): nothing to analyze\n"
+
+
+# ----------------------------------------------------------------------------- runs of a file (issue 19, item 6)
+
+def test_a_file_written_by_runs_with_other_settings_says_so(tmp_path):
+    def written(name, *segments):
+        path = _write(tmp_path / name, ROWS_A)
+        io.write_json_atomic(io.sidecar_path(path), {"task": "certify", "segments": list(segments)})
+        return path
+
+    def segment(first, rows, batch, device="cpu"):
+        return {"first_row": first, "rows": rows, "idx": None, "started": "t",
+                "settings": {"batch": batch, "device": device}, "torch_version": "2.13"}
+
+    same = written("same.tsv", segment(0, 2, 1000), segment(2, 3, 1000))
+    assert "runs" not in analyze([same])
+    mixed = written("mixed.tsv", segment(0, 2, 1000), segment(2, 3, 400, "cuda:0 (NVIDIA H100)"))
+    assert ("mixed.tsv: written by 2 runs whose settings differ (batch 1000 / 400; device cpu / cuda:0 "
+            "(NVIDIA H100)): each may round the base classifier differently") in analyze([mixed])
+    # the rows recorded do not matter, the file's do: a run that owns no row mixes nothing in
+    empty_run = written("e.tsv", segment(0, 2, 1000), segment(5, 0, 400))
+    assert "runs" not in analyze([empty_run])

@@ -120,6 +120,14 @@ def test_resume_after_a_cut_equals_an_uninterrupted_run(ckpt, reference_tsv, tmp
     assert main(["certify", "--model", ckpt, *RUN, "--batch", "700", "--out", out, "--resume"]) == 0
     assert "8 rows were already in the file" in capsys.readouterr().out
     assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
+    # The sidecar keeps both runs (issue 19, item 6): each its settings and rows.
+    segments = json.load(open(out + ".json"))["segments"]
+    assert [(s["first_row"], s["rows"], s["idx"], s["settings"]["batch"]) for s in segments] == [
+        (0, 8, [0, 105], 1000), (8, 22, [120, 435], 700)]
+    assert main(["info", out]) == 0
+    assert "runs           2, whose settings differ (batch 1000 / 700)" in capsys.readouterr().out
+    assert main(["analyze", out]) == 0
+    assert "r.tsv: written by 2 runs whose settings differ (batch 1000 / 700)" in capsys.readouterr().out
     # Resuming a finished file does nothing.
     assert main(["certify", "--model", ckpt, *RUN, "--out", out, "--resume"]) == 0
     assert fx.rows_without_time(out) == fx.rows_without_time(reference_tsv)
@@ -828,7 +836,7 @@ def test_inputs_certified_together_each_get_their_share_of_the_time(ckpt, tmp_pa
         assert len(set(group)) == 1 and 0.1 <= group[0] < 0.3       # a third each, not the call's
 
 
-# ----------------------------------------------------------------------------- issue 19, item 1
+# ----------------------------------------------------------------------------- issue 19, items 1 and 6
 
 def test_a_radius_just_below_025_is_not_counted_at_025(ckpt, tmp_path, monkeypatch, capsys):
     """nA = 84,444 of n = 100,000 at sigma 0.25, alpha 0.001: radius 0.24951, which the file
@@ -850,3 +858,15 @@ def test_a_radius_just_below_025_is_not_counted_at_025(ckpt, tmp_path, monkeypat
     assert main(["analyze", out, "--radii", "0.2", "0.25"]) == 0
     table = capsys.readouterr().out
     assert re.search(r"^0\.2\s+100\.0$", table, re.M) and re.search(r"^0\.25\s+0\.0$", table, re.M)
+
+
+def test_info_of_a_results_file_and_of_a_file_without_sidecar(ckpt, reference_tsv, tmp_path, capsys):
+    assert main(["info", reference_tsv]) == 0
+    out = capsys.readouterr().out
+    assert f"results        {reference_tsv}: certify, 30 rows" in out
+    assert "certification  fixed n: n0 100, n 200, alpha 0.001" in out
+    assert "runs           1\n" in out and "rows 1-30 (idx 0-435)" in out
+    cohen = tmp_path / "cohen.tsv"
+    cohen.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n")
+    assert main(["info", str(cohen)]) == 0
+    assert "configuration  unknown: no metadata file" in capsys.readouterr().out

@@ -171,3 +171,80 @@ def test_read_results_by_column_name(tmp_path):
     with pytest.raises(DrtFastError, match="line 2"):
         io.read_results(str(p))
     json.dumps(r.__dict__)  # plain Python values
+
+
+# ----------------------------------------------------------------------------- issue 19, item 6
+
+SETTINGS = {"batch": 1000, "device": "cpu", "fuse": "auto", "cuda_graphs": "auto", "channels_last": "auto: off",
+            "cifar_resnet_kernel": None, "fused": "on: dense", "graphs": "off"}
+CONFIG = {k: 1 for k in io.RESUME_KEYS} | {"task": "certify", "command": "drt-fast certify", "batch": 1000,
+                                            "device": "cpu", "drt_fast_version": "1", "torch_version": "2"}
+
+
+def _run(out, rows, settings, config=CONFIG, resume=True):
+    results = io.start_run(out, "certify", config, settings, resume)
+    for idx in rows:
+        results.append(io.certify_row(idx, 1, Certificate(1, 0.5, 0.9, 90, 100), 0.1))
+    results.sync(settings)
+    results.close()
+    return io.read_sidecar(out)
+
+
+def test_every_run_of_a_file_is_kept_in_the_sidecar(tmp_path):
+    out = str(tmp_path / "r.tsv")
+    meta = _run(out, [0, 2, 4], SETTINGS, resume=False)
+    (first,) = meta["segments"]
+    assert (first["first_row"], first["rows"], first["idx"], first["settings"]) == (0, 3, [0, 4], SETTINGS)
+    assert first["command"] == "drt-fast certify" and first["drt_fast_version"] == "1" and first["started"]
+    assert io.mixed_settings(io.segments_of(meta)) == {}
+    other = SETTINGS | {"batch": 700, "device": "cuda:0 (H100)"}
+    meta = _run(out, [6, 8], other, CONFIG | {"batch": 700, "torch_version": "3"})
+    assert [(s["first_row"], s["rows"], s["idx"]) for s in meta["segments"]] == [(0, 3, [0, 4]), (3, 2, [6, 8])]
+    assert meta["segments"][0]["settings"] == SETTINGS and meta["segments"][1]["settings"] == other
+    assert meta["batch"] == 700                                     # the top level: the latest run
+    assert io.mixed_settings(io.segments_of(meta)) == {
+        "batch": [1000, 700], "device": ["cpu", "cuda:0 (H100)"], "torch_version": ["2", "3"]}
+    # a run that wrote nothing (the file was complete) mixes nothing in
+    meta = _run(out, [], SETTINGS | {"batch": 5})
+    assert meta["segments"][2]["rows"] == 0
+    assert set(io.mixed_settings(io.segments_of(meta))) == {"batch", "device", "torch_version"}
+
+
+def test_rows_a_killed_run_did_not_record_are_counted_from_the_file(tmp_path):
+    out = str(tmp_path / "r.tsv")
+    _run(out, [0, 2], SETTINGS, resume=False)
+    with open(out, "a") as f:                  # written, then killed before the sidecar update
+        f.write(io.certify_row(4, 1, Certificate(1, 0.5, 0.9, 90, 100), 0.1))
+    assert io.read_sidecar(out)["segments"][0]["rows"] == 2
+    meta = _run(out, [6], SETTINGS)
+    assert [(s["first_row"], s["rows"], s["idx"]) for s in meta["segments"]] == [(0, 3, [0, 4]), (3, 1, [6, 6])]
+
+
+def test_a_sidecar_without_segments_still_resumes(tmp_path):
+    """A file from before runs were recorded: its sidecar is the plain configuration."""
+    out = str(tmp_path / "r.tsv")
+    results = io.open_results(out, "certify", resume=False)
+    for idx in (0, 3):
+        results.append(io.certify_row(idx, 1, Certificate(1, 0.5, 0.9, 90, 100), 0.1))
+    results.close()
+    io.write_json_atomic(io.sidecar_path(out), CONFIG | {"fuse": "auto", "cuda_graphs": "auto"})
+    meta = _run(out, [5], SETTINGS | {"batch": 300}, CONFIG | {"batch": 300})
+    old, new = meta["segments"]
+    assert (old["first_row"], old["rows"], old["idx"], old["started"]) == (0, 2, [0, 3], None)
+    assert old["settings"]["batch"] == 1000 and old["settings"]["channels_last"] is None
+    assert "rebuilt" in old["note"]
+    assert (new["first_row"], new["rows"], new["idx"]) == (2, 1, [5, 5])
+    # channels_last was not recorded then: not compared; batch was, and differs
+    assert io.mixed_settings(io.segments_of(meta)) == {"batch": [1000, 300]}
+
+
+def test_a_resume_refused_leaves_the_sidecar_alone(tmp_path):
+    out = str(tmp_path / "r.tsv")
+    _run(out, [0], SETTINGS, resume=False)
+    before = open(out + ".json").read()
+    with pytest.raises(DrtFastError, match="sigma"):
+        io.start_run(out, "certify", CONFIG | {"sigma": 2}, SETTINGS, True)
+    assert open(out + ".json").read() == before
+    os.remove(out + ".json")
+    with pytest.raises(DrtFastError, match="metadata file"):
+        io.start_run(out, "certify", CONFIG, SETTINGS, True)
