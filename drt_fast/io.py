@@ -42,9 +42,12 @@ COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS}
 # the first rows stay the same), device (noise is bit-identical on CPU and GPU), paths,
 # the command line and versions (recorded for the reader, not compared).
 RESUME_KEYS = ("task", "model_sha256", "dataset", "data_sha256", "split", "sigma", "n0", "n",
-               "alpha", "seed", "mode", "normalization", "precision", "skip")
+               "alpha", "seed", "mode", "normalization", "precision", "skip",
+               "certification", "radii", "futility")
 # Keys that sidecars of earlier versions lack: compared only when the file has them.
 _RESUME_KEYS_ADDED = ("data_sha256", "normalization")
+# ... or read with the value they had then: every such certify file is a fixed-n one.
+_EARLIER_VALUES = {"certification": lambda meta: "fixed-n" if meta.get("task") == "certify" else None}
 
 # What each run (segment) of a file records of its own: settings that leave the certificates
 # of exact arithmetic alone but each make a slightly different floating-point base
@@ -196,8 +199,11 @@ def read_sidecar(out: str) -> dict | None:
 
 def check_resume_compatible(old: dict, new: dict, out: str) -> None:
     """Refuse to resume ``out`` when a result-determining setting differs."""
-    diffs = [f"{key}: {old.get(key)!r} in the file, {new.get(key)!r} now"
-             for key in RESUME_KEYS if old.get(key) != new.get(key)
+    def value(meta, key):
+        return meta[key] if key in meta else _EARLIER_VALUES.get(key, lambda meta: None)(meta)
+
+    diffs = [f"{key}: {value(old, key)!r} in the file, {value(new, key)!r} now"
+             for key in RESUME_KEYS if value(old, key) != value(new, key)
              and not (key in _RESUME_KEYS_ADDED and key not in old)]
     if diffs:
         raise DrtFastError(f"cannot resume {out!r}: its configuration differs ({'; '.join(diffs)}); "
@@ -405,7 +411,8 @@ def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
 
 @dataclass
 class Results:
-    """The columns of a certify results file that analysis needs, as Python lists."""
+    """The columns of a certify results file that analysis needs, as Python lists; ``n``
+    (estimation draws of each row) is None when the file has no such column (Cohen's)."""
 
     path: str
     idx: list
@@ -413,6 +420,7 @@ class Results:
     predict: list
     radius: list
     correct: list
+    n: list = None
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -447,7 +455,9 @@ def _parse_results(path: str, header: list, rows: list, task: str) -> Results:
         raise DrtFastError(f"results file {path!r} lacks the column(s) {', '.join(missing)}: "
                            f"expected a header with {' '.join(needed)} ..., got {' '.join(header)!r}{hint}")
     col = {name: header.index(name) for name in needed}
-    out = Results(path, [], [], [], [], [])
+    if task == "certify" and "n" in header:
+        col["n"] = header.index("n")
+    out = Results(path, [], [], [], [], [], [] if "n" in col else None)
     for lineno, row in enumerate(rows, start=2):
         try:
             out.idx.append(int(row[col["idx"]]))
@@ -455,6 +465,8 @@ def _parse_results(path: str, header: list, rows: list, task: str) -> Results:
             out.predict.append(int(row[col["predict"]]))
             out.radius.append(float(row[col["radius"]]) if "radius" in col else 0.0)
             out.correct.append(int(row[col["correct"]]))
+            if out.n is not None:
+                out.n.append(int(row[col["n"]]))
         except (IndexError, ValueError):
             raise DrtFastError(f"results file {path!r}, line {lineno}: expected tab-separated "
                                f"values for {' '.join(header)}, got {chr(9).join(row)!r}") from None

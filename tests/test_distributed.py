@@ -84,3 +84,18 @@ def test_device_resolution(monkeypatch):
                          ("cuda:x", "must be auto, cpu")):
         with pytest.raises(DrtFastError, match=message):
             distributed.resolve_device(bad)
+
+
+def test_two_processes_certify_sequentially_as_one(tmp_path):
+    """--radii under torchrun: --batch 100 is one slot, so 8 inputs a certify_radii call and
+    16 a round: 2 rounds for 20 inputs, the second one uneven."""
+    args = ["--radii", "0", "0.25", "0.5", "--n", "1000", "--batch", "100", "--skip", "20", "--max", "20", "--quiet"]
+    single = str(tmp_path / "single.tsv")
+    with fx.single_thread():
+        assert main(["certify", "--model", fx.digits_checkpoint(), *args, "--out", single]) == 0
+    out = str(tmp_path / "two.tsv")
+    proc = _torchrun("certify", "--model", fx.digits_checkpoint(), *args, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fx.rows_without_time(out) == fx.rows_without_time(single)
+    assert len(fx.rows_without_time(out)) == 21
+    assert proc.stdout.count("sequential certification at radii 0, 0.25, 0.5") == 1

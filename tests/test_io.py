@@ -124,7 +124,8 @@ def test_resume_compatibility_ignores_batch_device_and_max():
 
 # Spelled out (not io.RESUME_KEYS): a key dropped from RESUME_KEYS must fail here.
 @pytest.mark.parametrize("key", ["task", "model_sha256", "dataset", "data_sha256", "split", "sigma",
-                                 "n0", "n", "alpha", "seed", "mode", "precision", "skip"])
+                                 "n0", "n", "alpha", "seed", "mode", "precision", "skip",
+                                 "certification", "radii", "futility"])
 def test_resume_compatibility_compares_every_result_determining_setting(key):
     old = {k: 1 for k in io.RESUME_KEYS}
     with pytest.raises(DrtFastError, match=f"{key}: 1 in the file, 2 now"):
@@ -171,6 +172,19 @@ def test_read_results_by_column_name(tmp_path):
     with pytest.raises(DrtFastError, match="line 2"):
         io.read_results(str(p))
     json.dumps(r.__dict__)  # plain Python values
+
+
+def test_a_sidecar_of_an_earlier_version_is_a_fixed_n_one():
+    """Sidecars written before sequential certification lack certification, radii and
+    futility: they resume fixed-n runs, and refuse sequential ones."""
+    old = {k: 1 for k in io.RESUME_KEYS if k not in ("certification", "radii", "futility")} | {"task": "certify"}
+    now = old | {"certification": "fixed-n", "radii": None, "futility": None}
+    io.check_resume_compatible(old, now, "r.tsv")
+    with pytest.raises(DrtFastError, match=r"certification: 'fixed-n' in the file, 'sequential' now"):
+        io.check_resume_compatible(old, now | {"certification": "sequential", "radii": [0.25],
+                                               "futility": 0.01}, "r.tsv")
+    predict = {k: 1 for k in io.RESUME_KEYS if k not in ("certification", "radii", "futility")} | {"task": "predict"}
+    io.check_resume_compatible(predict, predict | {"certification": None, "radii": None, "futility": None}, "r.tsv")
 
 
 # ----------------------------------------------------------------------------- issue 19, item 6
