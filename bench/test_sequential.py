@@ -63,7 +63,7 @@ def compare_sequential(benchmark, name, smooth, xs, keys, labels, grid, *, batch
     """One round of each side (a fixed-n run is long, and is shared by the cases of one
     ``fixed_key``); records the ratio, the draws and the certified accuracy of both."""
     sync = sync or (lambda: None)
-    results, times = {}, {"fixed": [], "sequential": []}
+    results, times, transfers = {}, {"fixed": [], "sequential": []}, {}
 
     def fixed():
         if fixed_key not in _FIXED:
@@ -77,10 +77,12 @@ def compare_sequential(benchmark, name, smooth, xs, keys, labels, grid, *, batch
 
     def sequential():
         sync()
+        transfers["before"] = smooth.engine.transfers
         start = time.perf_counter()
         results["sequential"] = smooth.certify_radii(xs, keys, grid, N0, N_MAX, ALPHA, batch_size)
         sync()
         times["sequential"].append(time.perf_counter() - start)
+        transfers["sequential"] = smooth.engine.transfers - transfers["before"]
 
     smooth.certify_radii(xs[:1], keys[:1], grid, N0, N_MAX, ALPHA, batch_size)     # warm-up
     if fixed_key is None:
@@ -93,9 +95,11 @@ def compare_sequential(benchmark, name, smooth, xs, keys, labels, grid, *, batch
     ratio, *_ = record(benchmark, name, times["fixed"], times["sequential"], extra={
         "grid": list(grid), "n0": N0, "n_max": N_MAX, "alpha": ALPHA, "batch_size": batch_size,
         "fixed_draws": fixed_draws, "sequential_draws": draws, "draw_ratio": fixed_draws / draws,
-        "certified_fixed": acc_fixed, "certified_sequential": acc_seq, "inputs": len(keys)})
+        "certified_fixed": acc_fixed, "certified_sequential": acc_seq, "inputs": len(keys),
+        "sequential_host_syncs": transfers["sequential"]})
     print(f"[ratio] {name}: draws {fixed_draws:,} fixed / {draws:,} sequential = {fixed_draws / draws:.2f}x; "
-          f"certified at {list(grid)}: fixed {acc_fixed}, sequential {acc_seq} of {len(keys)}")
+          f"certified at {list(grid)}: fixed {acc_fixed}, sequential {acc_seq} of {len(keys)}; "
+          f"{transfers['sequential']} reads of the counts from the device")
     return ratio, fixed_draws / draws, acc_fixed, acc_seq
 
 

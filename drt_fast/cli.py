@@ -58,8 +58,9 @@ class _Parser(argparse.ArgumentParser):
 def build_report(extensions=None) -> str:
     """What ``drt-fast --version`` prints: the version, torch, and which kernels this install
     runs (the CPU build picked at run time; whether the CUDA kernels were built and a device
-    answers) -- the first things to look at when drt-fast is slower than it should be.
-    ``extensions``: an `ops.Extensions` (default: this install's)."""
+    answers), the CUDA driver and the CUDA the kernels were built with, and why no device
+    answers (`ops.cuda_status`) -- the first things to look at when drt-fast is slower than it
+    should be. ``extensions``: an `ops.Extensions` (default: this install's)."""
     import torch
 
     from . import ops
@@ -83,6 +84,14 @@ def build_report(extensions=None) -> str:
             covered = "" if ops.arch_covers(archs, capability) else ": not built for it (torch fallback)"
             devices.append(f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, capability))}{covered})")
         lines.append(f"CUDA kernels: built for {archs or 'unknown architectures'}; {', '.join(devices)}")
+    status = ops.cuda_status(ext)
+    driver = f"CUDA driver: {ops.extension.driver_text(status.driver_version, status.driver_release)}"
+    if status.runtime_version:
+        driver += (f"; the kernels' CUDA runtime: {ops.extension.cuda_version_text(status.runtime_version)} "
+                   f"(needs driver {ops.extension.driver_needed(status.runtime_version)})")
+    lines.append(driver)
+    if status.state in ("no driver", "driver too old", "no device"):   # the lines above say the rest
+        lines.append(status.message)
     return "\n".join(lines)
 
 
@@ -405,9 +414,7 @@ def _check_numbers(args, task: str) -> None:
     if args.futility is not None:
         if args.radii is None:
             raise DrtFastError("--futility sets a test of sequential certification: pass --radii too")
-        from .sequential import check_futility
-
-        check_futility(args.futility, "--futility")
+        validate.alpha(args.futility, "--futility", zero=True)
     if args.resume and not args.out:
         raise DrtFastError("--resume needs --out (the results file to continue)")
     if args.out:

@@ -144,7 +144,6 @@ def _futile(j, points, certify, final, n_max, futility):
 @dataclass
 class _Input:
     """One input's state while it is certified."""
-    position: int
     key: int
     selection: object = None       # its selection Request
     estimation: object = None      # its estimation Request (extended step by step)
@@ -153,7 +152,6 @@ class _Input:
     n: int = 0                     # estimation draws counted
     count: int = 0                 # A(n)
     rows: Rows = None              # the plan's thresholds for its prior
-    done: bool = False
 
 
 def certify_radii(engine, xs, keys, settings: Plan, n0: int, batch_size: int, seed: int) -> list:
@@ -162,8 +160,8 @@ def certify_radii(engine, xs, keys, settings: Plan, n0: int, batch_size: int, se
     reps = min(STEP, batch_size)
     sampler = Sampler(engine, max(1, batch_size // reps), reps)
     states, owner = [], {}
-    for position, (x, key) in enumerate(zip(xs, keys)):
-        state = _Input(position, key)
+    for x, key in zip(xs, keys):
+        state = _Input(key)
         lane = sampler.open(x, key, seed)
         state.selection = lane.request(0, n0)
         state.estimation = lane.request(n0, min(STEP, settings.n_max))
@@ -198,7 +196,6 @@ def _decide(state: _Input, settings: Plan) -> None:
             state.certified += 1
     if (state.certified == k or state.n == rows.n_max
             or state.count <= rows.futile[state.certified][t]):
-        state.done = True
         request.lane.close()
     else:
         request.extend(min(STEP, rows.n_max - state.n))
@@ -212,17 +209,6 @@ def lower_bound(state: _Input, settings: Plan) -> float:
     if state.n == settings.n_max:
         bound = max(bound, stats.lower_confidence_bound(state.count, state.n, settings.alpha_final))
     return bound
-
-
-def check_futility(value, name="futility"):
-    """The futility test's level, in [0, 1)."""
-    try:
-        level = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{name} must be a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= level < 1.0:
-        raise InvalidArgument(f"{name} must lie in [0, 1), got {value}")
-    return level
 
 
 def validate_settings(radii, sigma, n0, n_max, alpha, batch_size):

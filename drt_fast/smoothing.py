@@ -163,7 +163,7 @@ class SmoothedClassifier:
 
         radii, n0, n_max, alpha, batch_size = sequential.validate_settings(
             radii, self.radius_sigma, n0, n_max, alpha, batch_size)
-        futility = sequential.check_futility(futility)
+        futility = validate.alpha(futility, "futility", zero=True)
         settings = sequential.plan(self.radius_sigma, radii, n0, n_max, alpha, futility)
         xs, keys = check_inputs(xs, keys)
         self._check_range(xs)

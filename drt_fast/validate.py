@@ -59,14 +59,16 @@ def stream(value, name="seed"):
     return int_in_range(value, name, 0, STREAM_LIMIT)
 
 
-def alpha(value, name="alpha"):
-    """A significance level, a float in (0, 1)."""
+def alpha(value, name="alpha", zero=False):
+    """A significance level, a float in (0, 1) -- in [0, 1) with ``zero`` (a test that may
+    be switched off)."""
+    interval = "[0, 1)" if zero else "(0, 1)"
     try:
         result = float(value)
     except (TypeError, ValueError):
-        raise InvalidArgumentType(f"{name} must be a number in (0, 1), got {value!r}") from None
-    if not 0.0 < result < 1.0:
-        raise InvalidArgument(f"{name} must lie in (0, 1), got {value}")
+        raise InvalidArgumentType(f"{name} must be a number in {interval}, got {value!r}") from None
+    if not ((0.0 <= result if zero else 0.0 < result) and result < 1.0):
+        raise InvalidArgument(f"{name} must lie in {interval}, got {value}")
     return result
 
 

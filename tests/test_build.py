@@ -71,6 +71,35 @@ def test_cuda_module_reports_driver_and_runtime_versions():
     assert int(out.stdout) == info["runtime_version"]
 
 
+def test_this_install_says_why_its_cuda_kernels_run_or_not():
+    """`ops.cuda_status` of this install agrees with runtime_info(), and the driver the build's
+    CUDA major version needs is known (the table `DRIVER_FOR_CUDA`)."""
+    status = ops.cuda_status()
+    assert status.state in ops.extension.CUDA_STATES
+    assert (status.message is None) == (status.state == "ready") == drt_fast.cuda_available()
+    if ops.extension.cuda_kernels is None:
+        assert status.state in ("not built", "fails to load")
+        return
+    info = ops.extension.cuda_kernels.runtime_info()
+    assert (status.driver_version, status.runtime_version) == (info["driver_version"], info["runtime_version"])
+    assert info["runtime_version"] // 1000 in ops.extension.DRIVER_FOR_CUDA
+    if status.state != "ready":
+        assert info["error"] in status.message and "R" + str(
+            ops.extension.DRIVER_FOR_CUDA[info["runtime_version"] // 1000]) in status.message
+
+
+def test_the_drivers_named_in_prose_agree_with_the_table():
+    """The driver each CUDA major version needs is stated once, in code (DRIVER_FOR_CUDA);
+    the README and the build's comments that name one must agree with it."""
+    named = 0
+    for path in ("README.md", "CMakeLists.txt", "setup.py", "cmake/pick_cuda_toolkit.py", "docs/internals.md"):
+        text = (ROOT / path).read_text()
+        for major, release in re.findall(r"CUDA (\d+)(?:\.x)?(?: needs|:| toolkit needs)? R(\d{3})", text):
+            assert ops.extension.DRIVER_FOR_CUDA[int(major)] == int(release), (path, major, release)
+            named += 1
+    assert named >= 2
+
+
 def test_cuda_module_names_the_architectures_it_was_built_for():
     if ops.extension.cuda_kernels is None:
         pytest.skip("built without CUDA kernels")

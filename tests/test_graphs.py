@@ -186,3 +186,31 @@ def test_cuda_graphs_on_a_device_that_is_not_the_current_one(cuda_device):
             if graphs:
                 assert smooth.graph_status.on, smooth.graph_status
     assert results[True] == results[False]
+
+
+def test_sequential_certification_with_graphs_counts_what_eager_counts(graphs_on_cpu):
+    """certify_radii changes its layout at every decision point (lanes finish and are
+    extended): the captured steps are reloaded with each layout's rows and inputs."""
+    xs = inputs(7)
+    run = dict(radii=[0.0, 0.2], n0=40, n_max=3000, alpha=0.01, batch_size=256)
+    want = SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=False).certify_radii(xs, range(7), **run)
+    graphed = graphs_on_cpu["install"](SmoothedClassifier(ensemble(), K, sigma=0.5, cuda_graphs=True))
+    got = graphed.certify_radii(xs, range(7), **run)
+    assert got == want and [c.n for c in got] == [c.n for c in want]
+    assert graphs_on_cpu["replays"] > 0 and graphed.graph_status.on
+
+
+def test_graphs_stay_off_where_a_kernel_failed_its_first_use_check(graphs_on_cpu, monkeypatch):
+    """An op whose kernels failed the first-use check runs its reference, which synchronises
+    with the host: no capture, and the status says why."""
+    from drt_fast import ops
+
+    class Failed:
+        def results(self):
+            return {("vote_", "cpu"): ops.selfcheck.CheckResult("vote_", "cpu", "counts differ", 0.0)}
+
+    monkeypatch.setattr(ops.selfcheck, "FIRST_USE", Failed())
+    smooth = graphs_on_cpu["install"](SmoothedClassifier(ensemble(), K, sigma=0.5))
+    smooth.certify_many(inputs(2), range(2), 10, 300, 0.01, 64)
+    assert graphs_on_cpu["captures"] == 0
+    assert str(smooth.graph_status) == "off: drt_fast's CUDA vote_ failed the first-use check on cpu (their references run)"

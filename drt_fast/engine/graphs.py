@@ -121,9 +121,17 @@ class Graphs:
         self.status = st.off(why)
         return False
 
-    def wanted(self, xs_shape, reps: int, checked: bool) -> bool:
+    def wanted(self, device, xs_shape, reps: int, checked: bool) -> bool:
         """Whether a full step of inputs ``xs_shape`` ``[G, *S]`` x ``reps`` draws is replayed
-        (once the output and any copies were ``checked`` on an eager step)."""
+        (once the output and any copies were ``checked`` on an eager step, and the kernels
+        passed their first-use check on ``device``: an op that failed it runs its reference,
+        which synchronises with the host)."""
+        failed = [r.op for r in ops.selfcheck.FIRST_USE.results().values()
+                  if r.device == str(device) and not r.passed]
+        if failed:
+            self.status = st.off(f"drt_fast's CUDA {' and '.join(failed)} failed the first-use check on "
+                                 f"{device} (their references run)")
+            return False
         elements = xs_shape[0] * reps * math.prod(xs_shape[1:])
         if self.setting is None and elements > self.AUTO_ELEMENTS:
             self.status = st.off(f"a batch of draws holds {elements:,} input elements "

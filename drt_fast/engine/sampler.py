@@ -103,8 +103,7 @@ class _Segment:
 
 @dataclass
 class _Layout:
-    """One step: the occupied slots' lanes, their draws, the rows each draw votes in."""
-    lanes: list
+    """One step: the occupied slots' draws and the rows each draw votes in."""
     segments: list
     xs: torch.Tensor                 # [G, *S] on the device
     keys: torch.Tensor               # [G]
@@ -216,7 +215,7 @@ class Sampler:
         repeats = 0
         if uniform and all(len(s.pieces) == 1 and s.length == self.reps for s in segments):
             repeats = min((r.num_draws - r.done) // self.reps - 1 for s in segments for r, _ in s.pieces)
-        layout = _Layout(lanes, segments, xs, keys, self._rows(segments), uniform, repeats)
+        layout = _Layout(segments, xs, keys, self._rows(segments), uniform, repeats)
         if uniform:
             firsts = [s.first for s in segments]
             layout.first = (firsts[0] if len(set(firsts)) == 1
@@ -325,6 +324,7 @@ class Sampler:
 
     def _read(self, finished: list) -> None:
         """The counts of ``finished`` requests, in one transfer; their rows are freed."""
+        self.engine.transfers += 1
         self._drain()
         rows = [r.row for r in finished]
         if self._counts.device.type == "cpu":

@@ -27,6 +27,7 @@ class Plan:
     weights: torch.Tensor
     weights_key: tuple
     graphs: bool
+    owner: tuple = None              # see Engine._owner
 
 
 class Engine:
@@ -34,7 +35,8 @@ class Engine:
     None decides from the first 4-d inputs (on for CUDA, and on the CPU for 3 or more
     channels), and converts the model in place; ``fuse`` / ``rewriter``: see `MemberRunner`;
     ``cuda_graphs``: see `Graphs`. ``draws_performed`` counts noisy draws (each seen by
-    every member; the sampler counts them)."""
+    every member) and ``transfers`` the reads of vote counts from the device (each a host
+    synchronisation on CUDA); the sampler counts both."""
 
     def __init__(self, model: Ensemble, num_classes: int, sigma: float, precision: str,
                  channels_last=None, fuse=None, cuda_graphs=None, rewriter=None):
@@ -48,6 +50,7 @@ class Engine:
         self.runner = MemberRunner(model, num_classes, precision, fuse, rewriter)
         self.graphs = Graphs(cuda_graphs)
         self.draws_performed = 0
+        self.transfers = 0
 
     @property
     def device(self) -> torch.device:
@@ -93,6 +96,16 @@ class Engine:
         logits = self.runner.forward_checked(batch) if checked else self.runner.forward(batch)
         ops.vote_eager_(logits, rows, counts, self.model.mode, plan.weights)
 
+    def _owner(self, plan: Plan) -> tuple:
+        """What identifies the module the graphs run: its tensors' addresses, read once per
+        sampler run and module (graphs of another owner are dropped)."""
+        generation = self.runner.generation
+        if plan.owner is None or plan.owner[0] != generation:
+            module = self.runner.module
+            plan.owner = (generation, id(module),
+                          tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers())))
+        return plan.owner
+
     def graphed_step(self, plan: Plan, xs, keys, reps: int, seed: int, rows, counts_shape):
         """(the captured step for inputs xs ``[G, *S]`` x ``reps`` draws of stream ``seed``,
         loaded with xs, keys and rows, or None where graphs are off or not wanted yet;
@@ -100,11 +113,9 @@ class Engine:
         if not plan.graphs:
             return None, True
         checked = self.runner.output_checked(xs[:1]) and self.runner.copies_checked
-        if not self.graphs.wanted(xs.shape, reps, checked):
+        if not self.graphs.wanted(xs.device, xs.shape, reps, checked):
             return None, checked
-        module = self.runner.module
-        owner = (self.runner.generation, id(module),
-                 tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers())))
+        owner = self._owner(plan)
         key = (tuple(xs.shape), str(xs.device), reps, seed, counts_shape, plan.channels_last,
                self.runner.precision, self.model.mode, plan.weights_key, self.sigma)
 

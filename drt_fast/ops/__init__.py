@@ -17,7 +17,7 @@ modules: every check on device, dtype, shape and contiguity (`checks`) happens b
 pointer crosses into C++.
 """
 from ..validate import AGGREGATIONS
-from . import checks, cifar_resnet_layout, extension, reference
+from . import checks, cifar_resnet_layout, extension, reference, selfcheck
 from .checks import LOGIT_DTYPES, NOISE_DTYPES
 # (the op `cifar_resnet` takes the place of its module's attribute here: reach the module
 # by `from drt_fast.ops.cifar_resnet import ...`)
@@ -27,8 +27,8 @@ from .cifar_resnet_layout import (CIFAR_RESNET_REGIONS, CIFAR_RESNET_VARIANTS, c
                                   cifar_resnet_map, mma_tile_order, pack_cifar_resnet_weight,
                                   unpack_cifar_resnet_weight)
 from .dense import bias_act_, bias_act_cpu_, dense_chain, dense_chain_cpu
-from .extension import (Extensions, arch_covers, cuda_available, extensions, kernels_run_on,
-                        reference_in_use, use_reference)
+from .extension import (CudaStatus, Extensions, arch_covers, cuda_available, cuda_status, extensions,
+                        kernels_run_on, reference_in_use, use_reference)
 from .noise import noisy_draws, noisy_draws_eager
 from .reference import (philox4x32_10, reference_bias_act_, reference_cifar_resnet, reference_dense_chain,
                         reference_labels, reference_noisy_draws, reference_normals, reference_vote_)
@@ -44,6 +44,6 @@ __all__ = [
     "reference_noisy_draws", "reference_vote_", "reference_labels", "reference_normals",
     "reference_bias_act_", "reference_dense_chain", "reference_cifar_resnet", "philox4x32_10",
     "cuda_available", "arch_covers", "kernels_run_on", "use_reference", "reference_in_use",
-    "Extensions", "extensions",
+    "Extensions", "extensions", "CudaStatus", "cuda_status",
     "AGGREGATIONS", "AGGREGATION_CODES", "NOISE_DTYPES", "LOGIT_DTYPES",
 ]

@@ -6,14 +6,19 @@ reference (`drt_fast.ops.reference`) runs instead:
 
 * under the reference switch (`use_reference`, or ``DRT_FAST_REFERENCE_OPS=1`` in the
   environment when drt_fast.ops is imported): every op, on every device;
-* CUDA tensors where the CUDA kernels were not built, fail to load, no driver answers or the
-  build holds no code for the GPU (`kernels_run_on`): with one RuntimeWarning a process.
+* CUDA tensors where the CUDA kernels were not built, fail to load, find no driver or one
+  too old for the CUDA they were built with, find no device (`cuda_status` says which), or
+  hold no code for the GPU (`kernels_run_on`): with one RuntimeWarning a process that says
+  which and what to do;
+* CUDA tensors of an op whose CUDA kernel failed its first-use check on their device
+  (`selfcheck`): with one RuntimeWarning naming the device and the op.
 
 Importing never fails for lack of a build or a driver; a CPU op without ``_C`` raises an
 ImportError that says how to build it (`require_cpu_kernels`).
 """
 import importlib.util
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument
+from . import selfcheck
 
 # The compiled CPU kernels; the source tree has none until `pip install .` (or -e .) built it.
 try:
@@ -153,14 +159,148 @@ def kernels_run_on(device) -> bool:
         capability = torch.cuda.get_device_capability(index)
         _device_ok[index] = arch_covers(archs, capability)
         if not _device_ok[index]:
-            cc = "".join(map(str, capability))
-            warn_cuda_fallback(
-                f"drt_fast's CUDA kernels were built for architectures {archs}, which hold no code "
-                f"for {torch.cuda.get_device_name(index)} (sm_{cc}); CUDA tensors there use the "
-                f"slower pure-torch reference implementation. Rebuild for it with "
-                f"CMAKE_CUDA_ARCHITECTURES=\"{archs.replace(',', ';')};{cc}\" pip install . for the "
-                f"fused kernels.")
+            warn_cuda_fallback(uncovered_gpu_message(archs, capability, torch.cuda.get_device_name(index)))
     return _device_ok[index]
+
+
+# The oldest NVIDIA driver branch (Linux) that runs code built with each CUDA major version:
+# cudart (linked statically here) runs on a driver of its own major version from these
+# releases on ("minor version compatibility", NVIDIA's CUDA compatibility guide), never on
+# an older major version's. The one table of it in drt-fast.
+DRIVER_FOR_CUDA = {11: 450, 12: 525, 13: 580}
+
+# Where the NVIDIA kernel driver writes its release ("535.104.05"), read without nvidia-smi.
+DRIVER_VERSION_FILES = ("/proc/driver/nvidia/version", "/sys/module/nvidia/version")
+
+CUDA_STATES = ("ready", "not built", "fails to load", "no driver", "driver too old", "no device")
+
+# cudaErrorInsufficientDriver: cudaGetDeviceCount's answer where the driver is older than the
+# runtime linked in
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35
+
+FALLBACK = "CUDA tensors use the slower pure-torch reference implementation"
+
+
+def cuda_version_text(version: int) -> str:
+    """A CUDA version as CUDA writes it (1000 * major + 10 * minor) -> ``"12.2"``."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def driver_needed(runtime_version: int) -> str:
+    """The driver that kernels built with CUDA ``runtime_version`` need: ``"R580 or newer"``."""
+    oldest = DRIVER_FOR_CUDA.get(runtime_version // 1000)
+    return (f"R{oldest} or newer" if oldest is not None
+            else f"a driver for CUDA {runtime_version // 1000}.x")
+
+
+def driver_release(files=DRIVER_VERSION_FILES) -> Optional[str]:
+    """The NVIDIA kernel driver's release (``"535.104.05"``) from the first of ``files`` that
+    names one; None where none does (no NVIDIA driver loaded, or not Linux)."""
+    for path in files:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        found = re.search(r"(?<![\w.])\d{3,}\.\d+(?:\.\d+)?(?![\w.])", text)
+        if found:
+            return found.group(0)
+    return None
+
+
+def driver_text(driver_version: int, release: Optional[str]) -> str:
+    """A driver in words: ``"535.104.05 (CUDA 12.2)"``, ``"CUDA 12.2"``, ``"none found"``."""
+    cuda = f"CUDA {cuda_version_text(driver_version)}" if driver_version else None
+    if release and cuda:
+        return f"{release} ({cuda})"
+    return release or cuda or "none found"
+
+
+class CudaStatus(NamedTuple):
+    """Whether CUDA tensors can run drt_fast's CUDA kernels, and why not (`cuda_status`).
+
+    ``state``: one of `CUDA_STATES`; ``driver_version``: the newest CUDA the driver supports
+    (1000 * major + 10 * minor; 0: no driver found, or not known); ``runtime_version``: the
+    CUDA the kernels were built with (0: not known, the kernels not loaded);
+    ``driver_release``: the driver's release (``"535.104.05"``; None: not known);
+    ``message``: what happened and what to do, None when ``state`` is ``"ready"``. A GPU the
+    build holds no code for is a matter of each device (`kernels_run_on`,
+    `uncovered_gpu_message`)."""
+
+    state: str
+    driver_version: int
+    runtime_version: int
+    driver_release: Optional[str]
+    message: Optional[str]
+
+
+def cuda_status(ext: Optional[Extensions] = None, info: Optional[dict] = None,
+                driver_files=DRIVER_VERSION_FILES, torch_cuda: Optional[str] = torch.version.cuda) -> CudaStatus:
+    """Why CUDA tensors do or do not run the CUDA kernels of ``ext`` (default: this install's,
+    `extensions`), from ``info`` (default: its ``_C_cuda.runtime_info()``: the driver's and the
+    build's CUDA versions, cudaGetDeviceCount's count and error), the driver release in
+    ``driver_files`` (`driver_release`) and ``torch_cuda``, the installed torch's CUDA version,
+    which says what to rebuild with (`rebuild_advice`). Never raises."""
+    ext = extensions() if ext is None else ext
+    release = driver_release(driver_files)
+    if ext.cuda_error is not None:
+        return CudaStatus("fails to load", 0, 0, release, (
+            f"drt_fast's CUDA kernels fail to load ({ext.cuda_error}); {FALLBACK}. Reinstall drt-fast "
+            "(pip install .) against this torch and CUDA driver."))
+    if ext.cuda is None:
+        return CudaStatus("not built", 0, 0, release, (
+            f"drt_fast was built without its CUDA kernels (nvcc was not found, or DRT_FAST_CUDA=0, at "
+            f"install); {FALLBACK}. Rebuild with nvcc on the PATH (DRT_FAST_CUDA=1 pip install .) for "
+            "the fused kernels."))
+    if info is None:
+        try:
+            info = ext.cuda.runtime_info()
+        except Exception as exc:  # noqa: BLE001 -- a build older than runtime_info, or a broken one
+            info = {"error": f"runtime_info() failed: {exc}"}
+    driver, runtime = int(info.get("driver_version") or 0), int(info.get("runtime_version") or 0)
+    if int(info.get("device_count") or 0) > 0:
+        return CudaStatus("ready", driver, runtime, release, None)
+    error = info.get("error") or "no error given"
+    built = f"CUDA {cuda_version_text(runtime)}" if runtime else "an unknown CUDA version"
+    if driver == 0:
+        module = f" (the kernel module {release} is loaded)" if release else ""
+        return CudaStatus("no driver", driver, runtime, release, (
+            f"drt_fast's CUDA kernels find no NVIDIA driver{module}: {error}; {FALLBACK}. Built with "
+            f"{built}, they need driver {driver_needed(runtime)}."))
+    if runtime and (driver // 1000 < runtime // 1000 or info.get("error_code") == CUDA_ERROR_INSUFFICIENT_DRIVER):
+        return CudaStatus("driver too old", driver, runtime, release, (
+            f"drt_fast's CUDA kernels were built with {built}, which needs NVIDIA driver "
+            f"{driver_needed(runtime)}; this machine's driver{f' ({release})' if release else ''} supports "
+            f"CUDA {cuda_version_text(driver)} at most ({error}), so {FALLBACK}. Update the driver, or "
+            f"{rebuild_advice(driver, torch_cuda)}"))
+    return CudaStatus("no device", driver, runtime, release, (
+        f"drt_fast's CUDA kernels (built with {built}; driver {driver_text(driver, release)}) find no "
+        f"usable GPU: {error}; {FALLBACK}. Check CUDA_VISIBLE_DEVICES and that nvidia-smi lists the GPU."))
+
+
+def rebuild_advice(driver_version: int, torch_cuda: Optional[str]) -> str:
+    """How to rebuild for a driver of CUDA ``driver_version``: with a toolkit of the installed
+    torch's CUDA major version (``torch_cuda``, ``"12.4"``) where that driver runs it, else of
+    the driver's own major version (cmake/pick_cuda_toolkit.py makes the choice at install)."""
+    torch_major = int(torch_cuda.split(".")[0]) if torch_cuda else None
+    major = driver_version // 1000
+    if torch_major is not None and torch_major <= major:
+        return (f"rebuild drt-fast with a CUDA {torch_major} toolkit, the major version of torch's CUDA "
+                f"({torch_cuda}): `pip install .` picks it where several toolkits are installed "
+                f"(DRT_FAST_TORCH_CUDA={torch_major} pip install . where torch is not installed beside the "
+                "build; CUDACXX=<toolkit>/bin/nvcc names one).")
+    return (f"rebuild drt-fast with a CUDA {major} toolkit, the newest CUDA this driver runs: "
+            f"DRT_FAST_TORCH_CUDA={major} pip install . picks one where several toolkits are installed "
+            "(CUDACXX=<toolkit>/bin/nvcc names one).")
+
+
+def uncovered_gpu_message(archs: str, capability: tuple, name: str) -> str:
+    """The warning for a GPU ``name`` of compute ``capability`` that a build for ``archs``
+    holds no code for (`arch_covers` is False)."""
+    cc = "".join(map(str, capability))
+    return (f"drt_fast's CUDA kernels were built for architectures {archs}, which hold no code for "
+            f"{name} (sm_{cc}); CUDA tensors there use the slower pure-torch reference implementation. "
+            f"Rebuild for it with CMAKE_CUDA_ARCHITECTURES=\"{archs.replace(',', ';')};{cc}\" pip install . "
+            "for the fused kernels.")
 
 
 def shadowed_install(here: Path = PACKAGE_DIR) -> Optional[str]:
@@ -212,37 +352,30 @@ _warned_cuda_fallback = False
 
 def warn_cuda_fallback(message: Optional[str] = None) -> None:
     """Warn, once a process, that CUDA tensors run the pure-torch references (``message``,
-    or why the CUDA kernels are not there)."""
+    or why the CUDA kernels do not run: `cuda_status`)."""
     global _warned_cuda_fallback
     if _warned_cuda_fallback:
         return
     _warned_cuda_fallback = True
-    if message is None and cuda_import_error is not None:
-        message = (f"drt_fast's CUDA kernels fail to load ({cuda_import_error}); CUDA tensors "
-                   "use the slower pure-torch reference implementation. Reinstall drt-fast "
-                   "(pip install .) against this torch and CUDA driver.")
-    warnings.warn(
-        message or
-        "drt_fast was built without CUDA kernels (or no CUDA driver answers); CUDA tensors "
-        "use the slower pure-torch reference implementation. Rebuild with nvcc on the PATH "
-        "(DRT_FAST_CUDA=1 pip install .) for the fused kernels.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    if message is None:
+        message = cuda_status().message or f"drt_fast's CUDA kernels do not run here; {FALLBACK}."
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def kernels_for(op: str, t: Tensor):
     """The compiled module that runs ``op`` on ``t``'s device (``_C`` or ``_C_cuda``), or None
     where the pure-torch reference runs instead (the reference switch; CUDA kernels that do
-    not run on the device, with `warn_cuda_fallback`). Raises `require_cpu_kernels`'
-    ImportError for CPU tensors without ``_C``, InvalidArgument for other devices."""
+    not run on the device, with `warn_cuda_fallback`; a CUDA kernel that failed its first-use
+    check there, `selfcheck.FIRST_USE`). Raises `require_cpu_kernels`' ImportError for CPU
+    tensors without ``_C``, InvalidArgument for other devices."""
     if _reference:
         return None
     if t.is_cuda:
-        if kernels_run_on(t.device):
-            return cuda_kernels
-        warn_cuda_fallback()
-        return None
+        if not kernels_run_on(t.device):
+            warn_cuda_fallback()
+            return None
+        # the first use of noisy_draws or vote_ on the device checks them (ops/selfcheck.py)
+        return cuda_kernels if selfcheck.FIRST_USE.passed(op, t.device) else None
     if t.device.type == "cpu":
         return require_cpu_kernels()
     raise InvalidArgument(f"{op} runs on cpu or cuda tensors, got device {t.device}")
