@@ -63,6 +63,14 @@ class ResultsSet:
             return [float(r) for r in self.meta["radii"]]
         return None
 
+    @property
+    def sequential(self) -> bool:
+        """Certified sequentially: its sidecar says so, or, without one, its rows took
+        different numbers of draws (a fixed-n file has one n)."""
+        if self.meta is not None:
+            return self.grid is not None
+        return self.results.n is not None and len(set(self.results.n)) > 1
+
 
 def load(path: str) -> ResultsSet:
     """Read a certify results file and its sidecar (if any)."""
@@ -160,8 +168,8 @@ def analyze(paths: list[str], radii: list[float] | None = None, plot_path: str |
     radii = sorted(radii)
     if plot_path is not None:
         plot(results, plot_path)
-    sequential = any(grids)
-    text = table(results, radii, [("sequential" if g else "fixed-n") for g in grids] if sequential else None)
+    kinds = ["sequential" if s.sequential else "fixed-n" for s in sets]
+    text = table(results, radii, kinds if "sequential" in kinds else None)
     return "\n".join([text, *notes(sets, radii)])
 
 
@@ -172,6 +180,10 @@ def notes(sets: list, radii: list) -> list[str]:
     labels = _labels([s.results.path for s in sets])
     for label, s in zip(labels, sets):
         grid = s.grid
+        if s.sequential and not grid:
+            lines.append(f"{label}: its rows took different numbers of draws, as in a sequential file, but "
+                         f"no sidecar ({io.sidecar_path(s.results.path)}) gives its grid: its radii are grid "
+                         f"radii, so its ACR is a lower bound")
         if grid:
             off = [r for r in radii if not any(math.isclose(r, g, rel_tol=0, abs_tol=1e-12) for g in grid)]
             lines.append(f"{label}: sequential certification at radii {', '.join(f'{r:g}' for r in grid)} "

@@ -1,4 +1,6 @@
 """drt-fast analyze: certified-accuracy tables and plots from results files."""
+import os
+
 import pytest
 
 from drt_fast import io
@@ -184,6 +186,13 @@ def test_fixed_n_and_sequential_files_side_by_side_are_told_apart(tmp_path):
     assert sum("sequential certification at radii" in line for line in text.splitlines()) == 1
     # fixed-n files alone: no certification row
     assert "certification" not in analyze([f, c])
+    # a sequential file without its sidecar is still told apart, by its n column
+    os.remove(s + ".json")
+    text = analyze([s, f])
+    assert text.splitlines()[-2].split()[1:] == ["sequential", "fixed-n"]
+    assert text.splitlines()[-1] == ("s.tsv: its rows took different numbers of draws, as in a sequential file, "
+                                     f"but no sidecar ({s}.json) gives its grid: its radii are grid radii, so "
+                                     f"its ACR is a lower bound")
 
 
 # ----------------------------------------------------------------------------- runs of a file (issue 19, item 6)
