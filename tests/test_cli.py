@@ -866,6 +866,10 @@ def test_sequential_certify_of_the_embedded_default(tmp_path, capsys):
         assert 100 <= int(r[8]) <= 2000 and (int(r[8]) % 100 == 0)  # draws used, at decision points
         assert int(r[4]) == int(r[1] == r[2])
     assert any(int(r[8]) < 2000 for r in rows)                      # some inputs stop early
+    # one certify_radii call: each row's time is its share of it, by its draws (n0 + n)
+    seconds = [sum(x * float(v) for x, v in zip((3600, 60, 1), r[5].split(":"))) for r in rows]
+    per_draw = [t / (100 + int(r[8])) for t, r in zip(seconds, rows)]
+    assert max(per_draw) - min(per_draw) <= 2e-6 / 200
     # The same certificates as the API, keyed by dataset index.
     default = embedded.load()
     smooth = SmoothedClassifier(checkpoint.load_ensemble(default.model), 10, default.sigma, seed=0)
