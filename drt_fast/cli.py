@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import __version__, embedded, options, validate
 from .errors import DrtFastError, first_line, is_out_of_memory
@@ -27,6 +28,11 @@ _NO_MODEL = "no --model given: the embedded default is a digits model (8x8 input
 # Certify packs the draws of several inputs into one batch (certify_many) when n is small;
 # this caps a group so that rows (and the progress bar) still advance often.
 _MAX_GROUP = 32
+# Sequential certification (--radii): inputs per certify_radii call, in batch slots (and at
+# most _SEQUENTIAL_MAX_GROUP unless a batch has more slots). On the embedded default, 8
+# slots' worth keeps batches 75 % full, against 50 % at 32 inputs (docs/internals.md).
+_SEQUENTIAL_FILL = 8
+_SEQUENTIAL_MAX_GROUP = 256
 
 
 # ----------------------------------------------------------------------------- parser
@@ -116,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("predict", "Cohen's PREDICT: prediction of the smoothed ensemble per input")):
         p = sub.add_parser(task, help=doc, description=doc, epilog=_smoothing_epilog(task))
         _add_smoothing_options(p, task, default)
+        _add_sequential_options(p, task)
         p.set_defaults(func=lambda args, task=task: run_smoothing(args, task))
 
     p = sub.add_parser("analyze", help="certified-accuracy table (and plot) of results files",
@@ -126,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="out.png", help="also write a PNG of certified accuracy vs radius")
     p.set_defaults(func=run_analyze)
 
-    p = sub.add_parser("info", help="what a checkpoint holds", description="Describe a checkpoint.")
+    p = sub.add_parser("info", help="what a checkpoint or a results file holds",
+                       description="Describe a checkpoint, or a results file (its configuration and "
+                                   "the runs that wrote it).")
     p.add_argument("checkpoint", metavar="CKPT", nargs="*",
                    help="a checkpoint, or several member files that form one ensemble "
-                        "(default: the embedded digits ensemble)")
+                        "(default: the embedded digits ensemble), or a results TSV")
     p.set_defaults(func=run_info)
 
     # train and diagnose live with the training code; the CLI works without it.
@@ -184,6 +193,27 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, default) -> No
     p.add_argument("--out", metavar="results.tsv", help="write rows here (and the configuration to <out>.json)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# sequential.FUTILITY, for the help text without importing scipy (test_cli checks they agree)
+_FUTILITY = 0.01
+
+
+def _add_sequential_options(p: argparse.ArgumentParser, task: str) -> None:
+    """``--radii`` / ``--futility``: certify's sequential certification at grid radii. predict
+    takes them only to refuse them in words (`_check_numbers`)."""
+    if task != "certify":
+        p.add_argument("--radii", type=float, nargs="+", help=argparse.SUPPRESS)
+        p.add_argument("--futility", type=float, help=argparse.SUPPRESS)
+        return
+    p.add_argument("--radii", type=float, nargs="+", metavar="R",
+                   help="sequential certification at these grid radii: each input takes the draws it "
+                        "needs (--n is then the most it may take) and is certified at the largest grid "
+                        "radius it reaches, at the same level alpha (docs/sequential.md)")
+    p.add_argument("--futility", type=float, metavar="F",
+                   help=f"with --radii: level of the test that gives an input up early once its next "
+                        f"radius looks out of reach (default: {_FUTILITY}; 0: only once it is out of "
+                        f"reach); in [0, 1): it costs certificates, never soundness")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +301,12 @@ def _dispatch(args) -> int:
 def run_info(args) -> int:
     from . import checkpoint
 
+    from . import analyze, io
+
     paths = args.checkpoint or [embedded.load().model]
+    if len(paths) == 1 and io.is_results_file(paths[0]):
+        print(analyze.describe(paths[0]))
+        return 0
     print(checkpoint.describe_loaded(*checkpoint.open_checkpoints(paths)))
     return 0
 
@@ -287,6 +322,17 @@ def run_analyze(args) -> int:
 
 # ----------------------------------------------------------------------------- certify, predict
 
+class Record(NamedTuple):
+    """What the summary keeps of an input of this run (io.Results' columns, in order)."""
+
+    idx: int
+    label: int
+    predict: int       # -1: abstain
+    radius: float      # exactly what the file holds (0.0 for predict)
+    correct: int
+    n: int             # estimation draws taken (predict: its draws)
+
+
 @dataclass
 class Job:
     """Everything a certify/predict run needs, resolved from the arguments and the checkpoint."""
@@ -298,7 +344,24 @@ class Job:
     keys: list  # [N] dataset index of each input: the TSV idx and the noise key
     positions: list  # selected positions in x, in order
     config: dict  # the sidecar
-    draws_per_input: int
+    draws_per_input: int  # n0 + n for certify (the most a sequential input may take), n for predict
+    group: int  # inputs per engine call (a rank's share of a round)
+    channels_last: bool  # whether the draws are written channels-last (what --channels-last became)
+
+    @property
+    def sequential(self) -> bool:
+        return self.config.get("certification") == "sequential"
+
+    def settings(self) -> dict:
+        """This run's `io.SEGMENT_SETTINGS` (what the engine made of fuse and CUDA graphs so far)."""
+        from . import fuse
+
+        cfg = self.config
+        return {"batch": cfg["batch"], "device": cfg["device"], "fuse": cfg["fuse"],
+                "cuda_graphs": cfg["cuda_graphs"],
+                "channels_last": f"{cfg['channels_last']}: {'on' if self.channels_last else 'off'}",
+                "cifar_resnet_kernel": fuse.cifar_resnet_setting() or None,
+                "fused": str(self.smoothed.fuse_status), "graphs": str(self.smoothed.graph_status)}
 
 
 def run_smoothing(args, task: str) -> int:
@@ -345,6 +408,13 @@ def _check_numbers(args, task: str) -> None:
     flags = "--n0 + --n" if task == "certify" else "--n"
     validate.draw_range(0, args.n + (args.n0 if task == "certify" else 0),
                         what=f"an input's draws ({flags} of them)")
+    if task == "predict" and (args.radii is not None or args.futility is not None):
+        raise DrtFastError(f"{'--radii' if args.radii is not None else '--futility'} is certify's (sequential "
+                           f"certification at grid radii); predict certifies no radius")
+    if args.futility is not None:
+        if args.radii is None:
+            raise DrtFastError("--futility sets a test of sequential certification: pass --radii too")
+        validate.alpha(args.futility, "--futility", zero=True)
     if args.resume and not args.out:
         raise DrtFastError("--resume needs --out (the results file to continue)")
     if args.out:
@@ -444,8 +514,12 @@ def _prepare(args, task: str, device) -> Job:
         "normalization_source": options.describe_normalization(
             source, meta, os.path.basename(data_dir) if dataset_name == "npz" else dataset_name),
         "precision": args.precision,
+        "certification": ("sequential" if args.radii is not None else "fixed-n") if task == "certify" else None,
+        "radii": None,             # the grid, checked below
+        "futility": None,
         "fuse": {None: "auto", True: "on", False: "off"}[args.fuse],
         "cuda_graphs": {None: "auto", True: "on", False: "off"}[args.cuda_graphs],
+        "channels_last": {None: "auto", True: "on", False: "off"}[args.channels_last],
         "batch": args.batch,
         "skip": skip,
         "max": max_inputs,
@@ -459,12 +533,34 @@ def _prepare(args, task: str, device) -> Job:
     smoothed = SmoothedClassifier(ensemble, num_classes=num_classes, sigma=sigma, seed=args.seed,
                                   precision=args.precision, channels_last=args.channels_last,
                                   fuse=args.fuse, cuda_graphs=args.cuda_graphs)
+    draws = args.n0 + args.n if task == "certify" else args.n
+    group = max(1, min(_MAX_GROUP, args.batch // draws))
+    if args.radii is not None:
+        group = _check_sequential(args, config, smoothed.radius_sigma)
     # Build the members' rewrites now: a --fuse that cannot be honored fails before any
     # output, and the first row's time is not charged with the rewrite.
     smoothed.prepare(ds.x[:1])
+    channels_last = smoothed.engine.draws_channels_last(ds.x[:1].to(device))
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
-    draws = args.n0 + args.n if task == "certify" else args.n
-    return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
+    return Job(task, smoothed, ds.x, y, keys, positions, config, draws, group, channels_last)
+
+
+def _check_sequential(args, config: dict, sigma: float) -> int:
+    """Check --radii against the noise level (``sigma``: the one radii are computed at) and
+    record the grid and the futility level in ``config``; returns the inputs per call."""
+    from . import sequential
+
+    try:
+        radii = sequential.check_radii(args.radii, sigma, args.n, args.alpha, name="--radii")
+    except DrtFastError as e:
+        raise DrtFastError(str(e).replace("with n_max = ", "with --n ")) from None
+    config["radii"] = list(radii)
+    config["futility"] = sequential.FUTILITY if args.futility is None else float(args.futility)
+    # A call refills the slots of inputs that stop with inputs still pending, but its last
+    # inputs run in a thinning batch: many inputs a call keep batches full, few keep rows
+    # flowing (and a killed run loses less). Each slot takes STEP draws a batch.
+    slots = max(1, args.batch // min(sequential.STEP, args.batch))
+    return min(slots * _SEQUENTIAL_FILL, max(slots, _SEQUENTIAL_MAX_GROUP))
 
 
 def _one_or_many(paths: list):
@@ -487,18 +583,7 @@ def _run(args, job: Job, group) -> None:
         nonlocal results
         if not args.out:
             return set()
-        if args.resume and os.path.exists(args.out):
-            old = io.read_sidecar(args.out)
-            if old is None:
-                raise DrtFastError(f"cannot resume {args.out!r}: its metadata file "
-                                   f"{io.sidecar_path(args.out)!r} is missing, so its configuration is unknown")
-            io.check_resume_compatible(old, job.config, args.out)
-        try:
-            # Sidecar first: a run killed in between leaves no rows without their configuration.
-            io.write_json_atomic(io.sidecar_path(args.out), job.config)
-            results = io.open_results(args.out, job.task, args.resume)
-        except OSError as e:
-            raise DrtFastError(f"cannot write results to {args.out!r}: {e.strerror or e}") from None
+        results = io.start_run(args.out, job.task, job.config, job.settings(), args.resume)
         selectable = set(job.keys[::job.config["skip"]])      # --max may grow on a resume
         foreign = sorted(results.done - selectable)
         if foreign:
@@ -510,11 +595,10 @@ def _run(args, job: Job, group) -> None:
 
     done = distributed.run_on_main(group, open_output)
     todo = [p for p in job.positions if job.keys[p] not in done]
-    per_rank = _group_size(args, job)
-    round_size = per_rank * group.world_size
-    records = []  # (idx, label, predict, radius, correct) of this run, for the summary
+    round_size = job.group * group.world_size
+    records = []  # a Record for each input of this run, for the summary
 
-    progress = _progress_bar(len(todo), args.quiet or not group.is_main)
+    progress = _Progress(len(todo), job.draws_per_input, args.quiet or not group.is_main)
     start = time.perf_counter()
     try:
         for first in range(0, len(todo), round_size):
@@ -536,8 +620,8 @@ def _run(args, job: Job, group) -> None:
                     results.append(line)
                 records.append(record)
             if results is not None and rows:
-                results.sync()
-            progress.update(len(rows))
+                results.sync(job.settings())
+            progress.advance([_draws(job, record) for _, _, record in rows])
             if errors:
                 raise DrtFastError(errors[0][1])
     except BaseException as exc:
@@ -568,10 +652,9 @@ def _run(args, job: Job, group) -> None:
         print(_summary(args, job, records, len(done), elapsed))
 
 
-def _group_size(args, job: Job) -> int:
-    """Inputs per engine call: with small n, the draws of several inputs share one batch of
-    about --batch draws (the engine packs them); with large n, one input at a time."""
-    return max(1, min(_MAX_GROUP, args.batch // job.draws_per_input))
+def _draws(job: Job, record: Record) -> int:
+    """The draws an input took (selection and estimation)."""
+    return record.n + (job.config["n0"] if job.task == "certify" else 0)
 
 
 def _work(job: Job, positions: list) -> list:
@@ -581,62 +664,88 @@ def _work(job: Job, positions: list) -> list:
     if not positions:
         return []
     cfg = job.config
+    xs, keys = job.x[positions], [job.keys[p] for p in positions]
     out = []
     if job.task == "certify":
         t0 = time.perf_counter()
-        certs = job.smoothed.certify_many(job.x[positions], [job.keys[p] for p in positions],
-                                          n0=cfg["n0"], n=cfg["n"], alpha=cfg["alpha"], batch_size=cfg["batch"])
-        # Inputs certified together share the time: each row gets its share.
-        seconds = (time.perf_counter() - t0) / len(positions)
+        if job.sequential:
+            certs = job.smoothed.certify_radii(xs, keys, cfg["radii"], n0=cfg["n0"], n_max=cfg["n"],
+                                               alpha=cfg["alpha"], batch_size=cfg["batch"],
+                                               futility=cfg["futility"])
+        else:
+            certs = job.smoothed.certify_many(xs, keys, n0=cfg["n0"], n=cfg["n"], alpha=cfg["alpha"],
+                                              batch_size=cfg["batch"])
+        # Inputs certified together share the time: each row gets its share, by its draws.
+        seconds = (time.perf_counter() - t0) / sum(cfg["n0"] + cert.n for cert in certs)
         for p, cert in zip(positions, certs):
             idx, label = job.keys[p], job.y[p]
-            line = io.certify_row(idx, label, cert, seconds)
-            # The summary uses the radius as the file stores it (3 significant digits).
-            out.append((p, line, (idx, label, cert.label, float(f"{cert.radius:.3}"), int(cert.label == label))))
+            line = io.certify_row(idx, label, cert, seconds * (cfg["n0"] + cert.n))
+            # the file holds exactly cert.radius (never a value above it: io.format_down)
+            out.append((p, line, Record(idx, label, cert.label, cert.radius, int(cert.label == label), cert.n)))
     else:
         t0 = time.perf_counter()
-        predictions = job.smoothed.predict_many(job.x[positions], [job.keys[p] for p in positions],
-                                                n=cfg["n"], alpha=cfg["alpha"], batch_size=cfg["batch"])
+        predictions = job.smoothed.predict_many(xs, keys, n=cfg["n"], alpha=cfg["alpha"], batch_size=cfg["batch"])
         seconds = (time.perf_counter() - t0) / len(positions)
         for p, prediction in zip(positions, predictions):
             idx, label = job.keys[p], job.y[p]
             line = io.predict_row(idx, label, prediction, seconds)
-            out.append((p, line, (idx, label, prediction, 0.0, int(prediction == label))))
+            out.append((p, line, Record(idx, label, prediction, 0.0, int(prediction == label), cfg["n"])))
     return out
 
 
-class _NoBar:
-    def update(self, n): pass
-    def close(self): pass
+class _Progress:
+    """The progress bar, in draws (tqdm on stderr, only when stderr is a terminal and not
+    --quiet). Its total starts at the fixed-n budget of the inputs left (``budget`` draws
+    each); an input that stops early (sequential certification) takes the draws it did not
+    use off the total: the bar never shows less work left than there may be, and ends full."""
 
+    def __init__(self, inputs: int, budget: int, quiet: bool):
+        self.inputs, self.budget, self.done, self.bar = inputs, budget, 0, None
+        if quiet or not sys.stderr.isatty():
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=inputs * budget, unit="draw", unit_scale=True, file=sys.stderr,
+                        dynamic_ncols=True, postfix=f"0/{inputs} inputs")
 
-def _progress_bar(total: int, quiet: bool):
-    """tqdm on stderr, only when stderr is a terminal and not --quiet."""
-    if quiet or not sys.stderr.isatty():
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="input", file=sys.stderr, dynamic_ncols=True)
+    def advance(self, draws: list) -> None:
+        """Inputs done, ``draws`` taken by each."""
+        self.done += len(draws)
+        if self.bar is None or not draws:
+            return
+        self.bar.total -= sum(self.budget - d for d in draws)
+        self.bar.set_postfix_str(f"{self.done}/{self.inputs} inputs", refresh=False)
+        self.bar.update(sum(draws))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str:
-    """The final report on stdout: accuracy (certified at several radii), abstains, ACR, speed."""
+    """The final report on stdout: accuracy (certified at several radii), abstains, ACR,
+    draws (sequential: against the fixed-n budget), speed."""
     from . import io, stats
-    from .analyze import abstain_rate, acr, certified_accuracy, default_radii
+    from .analyze import abstain_rate, acr, certified_accuracy, default_radii, radius_label
 
     cfg = job.config
     if args.out:
         results = io.read_results(args.out, job.task)  # all rows, resumed ones included
     else:
-        columns = [list(c) for c in zip(*records)] if records else [[] for _ in range(5)]
-        results = io.Results("this run", *columns)  # idx, label, predict, radius, correct
+        columns = [list(c) for c in zip(*records)] if records else [[] for _ in Record._fields]
+        results = io.Results("this run", *columns)
     count = len(results)
     source = os.path.basename(cfg["data"]) if cfg["dataset"] == "npz" else f"{cfg['dataset']} ({cfg['split']})"
+    n = f"n_max={cfg['n']}" if job.sequential else f"n={cfg['n']}"
     lines = [f"drt-fast {job.task}: {count} input{'s' if count != 1 else ''} of {source}, sigma={cfg['sigma']:g}, "
-             f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}n={cfg['n']}, alpha={cfg['alpha']:g}, "
+             f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}{n}, alpha={cfg['alpha']:g}, "
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
+    if job.sequential:
+        lines.append(f"sequential certification at radii {', '.join(f'{r:g}' for r in cfg['radii'])} "
+                     f"(futility test at level {cfg['futility']:g})")
     if cfg["device"].startswith("cuda"):
         lines.append(f"fused members: {job.smoothed.fuse_status}; "
                      f"CUDA graphs: {job.smoothed.graph_status}")
@@ -647,19 +756,31 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
     if getattr(args, "thread_note", ""):
         lines.append(args.thread_note)
     if job.task == "certify":
-        radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
+        if job.sequential:
+            radii = cfg["radii"]
+        else:
+            radii = default_radii(stats.max_radius(cfg["sigma"], cfg["n"], cfg["alpha"]))
         acc = certified_accuracy(results, radii)
-        header = "radius               " + "".join(f"{r:>7.2f}" for r in radii)
-        values = "certified accuracy % " + "".join(f"{100 * a:>7.1f}" for a in acc)
+        labels = [radius_label(r) for r in radii]
+        width = max(7, *(len(label) + 2 for label in labels))
+        header = "radius               " + "".join(label.rjust(width) for label in labels)
+        values = "certified accuracy % " + "".join(f"{100 * a:.1f}".rjust(width) for a in acc)
         lines += [header, values,
-                  f"abstain rate {100 * abstain_rate(results):.1f} %, "
-                  f"ACR {acr(results):.3f}"]
+                  f"abstain rate {100 * abstain_rate(results):.1f} %, ACR {acr(results):.3f}"
+                  + (" (a lower bound: each input counts the largest grid radius it certified)"
+                     if job.sequential else "")]
+        if job.sequential and count:
+            used = sum(results.n) + count * cfg["n0"]
+            budget = count * (cfg["n0"] + cfg["n"])
+            lines.append(f"draws: {used:,} used, {budget:,} at fixed n ({count} x ({cfg['n0']} + {cfg['n']})): "
+                         f"{budget / used:.2f}x fewer")
     else:
         accuracy = sum(results.correct) / count if count else 0.0
         lines.append(f"accuracy {100 * accuracy:.1f} %, abstain rate {100 * abstain_rate(results):.1f} %")
     new = len(records)
     if new and elapsed > 0:
-        speed = f"{new / elapsed:.2f} inputs/s, {new * job.draws_per_input / elapsed:,.0f} draws/s"
+        draws = sum(_draws(job, record) for record in records)
+        speed = f"{new / elapsed:.2f} inputs/s, {draws / elapsed:,.0f} draws/s"
     else:
         speed = "nothing left to do"
     lines.append(f"this run: {new} input{'s' if new != 1 else ''} in {elapsed:.2f} s ({speed})"

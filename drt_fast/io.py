@@ -6,19 +6,30 @@ scripts read it unchanged, with drt-fast's extra columns after Cohen's::
     certify:  idx  label  predict  radius  correct  time  pA_lower  count  n
     predict:  idx  label  predict  correct  time
 
+``radius`` and ``pA_lower`` are written rounded down (`format_down`): never above the value
+computed, and reading one back gives exactly that value (Cohen's ``{:.3}`` rounds to nearest,
+which wrote 0.24951 as 0.25).
+
 Rows are appended and flushed one at a time (and fsync'ed after each group of inputs),
 so a run killed at any moment (SIGKILL included) leaves whole rows plus at most one
-partial last line, which :func:`open_results` drops on resume. The sidecar ``<out>.json`` holds the configuration;
-its result-determining part (:data:`RESUME_KEYS`) must match for a resume.
+partial last line, which :func:`open_results` drops on resume.
+
+The sidecar ``<out>.json`` holds the configuration of the latest run at its top level; its
+result-determining part (:data:`RESUME_KEYS`) must match for a resume. ``segments`` lists
+every run that wrote to the file, in order (`new_segment`): when it started, the rows it
+wrote (``first_row``, ``rows``, ``idx`` = [first, last]), its `SEGMENT_SETTINGS` (batch,
+device, engine levers: each makes a slightly different floating-point base classifier) and
+versions. A sidecar of an earlier version has no ``segments``: it reads as one run.
 """
 from __future__ import annotations
 
 import datetime
+import decimal
 import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import DrtFastError
 
@@ -31,9 +42,20 @@ COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS}
 # the first rows stay the same), device (noise is bit-identical on CPU and GPU), paths,
 # the command line and versions (recorded for the reader, not compared).
 RESUME_KEYS = ("task", "model_sha256", "dataset", "data_sha256", "split", "sigma", "n0", "n",
-               "alpha", "seed", "mode", "normalization", "precision", "skip")
+               "alpha", "seed", "mode", "normalization", "precision", "skip",
+               "certification", "radii", "futility")
 # Keys that sidecars of earlier versions lack: compared only when the file has them.
 _RESUME_KEYS_ADDED = ("data_sha256", "normalization")
+# ... or read with the value they had then: every such certify file is a fixed-n one.
+_EARLIER_VALUES = {"certification": lambda meta: "fixed-n" if meta.get("task") == "certify" else None}
+
+# What each run (segment) of a file records of its own: settings that leave the certificates
+# of exact arithmetic alone but each make a slightly different floating-point base
+# classifier (batch composition, kernels, layout; "fused" and "graphs" say what the engine
+# made of fuse and cuda_graphs), then the versions.
+SEGMENT_SETTINGS = ("batch", "device", "fuse", "cuda_graphs", "channels_last", "cifar_resnet_kernel",
+                    "fused", "graphs")
+SEGMENT_VERSIONS = ("drt_fast_version", "torch_version")
 
 
 def sidecar_path(out: str) -> str:
@@ -46,11 +68,34 @@ def format_time(seconds: float) -> str:
     return str(datetime.timedelta(seconds=seconds))
 
 
+def format_down(value: float) -> str:
+    """``value`` (a finite float) as the shortest decimal that is never above it and that
+    reads back (``float()``) as ``value`` itself: its exact binary value cut, not rounded,
+    after as few significant digits as that takes (0.25 -> ``0.25``, 0.1 -> ``0.1``, 0.3 ->
+    ``0.29999999999999998``, 0.2495123... -> its 16-17 digits). Plain notation, never an
+    exponent; a whole number keeps a ``.0`` as Python writes floats."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"format_down takes a finite number, got {value}")
+    if value == 0:
+        return "0.0"
+    exact = decimal.Decimal(value)              # the float's exact binary value, in decimal
+    for digits in range(1, 40):
+        cut = decimal.Context(prec=digits, rounding=decimal.ROUND_FLOOR).plus(exact)
+        if float(cut) == value:
+            break
+    else:                                       # unreachable: 40 digits always read back
+        cut = exact
+    text = format(cut, "f")
+    return text if "." in text else text + ".0"
+
+
 def certify_row(idx: int, label: int, cert, seconds: float) -> str:
-    """One certify row (with newline). ``cert`` has label, radius, pA_lower, count, n."""
+    """One certify row (with newline). ``cert`` has label, radius, pA_lower, count, n;
+    radius and pA_lower are written by `format_down` (never above their values)."""
     correct = int(cert.label == label)
-    return (f"{idx}\t{label}\t{cert.label}\t{cert.radius:.3}\t{correct}\t{format_time(seconds)}"
-            f"\t{cert.pA_lower:.6g}\t{cert.count}\t{cert.n}\n")
+    return (f"{idx}\t{label}\t{cert.label}\t{format_down(cert.radius)}\t{correct}\t{format_time(seconds)}"
+            f"\t{format_down(cert.pA_lower)}\t{cert.count}\t{cert.n}\n")
 
 
 def predict_row(idx: int, label: int, prediction: int, seconds: float) -> str:
@@ -154,8 +199,11 @@ def read_sidecar(out: str) -> dict | None:
 
 def check_resume_compatible(old: dict, new: dict, out: str) -> None:
     """Refuse to resume ``out`` when a result-determining setting differs."""
-    diffs = [f"{key}: {old.get(key)!r} in the file, {new.get(key)!r} now"
-             for key in RESUME_KEYS if old.get(key) != new.get(key)
+    def value(meta, key):
+        return meta[key] if key in meta else _EARLIER_VALUES.get(key, lambda meta: None)(meta)
+
+    diffs = [f"{key}: {value(old, key)!r} in the file, {value(new, key)!r} now"
+             for key in RESUME_KEYS if value(old, key) != value(new, key)
              and not (key in _RESUME_KEYS_ADDED and key not in old)]
     if diffs:
         raise DrtFastError(f"cannot resume {out!r}: its configuration differs ({'; '.join(diffs)}); "
@@ -170,15 +218,27 @@ class ResultsFile:
     columns: tuple
     done: set  # idx of rows already in the file
     _file: object = None
+    order: list = field(default_factory=list)   # idx of every row in the file, in file order
+    sidecar: dict = None                         # what `start_run` wrote to <path>.json
 
     def append(self, row: str) -> None:
         """Append one row and hand it to the OS at once (a killed process loses no whole row)."""
         self._file.write(row)
         self._file.flush()
+        self.order.append(int(row.split("\t", 1)[0]))
 
-    def sync(self) -> None:
-        """Push the rows appended so far to the disk (survives a power cut, not just a kill)."""
+    def sync(self, settings: dict | None = None) -> None:
+        """Push the rows appended so far to the disk (survives a power cut, not just a kill),
+        then record them in this run's segment of the sidecar, with its ``settings`` as they
+        are now (what the engine made of them may only be known after the first batch)."""
         os.fsync(self._file.fileno())
+        if self.sidecar is not None:
+            segment = self.sidecar["segments"][-1]
+            count_rows(self.sidecar["segments"], self.order)
+            segment["updated"] = _now()
+            if settings is not None:
+                segment["settings"] = {key: settings.get(key) for key in SEGMENT_SETTINGS}
+            write_json_atomic(sidecar_path(self.path), self.sidecar)
 
     def close(self) -> None:
         if self._file is not None:
@@ -213,13 +273,100 @@ def open_results(out: str, task: str, resume: bool) -> ResultsFile:
         done = set(kept.idx)
         if len(done) != len(kept.idx):
             raise DrtFastError(f"cannot resume {out!r}: it holds some idx twice")
+        order = list(kept.idx)
         f = open(out, "a")
     else:
+        order = []
         f = open(out, "w")
         f.write("\t".join(columns) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return ResultsFile(out, columns, done, f)
+    return ResultsFile(out, columns, done, f, order)
+
+
+def start_run(out: str, task: str, config: dict, settings: dict, resume: bool) -> ResultsFile:
+    """Open ``out`` for a run of ``task`` with ``config`` (the sidecar's top level) and
+    ``settings`` (its `SEGMENT_SETTINGS`): a new file, or with ``resume`` the rows of an
+    existing one continued, after its sidecar is found compatible. The sidecar gets this run
+    as a new segment after those of the runs before; it is written before any row, so a
+    kill in between leaves no row without its configuration."""
+    old = None
+    if resume and os.path.exists(out):
+        old = read_sidecar(out)
+        if old is None:
+            raise DrtFastError(f"cannot resume {out!r}: its metadata file {sidecar_path(out)!r} is "
+                               f"missing, so its configuration is unknown")
+        check_resume_compatible(old, config, out)
+    try:
+        if old is None:
+            sidecar = dict(config, segments=[new_segment(config, settings, 0)])
+            write_json_atomic(sidecar_path(out), sidecar)
+            results = open_results(out, task, resume)
+        else:
+            results = open_results(out, task, resume)
+            segments = segments_of(old, results.order)
+            sidecar = dict(config, segments=[*segments, new_segment(config, settings, len(results.order))])
+            write_json_atomic(sidecar_path(out), sidecar)
+    except OSError as e:
+        raise DrtFastError(f"cannot write results to {out!r}: {e.strerror or e}") from None
+    results.sidecar = sidecar
+    return results
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_segment(config: dict, settings: dict, first_row: int) -> dict:
+    """The sidecar's record of a run that starts now, with ``first_row`` rows in the file
+    before its own (``rows`` and ``idx`` grow as it writes)."""
+    unknown = [key for key in settings if key not in SEGMENT_SETTINGS]
+    if unknown:
+        raise ValueError(f"not segment settings: {unknown}")
+    return {"started": _now(), "command": config.get("command"), "first_row": first_row, "rows": 0,
+            "idx": None, "settings": {key: settings.get(key) for key in SEGMENT_SETTINGS},
+            **{key: config.get(key) for key in SEGMENT_VERSIONS}}
+
+
+def segments_of(meta: dict, order: list | None = None) -> list:
+    """The runs a sidecar records (copies), with their ``rows`` and ``idx`` counted again
+    from the file when ``order`` (the idx of its rows, in file order) is given: a run killed
+    between writing rows and recording them recorded too few. A sidecar of an earlier
+    version records no runs: it reads as one, with its top-level settings."""
+    if isinstance(meta.get("segments"), list) and meta["segments"]:
+        segments = [dict(segment) for segment in meta["segments"]]
+    else:
+        segments = [{"started": None, "command": meta.get("command"), "first_row": 0, "rows": None, "idx": None,
+                     "settings": {key: meta.get(key) for key in SEGMENT_SETTINGS},
+                     **{key: meta.get(key) for key in SEGMENT_VERSIONS},
+                     "note": "rebuilt from a sidecar written before runs were recorded"}]
+    if order is not None:
+        count_rows(segments, order)
+    return segments
+
+
+def count_rows(segments: list, order: list) -> None:
+    """Set each segment's ``rows`` and ``idx`` from the file's rows (``order``: their idx in
+    file order): a run owns the rows from its first_row to the next run's."""
+    for segment, following in zip(segments, segments[1:] + [None]):
+        first = min(segment["first_row"], len(order))
+        end = min(following["first_row"] if following is not None else len(order), len(order))
+        segment["rows"] = max(0, end - first)
+        segment["idx"] = [order[first], order[end - 1]] if end > first else None
+
+
+def mixed_settings(segments: list) -> dict:
+    """``{name: [value of each run that wrote rows]}`` for the settings and versions that
+    differ between those runs (`segments_of`; a value a run did not record is not
+    compared): empty when the rows come from one run, or from runs with the same settings."""
+    runs = [s for s in segments if s.get("rows") is None or s["rows"] > 0]
+    mixed = {}
+    for key in SEGMENT_SETTINGS + SEGMENT_VERSIONS:
+        values = [(s.get("settings") or {}).get(key) if key in SEGMENT_SETTINGS else s.get(key) for s in runs]
+        known = [v for v in values if v is not None]
+        if len({json.dumps(v, sort_keys=True) for v in known}) > 1:
+            mixed[key] = values
+    return mixed
 
 
 def _drop_partial_last_line(path: str) -> None:
@@ -231,6 +378,25 @@ def _drop_partial_last_line(path: str) -> None:
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
+
+
+def results_task(path: str) -> str:
+    """"predict" for a file with a predict header (no radius column), else "certify"."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096).decode("utf-8", "replace").rstrip("\r\n").split("\t")
+    except OSError as e:
+        raise DrtFastError(f"cannot read results file {path!r}: {e.strerror or e}") from None
+    return "predict" if "radius" not in first and "predict" in first else "certify"
+
+
+def is_results_file(path: str) -> bool:
+    """Whether ``path`` looks like a results TSV (its first line starts with ``idx<TAB>``)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"idx\t"
+    except OSError:
+        return False
 
 
 def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
@@ -245,7 +411,8 @@ def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
 
 @dataclass
 class Results:
-    """The columns of a certify results file that analysis needs, as Python lists."""
+    """The columns of a certify results file that analysis needs, as Python lists; ``n``
+    (estimation draws of each row) is None when the file has no such column (Cohen's)."""
 
     path: str
     idx: list
@@ -253,6 +420,7 @@ class Results:
     predict: list
     radius: list
     correct: list
+    n: list = None
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -287,7 +455,9 @@ def _parse_results(path: str, header: list, rows: list, task: str) -> Results:
         raise DrtFastError(f"results file {path!r} lacks the column(s) {', '.join(missing)}: "
                            f"expected a header with {' '.join(needed)} ..., got {' '.join(header)!r}{hint}")
     col = {name: header.index(name) for name in needed}
-    out = Results(path, [], [], [], [], [])
+    if task == "certify" and "n" in header:
+        col["n"] = header.index("n")
+    out = Results(path, [], [], [], [], [], [] if "n" in col else None)
     for lineno, row in enumerate(rows, start=2):
         try:
             out.idx.append(int(row[col["idx"]]))
@@ -295,6 +465,8 @@ def _parse_results(path: str, header: list, rows: list, task: str) -> Results:
             out.predict.append(int(row[col["predict"]]))
             out.radius.append(float(row[col["radius"]]) if "radius" in col else 0.0)
             out.correct.append(int(row[col["correct"]]))
+            if out.n is not None:
+                out.n.append(int(row[col["n"]]))
         except (IndexError, ValueError):
             raise DrtFastError(f"results file {path!r}, line {lineno}: expected tab-separated "
                                f"values for {' '.join(header)}, got {chr(9).join(row)!r}") from None

@@ -1,6 +1,9 @@
 """drt-fast analyze: certified-accuracy tables and plots from results files."""
+import os
+
 import pytest
 
+from drt_fast import io
 from drt_fast.analyze import analyze, default_radii
 from drt_fast.cli import main
 
@@ -136,3 +139,79 @@ def test_a_file_with_no_rows_is_said_to_have_none(tmp_path, capsys):
         assert main(["analyze", *files]) == 2
         err = capsys.readouterr().err
         assert err == f"drt-fast: error: results file {empty!r} has no rows (only a header): nothing to analyze\n"
+
+
+# ----------------------------------------------------------------------------- sequential files (issue 18)
+
+def _sequential(path, rows, radii=(0.0, 0.25, 0.5), segments=None):
+    """A sequential certify file: rows (predict, label, grid radius, n) and its sidecar."""
+    lines = [HEADER]
+    for i, (pred, label, radius, n) in enumerate(rows):
+        lines.append(f"{i}\t{label}\t{pred}\t{radius}\t{int(pred == label)}\t0:00:00.5\t0.9\t{n}\t{n}\n")
+    path.write_text("".join(lines))
+    meta = {"task": "certify", "certification": "sequential", "radii": list(radii), "futility": 0.01,
+            "n0": 100, "n": 2000}
+    if segments is not None:
+        meta["segments"] = segments
+    io.write_json_atomic(io.sidecar_path(str(path)), meta)
+    return str(path)
+
+
+ROWS_S = [(1, 1, 0.5, 300), (2, 2, 0.25, 1200), (3, 4, 0.0, 2000), (-1, 5, 0.0, 2000), (6, 6, 0.0, 500)]
+
+
+def test_a_sequential_file_is_read_at_its_grid_and_its_acr_called_a_lower_bound(tmp_path):
+    s = _sequential(tmp_path / "s.tsv", ROWS_S)
+    text = analyze([s])
+    assert [line.split()[0] for line in text.splitlines()[3:6]] == ["0", "0.25", "0.5"]   # the grid
+    v = {line.split()[0]: line.split()[-1] for line in text.splitlines()[2:] if not line.startswith("-")}
+    assert (v["0"], v["0.25"], v["0.5"], v["ACR"]) == ("60.0", "40.0", "20.0", "0.150")
+    assert v["mean"] == "1200" and v["certification"] == "sequential"          # mean n
+    assert ("s.tsv: sequential certification at radii 0, 0.25, 0.5 (n_max 2000): each input counts the "
+            "largest grid radius it certified, so its ACR on grid radii is a lower bound") in text
+    assert "off the grid" not in text
+    assert "at radii off the grid it shows the accuracy at the next grid radius up" in analyze([s], radii=[0.1])
+
+
+def test_fixed_n_and_sequential_files_side_by_side_are_told_apart(tmp_path):
+    s = _sequential(tmp_path / "s.tsv", ROWS_S)
+    f = _write(tmp_path / "f.tsv", ROWS_A)           # fixed n, no sidecar: largest radius 1.1
+    c = _write(tmp_path / "c.tsv", ROWS_B, cohen=True)
+    text = analyze([s, f, c])
+    assert [line.split()[0] for line in text.splitlines()[3:8]] == ["0", "0.25", "0.5", "0.75", "1"]
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:] if not line.startswith("-")}
+    assert rows["certification"] == ["sequential", "fixed-n", "fixed-n"]
+    assert rows["mean"] == ["n", "1200", "100", "-"]                     # Cohen's file has no n column
+    assert rows["1"][0] == "0.0"
+    assert sum("sequential certification at radii" in line for line in text.splitlines()) == 1
+    # fixed-n files alone: no certification row
+    assert "certification" not in analyze([f, c])
+    # a sequential file without its sidecar is still told apart, by its n column
+    os.remove(s + ".json")
+    text = analyze([s, f])
+    assert text.splitlines()[-2].split()[1:] == ["sequential", "fixed-n"]
+    assert text.splitlines()[-1] == ("s.tsv: its rows took different numbers of draws, as in a sequential file, "
+                                     f"but no sidecar ({s}.json) gives its grid: its radii are grid radii, so "
+                                     f"its ACR is a lower bound")
+
+
+# ----------------------------------------------------------------------------- runs of a file (issue 19, item 6)
+
+def test_a_file_written_by_runs_with_other_settings_says_so(tmp_path):
+    def written(name, *segments):
+        path = _write(tmp_path / name, ROWS_A)
+        io.write_json_atomic(io.sidecar_path(path), {"task": "certify", "segments": list(segments)})
+        return path
+
+    def segment(first, rows, batch, device="cpu"):
+        return {"first_row": first, "rows": rows, "idx": None, "started": "t",
+                "settings": {"batch": batch, "device": device}, "torch_version": "2.13"}
+
+    same = written("same.tsv", segment(0, 2, 1000), segment(2, 3, 1000))
+    assert "runs" not in analyze([same])
+    mixed = written("mixed.tsv", segment(0, 2, 1000), segment(2, 3, 400, "cuda:0 (NVIDIA H100)"))
+    assert ("mixed.tsv: written by 2 runs whose settings differ (batch 1000 / 400; device cpu / cuda:0 "
+            "(NVIDIA H100)): each may round the base classifier differently") in analyze([mixed])
+    # the rows recorded do not matter, the file's do: a run that owns no row mixes nothing in
+    empty_run = written("e.tsv", segment(0, 2, 1000), segment(5, 0, 400))
+    assert "runs" not in analyze([empty_run])

@@ -35,11 +35,17 @@ def single(tmp_path_factory):
     return out
 
 
-def test_two_processes_write_the_rows_of_one(single, tmp_path):
-    out = str(tmp_path / "two.tsv")
-    proc = _torchrun("certify", "--model", fx.digits_checkpoint(), *ARGS, "--out", out)
+def _same_rows_in_two_processes(args, out, single):
+    """certify ``args`` under torchrun into ``out``: the rows of the one-process run ``single``."""
+    proc = _torchrun("certify", "--model", fx.digits_checkpoint(), *args, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert fx.rows_without_time(out) == fx.rows_without_time(single)
+    return proc
+
+
+def test_two_processes_write_the_rows_of_one(single, tmp_path):
+    out = str(tmp_path / "two.tsv")
+    proc = _same_rows_in_two_processes(ARGS, out, single)
     assert len(fx.rows_without_time(out)) == 8
     # One summary, from rank 0.
     assert proc.stdout.count("drt-fast certify: 7 inputs") == 1
@@ -84,3 +90,16 @@ def test_device_resolution(monkeypatch):
                          ("cuda:x", "must be auto, cpu")):
         with pytest.raises(DrtFastError, match=message):
             distributed.resolve_device(bad)
+
+
+def test_two_processes_certify_sequentially_as_one(tmp_path):
+    """--radii under torchrun: --batch 100 is one slot, so 8 inputs a certify_radii call and
+    16 a round: 2 rounds for 20 inputs, the second one uneven."""
+    args = ["--radii", "0", "0.25", "0.5", "--n", "1000", "--batch", "100", "--skip", "20", "--max", "20", "--quiet"]
+    single = str(tmp_path / "single.tsv")
+    with fx.single_thread():
+        assert main(["certify", "--model", fx.digits_checkpoint(), *args, "--out", single]) == 0
+    out = str(tmp_path / "two.tsv")
+    proc = _same_rows_in_two_processes(args, out, single)
+    assert len(fx.rows_without_time(out)) == 21
+    assert proc.stdout.count("sequential certification at radii 0, 0.25, 0.5") == 1
