@@ -56,6 +56,11 @@ if [ "$mode" = measure ]; then
     # the DRT / Gaussian step ratio, owed again since the bench fits its members to the batch
     timeout 120 "${py[@]}" -m pytest -q -s bench/test_train.py -k cuda -p no:cacheprovider --benchmark-json "$out/bench-train.json" 2>&1 \
         | tee "$out/bench-train.log" | grep -E "^\[(ratio|target)\]|passed|skipped|failed|error" | tail -10
+    # last (a 600 s call may end before it): sequential certification against fixed n, 3x
+    # ResNet-110 bf16
+    timeout 150 "${py[@]}" -m pytest -q -s bench/test_sequential.py -k gpu -p no:cacheprovider \
+        --benchmark-json "$out/bench-sequential.json" 2>&1 | tee "$out/bench-sequential.log" \
+        | grep -E "^\[(ratio|target)\]|passed|skipped|failed|error" | tail -10
     exit 0
 fi
 
@@ -68,7 +73,10 @@ timeout 120 "${py[@]}" -m pytest -q tests/test_cifar_resnet_kernel.py -p no:cach
 if [ "${PIPESTATUS[0]}" != 0 ]; then  # where the GPU parts from the host program, phase by phase
     timeout 90 "${py[@]}" bench/cifar_resnet_debug.py --depth 8 2>&1 | tee "$out/cifar-resnet-debug.log" | tail -40
 fi
-timeout 120 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py -k "cuda" -p no:cacheprovider 2>&1 \
+# the ops (noise, vote for any class count, canonical NaNs), their first-use self-check, the
+# engine's CUDA graphs and rewrites: none of the code of 2026-11-26 and later has run on a GPU
+timeout 150 "${py[@]}" -m pytest -q tests/test_ops.py tests/test_cuda_kernels_on_host.py tests/test_ops_extension.py \
+    tests/test_graphs.py tests/test_engine_runner.py tests/test_smoothing.py -k "cuda" -p no:cacheprovider 2>&1 \
     | tee "$out/tests-ops.log" | tail -5
 timeout 150 "${py[@]}" bench/gpu_levers.py --batches 2000,4000 --only "cudnn-fused|kernel" --json "$out/levers-kernel.json" 2>&1 \
     | tee "$out/levers-kernel.log" | grep -E "ms/1000|error|Error" | tail -10
