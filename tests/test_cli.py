@@ -615,7 +615,7 @@ def test_resume_of_a_damaged_file(ckpt, reference_tsv, tmp_path, capsys):
 def test_warnings_and_out_of_memory_are_one_line(monkeypatch, capsys):
     import warnings
 
-    from drt_fast import cli
+    from drt_fast.cli import info
 
     def warns(args):
         warnings.warn("drt_fast: something to know\nwith a second line", RuntimeWarning)
@@ -628,13 +628,13 @@ def test_warnings_and_out_of_memory_are_one_line(monkeypatch, capsys):
     def bug(args):
         raise RuntimeError("an internal error")
 
-    monkeypatch.setattr(cli, "run_info", warns)
+    monkeypatch.setattr(info, "run_info", warns)
     assert main(["info"]) == 0
     assert capsys.readouterr().err == "drt-fast: warning: drt_fast: something to know\n"
-    monkeypatch.setattr(cli, "run_info", out_of_memory)
+    monkeypatch.setattr(info, "run_info", out_of_memory)
     assert main(["info"]) == 2
     assert "out of memory (DefaultCPUAllocator" in fx.error_line(capsys)
-    monkeypatch.setattr(cli, "run_info", bug)
+    monkeypatch.setattr(info, "run_info", bug)
     with pytest.raises(RuntimeError, match="an internal error"):   # bugs keep their traceback
         main(["info"])
 
@@ -898,8 +898,9 @@ def test_sequential_certify_of_the_embedded_default(tmp_path, capsys):
 
 def test_the_futility_default_is_the_procedures_and_help_says_what_it_costs(capsys):
     from drt_fast import cli, sequential
+    from drt_fast.cli import parser
 
-    assert cli._FUTILITY == sequential.FUTILITY
+    assert parser.FUTILITY == sequential.FUTILITY
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["certify", "--help"])
     text = " ".join(capsys.readouterr().out.split())
