@@ -1,4 +1,4 @@
-"""Small trained models and data files for the CLI tests (test_cli, test_distributed).
+"""Small trained models and data files for the CLI tests (test_cli_*, test_distributed).
 
 Built once per test session (cached in a temporary folder): a 2-member digits ensemble
 trained with Gaussian augmentation for about a second, saved with
@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import io
 import os
 import pickle
 import shutil
@@ -184,6 +185,13 @@ def rows_without_time(path) -> list:
         lines = [line.split("\t") for line in f.read().splitlines()]
     t = lines[0].index("time")
     return [fields[:t] + fields[t + 1:] for fields in lines]
+
+
+class FakeTerminal(io.StringIO):
+    """A stderr that says it is a terminal: where the progress bar is drawn."""
+
+    def isatty(self):
+        return True
 
 
 def error_line(capsys) -> str:
