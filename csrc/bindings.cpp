@@ -122,11 +122,45 @@ PYBIND11_MODULE(_C, m) {
         const drt::Philox4 r = drt::philox4x32_10(c0, c1, c2, c3, k0, k1);
         return py::make_tuple(r.w[0], r.w[1], r.w[2], r.w[3]);
       });
-  m.def("box_muller", [](uint32_t a, uint32_t b) {
-    float z0, z1;
-    drt::box_muller(a, b, &z0, &z1);
-    return py::make_tuple(z0, z1);
-  });
+  m.def(
+      "box_muller",
+      [](uint32_t a, uint32_t b, uint32_t c) {
+        float z0, z1;
+        drt::box_muller(a, b, c, &z0, &z1);
+        return py::make_tuple(z0, z1);
+      },
+      py::arg("a"), py::arg("b"), py::arg("c") = 0,
+      "The two normals of a pair (a, b) with tail word c (read only when a < 2^15; philox.h).");
+  m.def(
+      "gaussian_tail_count",
+      [](uint64_t seed, uint64_t key, int64_t first_draw, int64_t draws, int64_t num_elements,
+         const std::vector<float>& thresholds) {
+        if (thresholds.size() > 16) throw std::invalid_argument("at most 16 thresholds");
+        for (float t : thresholds)
+          if (!(t > drt::kTailCountFloor)) throw std::invalid_argument("thresholds must be above 4.86");
+        if (first_draw < 0 || draws < 0 || first_draw + draws > (int64_t(1) << 32) || num_elements < 0 ||
+            num_elements > (int64_t(1) << 32))
+          throw std::invalid_argument("draws must lie in [0, 2^32), elements in [0, 2^32]");
+        std::vector<int64_t> counts(thresholds.size());
+        float largest = 0.0f;
+        const drt::TailCountArgs args{seed, key, first_draw, draws, num_elements, thresholds.data(),
+                                      (int64_t)thresholds.size(), counts.data(), &largest};
+        {
+          py::gil_scoped_release release;
+          drt::gaussian_tail_count_cpu(args);
+        }
+        return py::make_tuple(counts, largest);
+      },
+      "Test hook: (counts of |z| > each threshold, largest |z| above 4.86) over the Gaussian noise of "
+      "draws first_draw .. first_draw + draws - 1 of input `key`, elements 0 .. num_elements - 1.");
+  m.def(
+      "normals4",
+      [](uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad) {
+        float z[4];
+        drt::normals4(seed, key, draw, quad, z);
+        return py::make_tuple(z[0], z[1], z[2], z[3]);
+      },
+      "The four normals of elements 4*quad .. 4*quad+3 of a draw, by the per-quad code the CUDA kernel runs.");
 }
 
 #else

@@ -45,6 +45,22 @@ struct VoteArgs {
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args);
 
+// A test hook over the Gaussian noise of draws first_draw .. first_draw + draws - 1 of the
+// input `key` (elements 0 .. num_elements - 1): counts[i] = how many normals have
+// |z| > thresholds[i], and *largest = the largest |z| above kTailCountFloor (0 if none).
+// Only pairs that need their tail word reach that floor (philox.h), so the hook generates
+// every main block but computes normals only for those: cheap enough for 10^9 normals.
+constexpr float kTailCountFloor = 4.86f;  // > sqrt(34 ln 2), the radius bound of the other pairs
+struct TailCountArgs {
+  uint64_t seed, key;
+  int64_t first_draw, draws, num_elements;
+  const float* thresholds;  // each > kTailCountFloor
+  int64_t num_thresholds;
+  int64_t* counts;
+  float* largest;
+};
+void gaussian_tail_count_cpu(const TailCountArgs& args);
+
 // bias_act: h [rows, cols] fp32 contiguous, in place h = act(h + bias) with bias [cols] fp32;
 // act is ReLU when relu, else the identity.
 struct BiasActArgs {

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from drt_fast import ops
+from drt_fast.ops import reference
 
 pytestmark = pytest.mark.skipif(ops._C_cuda is None, reason="drt_fast was built without its CUDA kernels")
 
@@ -113,6 +114,36 @@ def test_the_vector_path_at_the_scale_of_a_gpu_batch():
         got, taken = on_host(x, keys, first, 333, 0.5, 7, torch.float32, channels_last)
         assert taken == (CHANNELS_LAST if channels_last else CONTIGUOUS)
         want = ops.noisy_draws(x, keys, first, 333, 0.5, 7, torch.float32, channels_last)
+        assert torch.equal(got.contiguous(), want.contiguous())
+
+
+from test_philox import KNOWN_NORMALS, f32_bits  # noqa: E402
+
+
+@pytest.mark.parametrize("case,bits", KNOWN_NORMALS)
+def test_known_normals(case, bits):
+    """The known answers of tests/test_philox.py through the CUDA kernel's items (x = 0,
+    sigma = 1: the output is the noise)."""
+    seed, key, draw, element = case
+    x = torch.zeros(1, element + 1)
+    got, _ = on_host(x, torch.tensor([key]), torch.tensor([draw]), 1, 1.0, seed, torch.float32, False)
+    assert f32_bits(got[0, element].item()) == bits
+
+
+def test_pairs_that_need_their_tail_word():
+    """Rows holding pairs that read their tail word (one in 2^17), every path, against the CPU
+    kernel, which redoes them after its vectorized pass."""
+    seed, key = 5, 11
+    first = torch.tensor([7, 51])
+    x = torch.zeros(2, 4, 128, 128)
+    keys = torch.full((2,), key)
+    for draw in first.tolist():            # each draw holds two such pairs
+        w = reference.philox4x32_10(torch.arange(4 * 128 * 128 // 4), torch.tensor(draw), torch.tensor(key),
+                                    torch.tensor(0), seed, 0)
+        assert int((reference.needs_tail_word(w[0]) | reference.needs_tail_word(w[2])).sum()) == 2
+    for channels_last in (False, True):
+        got, _ = on_host(x, keys, first, 1, 1.0, seed, torch.float32, channels_last)
+        want = ops.noisy_draws(x, keys, first, 1, 1.0, seed, torch.float32, channels_last)
         assert torch.equal(got.contiguous(), want.contiguous())
 
 

@@ -16,7 +16,9 @@ namespace {
 constexpr int64_t kChunkQuads = 256;  // 1024 elements per work item: fits L1 with its buffers
 constexpr int64_t kMinParallelElements = 1 << 14;  // below that a parallel region costs more than it saves
 
-// Standard normals of quads [quad0, quad0 + nquads) of one draw into z[0 .. 4 * nquads).
+// Standard normals of quads [quad0, quad0 + nquads) of one draw into z[0 .. 4 * nquads):
+// normals4's values (philox.h), computed in vectorizable passes; the rare pairs whose
+// uniform needs its tail word are redone one by one.
 void chunk_normals(uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad0, int nquads, float* z) {
   uint32_t a[2 * kChunkQuads], b[2 * kChunkQuads];
   const uint32_t k_lo = (uint32_t)key, k_hi = (uint32_t)(key >> 32);
@@ -31,32 +33,54 @@ void chunk_normals(uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad0, i
   }
   float z0[2 * kChunkQuads], z1[2 * kChunkQuads];
   for (int j = 0; j < 2 * nquads; ++j) box_muller(a[j], b[j], &z0[j], &z1[j]);
+  uint32_t smallest = 0xFFFFFFFFu;
+  for (int j = 0; j < 2 * nquads; ++j) smallest = a[j] < smallest ? a[j] : smallest;
+  if (needs_tail_word(smallest)) {  // about one chunk in 128
+    for (int j = 0; j < 2 * nquads; ++j) {
+      if (!needs_tail_word(a[j])) continue;
+      const Philox4 tail = noise_block(seed, key, draw, kGaussianTailBlock | (quad0 + (uint32_t)(j / 2)));
+      box_muller(a[j], b[j], tail.w[j % 2], &z0[j], &z1[j]);
+    }
+  }
   for (int j = 0; j < 2 * nquads; ++j) {
     z[2 * j] = z0[j];
     z[2 * j + 1] = z1[j];
   }
 }
 
-template <typename Convert, typename T>
-void write_contiguous(const float* x, const float* z, float sigma, int64_t count, T* out, Convert convert) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float noise = sigma * z[i];
-    out[i] = convert(x[i] + noise);
+// The Gaussian values of a chunk: x + sigma * z.
+struct GaussianChunk {
+  float z[4 * kChunkQuads];
+  const float* x;
+  float sigma;
+
+  void fill(const NoisyDrawsArgs& p, int64_t b, uint32_t draw, int64_t quad0, int nquads) {
+    chunk_normals(p.seed, (uint64_t)p.keys[b], draw, (uint32_t)quad0, nquads, z);
+    x = p.x + b * p.num_elements + 4 * quad0;
+    sigma = p.sigma;
   }
+  float operator()(int64_t i) const {
+    const float noise = sigma * z[i];
+    return x[i] + noise;
+  }
+};
+
+template <typename Convert, typename T, typename Chunk>
+void write_contiguous(const Chunk& values, int64_t count, T* out, Convert convert) {
+  for (int64_t i = 0; i < count; ++i) out[i] = convert(values(i));
 }
 
-template <typename Convert, typename T>
-void write_channels_last(const float* x, const float* z, float sigma, int64_t e0, int64_t count, int64_t channels,
-                         int64_t spatial, T* out_row, Convert convert) {
+template <typename Convert, typename T, typename Chunk>
+void write_channels_last(const Chunk& values, int64_t e0, int64_t count, int64_t channels, int64_t spatial,
+                         T* out_row, Convert convert) {
   for (int64_t i = 0; i < count; ++i) {
     const int64_t e = e0 + i;  // logical NCHW element index: c * spatial + s
     const int64_t c = e / spatial, s = e - c * spatial;
-    const float noise = sigma * z[i];
-    out_row[s * channels + c] = convert(x[i] + noise);
+    out_row[s * channels + c] = convert(values(i));
   }
 }
 
-template <typename T, typename Convert>
+template <typename Chunk, typename T, typename Convert>
 void noisy_draws_typed(const NoisyDrawsArgs& p, Convert convert) {
   const int64_t rows = p.batch * p.reps;
   const int64_t quads = (p.num_elements + 3) / 4;
@@ -69,16 +93,15 @@ void noisy_draws_typed(const NoisyDrawsArgs& p, Convert convert) {
     const uint32_t draw = (uint32_t)(p.first_draw[b] + r);
     const int64_t quad0 = chunk * kChunkQuads;
     const int nquads = (int)(quads - quad0 < kChunkQuads ? quads - quad0 : kChunkQuads);
-    float z[4 * kChunkQuads];
-    chunk_normals(p.seed, (uint64_t)p.keys[b], draw, (uint32_t)quad0, nquads, z);
+    Chunk values;
+    values.fill(p, b, draw, quad0, nquads);
     const int64_t e0 = 4 * quad0;
     const int64_t count = 4 * (int64_t)nquads < p.num_elements - e0 ? 4 * (int64_t)nquads : p.num_elements - e0;
-    const float* x = p.x + b * p.num_elements + e0;
     T* out_row = out + n * p.num_elements;
     if (p.channels_last) {
-      write_channels_last(x, z, p.sigma, e0, count, p.channels, p.spatial, out_row, convert);
+      write_channels_last(values, e0, count, p.channels, p.spatial, out_row, convert);
     } else {
-      write_contiguous(x, z, p.sigma, count, out_row + e0, convert);
+      write_contiguous(values, count, out_row + e0, convert);
     }
   }
 }
@@ -94,21 +117,68 @@ struct ToFloat16 {
   uint16_t operator()(float v) const { return float_to_fp16(v); }
 };
 
-}  // namespace
-
-void noisy_draws_cpu(const NoisyDrawsArgs& args) {
+template <typename Chunk>
+void noisy_draws_any(const NoisyDrawsArgs& args) {
   switch (args.out_dtype) {
     case kFloat32:
-      noisy_draws_typed<float>(args, ToFloat32{});
+      noisy_draws_typed<Chunk, float>(args, ToFloat32{});
       break;
     case kBFloat16:
-      noisy_draws_typed<uint16_t>(args, ToBFloat16{});
+      noisy_draws_typed<Chunk, uint16_t>(args, ToBFloat16{});
       break;
     case kFloat16:
-      noisy_draws_typed<uint16_t>(args, ToFloat16{});
+      noisy_draws_typed<Chunk, uint16_t>(args, ToFloat16{});
       break;
   }
 }
+
+}  // namespace
+
+void gaussian_tail_count_cpu(const TailCountArgs& p) {
+  const int64_t quads = (p.num_elements + 3) / 4;
+  const int64_t chunks = (quads + kChunkQuads - 1) / kChunkQuads;
+  const int64_t m = p.num_thresholds;
+  for (int64_t i = 0; i < m; ++i) p.counts[i] = 0;
+  *p.largest = 0.0f;
+#pragma omp parallel
+  {
+    int64_t counts[16] = {0};
+    float largest = 0.0f;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < p.draws * chunks; ++item) {
+      const int64_t d = item / chunks, chunk = item - d * chunks;
+      const uint32_t draw = (uint32_t)(p.first_draw + d);
+      const int64_t quad0 = chunk * kChunkQuads;
+      const int nquads = (int)(quads - quad0 < kChunkQuads ? quads - quad0 : kChunkQuads);
+      uint32_t a[2 * kChunkQuads];
+      for (int i = 0; i < nquads; ++i) {
+        const Philox4 r = noise_block(p.seed, p.key, draw, (uint32_t)(quad0 + i));
+        a[2 * i] = r.w[0];
+        a[2 * i + 1] = r.w[2];
+      }
+      uint32_t smallest = 0xFFFFFFFFu;
+      for (int j = 0; j < 2 * nquads; ++j) smallest = a[j] < smallest ? a[j] : smallest;
+      if (!needs_tail_word(smallest)) continue;
+      for (int i = 0; i < nquads; ++i) {
+        if (!needs_tail_word(a[2 * i]) && !needs_tail_word(a[2 * i + 1])) continue;
+        float z[4];
+        normals4(p.seed, p.key, draw, (uint32_t)(quad0 + i), z);
+        for (int j = 0; j < 4 && 4 * (quad0 + i) + j < p.num_elements; ++j) {
+          const float v = z[j] < 0.0f ? -z[j] : z[j];
+          if (v > kTailCountFloor && v > largest) largest = v;
+          for (int64_t t = 0; t < m; ++t) counts[t] += v > p.thresholds[t];
+        }
+      }
+    }
+#pragma omp critical
+    {
+      for (int64_t t = 0; t < m; ++t) p.counts[t] += counts[t];
+      if (largest > *p.largest) *p.largest = largest;
+    }
+  }
+}
+
+void noisy_draws_cpu(const NoisyDrawsArgs& args) { noisy_draws_any<GaussianChunk>(args); }
 
 }  // namespace DRT_ISA_NAMESPACE
 }  // namespace drt

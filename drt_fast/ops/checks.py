@@ -17,6 +17,7 @@ from .cifar_resnet_layout import cifar_resnet_convs
 NOISE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what noisy_draws writes
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what vote_ reads
 INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # noisy_draws' x
+ELEMENT_LIMIT = 2**32  # elements of one input: noise blocks are counted in 30 bits (csrc/philox.h)
 
 
 def shape(t: Tensor) -> list:
@@ -48,6 +49,9 @@ def noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels
     if x.dim() < 1:
         raise InvalidArgument("x must have shape [B, *S] with a batch dimension, got a 0-d tensor")
     batch = x.shape[0]
+    if math.prod(x.shape[1:]) > ELEMENT_LIMIT:  # the counter's block index (csrc/philox.h)
+        raise InvalidArgument(f"an input may hold at most 2**32 elements, got {math.prod(x.shape[1:])} "
+                              f"(shape {shape(x)})")
     index_vector("keys", keys, batch, x.device)
     index_vector("first_draw", first_draw, batch, x.device)
     if reps < 1:
