@@ -12,11 +12,15 @@ namespace drt {
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum Aggregation : int { kWeightedSoftmax = 0, kLogit = 1, kMaxMargin = 2, kMajorityVote = 3 };
 
-// Shared arguments of noisy_draws. Row n = b * reps + r of `out` is
-// x[b] + sigma * noise(seed, keys[b], first_draw[b] + r, element), rounded to out_dtype.
-// x is fp32 [batch, num_elements] contiguous; out is [batch * reps, num_elements] contiguous,
-// or, with channels_last, [batch * reps, spatial, channels] in memory where the logical
-// element index is c * spatial + s.
+// Shared arguments of noisy_draws and noisy_draws_discrete. Row n = b * reps + r of `out` is
+// element by element, rounded to out_dtype (csrc/philox.h):
+// * Gaussian (`v` null): x[b] + sigma * z(seed, keys[b], first_draw[b] + r, element), x fp32
+//   [batch, num_elements] contiguous;
+// * discrete (`x` null): (v[b] + I(seed, keys[b], first_draw[b] + r, element)) / grid, v int32
+//   grid indices [batch, num_elements] contiguous, I = -half_width + #{i : T[i] <= U} with
+//   T = thresholds[0 .. 2 * half_width) ascending and its guide of 2^guide_bits + 1 entries.
+// out is [batch * reps, num_elements] contiguous, or, with channels_last, [batch * reps,
+// spatial, channels] in memory where the logical element index is c * spatial + s.
 struct NoisyDrawsArgs {
   const float* x;
   const int64_t* keys;
@@ -28,6 +32,12 @@ struct NoisyDrawsArgs {
   int out_dtype;
   bool channels_last;
   int64_t channels, spatial;
+  const int32_t* v;
+  const uint64_t* thresholds;
+  int64_t half_width;
+  const int32_t* guide;
+  int guide_bits;
+  float grid;
 };
 
 // Shared arguments of vote: logits [members, draws, classes] contiguous in `logits_dtype`,
@@ -44,6 +54,7 @@ struct VoteArgs {
 };
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args);
+void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args);
 
 // A test hook over the Gaussian noise of draws first_draw .. first_draw + draws - 1 of the
 // input `key` (elements 0 .. num_elements - 1): counts[i] = how many normals have

@@ -41,6 +41,8 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 // Counter word 0 of a noise block: its kind in the top two bits, its index below them (so an
 // input has at most 2^32 elements).
 constexpr uint32_t kGaussianTailBlock = 1u << 30;  // + q: the tail words of quad q's pairs
+constexpr uint32_t kDiscreteBlock = 1u << 31;      // + q: the high words of quad q's discrete noise
+constexpr uint32_t kDiscreteLowBlock = 3u << 30;   // + q: their low words
 
 struct Philox4 {
   uint32_t w[4];
@@ -77,45 +79,18 @@ constexpr float kCos2 = -0x1p-1f, kCos4 = 0x1.555556p-5f, kCos6 = -0x1.6c16c2p-1
 constexpr float kHalfPiStep = 0x1.921fb6p-22f;  // (pi/2) / 2^22, one step of the angle grid
 }  // namespace noise_const
 
-DRT_HD uint32_t float_as_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  return u;
-#endif
+// The bits of a value as another type of the same size (what C++20's std::bit_cast does;
+// host compilers and nvcc turn the memcpy into a register move).
+template <typename To, typename From>
+DRT_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  memcpy(&to, &from, sizeof to);
+  return to;
 }
 
-DRT_HD uint64_t double_as_bits(double d) {
-#if defined(__CUDA_ARCH__)
-  return (uint64_t)__double_as_longlong(d);
-#else
-  uint64_t u;
-  memcpy(&u, &d, sizeof u);
-  return u;
-#endif
-}
-
-DRT_HD double bits_as_double(uint64_t u) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double((long long)u);
-#else
-  double d;
-  memcpy(&d, &u, sizeof d);
-  return d;
-#endif
-}
-
-DRT_HD float bits_as_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
+DRT_HD uint32_t float_as_bits(float f) { return bit_cast<uint32_t>(f); }
+DRT_HD float bits_as_float(uint32_t u) { return bit_cast<float>(u); }
 
 // cond ? a : b and cond ? -v : v (cond 0 or 1) with bit masks: random quadrants would make
 // branches mispredict half the time, and vectorizers handle masks best.
@@ -159,8 +134,8 @@ DRT_HD float log_scaled(uint32_t k, int shift) {
 // in the last of them (u in [2^-bits, 1]). The cut is exact integer work: v converts to a
 // double exactly (2^52 + v, then minus 2^52), whose exponent field is bitlength(v) + 1022.
 DRT_HD float log_uniform(uint64_t v, int bits) {
-  const double d = bits_as_double(0x4330000000000000ull | v) - 0x1p52;  // == v exactly
-  const int exponent = (int)(double_as_bits(d) >> 52);                  // 0 when v == 0
+  const double d = bit_cast<double>(0x4330000000000000ull | v) - 0x1p52;  // == v exactly
+  const int exponent = (int)(bit_cast<uint64_t>(d) >> 52);               // 0 when v == 0
   const int t = exponent > 1046 ? exponent - 1046 : 0;
   return log_scaled((uint32_t)(v >> t) + 1u, bits - t);
 }
@@ -236,9 +211,83 @@ DRT_HD Philox4 noise_block(uint64_t seed, uint64_t key, uint32_t draw, uint32_t 
 DRT_HD void normals4(uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad, float z[4]) {
   const Philox4 r = noise_block(seed, key, draw, quad);
   Philox4 tail{{0u, 0u, 0u, 0u}};
-  if (needs_tail_word(r.w[0]) || needs_tail_word(r.w[2])) tail = noise_block(seed, key, draw, kGaussianTailBlock | quad);
+  if (needs_tail_word(r.w[0]) || needs_tail_word(r.w[2])) {
+    tail = noise_block(seed, key, draw, kGaussianTailBlock | quad);
+  }
   box_muller(r.w[0], r.w[1], tail.w[0], &z[0], &z[1]);
   box_muller(r.w[2], r.w[3], tail.w[1], &z[2], &z[3]);
 }
+
+// ---- discrete noise --------------------------------------------------------------------
+// Element e = 4q + j of draw d of input k under seed s (drt_fast/ops/rounded_gaussian.py):
+//   I = -K + #{i : T[i] <= U},  U = hi * 2^32 + lo (64 bits),
+// hi = word j of the discrete block (counter (2^31 + q, d, k_lo, k_hi)), lo = word j of the low
+// block (counter (3 * 2^30 + q, ...)), T the n = 2K ascending thresholds. Integer comparisons
+// only: the noisy input (v + I) / grid is a function of the integer v + I. The guide E
+// (2^g + 1 entries) holds G[b] = #{i : T[i] < b * 2^(64 - g)} for the buckets b that hold no
+// threshold, where it is the count of every hi with hi >> (32 - g) == b (all but about n / 2^g
+// of the uniforms), and ~G[b] (< 0) for the others, whose thresholds are scanned. lo decides
+// only when hi equals the top half of a threshold (probability n / 2^32), so it is computed
+// only then.
+
+// G[b] from the guide's entry e, clamped to [0, n]: a wrong guide gives wrong noise, never a
+// read outside T.
+DRT_HD int64_t guide_count(int32_t e, int64_t n) {
+  const int64_t g = e < 0 ? ~(int64_t)e : e;
+  return g < n ? g : n;
+}
+
+// #{i < n : T[i] < hi * 2^32}: the guide's count for hi's bucket b, or, where b holds
+// thresholds, G[b] plus those of them below hi * 2^32 (a binary search of the bucket).
+DRT_HD int64_t count_below(const uint64_t* t, int64_t n, const int32_t* guide, int guide_bits, uint32_t hi) {
+  const uint32_t b = hi >> (32 - guide_bits);
+  int64_t low = guide_count(guide[b], n);
+  if (guide[b] >= 0) return low;
+  int64_t high = guide_count(guide[b + 1], n);
+  const uint64_t key = (uint64_t)hi << 32;
+  while (low < high) {  // t[.. low) < key <= t[high ..]
+    const int64_t mid = low + (high - low) / 2;
+    if (t[mid] < key) {
+      low = mid + 1;
+    } else {
+      high = mid;
+    }
+  }
+  return low;
+}
+
+// Whether #{i : T[i] <= U} needs U's low word, given below = count_below(.., hi).
+DRT_HD bool needs_low_word(const uint64_t* t, int64_t n, int64_t below, uint32_t hi) {
+  return below < n && (uint32_t)(t[below] >> 32) == hi;
+}
+
+// #{i : T[i] <= hi * 2^32 + lo}, from below = count_below(.., hi).
+DRT_HD int64_t count_at_most(const uint64_t* t, int64_t n, int64_t below, uint32_t hi, uint32_t lo) {
+  const uint64_t u = ((uint64_t)hi << 32) | lo;
+  while (below < n && t[below] <= u) ++below;
+  return below;
+}
+
+// The discrete noise I (grid steps) of elements 4q .. 4q+3 of draw `draw` of input `key`.
+DRT_HD void discrete4(uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad, const uint64_t* t,
+                      int64_t half_width, const int32_t* guide, int guide_bits, int32_t noise[4]) {
+  const int64_t n = 2 * half_width;
+  const Philox4 r = noise_block(seed, key, draw, kDiscreteBlock | quad);
+  int64_t count[4];
+  bool low_needed = false;
+  for (int j = 0; j < 4; ++j) {
+    count[j] = count_below(t, n, guide, guide_bits, r.w[j]);
+    low_needed = low_needed || needs_low_word(t, n, count[j], r.w[j]);
+  }
+  if (low_needed) {
+    const Philox4 low = noise_block(seed, key, draw, kDiscreteLowBlock | quad);
+    for (int j = 0; j < 4; ++j) count[j] = count_at_most(t, n, count[j], r.w[j], low.w[j]);
+  }
+  for (int j = 0; j < 4; ++j) noise[j] = (int32_t)(count[j] - half_width);
+}
+
+// The noisy input of a discrete draw: (v + I) / grid, the sum exact (|v + I| < 2^24) and the
+// quotient rounded once: a function of the integer v + I alone.
+DRT_HD float grid_value(int32_t v, int32_t noise, float grid) { return (float)(v + noise) / grid; }
 
 }  // namespace drt

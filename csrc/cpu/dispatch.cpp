@@ -15,6 +15,7 @@ namespace drt {
 #define DRT_DECLARE_ISA(ns)                                  \
   namespace ns {                                             \
   void noisy_draws_cpu(const NoisyDrawsArgs& args);          \
+  void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args); \
   void gaussian_tail_count_cpu(const TailCountArgs& args);   \
   int64_t vote_cpu(const VoteArgs& args);                    \
   void bias_act_cpu(const BiasActArgs& args);                \
@@ -78,6 +79,8 @@ void set_cpu_isa(const char* isa) {
 #endif
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args) { DRT_DISPATCH(noisy_draws_cpu, args); }
+
+void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args) { DRT_DISPATCH(noisy_draws_discrete_cpu, args); }
 
 void gaussian_tail_count_cpu(const TailCountArgs& args) { DRT_DISPATCH(gaussian_tail_count_cpu, args); }
 

@@ -1,4 +1,5 @@
-// noisy_draws on the CPU: OpenMP over (row, chunk of elements), one pass over the output.
+// noisy_draws and noisy_draws_discrete on the CPU: OpenMP over (row, chunk of elements), one
+// pass over the output.
 //
 // Compiled once per ISA (CMakeLists.txt, dispatch.cpp) with -ffp-contract=off: the noise must
 // be bit-identical to the CUDA kernel and to the torch reference, so no FMA contraction and
@@ -63,6 +64,53 @@ struct GaussianChunk {
     const float noise = sigma * z[i];
     return x[i] + noise;
   }
+};
+
+// The discrete values of a chunk: (v + I) / grid, discrete4's values (philox.h) computed in
+// vectorizable passes: the guide's entry for every element, then the rare elements whose
+// bucket holds thresholds.
+struct DiscreteChunk {
+  int32_t noise[4 * kChunkQuads];
+  const int32_t* v;
+  float grid;
+
+  void fill(const NoisyDrawsArgs& p, int64_t b, uint32_t draw, int64_t quad0, int nquads) {
+    const uint64_t key = (uint64_t)p.keys[b];
+    uint32_t hi[4 * kChunkQuads];
+    for (int i = 0; i < nquads; ++i) {
+      const Philox4 r = noise_block(p.seed, key, draw, kDiscreteBlock | (uint32_t)(quad0 + i));
+      for (int j = 0; j < 4; ++j) hi[4 * i + j] = r.w[j];
+    }
+    const int64_t n = 2 * p.half_width, m = 4 * (int64_t)nquads;
+    const int shift = 32 - p.guide_bits;
+    const int32_t top = (int32_t)n;
+    int32_t count[4 * kChunkQuads];
+    int32_t scan = 0;  // < 0: some element's bucket holds thresholds
+    for (int64_t i = 0; i < m; ++i) {  // guide_count's clamp, so that every guide reads as count_below's
+      const int32_t e = p.guide[hi[i] >> shift];
+      count[i] = e < top ? e : top;
+      scan |= e;
+    }
+    for (int64_t i0 = 0; scan < 0 && i0 < m; i0 += 16) {  // blocks of 16: most hold no such element
+      const int64_t i1 = i0 + 16 < m ? i0 + 16 : m;
+      int32_t any = 0;
+      for (int64_t i = i0; i < i1; ++i) any |= count[i];
+      if (any >= 0) continue;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (count[i] >= 0) continue;
+        int64_t c = count_below(p.thresholds, n, p.guide, p.guide_bits, hi[i]);
+        if (needs_low_word(p.thresholds, n, c, hi[i])) {  // about n / 2^32 of the elements
+          const Philox4 low = noise_block(p.seed, key, draw, kDiscreteLowBlock | (uint32_t)(quad0 + i / 4));
+          c = count_at_most(p.thresholds, n, c, hi[i], low.w[i % 4]);
+        }
+        count[i] = (int32_t)c;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) noise[i] = count[i] - (int32_t)p.half_width;
+    v = p.v + b * p.num_elements + 4 * quad0;
+    grid = p.grid;
+  }
+  float operator()(int64_t i) const { return grid_value(v[i], noise[i], grid); }
 };
 
 template <typename Convert, typename T, typename Chunk>
@@ -179,6 +227,8 @@ void gaussian_tail_count_cpu(const TailCountArgs& p) {
 }
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args) { noisy_draws_any<GaussianChunk>(args); }
+
+void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args) { noisy_draws_any<DiscreteChunk>(args); }
 
 }  // namespace DRT_ISA_NAMESPACE
 }  // namespace drt

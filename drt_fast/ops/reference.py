@@ -4,7 +4,8 @@ usable CUDA kernels).
 
 Each reference takes its op's arguments, makes its op's checks, and computes its op's
 result on any device: bit-identical for ``noisy_draws`` (Philox4x32-10 and Box-Muller in
-IEEE basic operations only, as csrc/philox.h), the same votes up to float rounding at
+IEEE basic operations only, as csrc/philox.h) and ``noisy_draws_discrete`` (integer
+comparisons of the same counters), the same votes up to float rounding at
 near-ties for ``vote_`` (aggregation in float64), the kernels' roundings for
 ``cifar_resnet``.
 """
@@ -128,6 +129,7 @@ def box_muller(a: Tensor, b: Tensor, c: Optional[Tensor] = None):
 
 
 _GAUSSIAN_TAIL_BLOCK = 1 << 30  # philox.h: counter word 0 of quad q's tail block is 2^30 + q
+DISCRETE_BLOCK = 1 << 31        # counter word 0 of discrete noise block p (elements 2p, 2p+1)
 
 
 def reference_normals(keys: Tensor, draws: Tensor, num_elements: int, seed: int) -> Tensor:
@@ -169,6 +171,54 @@ def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int
     out = (x_rows.reshape(batch * reps, num_elements) + sigma32 * z).to(out_dtype)
     # the kernels' output layout exactly (channels-last strides are ambiguous when C == 1)
     return checks.noisy_draws_output(x, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
+
+
+# ---- discrete noise: the rounded Gaussian drawn by integer comparisons, as csrc/philox.h -----------
+_DISCRETE_LOW_BLOCK = 3 << 30  # counter word 0 of quad q's low words is 3 * 2^30 + q (high words: 2^31 + q)
+
+
+def reference_discrete_noise(keys: Tensor, draws: Tensor, num_elements: int, seed: int, thresholds: Tensor,
+                             half_width: int) -> Tensor:
+    """Discrete noise ``[N, num_elements]`` int64 (grid steps) for the draws ``draws[N]`` of
+    inputs ``keys[N]``: ``I = -K + #{i : T[i] <= U}``, U the element's 64-bit uniform (high
+    word from block 2^31 + e // 4, low word from block 3 * 2^30 + e // 4, word e % 4 of each),
+    T = ``thresholds`` (uint64 bits in int64, ascending as unsigned), K = ``half_width``."""
+    quads = (num_elements + 3) // 4
+    q = torch.arange(quads, dtype=torch.int64, device=keys.device)[None, :]
+    d = (draws & _MASK32)[:, None]
+    k_lo, k_hi = (keys & _MASK32)[:, None], ((keys >> 32) & _MASK32)[:, None]
+    s_lo, s_hi = seed & _MASK32, seed >> 32
+
+    def words(kind):
+        return torch.stack(torch.broadcast_tensors(*philox4x32_10(q | kind, d, k_lo, k_hi, s_lo, s_hi)), dim=-1)
+
+    hi, lo = words(DISCRETE_BLOCK), words(_DISCRETE_LOW_BLOCK)       # [N, Q, 4]
+    # unsigned order as signed int64: subtract 2^63 (flip the top bit) on both sides
+    u = (hi - 2**31) * 2**32 + lo
+    t = thresholds.to(u.device) ^ torch.iinfo(torch.int64).min
+    count = torch.searchsorted(t, u.reshape(-1), right=True).reshape(u.shape)
+    return (count - half_width).reshape(keys.shape[0], quads * 4)[:, :num_elements]
+
+
+def reference_noisy_draws_discrete(v: Tensor, keys: Tensor, first_draw: Tensor, reps: int, thresholds: Tensor,
+                                   guide: Tensor, grid: int, seed: int, out_dtype: Optional[torch.dtype] = None,
+                                   channels_last: bool = False) -> Tensor:
+    """Pure-torch `noisy_draws_discrete`: same arguments, bit-identical result, any device
+    (the guide, which only speeds the kernels up, is checked, not used)."""
+    out_dtype = checks.noisy_draws_discrete_args(v, keys, first_draw, reps, thresholds, guide, grid, seed, out_dtype,
+                                                 channels_last)
+    checks.draws_in_range(first_draw, reps)
+    half_width = thresholds.shape[0] // 2
+    checks.grid_indices_in_range(v, half_width)
+    batch, elem_shape = v.shape[0], v.shape[1:]
+    num_elements = math.prod(elem_shape)
+    r = torch.arange(reps, dtype=torch.int64, device=v.device)
+    draws = (first_draw[:, None] + r[None, :]).reshape(-1)
+    noise = reference_discrete_noise(keys.repeat_interleave(reps), draws, num_elements, seed, thresholds, half_width)
+    rows = v.reshape(batch, 1, num_elements).to(torch.int64).expand(batch, reps, num_elements)
+    total = rows.reshape(batch * reps, num_elements) + noise         # exact integers below 2^24
+    out = (total.to(torch.float32) / float(grid)).to(out_dtype)        # one division, one rounding
+    return checks.noisy_draws_output(v, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
 
 
 # ---- votes -----------------------------------------------------------------------------------
