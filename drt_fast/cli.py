@@ -141,6 +141,14 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, embedded: dict
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--sigma", type=float, help="noise level (default: the checkpoint's training sigma)")
+    p.add_argument("--noise", choices=("gaussian", "discrete"), default="gaussian",
+                   help="gaussian: N(0, sigma^2) added in floating point; discrete: that Gaussian rounded "
+                        "to the pixels' grid and drawn exactly, so that certificates also hold for the "
+                        "floating-point computation (inputs must lie on the grid; docs/certificates.md) "
+                        "(default: gaussian)")
+    p.add_argument("--grid", type=int, metavar="Q",
+                   help="--noise discrete: the pixels are k/Q (default: the data's own grid: 16 for "
+                        "digits, 255 for MNIST, CIFAR-10, ImageNet and uint8 .npz files)")
     if task == "certify":
         # (--N0 / --N: the spelling of Cohen et al.'s certify.py and predict.py)
         p.add_argument("--n0", "--N0", type=int, default=100, help="selection draws (default: 100)")
@@ -370,6 +378,11 @@ def _check_numbers(args, task: str) -> None:
         raise DrtFastError(f"--sigma must be > 0 and finite, got {args.sigma}")
     if args.batch < 1:
         raise DrtFastError(f"--batch must be >= 1, got {args.batch}")
+    if args.grid is not None:
+        if args.noise != "discrete":
+            raise DrtFastError("--grid is the pixel grid of --noise discrete; it has no use with --noise gaussian")
+        if not 1 <= args.grid <= 2 ** 20:
+            raise DrtFastError(f"--grid must lie in [1, 2^20] (the pixels are k/Q), got {args.grid}")
     if args.skip is not None and args.skip < 1:
         raise DrtFastError(f"--skip must be >= 1, got {args.skip}")
     if args.max is not None and args.max < 1:
@@ -477,6 +490,7 @@ def _prepare(args, task: str, device) -> Job:
     positions = list(range(0, len(keys), skip))
     if max_inputs is not None:
         positions = positions[:max_inputs]
+    grid = _noise_grid(args, ds, subset, positions, keys) if args.noise == "discrete" else None
     mode = args.mode or getattr(ensemble, "mode", None) or meta.get("mode")
     config = {
         "task": task,
@@ -488,6 +502,8 @@ def _prepare(args, task: str, device) -> Job:
         "data_sha256": data.fingerprint(ds),
         "split": args.split,
         "sigma": sigma,
+        "noise": args.noise,
+        "grid": grid,
         "n0": args.n0 if task == "certify" else None,
         "n": args.n,
         "alpha": args.alpha,
@@ -508,13 +524,37 @@ def _prepare(args, task: str, device) -> Job:
         torch.backends.cudnn.benchmark = True
     smoothed = SmoothedClassifier(ensemble, num_classes=num_classes, sigma=sigma, seed=args.seed,
                                   precision=args.precision, channels_last=args.channels_last,
-                                  fuse=args.fuse, cuda_graphs=args.cuda_graphs)
+                                  fuse=args.fuse, cuda_graphs=args.cuda_graphs, noise=args.noise,
+                                  grid=grid or 255)
     # Build the members' rewrites now: a --fuse that cannot be honored fails before any
     # output, and the first row's time is not charged with the rewrite.
     smoothed.prepare(ds.x[:1])
     y = [int(v) for v in torch.as_tensor(ds.y).tolist()]
     draws = args.n0 + args.n if task == "certify" else args.n
     return Job(task, smoothed, ds.x, y, keys, positions, config, draws)
+
+
+def _noise_grid(args, ds, subset: dict, positions: list, keys: list) -> int:
+    """--noise discrete: the pixels' grid (--grid, else the data's, else the embedded
+    default's), with the selected inputs checked to lie on it."""
+    from .data import LazyImages
+    from .ops import first_off_grid
+
+    grid = args.grid or ds.grid or subset.get("grid")
+    if grid is None:
+        raise DrtFastError("--noise discrete needs the pixels' grid, which this data does not say: "
+                           "pass --grid Q (the pixels are k/Q; 255 for 8-bit images)")
+    if not isinstance(ds.x, LazyImages):  # image folders decode 8-bit pixels: always on 1/255
+        selected = ds.x[positions]
+        flat = first_off_grid(selected, grid)
+        if flat is not None:
+            per_input = selected[0].numel()
+            value = float(selected.reshape(-1)[flat])
+            raise DrtFastError(f"--noise discrete: input idx {keys[positions[flat // per_input]]} is not on "
+                               f"the grid of step 1/{grid} (its pixel {flat % per_input} is {value!r}, "
+                               f"{value * grid:.6g} steps); pass --grid with the data's own grid or use "
+                               f"--noise gaussian")
+    return grid
 
 
 def _one_or_many(paths: list):
@@ -679,7 +719,8 @@ def _summary(args, job: Job, records: list, resumed: int, elapsed: float) -> str
         results = io.Results("this run", *columns)  # idx, label, predict, radius, correct
     count = len(results)
     source = os.path.basename(cfg["data"]) if cfg["dataset"] == "npz" else f"{cfg['dataset']} ({cfg['split']})"
-    lines = [f"drt-fast {job.task}: {count} input{'s' if count != 1 else ''} of {source}, sigma={cfg['sigma']:g}, "
+    sigma = f"{cfg['sigma']:g}" + (f" (discrete, grid 1/{cfg['grid']})" if cfg.get("noise") == "discrete" else "")
+    lines = [f"drt-fast {job.task}: {count} input{'s' if count != 1 else ''} of {source}, sigma={sigma}, "
              f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}n={cfg['n']}, alpha={cfg['alpha']:g}, "
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
     if cfg["device"].startswith("cuda"):

@@ -17,7 +17,8 @@ cifar10    ``data_batch_1..5``, ``test_batch`` (python pickles)   train, test
 imagenet   ``data_dir/<split>/<wnid>/<image>``; "test" reads      train, val (= test)
            ``val``; resize 256 + center crop 224; loaded lazily
 npz        ``data_dir`` is the ``.npz`` file: ``x``, ``y``          (one set; split unused)
-           (optional ``idx``, ``means``, ``sds``, ``num_classes``)
+           (optional ``idx``, ``means``, ``sds``, ``num_classes``,
+           ``grid``)
 =========  =====================================================  ======================
 """
 from __future__ import annotations
@@ -137,6 +138,9 @@ class Dataset:
     classes_from_labels: ``num_classes`` was inferred as ``max(y) + 1`` (an ``.npz``
       without a ``num_classes`` entry), so it is a lower bound: a model with more classes
       fits the data (a subset whose labels miss the top classes).
+    grid: the pixels' own grid, in steps per unit (pixels k / grid: 16 for digits' 0..16,
+      255 for 8-bit images), or None where the file does not say (a float ``.npz`` without
+      a ``grid`` entry). Discrete smoothing noise lives on it.
     """
 
     x: Union[torch.Tensor, LazyImages]
@@ -146,6 +150,7 @@ class Dataset:
     normalization: tuple[tuple[float, ...], tuple[float, ...]]
     idx: Optional[torch.Tensor] = None
     classes_from_labels: bool = False
+    grid: Optional[int] = None
 
     def __post_init__(self):
         if self.idx is None:
@@ -243,7 +248,7 @@ def _digits(split: str) -> Dataset:
                                            stratify=y)
     rows = train_idx if split == "train" else test_idx
     return Dataset(x=torch.from_numpy(x[rows]), y=torch.from_numpy(y[rows]), num_classes=10,
-                   name="digits", normalization=_NORMALIZATION["digits"])
+                   name="digits", normalization=_NORMALIZATION["digits"], grid=16)
 
 
 # ------------------------------------------------------------------------------ mnist
@@ -305,7 +310,7 @@ def _mnist(split: str, data_dir: Path) -> Dataset:
         raise DrtFastError(f"mnist {split}: labels must be 0..9, found {int(labels.max())}")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)   # [N, 1, H, W]
     return Dataset(x=x, y=torch.from_numpy(labels.astype(np.int64)), num_classes=10,
-                   name="mnist", normalization=_NORMALIZATION["mnist"])
+                   name="mnist", normalization=_NORMALIZATION["mnist"], grid=255)
 
 
 # ---------------------------------------------------------------------------- cifar10
@@ -355,7 +360,7 @@ def _cifar10(split: str, data_dir: Path) -> Dataset:
     x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
     y = np.concatenate([p[1] for p in parts])
     return Dataset(x=torch.from_numpy(x), y=torch.from_numpy(y), num_classes=10,
-                   name="cifar10", normalization=_NORMALIZATION["cifar10"])
+                   name="cifar10", normalization=_NORMALIZATION["cifar10"], grid=255)
 
 
 # --------------------------------------------------------------------------- imagenet
@@ -393,7 +398,7 @@ def _imagenet(split: str, data_dir: Path) -> Dataset:
         raise DrtFastError(f"imagenet: no images ({', '.join(_IMAGE_EXTENSIONS)}) under {root}")
     return Dataset(x=LazyImages(paths), y=torch.tensor(labels, dtype=torch.int64),
                    num_classes=len(classes), name="imagenet",
-                   normalization=_NORMALIZATION["imagenet"])
+                   normalization=_NORMALIZATION["imagenet"], grid=255)
 
 
 # -------------------------------------------------------------------------------- npz
@@ -403,7 +408,7 @@ def _npz(path: Path) -> Dataset:
     0..255; ``y``: ``[N]`` integer labels. Optional: ``idx`` ``[N]`` (row index in the
     source split), ``means``/``sds`` ``[C]`` (identity normalization when absent),
     ``num_classes`` (when absent, ``max(y) + 1``, taken as a lower bound: a model with more
-    classes fits the file)."""
+    classes fits the file), ``grid`` (the pixels' steps per unit; uint8 x: 255)."""
     if path.is_dir():
         raise DrtFastError(f"npz: {path} is a folder; dataset 'npz' reads one .npz file, "
                            f"given as the data path itself")
@@ -434,6 +439,7 @@ def _npz(path: Path) -> Dataset:
                            f"{list(x.shape)}")
     if len(x) == 0:
         raise DrtFastError(f"{path}: x holds no inputs (shape {list(x.shape)})")
+    grid = 255 if x.dtype == np.uint8 else None
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating):
@@ -477,6 +483,13 @@ def _npz(path: Path) -> Dataset:
                   if len(means) == len(sds) == x.shape[3] != channels else "")
         raise DrtFastError(f"{path}: means/sds must hold {channels} values (sds > 0), got "
                            f"{len(means)} and {len(sds)}{layout}")
+    if "grid" in arrays:
+        given = arrays["grid"]
+        if (given.size != 1 or not np.issubdtype(given.dtype, np.number)
+                or not float(given.ravel()[0]).is_integer() or not 1 <= given.ravel()[0] <= 2**20):
+            raise DrtFastError(f"{path}: grid must be one integer in [1, 2^20] (steps per unit: "
+                               f"pixels k / grid), got {given.dtype} {given.ravel()[:4].tolist()}")
+        grid = int(given.ravel()[0])
     idx = None
     if "idx" in arrays:
         idx = arrays["idx"]
@@ -490,4 +503,4 @@ def _npz(path: Path) -> Dataset:
     return Dataset(x=torch.from_numpy(np.ascontiguousarray(x)),
                    y=torch.from_numpy(y.astype(np.int64)), num_classes=num_classes,
                    name="npz", normalization=(means, sds), idx=idx,
-                   classes_from_labels="num_classes" not in arrays)
+                   classes_from_labels="num_classes" not in arrays, grid=grid)

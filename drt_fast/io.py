@@ -31,9 +31,11 @@ COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS}
 # the first rows stay the same), device (noise is bit-identical on CPU and GPU), paths,
 # the command line and versions (recorded for the reader, not compared).
 RESUME_KEYS = ("task", "model_sha256", "dataset", "data_sha256", "split", "sigma", "n0", "n",
-               "alpha", "seed", "mode", "precision", "skip")
+               "alpha", "seed", "mode", "precision", "skip", "noise", "grid")
 # Keys that sidecars of earlier versions lack: compared only when the file has them.
 _RESUME_KEYS_ADDED = ("data_sha256",)
+# Keys that sidecars of earlier versions lack, with the value their runs had.
+_RESUME_KEY_DEFAULTS = {"noise": "gaussian"}
 
 
 def sidecar_path(out: str) -> str:
@@ -154,6 +156,7 @@ def read_sidecar(out: str) -> dict | None:
 
 def check_resume_compatible(old: dict, new: dict, out: str) -> None:
     """Refuse to resume ``out`` when a result-determining setting differs."""
+    old = {**_RESUME_KEY_DEFAULTS, **old}
     diffs = [f"{key}: {old.get(key)!r} in the file, {new.get(key)!r} now"
              for key in RESUME_KEYS if old.get(key) != new.get(key)
              and not (key in _RESUME_KEYS_ADDED and key not in old)]

@@ -32,14 +32,16 @@ class Engine:
     """Noise at ``sigma`` (pixel units), members run at ``precision``; ``channels_last``:
     None decides from the first 4-d inputs (on for CUDA, and on the CPU for 3 or more
     channels), and converts the model in place; ``fuse`` / ``rewriter``: see `MemberRunner`;
-    ``cuda_graphs``: see `Graphs`. ``draws_performed`` counts noisy draws (each seen by
-    every member; the sampler counts them)."""
+    ``cuda_graphs``: see `Graphs`; ``discrete``: a `drt_fast.ops.DiscreteTable` for discrete
+    noise (inputs on its grid, checked by the caller), None for Gaussian noise.
+    ``draws_performed`` counts noisy draws (each seen by every member; the sampler counts them)."""
 
     def __init__(self, model: Ensemble, num_classes: int, sigma: float, precision: str,
-                 channels_last=None, fuse=None, cuda_graphs=None, rewriter=None):
+                 channels_last=None, fuse=None, cuda_graphs=None, rewriter=None, discrete=None):
         self.model = model
         self.num_classes = num_classes
         self.sigma = sigma
+        self.discrete = discrete
         self.channels_last = channels_last
         self._model_channels_last = False
         if channels_last:
@@ -82,7 +84,13 @@ class Engine:
     # ------------------------------------------------------------------ the step
     def noise(self, plan: Plan, xs, keys, first, reps: int, seed: int) -> torch.Tensor:
         """Draws ``first[g] .. first[g]+reps-1`` of inputs xs ``[G, *S]`` -> ``[G*reps, *S]``."""
-        # The op's body without the dispatcher: its overhead is a few % of a small batch.
+        # The ops' bodies without the dispatcher: its overhead is a few % of a small batch.
+        table = self.discrete
+        if table is not None:
+            thresholds, guide = table.tensors_on(xs.device)
+            return ops.noisy_draws_discrete_eager(ops.to_grid(xs, table.grid), keys, first, reps, thresholds,
+                                                  guide, table.grid, seed, out_dtype=plan.draw_dtype,
+                                                  channels_last=plan.channels_last)
         return ops.noisy_draws_eager(xs, keys, first, reps, self.sigma, seed,
                                      out_dtype=plan.draw_dtype, channels_last=plan.channels_last)
 
