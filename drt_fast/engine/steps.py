@@ -75,6 +75,8 @@ class Engine:
         """Ready the engine for draws of inputs like ``example`` ``[1, *S]`` (on the model's
         device): layout, rewritten copies, graphs."""
         channels_last = self.draws_channels_last(example)
+        if self.discrete is not None:   # its table on the device now: a copy inside a graph capture fails
+            self.discrete.tensors_on(example.device)
         self.runner.prepare(example, channels_last)
         weights = self.model.weights.to(device=example.device, dtype=torch.float32)
         graphs = self.graphs.possible(example.device, self.model.batch_members)
