@@ -31,7 +31,26 @@ drt::NoisyDrawsArgs noisy_args(uintptr_t x, uintptr_t keys, uintptr_t first_draw
   if (out_dtype < drt::kFloat32 || out_dtype > drt::kFloat16) throw std::invalid_argument("bad out_dtype code");
   return drt::NoisyDrawsArgs{ptr<const float>(x), ptr<const int64_t>(keys), ptr<const int64_t>(first_draw),
                              ptr<void>(out), batch, num_elements, reps, sigma, seed, out_dtype, channels_last,
-                             channels, spatial};
+                             channels, spatial, nullptr, nullptr, 0, nullptr, 0, 0.0f};
+}
+
+// noisy_draws_discrete's arguments: grid indices v (int32) instead of x, the table instead of sigma.
+drt::NoisyDrawsArgs discrete_args(uintptr_t v, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch,
+                                  int64_t num_elements, int64_t reps, uintptr_t thresholds, int64_t half_width,
+                                  uintptr_t guide, int guide_bits, float grid, uint64_t seed, int out_dtype,
+                                  bool channels_last, int64_t channels, int64_t spatial) {
+  if (half_width < 1) throw std::invalid_argument("half_width must be >= 1");
+  if (guide_bits < 1 || guide_bits > 24) throw std::invalid_argument("guide_bits must be in [1, 24]");
+  drt::NoisyDrawsArgs args = noisy_args(0, keys, first_draw, out, batch, num_elements, reps, 0.0f, seed, out_dtype,
+                                        channels_last, channels, spatial);
+  args.x = nullptr;
+  args.v = ptr<const int32_t>(v);
+  args.thresholds = ptr<const uint64_t>(thresholds);
+  args.half_width = half_width;
+  args.guide = ptr<const int32_t>(guide);
+  args.guide_bits = guide_bits;
+  args.grid = grid;
+  return args;
 }
 
 drt::VoteArgs vote_args(uintptr_t logits, int dtype, int64_t members, int64_t draws, int64_t classes,
@@ -52,6 +71,18 @@ auto noisy_binding(Fn fn) {
               int64_t spatial, Extra... extra) {
     const auto args = noisy_args(x, keys, first_draw, out, batch, num_elements, reps, sigma, seed, out_dtype,
                                  channels_last, channels, spatial);
+    py::gil_scoped_release release;
+    return fn(args, extra...);
+  };
+}
+
+template <typename... Extra, typename Fn>
+auto discrete_binding(Fn fn) {
+  return [fn](uintptr_t v, uintptr_t keys, uintptr_t first_draw, uintptr_t out, int64_t batch, int64_t num_elements,
+              int64_t reps, uintptr_t thresholds, int64_t half_width, uintptr_t guide, int guide_bits, float grid,
+              uint64_t seed, int out_dtype, bool channels_last, int64_t channels, int64_t spatial, Extra... extra) {
+    const auto args = discrete_args(v, keys, first_draw, out, batch, num_elements, reps, thresholds, half_width, guide,
+                                    guide_bits, grid, seed, out_dtype, channels_last, channels, spatial);
     py::gil_scoped_release release;
     return fn(args, extra...);
   };
@@ -95,6 +126,7 @@ auto cifar_resnet_binding(Fn fn) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "drt-fast CPU kernels (raw pointers; call through drt_fast.ops only)";
   m.def("noisy_draws", noisy_binding<>(drt::noisy_draws_cpu));
+  m.def("noisy_draws_discrete", discrete_binding<>(drt::noisy_draws_discrete_cpu));
   m.def("vote", vote_binding<>(drt::vote_cpu),
         "Returns -1, or the first draw whose row is out of range (counts untouched then).");
   m.def("bias_act", [](uintptr_t h, uintptr_t bias, int64_t rows, int64_t cols, bool relu) {
@@ -123,11 +155,78 @@ PYBIND11_MODULE(_C, m) {
         const drt::Philox4 r = drt::philox4x32_10(c0, c1, c2, c3, k0, k1);
         return py::make_tuple(r.w[0], r.w[1], r.w[2], r.w[3]);
       });
-  m.def("box_muller", [](uint32_t a, uint32_t b) {
-    float z0, z1;
-    drt::box_muller(a, b, &z0, &z1);
-    return py::make_tuple(z0, z1);
-  });
+  m.def(
+      "box_muller",
+      [](uint32_t a, uint32_t b, uint32_t c) {
+        float z0, z1;
+        drt::box_muller(a, b, c, &z0, &z1);
+        return py::make_tuple(z0, z1);
+      },
+      py::arg("a"), py::arg("b"), py::arg("c") = 0,
+      "The two normals of a pair (a, b) with tail word c (read only when a < 2^15; philox.h).");
+  m.def(
+      "gaussian_tail_count",
+      [](uint64_t seed, uint64_t key, int64_t first_draw, int64_t draws, int64_t num_elements,
+         const std::vector<float>& thresholds) {
+        if (thresholds.size() > 16) throw std::invalid_argument("at most 16 thresholds");
+        for (float t : thresholds)
+          if (!(t > drt::kTailCountFloor)) throw std::invalid_argument("thresholds must be above 4.86");
+        if (first_draw < 0 || draws < 0 || first_draw + draws > (int64_t(1) << 32) || num_elements < 0 ||
+            num_elements > (int64_t(1) << 32))
+          throw std::invalid_argument("draws must lie in [0, 2^32), elements in [0, 2^32]");
+        std::vector<int64_t> counts(thresholds.size());
+        float largest = 0.0f;
+        const drt::TailCountArgs args{seed, key, first_draw, draws, num_elements, thresholds.data(),
+                                      (int64_t)thresholds.size(), counts.data(), &largest};
+        {
+          py::gil_scoped_release release;
+          drt::gaussian_tail_count_cpu(args);
+        }
+        return py::make_tuple(counts, largest);
+      },
+      "Test hook: (counts of |z| > each threshold, largest |z| above 4.86) over the Gaussian noise of "
+      "draws first_draw .. first_draw + draws - 1 of input `key`, elements 0 .. num_elements - 1.");
+  m.def(
+      "discrete_count",
+      [](const std::vector<uint64_t>& uniforms, const std::vector<uint64_t>& thresholds,
+         const std::vector<int32_t>& guide) {
+        int bits = 0;
+        while (bits < 24 && ((size_t)1 << bits) + 1 < guide.size()) ++bits;
+        if (bits < 1 || ((size_t)1 << bits) + 1 != guide.size()) throw std::invalid_argument("2^g + 1 guide entries");
+        const int64_t n = (int64_t)thresholds.size();
+        std::vector<int64_t> counts;
+        for (uint64_t u : uniforms) {
+          const uint32_t hi = (uint32_t)(u >> 32), lo = (uint32_t)u;
+          int64_t c = drt::count_below(thresholds.data(), n, guide.data(), bits, hi);
+          if (drt::needs_low_word(thresholds.data(), n, c, hi)) c = drt::count_at_most(thresholds.data(), n, c, hi, lo);
+          counts.push_back(c);
+        }
+        return counts;
+      },
+      "Test hook: #{i : T[i] <= U} for each 64-bit uniform U, by the kernels' guided count (philox.h).");
+  m.def(
+      "discrete4",
+      [](uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad, const std::vector<uint64_t>& thresholds,
+         const std::vector<int32_t>& guide) {
+        if (thresholds.size() < 2 || thresholds.size() % 2) throw std::invalid_argument("2K >= 2 thresholds");
+        int bits = 0;
+        while (bits < 24 && ((size_t)1 << bits) + 1 < guide.size()) ++bits;
+        if (bits < 1 || ((size_t)1 << bits) + 1 != guide.size()) throw std::invalid_argument("2^g + 1 guide entries");
+        int32_t noise[4];
+        drt::discrete4(seed, key, draw, quad, thresholds.data(), (int64_t)thresholds.size() / 2, guide.data(), bits,
+                       noise);
+        return py::make_tuple(noise[0], noise[1], noise[2], noise[3]);
+      },
+      "The discrete noise (grid steps) of elements 4*quad .. 4*quad+3 of a draw, by the per-quad code the "
+      "CUDA kernel runs.");
+  m.def(
+      "normals4",
+      [](uint64_t seed, uint64_t key, uint32_t draw, uint32_t quad) {
+        float z[4];
+        drt::normals4(seed, key, draw, quad, z);
+        return py::make_tuple(z[0], z[1], z[2], z[3]);
+      },
+      "The four normals of elements 4*quad .. 4*quad+3 of a draw, by the per-quad code the CUDA kernel runs.");
 }
 
 #else
@@ -158,6 +257,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("noisy_draws_on_host", noisy_binding<>(drt::noisy_draws_cuda_on_host),
         "Test hook: the CUDA kernel's work items run on the host with CPU pointers; returns the path "
         "(0 general, 1 contiguous, 2 channels-last).");
+  m.def("noisy_draws_discrete", discrete_binding<int, uintptr_t>(drt::noisy_draws_cuda));
+  m.def("noisy_draws_discrete_on_host", discrete_binding<>(drt::noisy_draws_cuda_on_host),
+        "Test hook: noisy_draws_on_host for discrete noise.");
   m.def(
       "fast_div",
       [](const std::vector<uint32_t>& numerators, uint32_t divisor) {

@@ -12,17 +12,21 @@ namespace drt {
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum Aggregation : int { kWeightedSoftmax = 0, kLogit = 1, kMaxMargin = 2, kMajorityVote = 3 };
 
-// Shared arguments of noisy_draws. Row n = b * reps + r of `out` is
-// x[b] + sigma * noise(seed, keys[b], first_draw[b] + r, element), rounded to out_dtype;
-// where that is NaN (a NaN input), the dtype's canonical NaN below, on every device (a GPU's
-// arithmetic and conversions give 0x7FFFFFFF / 0x7FFF, x86's keep the input's sign and
+// Shared arguments of noisy_draws and noisy_draws_discrete. Row n = b * reps + r of `out` is
+// element by element, rounded to out_dtype (csrc/philox.h):
+// * Gaussian (`v` null): x[b] + sigma * z(seed, keys[b], first_draw[b] + r, element), x fp32
+//   [batch, num_elements] contiguous;
+// * discrete (`x` null): (v[b] + I(seed, keys[b], first_draw[b] + r, element)) / grid, v int32
+//   grid indices [batch, num_elements] contiguous, I = -half_width + #{i : T[i] <= U} with
+//   T = thresholds[0 .. 2 * half_width) ascending and its guide of 2^guide_bits + 1 entries.
+// Where an output is NaN (a NaN input), the dtype's canonical NaN below, on every device (a
+// GPU's arithmetic and conversions give 0x7FFFFFFF / 0x7FFF, x86's keep the input's sign and
 // payload): drt_fast.ops.reference_noisy_draws writes the same.
 constexpr uint32_t kNaNFloat32 = 0x7FC00000u;
 constexpr uint16_t kNaNBFloat16 = 0x7FC0u;  // torch's float -> bfloat16 on the CPU
 constexpr uint16_t kNaNFloat16 = 0x7E00u;
-// x is fp32 [batch, num_elements] contiguous; out is [batch * reps, num_elements] contiguous,
-// or, with channels_last, [batch * reps, spatial, channels] in memory where the logical
-// element index is c * spatial + s.
+// out is [batch * reps, num_elements] contiguous, or, with channels_last, [batch * reps,
+// spatial, channels] in memory where the logical element index is c * spatial + s.
 struct NoisyDrawsArgs {
   const float* x;
   const int64_t* keys;
@@ -34,6 +38,12 @@ struct NoisyDrawsArgs {
   int out_dtype;
   bool channels_last;
   int64_t channels, spatial;
+  const int32_t* v;
+  const uint64_t* thresholds;
+  int64_t half_width;
+  const int32_t* guide;
+  int guide_bits;
+  float grid;
 };
 
 // Shared arguments of vote: logits [members, draws, classes] contiguous in `logits_dtype`,
@@ -50,6 +60,23 @@ struct VoteArgs {
 };
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args);
+void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args);
+
+// A test hook over the Gaussian noise of draws first_draw .. first_draw + draws - 1 of the
+// input `key` (elements 0 .. num_elements - 1): counts[i] = how many normals have
+// |z| > thresholds[i], and *largest = the largest |z| above kTailCountFloor (0 if none).
+// Only pairs that need their tail word reach that floor (philox.h), so the hook generates
+// every main block but computes normals only for those: cheap enough for 10^9 normals.
+constexpr float kTailCountFloor = 4.86f;  // > sqrt(34 ln 2), the radius bound of the other pairs
+struct TailCountArgs {
+  uint64_t seed, key;
+  int64_t first_draw, draws, num_elements;
+  const float* thresholds;  // each > kTailCountFloor
+  int64_t num_thresholds;
+  int64_t* counts;
+  float* largest;
+};
+void gaussian_tail_count_cpu(const TailCountArgs& args);
 
 // bias_act: h [rows, cols] fp32 contiguous, in place h = act(h + bias) with bias [cols] fp32;
 // act is ReLU when relu, else the identity.

@@ -24,6 +24,7 @@ class EmbeddedDefault:
     sigma: float               # the noise level it was trained at
     skip: int = 1              # certify every skip-th input by default ...
     max: Optional[int] = None  # ... and at most this many of them
+    grid: Optional[int] = None # its test inputs' pixel grid, in steps per unit (--noise discrete)
     recipe: str = ""           # the commands that trained it
 
 
@@ -38,4 +39,4 @@ def load(assets: Optional[Path] = None) -> EmbeddedDefault:
         spec = json.load(f)
     return EmbeddedDefault(model=str(assets / spec["model"]), data=str(assets / spec["data"]),
                            sigma=float(spec["sigma"]), skip=int(spec.get("skip", 1)),
-                           max=spec.get("max"), recipe=spec.get("recipe", ""))
+                           max=spec.get("max"), grid=spec.get("grid"), recipe=spec.get("recipe", ""))

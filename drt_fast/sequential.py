@@ -54,6 +54,7 @@ class Plan:
     n_max: int
     alpha: float
     futility: float
+    slack: float
     levels: np.ndarray
     points: np.ndarray
     final: np.ndarray
@@ -115,16 +116,21 @@ def check_radii(radii, sigma, n_max, alpha, name="radii"):
 
 
 @functools.lru_cache(maxsize=16)
-def plan(sigma: float, radii: tuple, n0: int, n_max: int, alpha: float, futility: float = FUTILITY) -> Plan:
-    """The plan for these settings (cached; its thresholds per prior are computed on first use)."""
+def plan(sigma: float, radii: tuple, n0: int, n_max: int, alpha: float, futility: float = FUTILITY,
+         slack: float = 0.0) -> Plan:
+    """The plan for these settings (cached; its thresholds per prior are computed on first use).
+    ``slack``: how far the sampled noise's probabilities may be from the smoothing noise's
+    (discrete noise's table; 0 for Gaussian noise): each level is tested at p_j + slack."""
     radii = check_radii(radii, sigma, n_max, alpha)
-    # p_j rounded up to the next float: certifying pA > p_j (float) is then sound for the real p_j
-    levels = np.array([0.5 if r == 0 else np.nextafter(norm.cdf(r / sigma), 1.0) for r in radii])
+    # p_j (+ slack) rounded up to the next float: certifying pA > p_j (float) is then sound
+    # for the real p_j (r = 0 without slack: 1/2 exactly, tested strictly)
+    levels = np.array([0.5 if r == 0 and not slack else
+                       np.nextafter((0.5 if r == 0 else norm.cdf(r / sigma)) + slack, 1.0) for r in radii])
     points = np.unique(np.append(np.arange(STEP, n_max, STEP, dtype=np.int64), n_max))
     alpha_2 = alpha * (1 - SEQUENCE_SHARE)
     final = np.array([stats.clopper_pearson_threshold(p, n_max, alpha_2, strict=(r == 0))
                       for p, r in zip(levels, radii)])
-    return Plan(radii, sigma, n0, n_max, alpha, futility, levels, points, final)
+    return Plan(radii, sigma, n0, n_max, alpha, futility, slack, levels, points, final)
 
 
 def _futile(j, points, certify, final, n_max, futility):
@@ -208,7 +214,7 @@ def lower_bound(state: _Input, settings: Plan) -> float:
     bound = stats.mixture_lower_bound(state.count, state.n, settings.alpha_sequence, settings.prior(s))
     if state.n == settings.n_max:
         bound = max(bound, stats.lower_confidence_bound(state.count, state.n, settings.alpha_final))
-    return bound
+    return max(0.0, bound - settings.slack)
 
 
 def validate_settings(radii, sigma, n0, n_max, alpha, batch_size):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import stats, validate
+from . import ops, stats, validate
 from .engine import Engine, check_votes, count_ranges
 from .engine.inputs import check_inputs
 from .ensemble import as_ensemble
@@ -73,15 +73,24 @@ class SmoothedClassifier:
     by device). cuda_graphs: replay steps as CUDA graphs (None: auto). ``fuse_status`` and
     ``graph_status`` (`drt_fast.engine.Status`) say what was done; docs/internals.md and
     bench/RESULTS.md say when each lever pays. ``draws_performed`` counts noisy draws.
+
+    noise: "gaussian" adds N(0, sigma^2) in floating point; "discrete" takes inputs on the
+    grid of ``grid`` steps per unit (pixels k / grid; others are refused) and adds that
+    Gaussian rounded to the grid, drawn exactly, so that certificates hold for the floating-point
+    computation too (docs/certificates.md says what each guarantees).
     """
 
     def __init__(self, model, num_classes, sigma, seed=0, precision="fp32", channels_last=None,
-                 fuse=None, cuda_graphs=None, rewriter=None):
+                 fuse=None, cuda_graphs=None, rewriter=None, noise="gaussian", grid=255):
         self.model = as_ensemble(model)
         self.num_classes = validate.positive_int(num_classes, "num_classes")
         self.sigma = validate.sigma(sigma)
-        # The kernels add float32(sigma) * z: radii use the smaller of the two noise levels.
-        self.radius_sigma = min(self.sigma, float(np.float32(self.sigma)))
+        self.noise = validate.noise(noise)
+        self.grid = validate.grid(grid)
+        # discrete: the rounded Gaussian's table, built from sigma itself; gaussian: the kernels
+        # add float32(sigma) * z, so radii use the smaller of the two noise levels
+        self.table = ops.discrete_table(self.sigma, self.grid) if self.noise == "discrete" else None
+        self.radius_sigma = self.sigma if self.table else min(self.sigma, float(np.float32(self.sigma)))
         self.seed = validate.seed(seed)
         self.precision = validate.precision(precision)
         for name, value in (("fuse", fuse), ("cuda_graphs", cuda_graphs)):
@@ -89,7 +98,7 @@ class SmoothedClassifier:
                 raise InvalidArgumentType(f"{name} must be None (auto), True or False, got {value!r}")
         self.engine = Engine(self.model, self.num_classes, self.sigma, self.precision,
                              None if channels_last is None else bool(channels_last), fuse,
-                             cuda_graphs, rewriter)
+                             cuda_graphs, rewriter, discrete=self.table)
         self._warned_range = False
 
     @property
@@ -122,13 +131,18 @@ class SmoothedClassifier:
     def predict_many(self, xs, keys, n, alpha, batch_size):
         """PREDICT for inputs xs ``[B, *S]`` with dataset indices ``keys`` ``[B]`` -> B labels."""
         n, alpha = validate.positive_int(n, "n"), validate.alpha(alpha)
-        keys, counts = self._sample(xs, keys, [(0, n)], batch_size, self.seed + PREDICT_STREAM)
+        keys, counts, slack = self._sample(xs, keys, [(0, n)], batch_size, self.seed + PREDICT_STREAM)
+        # discrete: the n draws follow the smoothing noise except with probability <= n * slack
+        level = alpha - n * slack
+        if level <= 0:
+            raise InvalidArgument(f"alpha = {alpha} is below what {n} draws of this discrete noise table "
+                                  f"can guarantee ({n * slack:.3g})")
         labels = []
         for key, (c,) in zip(keys, counts):
             check_votes(c, n, key)
             top2 = np.argsort(-c, kind="stable")[:2]          # stable: ties -> smaller class
             nA, nB = int(c[top2[0]]), int(c[top2[1]]) if len(c) > 1 else 0
-            labels.append(ABSTAIN if stats.binom_pvalue(nA, nA + nB) > alpha else int(top2[0]))
+            labels.append(ABSTAIN if stats.binom_pvalue(nA, nA + nB) > level else int(top2[0]))
         return labels
 
     def certify_many(self, xs, keys, n0, n, alpha, batch_size):
@@ -136,13 +150,14 @@ class SmoothedClassifier:
         several inputs share a batch, the certificates equal those of `certify` on each."""
         n0, n = validate.positive_int(n0, "n0"), validate.positive_int(n, "n")
         alpha = validate.alpha(alpha)
-        keys, counts = self._sample(xs, keys, [(0, n0), (n0, n)], batch_size, self.seed)
+        keys, counts, slack = self._sample(xs, keys, [(0, n0), (n0, n)], batch_size, self.seed)
         certs = []
         for key, (selection, estimation) in zip(keys, counts):
             check_votes(selection + estimation, n0 + n, key)
             cA = int(selection.argmax())                       # ties -> smaller class
             nA = int(estimation[cA])
-            pA_lower = stats.lower_confidence_bound(nA, n, alpha)
+            # discrete: the sampled noise's pA is within `slack` of the rounded Gaussian's
+            pA_lower = max(0.0, stats.lower_confidence_bound(nA, n, alpha) - slack)
             if pA_lower < 0.5:
                 certs.append(Certificate(ABSTAIN, 0.0, pA_lower, nA, n, selection, estimation))
             else:
@@ -164,9 +179,11 @@ class SmoothedClassifier:
         radii, n0, n_max, alpha, batch_size = sequential.validate_settings(
             radii, self.radius_sigma, n0, n_max, alpha, batch_size)
         futility = validate.alpha(futility, "futility", zero=True)
-        settings = sequential.plan(self.radius_sigma, radii, n0, n_max, alpha, futility)
         xs, keys = check_inputs(xs, keys)
         self._check_range(xs)
+        # discrete: each level is tested against p_j + slack, so that the sampled noise's pA,
+        # within slack of the rounded Gaussian's, certifies the latter
+        settings = sequential.plan(self.radius_sigma, radii, n0, n_max, alpha, futility, self._slack(xs))
         with _eval_mode(self.model):
             states = sequential.certify_radii(self.engine, xs, keys, settings, n0, batch_size, self.seed)
         return [Certificate(s.cA if s.certified else ABSTAIN,
@@ -194,14 +211,27 @@ class SmoothedClassifier:
             self.engine.begin(example)
 
     def _sample(self, xs, keys, ranges, batch_size, seed):
-        """(keys, counts ``[B, P, K]``) of the draw ``ranges`` ``[(first, num)]`` of each input."""
+        """(keys, counts ``[B, P, K]``, slack) of the draw ``ranges`` ``[(first, num)]`` of each
+        input. slack: for discrete noise, a bound on how far any probability of one draw under
+        the sampled noise is from the rounded Gaussian's (the table's rounding and truncation,
+        `DiscreteTable.slack`); 0.0 for Gaussian noise."""
         batch_size = validate.positive_int(batch_size, "batch_size")
         for first, num in ranges:
             validate.draw_range(first, num)
         xs, keys = check_inputs(xs, keys)
         self._check_range(xs)
+        slack = self._slack(xs)
         with _eval_mode(self.model):
-            return keys, count_ranges(self.engine, xs, keys, ranges, batch_size, seed)
+            return keys, count_ranges(self.engine, xs, keys, ranges, batch_size, seed), slack
+
+    def _slack(self, xs):
+        """Discrete noise: pixels off the grid are refused (the engine's `to_grid` trusts them),
+        and the result is how far any probability of one draw under the sampled noise may be
+        from the rounded Gaussian's (`DiscreteTable.slack`); 0.0 for Gaussian noise."""
+        if self.table is None:
+            return 0.0
+        ops.grid_indices(xs, self.grid, self.table.half_width)
+        return self.table.slack(int(np.prod(xs.shape[1:])))
 
     def _check_range(self, xs):
         """Noise is added in the data's pixel space, [0, 1] for images (normalization lives in

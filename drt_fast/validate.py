@@ -18,6 +18,14 @@ AGGREGATIONS = ("we", "logit", "mme", "mv")
 # Names of the precisions a SmoothedClassifier runs the members in.
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+# The smoothing noises (docs/certificates.md): N(0, sigma^2) in floating point, or that
+# Gaussian rounded to the inputs' grid and drawn exactly.
+NOISES = ("gaussian", "discrete")
+
+# Steps per unit of an input grid (pixels k / grid): grid * pixels and the noise stay exact
+# in fp32 (drt_fast/ops/rounded_gaussian.py).
+GRID_LIMIT = 2**20
+
 # Draw indices are 32-bit counters of the noise generator: an input's draws are numbered
 # 0 .. DRAW_LIMIT - 1, and a larger index would wrap onto another draw's noise.
 DRAW_LIMIT = 2**32
@@ -97,6 +105,21 @@ def aggregation(value, name="mode"):
     if value not in AGGREGATIONS:
         raise InvalidArgument(f"{name} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
     return value
+
+
+def noise(value, name="noise"):
+    """A smoothing noise name, one of `NOISES`."""
+    if value not in NOISES:
+        raise InvalidArgument(f"{name} must be one of {', '.join(NOISES)}, got {value!r}")
+    return value
+
+
+def grid(value, name="grid"):
+    """Steps per unit of an input grid, an int in [1, GRID_LIMIT] (the pixels are k / grid)."""
+    result = int_in_range(value, name, -2**63, None)
+    if not 1 <= result <= GRID_LIMIT:
+        raise InvalidArgument(f"{name} must be in [1, 2^20] (steps per unit of the pixels' grid), got {value}")
+    return result
 
 
 def precision(value, name="precision"):

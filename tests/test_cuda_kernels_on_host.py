@@ -1,8 +1,10 @@
 """The CUDA kernels' per-item code, run on the host (test hooks of ``_C_cuda``; no GPU needed).
 
-* noisy_draws (``noisy_draws_on_host``): every path -- contiguous with vector or scalar
+* noisy_draws and noisy_draws_discrete (``noisy_draws_on_host``,
+  ``noisy_draws_discrete_on_host``): every path -- contiguous with vector or scalar
   accesses, channels-last by groups of 4 positions, general -- writes each element exactly
-  as the CPU kernel does (which is bit-identical to the torch reference, tests/test_ops.py).
+  as the CPU kernel does (which is bit-identical to the torch reference, tests/test_ops.py,
+  tests/test_discrete_noise.py); the known answers of both noises.
 * vote_ (``vote_on_host``): each draw's label, as the thread-per-draw kernel (K <= 32) and
   the block-per-draw kernel (any K; its reductions in the GPU's order, its score row whole
   or in chunks, within a given shared-memory budget) compute it, against the torch
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from drt_fast import ops
+from drt_fast.ops import reference
 
 pytestmark = pytest.mark.skipif(ops.extension.cuda_kernels is None, reason="drt_fast was built without its CUDA kernels")
 
@@ -151,6 +154,101 @@ def test_the_vector_path_at_the_scale_of_a_gpu_batch():
         assert taken == (CHANNELS_LAST if channels_last else CONTIGUOUS)
         want = ops.noisy_draws(x, keys, first, 333, 0.5, 7, torch.float32, channels_last)
         assert torch.equal(got.contiguous(), want.contiguous())
+
+
+from test_philox import KNOWN_NORMALS, f32_bits  # noqa: E402
+
+
+@pytest.mark.parametrize("case,bits", KNOWN_NORMALS)
+def test_known_normals(case, bits):
+    """The known answers of tests/test_philox.py through the CUDA kernel's items (x = 0,
+    sigma = 1: the output is the noise)."""
+    seed, key, draw, element = case
+    x = torch.zeros(1, element + 1)
+    got, _ = on_host(x, torch.tensor([key]), torch.tensor([draw]), 1, 1.0, seed, torch.float32, False)
+    assert f32_bits(got[0, element].item()) == bits
+
+
+def test_pairs_that_need_their_tail_word():
+    """Rows holding pairs that read their tail word (one in 2^17), every path, against the CPU
+    kernel, which redoes them after its vectorized pass."""
+    seed, key = 5, 11
+    first = torch.tensor([7, 51])
+    x = torch.zeros(2, 4, 128, 128)
+    keys = torch.full((2,), key)
+    for draw in first.tolist():            # each draw holds two such pairs
+        w = reference.philox4x32_10(torch.arange(4 * 128 * 128 // 4), torch.tensor(draw), torch.tensor(key),
+                                    torch.tensor(0), seed, 0)
+        assert int((reference.needs_tail_word(w[0]) | reference.needs_tail_word(w[2])).sum()) == 2
+    for channels_last in (False, True):
+        got, _ = on_host(x, keys, first, 1, 1.0, seed, torch.float32, channels_last)
+        want = ops.noisy_draws(x, keys, first, 1, 1.0, seed, torch.float32, channels_last)
+        assert torch.equal(got.contiguous(), want.contiguous())
+
+
+# ------------------------------------------------------------------ noisy_draws_discrete
+def discrete_on_host(v, keys, first, reps, table, seed, out_dtype, channels_last, thresholds=None, guide=None):
+    """The CUDA kernel's discrete items on the host -> (output, path)."""
+    thresholds = table.thresholds if thresholds is None else thresholds
+    guide = table.guide if guide is None else guide
+    batch, num_elements = v.shape[0], math.prod(v.shape[1:])
+    shape = (batch * reps, *v.shape[1:])
+    flat = torch.full((math.prod(shape),), float("nan"), dtype=out_dtype)
+    if channels_last:
+        n, c, h, w = shape
+        out = flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = flat.view(shape)
+    channels, spatial = (v.shape[1], v.shape[2] * v.shape[3]) if channels_last else (1, num_elements)
+    path = ops.extension.cuda_kernels.noisy_draws_discrete_on_host(
+        v.data_ptr(), keys.data_ptr(), first.data_ptr(), flat.data_ptr(), batch, num_elements, reps,
+        thresholds.data_ptr(), thresholds.shape[0] // 2, guide.data_ptr(), guide.shape[0].bit_length() - 1,
+        float(table.grid), seed, ops.extension.DTYPE_CODES[out_dtype], bool(channels_last), channels, spatial)
+    return out, path
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,channels_last,misalign,path", [c for c in CASES if not c[2]],
+                         ids=[f"{'x'.join(map(str, c[0]))}{'-cl' if c[1] else ''}" for c in CASES if not c[2]])
+@pytest.mark.parametrize("sigma,grid", [(0.25, 16), (0.5, 255)])
+def test_discrete_paths_write_what_the_cpu_kernel_writes(out_dtype, shape, channels_last, misalign, path, sigma, grid):
+    table = ops.discrete_table(sigma, grid)
+    gen = torch.Generator().manual_seed(grid)
+    v = torch.randint(0, grid + 1, (3, *shape), generator=gen, dtype=torch.int32)
+    keys, first = torch.randint(0, 2**40, (3,), generator=gen), torch.randint(0, 10_000, (3,), generator=gen)
+    got, taken = discrete_on_host(v, keys, first, 7, table, 12345, out_dtype, channels_last)
+    want = ops.noisy_draws_discrete(v, keys, first, 7, table.thresholds, table.guide, grid, 12345, out_dtype,
+                                    channels_last)
+    assert taken == path
+    assert torch.equal(got.contiguous(), want.contiguous())
+
+
+from drt_fast.ops.rounded_gaussian import guide_of  # noqa: E402
+from test_discrete_noise import KNOWN_DISCRETE, _crafted, _words  # noqa: E402
+
+
+@pytest.mark.parametrize("case,noise", KNOWN_DISCRETE)
+def test_discrete_known_answers(case, noise):
+    sigma, grid, seed, key, draw, element = case
+    table = ops.discrete_table(sigma, grid)
+    v = torch.zeros(1, element + 1, dtype=torch.int32)
+    got, _ = discrete_on_host(v, torch.tensor([key]), torch.tensor([draw]), 1, table, seed, torch.float32, False)
+    assert got[0, element].item() == float(torch.tensor(noise, dtype=torch.float32) / grid)
+
+
+def test_discrete_low_word_path():
+    """A table whose thresholds share their high word with drawn uniforms (tests/test_discrete_noise.py)."""
+    seed, key, draw, elements = 11, 5, 3, 64
+    hi = [_words(seed, key, draw, (1 << 31) + q)[j] for q in range(elements // 4) for j in range(4)]
+    t = _crafted(hi[::3], seed=1)
+    thresholds = torch.tensor([u - 2**64 if u >= 2**63 else u for u in t], dtype=torch.int64)
+    guide = guide_of(t)
+    table = ops.discrete_table(0.25, 16)   # its grid only
+    v = torch.zeros(1, elements, dtype=torch.int32)
+    keys, first = torch.tensor([key]), torch.tensor([draw])
+    got, _ = discrete_on_host(v, keys, first, 1, table, seed, torch.float32, False, thresholds, guide)
+    want = ops.noisy_draws_discrete(v, keys, first, 1, thresholds, guide, 16, seed)
+    assert torch.equal(got, want)
 
 
 def test_fast_division_is_exact():

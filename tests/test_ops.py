@@ -359,6 +359,7 @@ def _noisy_ok():
     (dict(seed=-1), "seed must be in"),
     (dict(out_dtype=torch.float64), "out_dtype must be one of"),
     (dict(x=torch.zeros(2, 9), channels_last=True), "channels_last output needs a 4-d input"),
+    (dict(x=torch.zeros(()).expand(2, 2**16, 2**16 + 1)), "at most 2\\*\\*32 elements"),  # a view: no memory
 ])
 def test_noisy_draws_errors(change, message):
     kwargs = {**_noisy_ok(), **change}
@@ -414,6 +415,16 @@ def test_cuda_noisy_draws_bitwise_equal_to_cpu(cuda_device, out_dtype, channels_
     gpu = ops.noisy_draws(x.to(cuda_device), keys.to(cuda_device), first.to(cuda_device), *args)
     assert gpu.stride() == cpu.stride()
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_cuda_known_normals(cuda_device):
+    """tests/test_philox.py's known answers on the GPU (x = 0, sigma = 1: the output is the noise)."""
+    from test_philox import KNOWN_NORMALS, f32_bits
+    for (seed, key, draw, element), bits in KNOWN_NORMALS:
+        x = torch.zeros(1, element + 1, device=cuda_device)
+        out = ops.noisy_draws_eager(x, torch.tensor([key], device=cuda_device),
+                                    torch.tensor([draw], device=cuda_device), 1, 1.0, seed)
+        assert f32_bits(out[0, element].item()) == bits
 
 
 @pytest.mark.parametrize("out_dtype", ops.NOISE_DTYPES)

@@ -191,3 +191,17 @@ def test_bad_settings_are_refused_in_one_line():
         smooth.certify_radii(x, [0], [0], futility=1.0, **run)
     with pytest.raises(DrtFastError, match="n_max must be"):
         smooth.certify_radii(x, [0], [0], 10, 0, 0.001, 100)
+
+
+def test_discrete_noise_tests_each_level_with_the_tables_slack():
+    """--noise discrete: inputs on the grid are certified at radii (each level tested at
+    p_j + the table's slack, pA_lower lowered by it); inputs off the grid are refused."""
+    smooth = SmoothedClassifier(LinearScore(), 2, sigma=SIGMA, noise="discrete", grid=255)
+    xs = torch.round(inputs_at([0.2, 0.9]) * 255) / 255
+    certs = smooth.certify_radii(xs, [0, 1], [0, 0.5], n0=20, n_max=2000, alpha=0.01, batch_size=1000)
+    assert [c.radius for c in certs] == [0.0, 0.5] and all(c.label == 0 for c in certs)
+    settings = sequential.plan(SIGMA, (0.0, 0.5), 20, 2000, 0.01, 0.01, smooth.table.slack(2))
+    assert settings.slack > 0 and settings.levels[0] > 0.5
+    assert settings.levels[1] >= norm.cdf(0.5 / SIGMA) + settings.slack
+    with pytest.raises(DrtFastError, match="grid"):
+        smooth.certify_radii(inputs_at([0.2]) + 0.001, [0], [0], n0=20, n_max=2000, alpha=0.01, batch_size=1000)

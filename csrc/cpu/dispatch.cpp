@@ -12,12 +12,14 @@
 
 namespace drt {
 
-#define DRT_DECLARE_ISA(ns)                         \
-  namespace ns {                                    \
-  void noisy_draws_cpu(const NoisyDrawsArgs& args); \
-  int64_t vote_cpu(const VoteArgs& args);           \
-  void bias_act_cpu(const BiasActArgs& args);       \
-  bool dense_chain_run(const DenseChainArgs& args); \
+#define DRT_DECLARE_ISA(ns)                                  \
+  namespace ns {                                             \
+  void noisy_draws_cpu(const NoisyDrawsArgs& args);          \
+  void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args); \
+  void gaussian_tail_count_cpu(const TailCountArgs& args);   \
+  int64_t vote_cpu(const VoteArgs& args);                    \
+  void bias_act_cpu(const BiasActArgs& args);                \
+  bool dense_chain_run(const DenseChainArgs& args);          \
   }
 DRT_DECLARE_ISA(isa_baseline)
 #ifdef DRT_FAST_X86_ISAS
@@ -77,6 +79,10 @@ void set_cpu_isa(const char* isa) {
 #endif
 
 void noisy_draws_cpu(const NoisyDrawsArgs& args) { DRT_DISPATCH(noisy_draws_cpu, args); }
+
+void noisy_draws_discrete_cpu(const NoisyDrawsArgs& args) { DRT_DISPATCH(noisy_draws_discrete_cpu, args); }
+
+void gaussian_tail_count_cpu(const TailCountArgs& args) { DRT_DISPATCH(gaussian_tail_count_cpu, args); }
 
 int64_t vote_cpu(const VoteArgs& args) { DRT_DISPATCH(vote_cpu, args); }
 

@@ -26,7 +26,8 @@ struct CudaRuntimeInfo {
 CudaRuntimeInfo cuda_runtime_info();
 
 // Launch on `stream` (a cudaStream_t passed as an integer) of device `device`; no host
-// synchronisation. Throw std::runtime_error when the launch fails.
+// synchronisation. Throw std::runtime_error when the launch fails. noisy_draws_cuda runs
+// noisy_draws_discrete when args.v is set (kernels.h).
 void noisy_draws_cuda(const NoisyDrawsArgs& args, int device, uintptr_t stream);
 // Test hook: the same work items run one after another on the host, with host pointers;
 // returns the path taken (0 general, 1 contiguous, 2 channels-last; noise.cu).

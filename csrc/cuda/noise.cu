@@ -1,8 +1,8 @@
-// noisy_draws on CUDA. Compiled with --fmad=false, IEEE div/sqrt and no flush to zero, pinned
-// after any user flags (CMakeLists.txt): the noise is bit-identical to the CPU kernel and the
-// torch reference.
+// noisy_draws and noisy_draws_discrete on CUDA. Compiled with --fmad=false, IEEE div/sqrt and
+// no flush to zero, pinned after any user flags (CMakeLists.txt): the noise is bit-identical to
+// the CPU kernel and the torch reference.
 //
-// A work item is one Philox call: four normals, for elements 4q .. 4q+3 of the logical
+// A work item is one Philox call: four values, for elements 4q .. 4q+3 of the logical
 // (C, H, W) order of one output row. Three paths, chosen per launch (`plan`):
 // * contiguous: an item per (row, quad); the row and the input come from two divisions by
 //   launch constants done as multiply-high + shift (fastdiv.h): a GPU has no integer
@@ -15,10 +15,11 @@
 //   those positions (s*C + c) with C vector stores;
 // * general (anything else: odd layouts, more than 2^31 items): one thread per (row, quad),
 //   64-bit index arithmetic, scalar stores.
-// Every path computes each output element as x + sigma * z with z = normals4(seed, key,
-// draw, quad)[j]: only which thread computes it, and how it is stored, differ. The paths run
-// on the host too (`noisy_draws_cuda_on_host`, a test hook), so that their indexing is tested
-// on machines without a GPU.
+// Every path computes each output element by `quad_values`: x + sigma * z with z =
+// normals4(seed, key, draw, quad)[j] (Gaussian), or (v + I) / grid with I = discrete4(...)[j]
+// (discrete, when args.v is set): only which thread computes it, and how it is stored,
+// differ. The paths run on the host too (`noisy_draws_cuda_on_host`, a test hook), so that
+// their indexing is tested on machines without a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -76,12 +77,36 @@ DRT_HD void store4(T* out, const float v[4], bool vector) {
   }
 }
 
-DRT_HD void load4(const float* x, float v[4], bool vector) {
+// The first `count` (<= 4) of four consecutive inputs (float or int32) from x: all four as
+// one 16-byte access when `vector` (x aligned to 4 elements).
+template <typename T>
+DRT_HD void load4(const T* x, T v[4], bool vector, int count) {
+  static_assert(sizeof(T) == 4, "4-byte inputs");
   if (vector) {
-    const float4 q = *reinterpret_cast<const float4*>(x);
-    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    const int4 q = *reinterpret_cast<const int4*>(x);
+    memcpy(v, &q, sizeof q);
   } else {
-    for (int j = 0; j < 4; ++j) v[j] = x[j];
+    for (int j = 0; j < count; ++j) v[j] = x[j];
+  }
+}
+
+// The values of elements 4q .. 4q+3 (the first `count` of them) of a draw of input b:
+// x + sigma * z (Gaussian) or (v + I) / grid (Discrete).
+template <bool Discrete>
+DRT_HD void quad_values(const NoisyDrawsArgs& p, int64_t b, uint32_t draw, uint32_t q, bool vector, int count,
+                        float out[4]) {
+  const uint64_t key = (uint64_t)p.keys[b];
+  const int64_t at = b * p.num_elements + 4 * (int64_t)q;
+  if constexpr (Discrete) {
+    int32_t noise[4], v[4];
+    discrete4(p.seed, key, draw, q, p.thresholds, p.half_width, p.guide, p.guide_bits, noise);
+    load4(p.v + at, v, vector, count);
+    for (int j = 0; j < count; ++j) out[j] = grid_value(v[j], noise[j], p.grid);
+  } else {
+    float z[4], x[4];
+    normals4(p.seed, key, draw, q, z);
+    load4(p.x + at, x, vector, count);
+    for (int j = 0; j < count; ++j) out[j] = x[j] + p.sigma * z[j];
   }
 }
 
@@ -106,7 +131,8 @@ Plan make_plan(const NoisyDrawsArgs& p) {
   const int64_t rows = p.batch * p.reps;
   const bool channels_last = p.channels_last && p.channels > 1;
   const bool whole_quads = p.num_elements % 4 == 0;
-  const bool vector_ok = whole_quads && aligned(p.x, 16) && aligned(p.out, 4 * sizeof(T));
+  const void* input = p.v != nullptr ? static_cast<const void*>(p.v) : static_cast<const void*>(p.x);
+  const bool vector_ok = whole_quads && aligned(input, 16) && aligned(p.out, 4 * sizeof(T));
   const int64_t limit = (int64_t)1 << 31;  // fast_div's range
   if (rows * quads == 0) return plan;       // nothing to write (no divisor may be 0)
   if (!channels_last && rows * quads < limit) {
@@ -130,88 +156,83 @@ Plan make_plan(const NoisyDrawsArgs& p) {
 }
 
 // One work item of each path. `t` < plan.items.
-template <typename T>
+template <typename T, bool Discrete>
 DRT_HD void contiguous_item(const Plan& plan, uint32_t t) {
   const NoisyDrawsArgs& p = plan.p;
   const uint32_t n = fast_div(t, plan.per_row), q = t - n * plan.per_row.divisor;  // row, quad
   const uint32_t b = fast_div(n, plan.reps), r = n - b * plan.reps.divisor;       // input, draw
-  float z[4];
-  normals4(p.seed, (uint64_t)p.keys[b], (uint32_t)(p.first_draw[b] + r), q, z);
   const int64_t e = 4 * (int64_t)q;
-  const float* x = p.x + (int64_t)b * p.num_elements + e;
+  const int count = e + 4 <= p.num_elements ? 4 : (int)(p.num_elements - e);     // the row's last quad may be partial
+  float v[4];
+  quad_values<Discrete>(p, b, (uint32_t)(p.first_draw[b] + r), q, plan.vector, count, v);
   T* out = static_cast<T*>(p.out) + (int64_t)n * p.num_elements + e;
-  if (plan.vector || e + 4 <= p.num_elements) {
-    float v[4];
-    load4(x, v, plan.vector);
-    for (int j = 0; j < 4; ++j) v[j] = v[j] + p.sigma * z[j];
+  if (count == 4) {
     store4(out, v, plan.vector);
-  } else {  // the row's last, partial quad
-    for (int j = 0; e + j < p.num_elements; ++j) out[j] = convert(x[j] + p.sigma * z[j], out);
+  } else {
+    for (int j = 0; j < count; ++j) out[j] = convert(v[j], out);
   }
 }
 
-template <typename T, int C>
+template <typename T, bool Discrete, int C>
 DRT_HD void channels_last_item(const Plan& plan, uint32_t t) {
   const NoisyDrawsArgs& p = plan.p;
   const uint32_t n = fast_div(t, plan.per_row), u = t - n * plan.per_row.divisor;  // row, 4 positions
   const uint32_t b = fast_div(n, plan.reps), r = n - b * plan.reps.divisor;
-  const uint64_t key = (uint64_t)p.keys[b];
   const uint32_t draw = (uint32_t)(p.first_draw[b] + r);
   const int64_t s = 4 * (int64_t)u;  // first spatial position
   float v[4 * C];                    // v[j * C + c]: position s + j, channel c
   for (int c = 0; c < C; ++c) {
-    float z[4], xs[4];
+    float values[4];
     // logical elements c * spatial + s + j: quad c * spatial / 4 + u, element j of it
-    normals4(p.seed, key, draw, (uint32_t)(c * (p.spatial / 4)) + u, z);
-    load4(p.x + (int64_t)b * p.num_elements + c * p.spatial + s, xs, true);
-    for (int j = 0; j < 4; ++j) v[j * C + c] = xs[j] + p.sigma * z[j];
+    quad_values<Discrete>(p, b, draw, (uint32_t)(c * (p.spatial / 4)) + u, true, 4, values);
+    for (int j = 0; j < 4; ++j) v[j * C + c] = values[j];
   }
   T* out = static_cast<T*>(p.out) + (int64_t)n * p.num_elements + s * C;  // 4 * C consecutive
   for (int k = 0; k < C; ++k) store4(out + 4 * k, v + 4 * k, true);
 }
 
-template <typename T>
+template <typename T, bool Discrete>
 DRT_HD void general_item(const Plan& plan, int64_t t) {
   const NoisyDrawsArgs& p = plan.p;
   const int64_t quads = (p.num_elements + 3) / 4;
   const int64_t n = t / quads, q = t - n * quads;  // output row, quad within the row
   const int64_t b = n / p.reps, r = n - b * p.reps;
-  float z[4];
-  normals4(p.seed, (uint64_t)p.keys[b], (uint32_t)(p.first_draw[b] + r), (uint32_t)q, z);
+  const int count = 4 * q + 4 <= p.num_elements ? 4 : (int)(p.num_elements - 4 * q);
+  float v[4];
+  quad_values<Discrete>(p, b, (uint32_t)(p.first_draw[b] + r), (uint32_t)q, false, count, v);
   T* out = static_cast<T*>(p.out);
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < count; ++j) {
     const int64_t e = 4 * q + j;
-    if (e >= p.num_elements) break;
-    const float v = p.x[b * p.num_elements + e] + p.sigma * z[j];
     int64_t index = n * p.num_elements + e;
     if (p.channels_last) {  // logical element c * spatial + s lives at s * channels + c
       const int64_t c = e / p.spatial, sp = e - c * p.spatial;
       index = n * p.num_elements + sp * p.channels + c;
     }
-    out[index] = convert(v, out);
+    out[index] = convert(v[j], out);
   }
 }
 
-template <typename T>
+template <typename T, bool Discrete>
 DRT_HD void item(const Plan& plan, int64_t t) {
   switch (plan.path) {
     case kContiguous:
-      contiguous_item<T>(plan, (uint32_t)t);
+      contiguous_item<T, Discrete>(plan, (uint32_t)t);
       break;
     case kChannelsLast:
-      if (plan.p.channels == 2) channels_last_item<T, 2>(plan, (uint32_t)t);
-      if (plan.p.channels == 3) channels_last_item<T, 3>(plan, (uint32_t)t);
-      if (plan.p.channels == 4) channels_last_item<T, 4>(plan, (uint32_t)t);
+      if (plan.p.channels == 2) channels_last_item<T, Discrete, 2>(plan, (uint32_t)t);
+      if (plan.p.channels == 3) channels_last_item<T, Discrete, 3>(plan, (uint32_t)t);
+      if (plan.p.channels == 4) channels_last_item<T, Discrete, 4>(plan, (uint32_t)t);
       break;
     default:
-      general_item<T>(plan, t);
+      general_item<T, Discrete>(plan, t);
   }
 }
 
-template <typename T>
+template <typename T, bool Discrete>
 __global__ void noisy_draws_kernel(const Plan plan) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < plan.items; t += stride) item<T>(plan, t);
+  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < plan.items; t += stride)
+    item<T, Discrete>(plan, t);
 }
 
 template <typename T>
@@ -219,14 +240,24 @@ void launch(const NoisyDrawsArgs& args, cudaStream_t stream) {
   const Plan plan = make_plan<T>(args);
   if (plan.items == 0) return;
   constexpr int kBlock = 256;
-  noisy_draws_kernel<T><<<grid_size(plan.items, kBlock), kBlock, 0, stream>>>(plan);
+  if (args.v != nullptr) {
+    noisy_draws_kernel<T, true><<<grid_size(plan.items, kBlock), kBlock, 0, stream>>>(plan);
+  } else {
+    noisy_draws_kernel<T, false><<<grid_size(plan.items, kBlock), kBlock, 0, stream>>>(plan);
+  }
   check_cuda(cudaGetLastError(), "noisy_draws kernel launch");
 }
 
 template <typename T>
 int run_on_host(const NoisyDrawsArgs& args) {
   const Plan plan = make_plan<T>(args);
-  for (int64_t t = 0; t < plan.items; ++t) item<T>(plan, t);
+  for (int64_t t = 0; t < plan.items; ++t) {
+    if (args.v != nullptr) {
+      item<T, true>(plan, t);
+    } else {
+      item<T, false>(plan, t);
+    }
+  }
   return plan.path;
 }
 

@@ -103,6 +103,14 @@ def _add_smoothing_options(p: argparse.ArgumentParser, task: str, default) -> No
     p.add_argument("--data-dir", metavar="D", help="dataset folder (for npz: the .npz file)")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--sigma", type=float, help="noise level (default: the checkpoint's training sigma)")
+    p.add_argument("--noise", choices=validate.NOISES, default="gaussian",
+                   help="gaussian: N(0, sigma^2) added in floating point; discrete: that Gaussian rounded "
+                        "to the pixels' grid and drawn exactly, so that certificates also hold for the "
+                        "floating-point computation (inputs must lie on the grid; docs/certificates.md) "
+                        "(default: gaussian)")
+    p.add_argument("--grid", type=int, metavar="Q",
+                   help="--noise discrete: the pixels are k/Q (default: the data's own grid: 16 for "
+                        "digits, 255 for MNIST, CIFAR-10, ImageNet and uint8 .npz files)")
     options.add_normalization(p)
     if task == "certify":
         # (--N0 / --N: the spelling of Cohen et al.'s certify.py and predict.py)

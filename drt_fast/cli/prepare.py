@@ -32,6 +32,10 @@ def check_numbers(args, task: str) -> None:
     if args.sigma is not None:
         validate.sigma(args.sigma, "--sigma")
     validate.positive_int(args.batch, "--batch")
+    if args.grid is not None:
+        if args.noise != "discrete":
+            raise DrtFastError("--grid is the pixel grid of --noise discrete; it has no use with --noise gaussian")
+        validate.grid(args.grid, "--grid")
     for flag, value in (("--skip", args.skip), ("--max", args.max)):
         if value is not None:
             validate.positive_int(value, flag)
@@ -92,12 +96,13 @@ def prepare(args, task: str, device) -> Job:
     positions = list(range(0, len(inputs.keys), skip))
     if max_inputs is not None:
         positions = positions[:max_inputs]
+    grid = _noise_grid(args, model, inputs, positions) if args.noise == "discrete" else None
     config = _sidecar_config(args, task, model, inputs, sigma=sigma, skip=skip, max_inputs=max_inputs,
-                             normalization=normalization, device=device)
+                             normalization=normalization, device=device, grid=grid)
     if device.type == "cuda":
         # Fixed input shapes batch after batch: let cuDNN pick its fastest convolutions once.
         torch.backends.cudnn.benchmark = True
-    smoothed = build_smoothed(args, model.ensemble, num_classes, sigma)
+    smoothed = build_smoothed(args, model.ensemble, num_classes, sigma, grid)
     draws = args.n0 + args.n if task == "certify" else args.n
     group = max(1, min(_MAX_GROUP, args.batch // draws))
     if args.radii is not None:
@@ -111,14 +116,39 @@ def prepare(args, task: str, device) -> Job:
     return Job(task, smoothed, x, y, inputs.keys, positions, config, draws, group, channels_last)
 
 
-def build_smoothed(args, ensemble, num_classes: int, sigma: float):
+def build_smoothed(args, ensemble, num_classes: int, sigma: float, grid=None):
     """The `SmoothedClassifier` of ``ensemble`` (on its device) with the command line's
-    smoothing and engine settings."""
+    smoothing and engine settings (``grid``: the pixels' grid of --noise discrete)."""
     from ..smoothing import SmoothedClassifier
 
     return SmoothedClassifier(ensemble, num_classes=num_classes, sigma=sigma, seed=args.seed,
                               precision=args.precision, channels_last=args.channels_last,
-                              fuse=args.fuse, cuda_graphs=args.cuda_graphs)
+                              fuse=args.fuse, cuda_graphs=args.cuda_graphs, noise=args.noise,
+                              grid=grid or 255)
+
+
+def _noise_grid(args, model: _Model, inputs: _Inputs, positions: list) -> int:
+    """--noise discrete: the pixels' grid (--grid, else the data's, else the embedded
+    default's for its own test inputs), with the selected inputs checked to lie on it."""
+    from ..data import LazyImages
+    from ..ops import first_off_grid
+
+    embedded = model.default.grid if model.default is not None and args.data_dir is None else None
+    grid = args.grid or inputs.ds.grid or embedded
+    if grid is None:
+        raise DrtFastError("--noise discrete needs the pixels' grid, which this data does not say: "
+                           "pass --grid Q (the pixels are k/Q; 255 for 8-bit images)")
+    if not isinstance(inputs.ds.x, LazyImages):   # image folders decode 8-bit pixels: always on 1/255
+        selected = inputs.ds.x[positions]
+        flat = first_off_grid(selected, grid)
+        if flat is not None:
+            per_input = selected[0].numel()
+            value = float(selected.reshape(-1)[flat])
+            raise DrtFastError(f"--noise discrete: input idx {inputs.keys[positions[flat // per_input]]} is not "
+                               f"on the grid of step 1/{grid} (its pixel {flat % per_input} is {value!r}, "
+                               f"{value * grid:.6g} steps); pass --grid with the data's own grid or use "
+                               f"--noise gaussian")
+    return grid
 
 
 def _open_model(args) -> _Model:
@@ -206,7 +236,7 @@ def _fit(args, model: _Model, inputs: _Inputs, device) -> tuple:
 
 
 def _sidecar_config(args, task: str, model: _Model, inputs: _Inputs, *, sigma: float, skip: int,
-                    max_inputs: int | None, normalization: str, device) -> dict:
+                    max_inputs: int | None, normalization: str, device, grid=None) -> dict:
     """The sidecar's top level: what determines the rows (`io.RESUME_KEYS`), then what the
     reader should know (paths, the command, settings, versions, the device)."""
     import torch
@@ -224,6 +254,8 @@ def _sidecar_config(args, task: str, model: _Model, inputs: _Inputs, *, sigma: f
         "data_sha256": data.fingerprint(inputs.ds),
         "split": args.split,
         "sigma": sigma,
+        "noise": args.noise,
+        "grid": grid,
         "n0": args.n0 if task == "certify" else None,
         "n": args.n,
         "alpha": args.alpha,

@@ -32,7 +32,8 @@ def _setting_lines(args, job: Job, count: int) -> list:
     cfg = job.config
     source = os.path.basename(cfg["data"]) if cfg["dataset"] == "npz" else f"{cfg['dataset']} ({cfg['split']})"
     n = f"n_max={cfg['n']}" if job.sequential else f"n={cfg['n']}"
-    lines = [f"drt-fast {job.task}: {count} input{'s' if count != 1 else ''} of {source}, sigma={cfg['sigma']:g}, "
+    sigma = f"{cfg['sigma']:g}" + (f" (discrete, grid 1/{cfg['grid']})" if cfg.get("noise") == "discrete" else "")
+    lines = [f"drt-fast {job.task}: {count} input{'s' if count != 1 else ''} of {source}, sigma={sigma}, "
              f"{'n0=%d, ' % cfg['n0'] if job.task == 'certify' else ''}{n}, alpha={cfg['alpha']:g}, "
              f"mode={cfg['mode']}, precision={cfg['precision']}, on {cfg['device']}"]
     if job.sequential:

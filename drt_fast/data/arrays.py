@@ -24,7 +24,7 @@ def load_digits(split: str) -> Dataset:
                                            stratify=y)
     rows = train_idx if split == "train" else test_idx
     return Dataset(x=torch.from_numpy(x[rows]), y=torch.from_numpy(y[rows]), num_classes=10,
-                   name="digits", normalization=NORMALIZATION["digits"])
+                   name="digits", normalization=NORMALIZATION["digits"], grid=16)
 
 
 def load_npz(path: Path) -> Dataset:
@@ -32,12 +32,14 @@ def load_npz(path: Path) -> Dataset:
     0..255; ``y``: ``[N]`` integer labels. Optional: ``idx`` ``[N]`` (row index in the
     source split), ``means``/``sds`` ``[C]`` (identity normalization when absent),
     ``num_classes`` (when absent, ``max(y) + 1``, taken as a lower bound: a model with more
-    classes fits the file). Every entry is checked, in that order, with a message naming it."""
+    classes fits the file), ``grid`` (the pixels' steps per unit; uint8 x: 255). Every entry
+    is checked, in that order, with a message naming it."""
     arrays = _read_npz(path)
     for key in ("x", "y"):
         if key not in arrays:
             raise DrtFastError(f"{path}: expected an array {key!r}; the file holds "
                                f"{sorted(arrays) or 'nothing'}")
+    grid = 255 if arrays["x"].dtype == np.uint8 else None
     x = _pixels(arrays["x"], path)
     y = arrays["y"]
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
@@ -48,11 +50,12 @@ def load_npz(path: Path) -> Dataset:
     num_classes = _num_classes(arrays, y, path)
     normalization = _normalization(arrays, x, path)
     idx = _row_indices(arrays, len(x), path)
+    grid = _grid(arrays, path, grid)
     return Dataset(x=torch.from_numpy(np.ascontiguousarray(x)),
                    y=torch.from_numpy(y.astype(np.int64)), num_classes=num_classes,
                    name="npz", normalization=normalization, idx=idx,
                    classes_from_labels="num_classes" not in arrays,
-                   own_normalization="means" in arrays or "sds" in arrays)
+                   own_normalization="means" in arrays or "sds" in arrays, grid=grid)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -134,6 +137,18 @@ def _normalization(arrays: dict[str, np.ndarray], x: np.ndarray, path: Path):
         raise DrtFastError(f"{path}: means/sds must hold {channels} values (sds > 0), got "
                            f"{len(means)} and {len(sds)}{layout}")
     return means, sds
+
+
+def _grid(arrays: dict[str, np.ndarray], path: Path, default):
+    """The file's ``grid`` (steps per unit of its pixels), else ``default``."""
+    if "grid" not in arrays:
+        return default
+    given = arrays["grid"]
+    if (given.size != 1 or not np.issubdtype(given.dtype, np.number)
+            or not float(given.ravel()[0]).is_integer() or not 1 <= given.ravel()[0] <= 2**20):
+        raise DrtFastError(f"{path}: grid must be one integer in [1, 2^20] (steps per unit: "
+                           f"pixels k / grid), got {given.dtype} {given.ravel()[:4].tolist()}")
+    return int(given.ravel()[0])
 
 
 def _row_indices(arrays: dict[str, np.ndarray], n: int, path: Path) -> torch.Tensor | None:

@@ -44,6 +44,9 @@ class Dataset:
     own_normalization: the data states its normalization (a named dataset's constants, an
       ``.npz`` file's ``means``/``sds``); False for an ``.npz`` without them, whose
       ``normalization`` is only the identity default.
+    grid: the pixels' own grid, in steps per unit (pixels k / grid: 16 for digits' 0..16,
+      255 for 8-bit images), or None where the file does not say (a float ``.npz`` without
+      a ``grid`` entry). Discrete smoothing noise lives on it.
     """
 
     x: Union[torch.Tensor, LazyImages]
@@ -54,6 +57,7 @@ class Dataset:
     idx: Optional[torch.Tensor] = None
     classes_from_labels: bool = False
     own_normalization: bool = True
+    grid: Optional[int] = None
 
     def __post_init__(self):
         if self.idx is None:

@@ -75,7 +75,7 @@ def load_mnist(split: str, data_dir: Path) -> Dataset:
         raise DrtFastError(f"mnist {split}: labels must be 0..9, found {int(labels.max())}")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)   # [N, 1, H, W]
     return Dataset(x=x, y=torch.from_numpy(labels.astype(np.int64)), num_classes=10,
-                   name="mnist", normalization=NORMALIZATION["mnist"])
+                   name="mnist", normalization=NORMALIZATION["mnist"], grid=255)
 
 
 # ---------------------------------------------------------------------------- cifar10
@@ -127,4 +127,4 @@ def load_cifar10(split: str, data_dir: Path) -> Dataset:
     x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
     y = np.concatenate([p[1] for p in parts])
     return Dataset(x=torch.from_numpy(x), y=torch.from_numpy(y), num_classes=10,
-                   name="cifar10", normalization=NORMALIZATION["cifar10"])
+                   name="cifar10", normalization=NORMALIZATION["cifar10"], grid=255)

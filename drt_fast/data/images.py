@@ -118,4 +118,4 @@ def load_imagenet(split: str, data_dir: Path) -> Dataset:
         raise DrtFastError(f"imagenet: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return Dataset(x=LazyImages(paths), y=torch.tensor(labels, dtype=torch.int64),
                    num_classes=len(classes), name="imagenet",
-                   normalization=NORMALIZATION["imagenet"])
+                   normalization=NORMALIZATION["imagenet"], grid=255)

@@ -34,15 +34,18 @@ class Engine:
     """Noise at ``sigma`` (pixel units), members run at ``precision``; ``channels_last``:
     None decides from the first 4-d inputs (on for CUDA, and on the CPU for 3 or more
     channels), and converts the model in place; ``fuse`` / ``rewriter``: see `MemberRunner`;
-    ``cuda_graphs``: see `Graphs`. ``draws_performed`` counts noisy draws (each seen by
-    every member) and ``transfers`` the reads of vote counts from the device (each a host
-    synchronisation on CUDA); the sampler counts both."""
+    ``cuda_graphs``: see `Graphs`; ``discrete``: a `drt_fast.ops.DiscreteTable` for discrete
+    noise (inputs on its grid, checked by the caller), None for Gaussian noise.
+    ``draws_performed`` counts noisy draws (each seen by every member) and ``transfers`` the
+    reads of vote counts from the device (each a host synchronisation on CUDA); the sampler
+    counts both."""
 
     def __init__(self, model: Ensemble, num_classes: int, sigma: float, precision: str,
-                 channels_last=None, fuse=None, cuda_graphs=None, rewriter=None):
+                 channels_last=None, fuse=None, cuda_graphs=None, rewriter=None, discrete=None):
         self.model = model
         self.num_classes = num_classes
         self.sigma = sigma
+        self.discrete = discrete
         self.channels_last = channels_last
         self._model_channels_last = False
         if channels_last:
@@ -77,6 +80,8 @@ class Engine:
         """Ready the engine for draws of inputs like ``example`` ``[1, *S]`` (on the model's
         device): layout, rewritten copies, graphs."""
         channels_last = self.draws_channels_last(example)
+        if self.discrete is not None:   # its table on the device now: a copy inside a graph capture fails
+            self.discrete.tensors_on(example.device)
         self.runner.prepare(example, channels_last)
         weights = self.model.weights.to(device=example.device, dtype=torch.float32)
         graphs = self.graphs.possible(example.device, self.model.batch_members)
@@ -86,7 +91,13 @@ class Engine:
     # ------------------------------------------------------------------ the step
     def noise(self, plan: Plan, xs, keys, first, reps: int, seed: int) -> torch.Tensor:
         """Draws ``first[g] .. first[g]+reps-1`` of inputs xs ``[G, *S]`` -> ``[G*reps, *S]``."""
-        # The op's body without the dispatcher: its overhead is a few % of a small batch.
+        # The ops' bodies without the dispatcher: its overhead is a few % of a small batch.
+        table = self.discrete
+        if table is not None:
+            thresholds, guide = table.tensors_on(xs.device)
+            return ops.noisy_draws_discrete_eager(ops.to_grid(xs, table.grid), keys, first, reps, thresholds,
+                                                  guide, table.grid, seed, out_dtype=plan.draw_dtype,
+                                                  channels_last=plan.channels_last)
         return ops.noisy_draws_eager(xs, keys, first, reps, self.sigma, seed,
                                      out_dtype=plan.draw_dtype, channels_last=plan.channels_last)
 

@@ -15,11 +15,13 @@ from .sidecar import new_segment, read_sidecar, segments_of, sidecar_path
 # the command line and versions (recorded for the reader, not compared).
 RESUME_KEYS = ("task", "model_sha256", "dataset", "data_sha256", "split", "sigma", "n0", "n",
                "alpha", "seed", "mode", "normalization", "precision", "skip",
-               "certification", "radii", "futility")
+               "certification", "radii", "futility",
+               "noise", "grid")
 # Keys that sidecars of earlier versions lack: compared only when the file has them.
 _RESUME_KEYS_ADDED = ("data_sha256", "normalization")
 # ... or read with the value they had then: every such certify file is a fixed-n one.
-_EARLIER_VALUES = {"certification": lambda meta: "fixed-n" if meta.get("task") == "certify" else None}
+_EARLIER_VALUES = {"certification": lambda meta: "fixed-n" if meta.get("task") == "certify" else None,
+                   "noise": lambda meta: "gaussian"}
 
 
 def check_resume_compatible(old: dict, new: dict, out: str) -> None:

@@ -17,6 +17,7 @@ from .cifar_resnet_layout import cifar_resnet_convs
 NOISE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what noisy_draws writes
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what vote_ reads
 INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # noisy_draws' x
+ELEMENT_LIMIT = 2**32  # elements of one input: noise blocks are counted in 30 bits (csrc/philox.h)
 
 
 def shape(t: Tensor) -> list:
@@ -48,6 +49,9 @@ def noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels
     if x.dim() < 1:
         raise InvalidArgument("x must have shape [B, *S] with a batch dimension, got a 0-d tensor")
     batch = x.shape[0]
+    if math.prod(x.shape[1:]) > ELEMENT_LIMIT:  # the counter's block index (csrc/philox.h)
+        raise InvalidArgument(f"an input may hold at most 2**32 elements, got {math.prod(x.shape[1:])} "
+                              f"(shape {shape(x)})")
     index_vector("keys", keys, batch, x.device)
     index_vector("first_draw", first_draw, batch, x.device)
     if reps < 1:
@@ -64,6 +68,60 @@ def noisy_draws_args(x, keys, first_draw, reps, sigma, seed, out_dtype, channels
     if channels_last and x.dim() != 4:
         raise InvalidArgument(f"channels_last output needs a 4-d input [B, C, H, W], got shape {shape(x)}")
     return out_dtype
+
+
+def noisy_draws_discrete_args(v, keys, first_draw, reps, thresholds, guide, grid, seed, out_dtype, channels_last):
+    """noisy_draws_discrete's arguments; returns the output dtype (``out_dtype`` resolved)."""
+    require_tensor("v", v)
+    if v.dtype != torch.int32:
+        raise InvalidArgument(f"v must be int32 grid indices, got {v.dtype}")
+    if v.dim() < 1:
+        raise InvalidArgument("v must have shape [B, *S] with a batch dimension, got a 0-d tensor")
+    if math.prod(v.shape[1:]) > ELEMENT_LIMIT:
+        raise InvalidArgument(f"an input may hold at most 2**32 elements, got {math.prod(v.shape[1:])} "
+                              f"(shape {shape(v)})")
+    batch = v.shape[0]
+    index_vector("keys", keys, batch, v.device)
+    index_vector("first_draw", first_draw, batch, v.device)
+    if reps < 1:
+        raise InvalidArgument(f"reps must be >= 1, got {reps}")
+    if reps > validate.DRAW_LIMIT:
+        raise InvalidArgument(f"reps must be at most 2**32 (draw indices stay below 2^32), got {reps}")
+    require_tensor("thresholds", thresholds)
+    if (thresholds.dtype != torch.int64 or thresholds.dim() != 1 or thresholds.shape[0] < 2
+            or thresholds.shape[0] % 2):
+        raise InvalidArgument(f"thresholds must be int64 [2K] with K >= 1 (drt_fast.ops.discrete_table), "
+                              f"got {thresholds.dtype} {shape(thresholds)}")
+    if thresholds.device != v.device:
+        raise InvalidArgument(f"thresholds must be on v's device ({v.device}), got {thresholds.device}")
+    require_tensor("guide", guide)
+    entries = guide.shape[0] if guide.dim() == 1 else 0
+    if guide.dtype != torch.int32 or entries < 3 or entries > 2**24 + 1 or (entries - 1) & (entries - 2):
+        raise InvalidArgument(f"guide must be int32 [2^g + 1] with g in [1, 24] (drt_fast.ops.discrete_table), "
+                              f"got {guide.dtype} {shape(guide)}")
+    if guide.device != v.device:
+        raise InvalidArgument(f"guide must be on v's device ({v.device}), got {guide.device}")
+    validate.grid(grid)
+    validate.stream(seed)
+    if out_dtype is None:
+        out_dtype = torch.float32
+    if out_dtype not in NOISE_DTYPES:
+        raise InvalidArgument(f"out_dtype must be one of float32, bfloat16, float16 or None, got {out_dtype}")
+    if channels_last and v.dim() != 4:
+        raise InvalidArgument(f"channels_last output needs a 4-d input [B, C, H, W], got shape {shape(v)}")
+    return out_dtype
+
+
+GRID_INDEX_LIMIT = 2**24  # |v + I| below it: the sum is exact in fp32
+
+
+def grid_indices_in_range(v: Tensor, half_width: int) -> None:
+    """|v| + K < 2^24, so that every noisy index v + I is exact in fp32. Reads the values."""
+    if v.numel():
+        low, high = (int(t) for t in torch.aminmax(v))
+        if max(-low, high) + half_width >= GRID_INDEX_LIMIT:
+            raise InvalidArgument(f"grid indices must stay below 2**24 - {half_width} in magnitude "
+                                  f"(noise reaches +-{half_width} steps), got values in [{low}, {high}]")
 
 
 def draws_in_range(first_draw: Tensor, reps: int) -> None:

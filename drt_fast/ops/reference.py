@@ -4,7 +4,8 @@ usable CUDA kernels).
 
 Each reference takes its op's arguments, makes its op's checks, and computes its op's
 result on any device: bit-identical for ``noisy_draws`` (Philox4x32-10 and Box-Muller in
-IEEE basic operations only, as csrc/philox.h), the same votes up to float rounding at
+IEEE basic operations only, as csrc/philox.h) and ``noisy_draws_discrete`` (integer
+comparisons of the same counters), the same votes up to float rounding at
 near-ties for ``vote_`` (aggregation in float64), the kernels' roundings for
 ``cifar_resnet``.
 """
@@ -71,10 +72,11 @@ def _horner(t: Tensor, coeffs) -> Tensor:
     return acc  # = t * (c0 + t * (c1 + ...)), the constant term is added by the caller
 
 
-def log_u24(k: Tensor) -> Tensor:
-    """ln(k * 2^-24) in fp32 for int64 k in [1, 2^24] (a uniform in (0, 1])."""
+def log_scaled(k: Tensor, shift) -> Tensor:
+    """ln(k * 2^-shift) in fp32 for int64 k in [1, 2^24] and integer shift (an int or an int64
+    tensor), as philox.h's log_scaled."""
     bits = k.to(torch.float32).view(torch.int32).to(torch.int64)  # k is exact in fp32
-    e = (bits >> 23) - (127 + 24)
+    e = (bits >> 23) - 127 - shift
     m = ((bits & 0x7FFFFF) | 0x3F800000).to(torch.int32).view(torch.float32)  # [1, 2)
     big = m > _SQRT2  # centre the mantissa on 1 so that the series below converges fast
     m = torch.where(big, m * 0.5, m)
@@ -83,6 +85,14 @@ def log_u24(k: Tensor) -> Tensor:
     s2 = s * s
     atanh = _horner(s2, _ATANH) * s + s
     return e.to(torch.float32) * _LN2 + 2.0 * atanh
+
+
+def log_uniform(v: Tensor, bits) -> Tensor:
+    """ln u in fp32 for u = (floor(v / 2^t) + 1) * 2^(t - bits), t = max(0, bitlength(v) - 24),
+    int64 v in [0, 2^52): v's top 24 significant bits, as philox.h's log_uniform."""
+    exponent = v.to(torch.float64).view(torch.int64) >> 52  # exact conversion: bitlength(v) + 1022
+    t = (exponent - 1046).clamp(min=0)
+    return log_scaled((v >> t) + 1, bits - t)
 
 
 def sin_cos_quadrant(m: Tensor):
@@ -104,13 +114,28 @@ def sin_cos_quadrant(m: Tensor):
     return sin_t, cos_t
 
 
-def box_muller(a: Tensor, b: Tensor):
-    """Two standard normals from two uint32 words (int64 tensors), as philox.h's box_muller."""
+def needs_tail_word(a: Tensor) -> Tensor:
+    """Pairs whose 64-bit uniform needs its tail word (philox.h): a < 2^15."""
+    return a < (1 << 15)
+
+
+def box_muller(a: Tensor, b: Tensor, c: Optional[Tensor] = None):
+    """Two standard normals from pair words (a, b) and tail words c (int64 tensors holding
+    uint32; c is read only where a < 2^15, None means 0), as philox.h's box_muller."""
+    c = torch.zeros_like(a) if c is None else c
+    w40 = (a << 8) | (b & 0xFF)
+    w64 = (a << 32) | ((b & 0xFF) << 24) | (c >> 8)  # < 2^47 where it is used
+    tail = needs_tail_word(a)
+    log_u = torch.where(tail, log_uniform(torch.where(tail, w64, 0), 64), log_uniform(w40, 40))
     # torch.sqrt on fp32 CPU tensors is not correctly rounded (about 0.6 % of values are one ulp
     # off); sqrt in float64 rounded to fp32 is (53 >= 2 * 24 + 2 bits), as the kernels' sqrtf.
-    radius = torch.sqrt((log_u24((a >> 8) + 1) * -2.0).to(torch.float64)).to(torch.float32)
+    radius = torch.sqrt((log_u * -2.0).to(torch.float64)).to(torch.float32)
     sin_t, cos_t = sin_cos_quadrant(b >> 8)
     return radius * cos_t, radius * sin_t
+
+
+_GAUSSIAN_TAIL_BLOCK = 1 << 30  # philox.h: counter word 0 of quad q's tail block is 2^30 + q
+DISCRETE_BLOCK = 1 << 31        # counter word 0 of discrete noise block p (elements 2p, 2p+1)
 
 
 def reference_normals(keys: Tensor, draws: Tensor, num_elements: int, seed: int) -> Tensor:
@@ -123,10 +148,16 @@ def reference_normals(keys: Tensor, draws: Tensor, num_elements: int, seed: int)
     q = torch.arange(quads, dtype=torch.int64, device=device)[None, :]
     d = (draws & _MASK32)[:, None]
     k_lo, k_hi = (keys & _MASK32)[:, None], ((keys >> 32) & _MASK32)[:, None]  # as the kernels' uint64 key
-    w0, w1, w2, w3 = philox4x32_10(q, d, k_lo, k_hi, seed & _MASK32, seed >> 32)
-    z0, z1 = box_muller(w0, w1)
-    z2, z3 = box_muller(w2, w3)
-    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(keys.shape[0], quads * 4)
+    s_lo, s_hi = seed & _MASK32, seed >> 32
+    w = torch.stack(torch.broadcast_tensors(*philox4x32_10(q, d, k_lo, k_hi, s_lo, s_hi)), dim=-1)  # [N, Q, 4]
+    a, b = w[..., 0::2], w[..., 1::2]  # [N, Q, 2]: pair j of each quad
+    c = torch.zeros_like(a)
+    rows, cols, pairs = needs_tail_word(a).nonzero(as_tuple=True)  # one pair in 2^17: their tail blocks only
+    if rows.numel():
+        tail = philox4x32_10(q[0, cols] | _GAUSSIAN_TAIL_BLOCK, d[rows, 0], k_lo[rows, 0], k_hi[rows, 0], s_lo, s_hi)
+        c[rows, cols, pairs] = torch.where(pairs == 0, tail[0], tail[1])
+    z_cos, z_sin = box_muller(a, b, c)
+    z = torch.stack((z_cos, z_sin), dim=-1).reshape(keys.shape[0], quads * 4)  # pair j -> elements 2j, 2j+1
     return z[:, :num_elements]
 
 
@@ -148,6 +179,54 @@ def reference_noisy_draws(x: Tensor, keys: Tensor, first_draw: Tensor, reps: int
     out.view(bits_dtype).masked_fill_(torch.isnan(out), nan)
     # the kernels' output layout exactly (channels-last strides are ambiguous when C == 1)
     return checks.noisy_draws_output(x, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
+
+
+# ---- discrete noise: the rounded Gaussian drawn by integer comparisons, as csrc/philox.h -----------
+_DISCRETE_LOW_BLOCK = 3 << 30  # counter word 0 of quad q's low words is 3 * 2^30 + q (high words: 2^31 + q)
+
+
+def reference_discrete_noise(keys: Tensor, draws: Tensor, num_elements: int, seed: int, thresholds: Tensor,
+                             half_width: int) -> Tensor:
+    """Discrete noise ``[N, num_elements]`` int64 (grid steps) for the draws ``draws[N]`` of
+    inputs ``keys[N]``: ``I = -K + #{i : T[i] <= U}``, U the element's 64-bit uniform (high
+    word from block 2^31 + e // 4, low word from block 3 * 2^30 + e // 4, word e % 4 of each),
+    T = ``thresholds`` (uint64 bits in int64, ascending as unsigned), K = ``half_width``."""
+    quads = (num_elements + 3) // 4
+    q = torch.arange(quads, dtype=torch.int64, device=keys.device)[None, :]
+    d = (draws & _MASK32)[:, None]
+    k_lo, k_hi = (keys & _MASK32)[:, None], ((keys >> 32) & _MASK32)[:, None]
+    s_lo, s_hi = seed & _MASK32, seed >> 32
+
+    def words(kind):
+        return torch.stack(torch.broadcast_tensors(*philox4x32_10(q | kind, d, k_lo, k_hi, s_lo, s_hi)), dim=-1)
+
+    hi, lo = words(DISCRETE_BLOCK), words(_DISCRETE_LOW_BLOCK)       # [N, Q, 4]
+    # unsigned order as signed int64: subtract 2^63 (flip the top bit) on both sides
+    u = (hi - 2**31) * 2**32 + lo
+    t = thresholds.to(u.device) ^ torch.iinfo(torch.int64).min
+    count = torch.searchsorted(t, u.reshape(-1), right=True).reshape(u.shape)
+    return (count - half_width).reshape(keys.shape[0], quads * 4)[:, :num_elements]
+
+
+def reference_noisy_draws_discrete(v: Tensor, keys: Tensor, first_draw: Tensor, reps: int, thresholds: Tensor,
+                                   guide: Tensor, grid: int, seed: int, out_dtype: Optional[torch.dtype] = None,
+                                   channels_last: bool = False) -> Tensor:
+    """Pure-torch `noisy_draws_discrete`: same arguments, bit-identical result, any device
+    (the guide, which only speeds the kernels up, is checked, not used)."""
+    out_dtype = checks.noisy_draws_discrete_args(v, keys, first_draw, reps, thresholds, guide, grid, seed, out_dtype,
+                                                 channels_last)
+    checks.draws_in_range(first_draw, reps)
+    half_width = thresholds.shape[0] // 2
+    checks.grid_indices_in_range(v, half_width)
+    batch, elem_shape = v.shape[0], v.shape[1:]
+    num_elements = math.prod(elem_shape)
+    r = torch.arange(reps, dtype=torch.int64, device=v.device)
+    draws = (first_draw[:, None] + r[None, :]).reshape(-1)
+    noise = reference_discrete_noise(keys.repeat_interleave(reps), draws, num_elements, seed, thresholds, half_width)
+    rows = v.reshape(batch, 1, num_elements).to(torch.int64).expand(batch, reps, num_elements)
+    total = rows.reshape(batch * reps, num_elements) + noise         # exact integers below 2^24
+    out = (total.to(torch.float32) / float(grid)).to(out_dtype)        # one division, one rounding
+    return checks.noisy_draws_output(v, reps, out_dtype, channels_last).copy_(out.reshape(batch * reps, *elem_shape))
 
 
 # ---- votes -----------------------------------------------------------------------------------
