@@ -9,9 +9,7 @@ of stream ``seed ^ PREDICT_STREAM``. So a seed gives the same certificates whate
 batch size, packing or order of the inputs (exactly so for a model whose output for one
 row does not depend on the other rows of its batch).
 """
-import contextlib
 import itertools
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 
 from . import ops, stats, validate
 from .engine import Engine, check_votes, count_ranges
-from .engine.inputs import check_inputs
+from .engine.inputs import check_inputs, eval_mode, warn_outside_pixel_range
 from .ensemble import as_ensemble
 from .errors import InvalidArgument, InvalidArgumentType
 
@@ -179,12 +177,11 @@ class SmoothedClassifier:
         radii, n0, n_max, alpha, batch_size = sequential.validate_settings(
             radii, self.radius_sigma, n0, n_max, alpha, batch_size)
         futility = validate.alpha(futility, "futility", zero=True)
-        xs, keys = check_inputs(xs, keys)
-        self._check_range(xs)
+        xs, keys, slack = self._inputs(xs, keys)
         # discrete: each level is tested against p_j + slack, so that the sampled noise's pA,
         # within slack of the rounded Gaussian's, certifies the latter
-        settings = sequential.plan(self.radius_sigma, radii, n0, n_max, alpha, futility, self._slack(xs))
-        with _eval_mode(self.model):
+        settings = sequential.plan(self.radius_sigma, radii, n0, n_max, alpha, futility, slack)
+        with eval_mode(self.model):
             states = sequential.certify_radii(self.engine, xs, keys, settings, n0, batch_size, self.seed)
         return [Certificate(s.cA if s.certified else ABSTAIN,
                             settings.radii[s.certified - 1] if s.certified else 0.0,
@@ -207,55 +204,29 @@ class SmoothedClassifier:
         the rewritten copies. A ``fuse=True`` that cannot be honored fails here (the copies
         are still checked on the first batch)."""
         example = torch.as_tensor(xs)[:1].to(device=self.engine.device, dtype=torch.float32)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             self.engine.begin(example)
 
     def _sample(self, xs, keys, ranges, batch_size, seed):
-        """(keys, counts ``[B, P, K]``, slack) of the draw ``ranges`` ``[(first, num)]`` of each
-        input. slack: for discrete noise, a bound on how far any probability of one draw under
-        the sampled noise is from the rounded Gaussian's (the table's rounding and truncation,
-        `DiscreteTable.slack`); 0.0 for Gaussian noise."""
+        """(keys, counts ``[B, P, K]``, slack (see `_inputs`)) of the draw ``ranges``
+        ``[(first, num)]`` of each input."""
         batch_size = validate.positive_int(batch_size, "batch_size")
         for first, num in ranges:
             validate.draw_range(first, num)
-        xs, keys = check_inputs(xs, keys)
-        self._check_range(xs)
-        slack = self._slack(xs)
-        with _eval_mode(self.model):
+        xs, keys, slack = self._inputs(xs, keys)
+        with eval_mode(self.model):
             return keys, count_ranges(self.engine, xs, keys, ranges, batch_size, seed), slack
 
-    def _slack(self, xs):
-        """Discrete noise: pixels off the grid are refused (the engine's `to_grid` trusts them),
-        and the result is how far any probability of one draw under the sampled noise may be
-        from the rounded Gaussian's (`DiscreteTable.slack`); 0.0 for Gaussian noise."""
+    def _inputs(self, xs, keys):
+        """(xs, keys, slack): the inputs and keys checked (`check_inputs`; inputs outside
+        [0, 1] named once). slack: for discrete noise -- whose pixels off the grid are refused
+        here, as the engine's `to_grid` trusts them -- how far any probability of one draw under
+        the sampled noise may be from the rounded Gaussian's (`DiscreteTable.slack`); 0.0 for
+        Gaussian noise."""
+        xs, keys = check_inputs(xs, keys)
+        if not self._warned_range:
+            self._warned_range = warn_outside_pixel_range(xs)
         if self.table is None:
-            return 0.0
+            return xs, keys, 0.0
         ops.grid_indices(xs, self.grid, self.table.half_width)
-        return self.table.slack(int(np.prod(xs.shape[1:])))
-
-    def _check_range(self, xs):
-        """Noise is added in the data's pixel space, [0, 1] for images (normalization lives in
-        the model): say once when inputs are outside it, as normalized images would be."""
-        if self._warned_range or xs.numel() == 0:
-            return
-        low, high = (float(v) for v in torch.aminmax(xs))
-        if low < 0.0 or high > 1.0:
-            self._warned_range = True
-            warnings.warn(f"drt_fast: inputs hold values in [{low:.4g}, {high:.4g}], outside [0, 1]: "
-                          f"noise is added to the inputs as given, so sigma is in their units; for "
-                          f"images pass pixels in [0, 1] and put the normalization in the model "
-                          f"(drt_fast.models.NormalizeLayer)", RuntimeWarning, stacklevel=4)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """``model`` in eval mode while sampling, as in Cohen's core.py (dropout and batch
-    statistics would make the base classifier random); each module's mode is restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
+        return xs, keys, self.table.slack(int(np.prod(xs.shape[1:])))

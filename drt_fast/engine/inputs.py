@@ -1,4 +1,7 @@
 """The inputs and keys a SmoothedClassifier is given, checked and put in the engine's form."""
+import contextlib
+import warnings
+
 import torch
 
 from ..errors import InvalidArgument, InvalidArgumentType, first_line
@@ -48,3 +51,31 @@ def check_inputs(xs, keys):
         raise InvalidArgument(f"keys must be distinct, one dataset index per input (each "
                               f"input's noise is drawn from its key); key {repeated} repeats")
     return xs, keys
+
+
+def warn_outside_pixel_range(xs) -> bool:
+    """Noise is added in the data's pixel space, [0, 1] for images (normalization lives in the
+    model): warn when inputs xs are outside it, as normalized images would be -> whether it did."""
+    if xs.numel() == 0:
+        return False
+    low, high = (float(v) for v in torch.aminmax(xs))
+    if 0.0 <= low and high <= 1.0:
+        return False
+    warnings.warn(f"drt_fast: inputs hold values in [{low:.4g}, {high:.4g}], outside [0, 1]: noise "
+                  f"is added to the inputs as given, so sigma is in their units; for images pass "
+                  f"pixels in [0, 1] and put the normalization in the model "
+                  f"(drt_fast.models.NormalizeLayer)", RuntimeWarning, stacklevel=4)
+    return True
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode while sampling, as in Cohen's core.py (dropout and batch
+    statistics would make the base classifier random); each module's mode is restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
