@@ -81,6 +81,7 @@ class MemberRunner:
         self.kernel_gave_up: Optional[str] = None   # why the CIFAR ResNet kernel was
         self.generation = 0
         self._checked_shape = None                  # draw shape [*S] the output was checked for
+        self._dtype = None                          # model_dtype, as `prepare` last read it
 
     # ------------------------------------------------------------------ settings
     @property
@@ -89,7 +90,11 @@ class MemberRunner:
 
     @property
     def model_dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
+        """The members' floating dtype (read at `prepare`, once per sampler run: the steps
+        between use it)."""
+        if self._dtype is None:
+            self._dtype = model_dtype(self.model)
+        return self._dtype
 
     @property
     def draw_dtype(self) -> torch.dtype:
@@ -113,6 +118,7 @@ class MemberRunner:
     def prepare(self, example: torch.Tensor, channels_last: bool) -> None:
         """Have copies for draws like ``example`` ``[1, *S]`` (built when the members'
         tensors, the layout or -- on the CPU -- the input shape changed)."""
+        self._dtype = model_dtype(self.model)
         if self.fuse is False or self.gave_up is not None:
             self._set_copies(None)
             self.status = st.off() if self.fuse is False else st.off(self.gave_up)
