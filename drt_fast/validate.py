@@ -100,18 +100,21 @@ def draw_range(first_draw, num_draws, what="draw indices"):
                               f"{first_draw + num_draws - 1}")
 
 
+def one_of(value, choices, name):
+    """``value``, one of the names ``choices``."""
+    if value not in choices:
+        raise InvalidArgument(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def aggregation(value, name="mode"):
     """An ensemble aggregation mode, one of `AGGREGATIONS`."""
-    if value not in AGGREGATIONS:
-        raise InvalidArgument(f"{name} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
-    return value
+    return one_of(value, AGGREGATIONS, name)
 
 
 def noise(value, name="noise"):
     """A smoothing noise name, one of `NOISES`."""
-    if value not in NOISES:
-        raise InvalidArgument(f"{name} must be one of {', '.join(NOISES)}, got {value!r}")
-    return value
+    return one_of(value, NOISES, name)
 
 
 def grid(value, name="grid"):
@@ -124,6 +127,4 @@ def grid(value, name="grid"):
 
 def precision(value, name="precision"):
     """A precision name, one of `PRECISIONS`."""
-    if value not in PRECISIONS:
-        raise InvalidArgument(f"{name} must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    return value
+    return one_of(value, PRECISIONS, name)
