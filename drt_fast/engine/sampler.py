@@ -288,7 +288,7 @@ class Sampler:
 
     def _mixed_batch(self, layout: _Layout) -> torch.Tensor:
         """The draws of a step whose segments differ in length or stream: one noise call
-        per (length, stream), in segment order."""
+        per segment, in segment order."""
         parts = []
         for seg in layout.segments:
             pos = torch.tensor([seg.pos], device=self.device)
